@@ -1,0 +1,108 @@
+"""The content cache: verified file contents keyed by SHA-256, size-bounded, LRU.
+
+References and reconstructed files go in here only after their SHA-256 matched, so a hit
+is served without re-checking. Keyed by content, a reference shared by many deltas (or a
+file present under several names) is held once, and a reference written by this process
+is never downloaded again by the next.
+
+diskcache keeps the index (SQLite, safe across threads and processes) and the LRU order.
+Entries enter by hard link rather than by copy, so adding a 1 GB file costs no I/O; users
+take an entry out the same way (a hard link into their own temp directory), so an eviction
+while xdelta3 reads a reference cannot pull the file from under it.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+log = logging.getLogger(__name__)
+
+
+class _Adopt:
+    """A value meaning "take this file in by hard link" (copy only across filesystems)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+
+class _LinkingDisk(diskcache.Disk):
+    """diskcache's Disk, plus adoption of whole files without copying them."""
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if isinstance(value, _Adopt):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            try:
+                os.link(value.path, full_path)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copyfile(value.path, full_path)
+            return os.path.getsize(full_path), diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key)
+
+
+class ContentCache:
+    """SHA-256 -> file, bounded by ``size_limit`` bytes (least recently used goes first)."""
+
+    def __init__(self, directory: Path, size_limit: int = 2 << 30) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory = directory
+        self._cache = diskcache.Cache(
+            str(directory),
+            disk=_LinkingDisk,
+            size_limit=size_limit,
+            eviction_policy="least-recently-used",
+            cull_limit=16,
+            disk_min_file_size=0,
+        )
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._cache
+
+    def add(self, sha256: str, path: Path) -> None:
+        """Adopt the file at ``path`` (already verified to hash to ``sha256``). The caller
+        keeps its own name for the file; the cache holds another link to it."""
+        if sha256 in self._cache:
+            return
+        try:
+            self._cache.set(sha256, _Adopt(path))
+        except OSError as exc:
+            # A full cache disk must not fail the operation that wanted to cache.
+            log.warning("cannot cache %s… (%s); continuing without", sha256[:12], exc)
+
+    def link(self, sha256: str, dest: Path) -> bool:
+        """Hard-link the entry for ``sha256`` to ``dest`` (on the cache's filesystem);
+        ``False`` on a miss. The link survives the entry's eviction."""
+        try:
+            handle = self._cache.get(sha256, default=None, read=True)
+        except OSError:
+            return False
+        if handle is None:
+            return False
+        with handle:
+            try:
+                os.link(handle.name, dest)
+            except FileNotFoundError:
+                return False  # evicted between lookup and link
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copyfile(handle.name, dest)
+        return True
+
+    def discard(self, sha256: str) -> None:
+        self._cache.delete(sha256)
+
+    def volume(self) -> int:
+        """Bytes the cache holds on disk."""
+        return int(self._cache.volume())
+
+    def close(self) -> None:
+        self._cache.close()

@@ -1,0 +1,250 @@
+"""xdelta3 as a subprocess: encode with an early give-up, decode with a verified hash.
+
+Why a subprocess: the binary is what DeltaGlider uses, so deltas stay mutually readable,
+and a child process keeps big buffers out of our heap. Why we stream through pipes:
+the target goes in on stdin and the delta comes out on stdout, so we always know how much
+input xdelta3 has consumed and how much it has produced. That lets an encode stop as soon
+as the delta is sure (or very likely) to be useless, instead of paying for the whole file,
+and lets a decode hash the output on its way to disk (one pass, no re-read).
+
+Every call is blocking: run it in a worker thread (the filesystem does so through trio).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CodecError, IntegrityError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+#: xdelta3 keeps this much of the source in memory by default; above it we raise -B so
+#: that matches anywhere in a large reference are found (a block moved from the start of
+#: a 160 MB file to its end must still match).
+DEFAULT_SOURCE_WINDOW = 64 << 20
+#: target window: output appears after each window, which is what makes early give-up
+#: possible. 4 MiB costs < 0.1 % in delta size against the 8 MiB default.
+TARGET_WINDOW = 4 << 20
+
+
+def xdelta3_path() -> str:
+    """The xdelta3 binary, or a CodecError that says how to get it."""
+    path = os.environ.get("DELTAFS_XDELTA3") or shutil.which("xdelta3")
+    if not path or not os.access(path, os.X_OK):
+        raise CodecError(
+            "xdelta3 not found: install it (Debian/Ubuntu: apt-get install xdelta3) "
+            "or set DELTAFS_XDELTA3 to the binary"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Outcome of one encode. ``delta_size`` is ``None`` when the encode gave up."""
+
+    delta_size: int | None
+    command: str
+    reason: str = ""  # why it gave up
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When an encode is not worth finishing.
+
+    ``max_ratio``: a delta at or above this share of the file is discarded.
+    ``hopeless_ratio``/``probe_fraction``: after ``probe_fraction`` of the input has gone in,
+    output already at ``hopeless_ratio`` of the input means the delta will not pay off
+    (on unrelated or compressed data xdelta3 emits ~100 % from the first window on).
+    """
+
+    max_ratio: float = 0.75
+    hopeless_ratio: float = 0.9
+    probe_fraction: float = 0.25
+    probe_min_bytes: int = 4 << 20
+    timeout: float = 3600.0
+
+
+def source_window(ref_size: int) -> int:
+    """-B for a reference of ``ref_size``: the default, or the whole reference above it
+    (rounded up to a MiB), so no match is lost to the window."""
+    if ref_size <= DEFAULT_SOURCE_WINDOW:
+        return DEFAULT_SOURCE_WINDOW
+    return ((ref_size + (1 << 20) - 1) >> 20) << 20
+
+
+def encode(
+    source: Path,
+    target: Path,
+    out: Path,
+    *,
+    limits: Limits = Limits(),
+    full_window: bool = True,
+) -> EncodeResult:
+    """Write the VCDIFF of ``target`` against ``source`` to ``out``.
+
+    Returns ``delta_size=None`` (and removes ``out``) when the delta would reach
+    ``limits.max_ratio`` of the target, found out as early as the output shows it.
+    ``full_window=False`` keeps xdelta3's default source window (enough when target and
+    source are aligned, e.g. the zero-diff delta of a file against itself).
+    """
+    binary = xdelta3_path()
+    size = target.stat().st_size
+    ref_size = source.stat().st_size
+    window = source_window(ref_size) if full_window else DEFAULT_SOURCE_WINDOW
+    args = [binary, "-e", "-c", "-D", "-S", "djw", "-W", str(TARGET_WINDOW), "-B", str(window),
+            "-s", str(source)]
+    command = f"xdelta3 -e -D -S djw -B {window} -s reference.bin"
+    budget = max(int(size * limits.max_ratio), 1) if size else None
+    probe_at = max(int(size * limits.probe_fraction), limits.probe_min_bytes)
+
+    fed = 0
+    feed_error: list[BaseException] = []
+
+    def feeder(stdin) -> None:  # type: ignore[no-untyped-def]
+        nonlocal fed
+        try:
+            with open(target, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    stdin.write(chunk)
+                    fed += len(chunk)
+        except BrokenPipeError:
+            pass  # we killed xdelta3 on purpose, or it failed: stderr says which
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            feed_error.append(exc)
+        finally:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+
+    deadline = time.monotonic() + limits.timeout
+    proc = _spawn(args, stdin=subprocess.PIPE)
+    thread = threading.Thread(target=feeder, args=(proc.stdin,), daemon=True)
+    thread.start()
+    produced = 0
+    reason = ""
+    try:
+        with open(out, "wb") as f:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(CHUNK):
+                f.write(chunk)
+                produced += len(chunk)
+                if budget is not None and produced >= budget:
+                    reason = f"delta passed {limits.max_ratio:.0%} of the file"
+                    break
+                if fed >= probe_at and fed < size and produced >= fed * limits.hopeless_ratio:
+                    reason = (f"delta was {produced / fed:.0%} of the first {fed >> 20} MiB: "
+                              "no similarity to the reference")
+                    break
+                if time.monotonic() > deadline:
+                    raise CodecError(f"xdelta3 encode timed out after {limits.timeout:.0f} s")
+        if reason:
+            proc.kill()
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        thread.join()
+        proc.stdin = None  # closed by the feeder; keep communicate() from touching it
+        stderr = _finish(proc, deadline)
+    if reason:
+        out.unlink(missing_ok=True)
+        log.debug("encode of %s given up: %s", target, reason)
+        return EncodeResult(None, command, reason)
+    if feed_error:
+        out.unlink(missing_ok=True)
+        raise CodecError(f"cannot read {target}: {feed_error[0]}")
+    if proc.returncode != 0:
+        out.unlink(missing_ok=True)
+        raise CodecError(f"xdelta3 encode failed: {stderr}")
+    if budget is not None and produced >= budget:
+        out.unlink(missing_ok=True)
+        return EncodeResult(None, command, f"delta passed {limits.max_ratio:.0%} of the file")
+    return EncodeResult(produced, command)
+
+
+def decode(
+    source: Path,
+    delta: Path,
+    out: Path,
+    expected_sha256: str,
+    *,
+    timeout: float = 3600.0,
+) -> None:
+    """Rebuild a file into ``out`` and check it against ``expected_sha256``.
+
+    Tries without ``-D`` first (what Python DeltaGlider wrote needs that), then with
+    ``-D`` (what a writer that encoded against a compressed reference with ``-D`` needs).
+    On failure ``out`` is removed and IntegrityError says why; never is a wrong byte kept.
+    """
+    errors: list[str] = []
+    for extra in ([], ["-D"]):
+        try:
+            digest = _decode_once(source, delta, out, extra, timeout)
+        except CodecError as exc:
+            errors.append(str(exc))
+            continue
+        if digest == expected_sha256:
+            return
+        errors.append(f"SHA-256 mismatch ({digest[:12]}… instead of {expected_sha256[:12]}…)")
+    out.unlink(missing_ok=True)
+    raise IntegrityError("; ".join(dict.fromkeys(errors)))
+
+
+def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout: float) -> str:
+    args = [xdelta3_path(), "-d", "-c", *extra, "-s", str(source), str(delta)]
+    deadline = time.monotonic() + timeout
+    digest = hashlib.sha256()
+    proc = _spawn(args, stdin=subprocess.DEVNULL)
+    try:
+        with open(out, "wb") as f:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(CHUNK):
+                digest.update(chunk)
+                f.write(chunk)
+                if time.monotonic() > deadline:
+                    raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
+    except BaseException:
+        proc.kill()
+        _finish(proc, deadline)
+        raise
+    stderr = _finish(proc, deadline)
+    if proc.returncode != 0:
+        raise CodecError(f"xdelta3 decode failed: {stderr or f'exit {proc.returncode}'}")
+    return digest.hexdigest()
+
+
+def _spawn(args: list[str], stdin: int) -> subprocess.Popen:  # type: ignore[type-arg]
+    try:
+        return subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0)
+    except OSError as exc:
+        raise CodecError(f"cannot run xdelta3: {exc}") from None
+
+
+def _finish(proc: subprocess.Popen, deadline: float) -> str:  # type: ignore[type-arg]
+    """Reap the child and return its stderr (last line, trimmed)."""
+    try:
+        _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    text = (err or b"").decode("utf-8", "replace").strip()
+    return text.splitlines()[-1] if text else ""
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (never whole in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

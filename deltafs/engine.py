@@ -1,0 +1,558 @@
+"""Logical files over an object store: put, get, delete, list, stats, verify.
+
+The one place that knows how a file becomes a reference, a delta or a direct object and
+back. The CLI, the Python API and the filesystem all go through it. Every method blocks
+(S3 calls, hashing, xdelta3): call it from a worker thread when on an event loop. The
+engine holds no mutable state of its own beyond the store and the content cache, which
+are both safe across threads and processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import codec
+from .cache import ContentCache
+from .errors import AlreadyExists, IntegrityError, NotFound, StoreError
+from .format import (
+    Attrs,
+    Kind,
+    StoredFile,
+    check_logical_key,
+    classify,
+    delta_key,
+    delta_metadata,
+    direct_metadata,
+    is_compressed_stream,
+    meta_get,
+    reference_key,
+    reference_metadata,
+    split_key,
+)
+from .store.base import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which files get a delta, and when a delta is worth keeping.
+
+    Every file of at least ``min_delta_size`` bytes is a candidate, whatever its name;
+    the encode itself decides (see :mod:`codec`), giving up early when the output shows
+    the delta will not beat ``max_ratio``. Compressed streams (gzip, bzip2, xz, zstd) skip
+    the encode: a byte delta of them gains nothing, and the format forbids them as
+    references.
+    """
+
+    min_delta_size: int = 64 << 10
+    max_ratio: float = 0.75
+    limits: codec.Limits = field(default_factory=codec.Limits)
+
+    def codec_limits(self) -> codec.Limits:
+        from dataclasses import replace
+
+        return replace(self.limits, max_ratio=self.max_ratio)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What a put did: ``kind`` is ``reference`` (the file seeded its directory's
+    reference), ``delta`` or ``direct``; ``stored_size`` counts every byte it added to the
+    bucket (for a reference: reference.bin plus its zero-diff delta)."""
+
+    key: str
+    kind: str
+    original_size: int
+    stored_size: int
+    sha256: str
+    reason: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_size / self.original_size if self.original_size else 0.0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of a listing: a file (true size) or a directory."""
+
+    key: str  # logical key; directories end with "/"
+    is_dir: bool
+    size: int = 0
+    stored_size: int = 0
+    mtime_ns: int = 0
+    kind: str = "dir"
+    sha256: str | None = None
+    attrs: Attrs = field(default_factory=Attrs)
+    stored: StoredFile | None = None
+
+
+@dataclass
+class Stats:
+    """Logical against stored bytes under a prefix."""
+
+    files: int = 0
+    logical_bytes: int = 0
+    stored_bytes: int = 0
+    references: int = 0
+    reference_bytes: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def savings(self) -> float:
+        return 1 - self.stored_bytes / self.logical_bytes if self.logical_bytes else 0.0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A deltaspace's reference as fetched: its key, SHA-256 and size."""
+
+    key: str
+    sha256: str
+    size: int
+    etag: str
+
+
+class Engine:
+    """put/get/delete/list over one store, with a shared content cache."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: ContentCache,
+        tmp_dir: Path,
+        policy: Policy = Policy(),
+        head_concurrency: int = 16,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.tmp_dir = tmp_dir
+        self.policy = policy
+        self.head_concurrency = head_concurrency
+        tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _scratch(self) -> Iterator[Path]:
+        """A private temp directory on the cache's filesystem, removed afterwards."""
+        path = Path(tempfile.mkdtemp(prefix="op-", dir=self.tmp_dir))
+        try:
+            yield path
+        finally:
+            for child in path.iterdir():
+                child.unlink(missing_ok=True)
+            path.rmdir()
+
+    def _head_reference(self, deltaspace: str) -> Reference | None:
+        info = self.store.head(reference_key(deltaspace))
+        if info is None:
+            return None
+        sha = meta_get(info.metadata, "file_sha256")
+        if not sha:
+            raise IntegrityError(
+                f"{self.store.name}/{info.key} has no dg-file-sha256: not a reference "
+                "any DeltaGlider-format writer made"
+            )
+        return Reference(info.key, sha, info.size, info.etag)
+
+    def _fetch_reference(self, ref_key: str, sha256: str, dest: Path) -> None:
+        """Put the verified reference with ``sha256`` at ``dest``: from the cache when it
+        is there (no request at all), else downloaded, verified and cached."""
+        if self.cache.link(sha256, dest):
+            return
+        info = self.store.get_file(ref_key, dest)
+        actual = codec.sha256_file(dest)
+        if actual != sha256:
+            dest.unlink(missing_ok=True)
+            stored_sha = meta_get(info.metadata, "file_sha256")
+            if stored_sha and stored_sha != sha256:
+                raise IntegrityError(
+                    f"{self.store.name}/{ref_key} was replaced since the delta was written "
+                    f"(reference SHA-256 {stored_sha[:12]}…, the delta needs {sha256[:12]}…)"
+                )
+            raise IntegrityError(
+                f"{self.store.name}/{ref_key} is corrupt: SHA-256 {actual[:12]}… "
+                f"instead of {sha256[:12]}…"
+            )
+        self.cache.add(sha256, dest)
+
+    # ---------------------------------------------------------------------- put
+
+    def put(self, src: Path, key: str, attrs: Attrs = Attrs(),
+            sha256: str | None = None) -> PutResult:
+        """Store the local file ``src`` as the logical file ``key``.
+
+        ``sha256`` may be given when the caller already knows it (the filesystem hashes
+        while staging); otherwise the file is hashed here, once.
+        """
+        check_logical_key(key)
+        size = src.stat().st_size
+        sha = sha256 or codec.sha256_file(src)
+        deltaspace, name = split_key(key)
+        reason = self._delta_ineligible(src, size)
+        result: PutResult | None = None
+        if not reason:
+            result, reason = self._put_delta(src, key, size, sha, attrs)
+        if result is None:
+            result = self._put_direct(src, key, size, sha, attrs, reason)
+        self._drop_other_form(key, result.kind)
+        log.info("put %s: %s, %d -> %d bytes%s", key, result.kind, size, result.stored_size,
+                 f" ({reason})" if result.kind == "direct" and reason else "")
+        return result
+
+    def _delta_ineligible(self, src: Path, size: int) -> str:
+        if size < self.policy.min_delta_size:
+            return f"smaller than {self.policy.min_delta_size} bytes"
+        with open(src, "rb") as f:
+            if is_compressed_stream(f.read(8)):
+                return "a compressed stream gains nothing from a delta"
+        return ""
+
+    def _put_direct(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
+                    reason: str) -> PutResult:
+        meta = direct_metadata(name=split_key(key)[1], sha256=sha, size=size, attrs=attrs)
+        self.store.put_file(key, src, meta)
+        return PutResult(key, "direct", size, size, sha, reason)
+
+    def _put_delta(self, src: Path, key: str, size: int, sha: str,
+                   attrs: Attrs) -> tuple[PutResult | None, str]:
+        """Store as a delta (seeding the reference if there is none); ``(None, reason)``
+        when the file is better stored direct."""
+        deltaspace, name = split_key(key)
+        with self._scratch() as scratch:
+            for attempt in range(4):
+                ref = self._head_reference(deltaspace)
+                seeded = 0
+                if ref is None:
+                    ref, seeded = self._seed_reference(src, deltaspace, name, size, sha)
+                    if ref is None:
+                        return None, "cannot be a reference (compressed stream)"
+                ref_path = scratch / f"ref{attempt}"
+                if seeded:
+                    ref_path = src
+                else:
+                    self._fetch_reference(ref.key, ref.sha256, ref_path)
+                    with open(ref_path, "rb") as f:
+                        if is_compressed_stream(f.read(8)):
+                            return None, "the directory's reference is a compressed stream"
+                delta_path = scratch / "delta"
+                zero_diff = ref.sha256 == sha
+                result = codec.encode(ref_path, src, delta_path,
+                                      limits=self.policy.codec_limits(),
+                                      full_window=not zero_diff)
+                if result.delta_size is None:
+                    return None, result.reason
+                meta = delta_metadata(
+                    name=name, sha256=sha, size=size, ref_key=ref.key, ref_sha256=ref.sha256,
+                    delta_size=result.delta_size, delta_cmd=result.command,
+                    zero_diff=zero_diff, attrs=attrs,
+                )
+                self.store.put_file(delta_key(key), delta_path, meta)
+                # The reference may have gone (a concurrent delete of its last delta) or
+                # been replaced (a writer without conditional puts) while we encoded.
+                now = self._head_reference(deltaspace)
+                if now is not None and now.sha256 == ref.sha256:
+                    kind = "reference" if seeded else "delta"
+                    return PutResult(key, kind, size, seeded + result.delta_size, sha), ""
+                if now is None:
+                    log.warning("reference %s vanished while %s was stored; restoring it",
+                                ref.key, key)
+                    restore = ref_path if ref_path.exists() else None
+                    if restore is not None:
+                        try:
+                            self.store.put_file(
+                                ref.key, restore,
+                                reference_metadata(name, ref.sha256), if_none_match=True)
+                        except AlreadyExists:
+                            pass
+                        now = self._head_reference(deltaspace)
+                        if now is not None and now.sha256 == ref.sha256:
+                            kind = "reference" if seeded else "delta"
+                            return PutResult(key, kind, size, seeded + result.delta_size,
+                                             sha), ""
+                log.warning("reference of %s changed during the put; encoding again", key)
+        return None, "the directory's reference kept changing"
+
+    def _seed_reference(self, src: Path, deltaspace: str, name: str, size: int,
+                        sha: str) -> tuple[Reference | None, int]:
+        """Make ``src`` the reference of ``deltaspace`` with a conditional create.
+
+        Returns ``(reference, bytes uploaded)``: if another writer won the race, their
+        reference and 0. ``(None, 0)`` when ``src`` cannot serve as a reference.
+        """
+        with open(src, "rb") as f:
+            if is_compressed_stream(f.read(8)):
+                return None, 0
+        key = reference_key(deltaspace)
+        try:
+            info = self.store.put_file(key, src, reference_metadata(name, sha),
+                                       if_none_match=True)
+        except AlreadyExists:
+            log.info("another writer created %s first; encoding against theirs", key)
+            ref = self._head_reference(deltaspace)
+            if ref is None:
+                raise StoreError(f"{key} exists and vanished at once; retry the put") from None
+            return ref, 0
+        # Belt and braces: a store that applied two conditional creates (or a writer
+        # that overwrites) shows up here as a different SHA-256.
+        ref = self._head_reference(deltaspace)
+        if ref is None or ref.sha256 != sha:
+            return ref, 0
+        self.cache.add(sha, src)
+        return ref, size if info.size is None else info.size
+
+    def _drop_other_form(self, key: str, kind: str) -> None:
+        """A file stored direct must not leave an older delta behind, and vice versa."""
+        other = key if kind in ("delta", "reference") else delta_key(key)
+        if self.store.head(other) is not None:
+            self.store.delete(other)
+            if other.endswith(".delta"):
+                self._collect_reference(split_key(key)[0])
+
+    # ---------------------------------------------------------------------- get
+
+    def stat(self, key: str) -> StoredFile:
+        """How ``key`` is stored (one or two HEADs); NotFound if it is not."""
+        check_logical_key(key)
+        for object_key in (delta_key(key), key):
+            info = self.store.head(object_key)
+            if info is not None:
+                found = classify(info.key, info.size, info.etag, info.mtime, info.metadata)
+                if found is not None:
+                    return found
+        raise NotFound(f"{self.store.name}/{key}: no such file")
+
+    def get(self, key: str, dest: Path, stored: StoredFile | None = None) -> StoredFile:
+        """Rebuild ``key`` into ``dest``, SHA-256-verified; ``dest`` appears (atomically,
+        by rename) only when every byte matched. Returns how the file was stored."""
+        stored = stored or self.stat(key)
+        tmp = dest.with_name(f".{dest.name}.deltafs-{os.getpid()}.part")
+        try:
+            self.materialize(stored, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        mtime_ns = stored.attrs.mtime_ns
+        if mtime_ns is not None:
+            os.utime(dest, ns=(mtime_ns, mtime_ns))
+        return stored
+
+    def materialize(self, stored: StoredFile, out: Path) -> None:
+        """Write the verified content of ``stored`` to ``out`` (any filesystem)."""
+        if stored.kind is Kind.DELTA:
+            self._decode(stored, out)
+            return
+        info = self.store.get_file(stored.object_key, out)
+        expected = meta_get(info.metadata, "file_sha256")
+        if expected:
+            actual = codec.sha256_file(out)
+            if actual != expected:
+                out.unlink(missing_ok=True)
+                raise IntegrityError(
+                    f"{self.store.name}/{stored.object_key} is corrupt: SHA-256 "
+                    f"{actual[:12]}… instead of {expected[:12]}…"
+                )
+
+    def _decode(self, stored: StoredFile, out: Path) -> None:
+        meta = stored.metadata
+        if meta is None:
+            info = self.store.head(stored.object_key)
+            if info is None:
+                raise NotFound(f"{self.store.name}/{stored.object_key}: no such object")
+            meta = info.metadata
+            stored = classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[assignment]
+        sha = stored.sha256
+        ref_key, ref_sha = stored.ref_key, stored.ref_sha256
+        if not (sha and ref_key and ref_sha):
+            raise IntegrityError(
+                f"{self.store.name}/{stored.object_key}: delta metadata incomplete "
+                "(dg-file-sha256, dg-ref-key and dg-ref-sha256 are required)"
+            )
+        with self._scratch() as scratch:
+            ref_path = scratch / "ref"
+            try:
+                self._fetch_reference(ref_key, ref_sha, ref_path)
+            except NotFound:
+                raise IntegrityError(
+                    f"{self.store.name}/{stored.object_key}: its reference {ref_key} is missing"
+                ) from None
+            delta_path = scratch / "delta"
+            self.store.get_file(stored.object_key, delta_path)
+            try:
+                codec.decode(ref_path, delta_path, out, sha)
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
+                ) from None
+
+    # ------------------------------------------------------------------- delete
+
+    def delete(self, key: str) -> None:
+        """Remove the logical file ``key`` (its delta or direct object); the directory's
+        reference goes too once no delta there uses it."""
+        stored = self.stat(key)
+        self.store.delete(stored.object_key)
+        if stored.kind is Kind.DELTA:
+            self._collect_reference(split_key(key)[0])
+        log.info("deleted %s", key)
+
+    def _collect_reference(self, deltaspace: str) -> None:
+        prefix = f"{deltaspace}/" if deltaspace else ""
+        listing = self.store.list(prefix)
+        if any(o.key.endswith(".delta") for o in listing.objects):
+            return
+        ref = reference_key(deltaspace)
+        if any(o.key == ref for o in listing.objects):
+            self.store.delete(ref)
+            log.info("deleted %s: no delta uses it any more", ref)
+
+    def delete_tree(self, prefix: str, progress: Callable[[str], None] | None = None) -> int:
+        """Remove every logical file below ``prefix`` (a directory), references and
+        directory markers included. Returns the number of files removed."""
+        prefix = _dir_prefix(prefix)
+        objects = list(self.store.iter_objects(prefix))
+        files = [o for o in objects if not _is_reference(o.key) and not o.key.endswith("/")]
+        self.store.delete_many([o.key for o in files])
+        if progress:
+            for o in files:
+                progress(o.key)
+        rest = [o.key for o in objects if _is_reference(o.key) or o.key.endswith("/")]
+        self.store.delete_many(rest)
+        return len(files)
+
+    # --------------------------------------------------------------------- list
+
+    def list(self, prefix: str, recursive: bool = False, sizes: bool = True) -> list[Entry]:
+        """Logical files (true sizes) and directories under the directory ``prefix``.
+
+        Deltas carry their file size in metadata only, so each is HEADed (concurrently);
+        ``sizes=False`` skips that and reports ``size=-1`` for them.
+        """
+        prefix = _dir_prefix(prefix)
+        if recursive:
+            listing_objects = list(self.store.iter_objects(prefix))
+            prefixes: list[str] = []
+        else:
+            listing = self.store.list(prefix)
+            listing_objects, prefixes = listing.objects, listing.prefixes
+        files = self._logical(listing_objects)
+        if sizes:
+            files = self._with_metadata(files)
+        entries = [Entry(p, True) for p in prefixes]
+        for f in files.values():
+            if f.kind is Kind.MARKER:
+                continue
+            entries.append(_entry(f))
+        entries.sort(key=lambda e: e.key)
+        return entries
+
+    def _logical(self, objects: list[ObjectInfo]) -> dict[str, StoredFile]:
+        """Objects -> logical files; of a delta and a direct object with one name, the
+        newer wins (a writer that switched forms and crashed before cleaning up)."""
+        files: dict[str, StoredFile] = {}
+        for o in objects:
+            f = classify(o.key, o.size, o.etag, o.mtime, o.metadata)
+            if f is None:
+                continue
+            old = files.get(f.logical_key)
+            if old is None or f.mtime > old.mtime:
+                files[f.logical_key] = f
+        return files
+
+    def _with_metadata(self, files: dict[str, StoredFile]) -> dict[str, StoredFile]:
+        need = [f for f in files.values() if f.kind is Kind.DELTA and f.metadata is None]
+        if not need:
+            return files
+
+        def head(f: StoredFile) -> StoredFile:
+            info = self.store.head(f.object_key)
+            if info is None:
+                return f
+            return classify(info.key, info.size, info.etag, info.mtime, info.metadata) or f
+
+        with ThreadPoolExecutor(self.head_concurrency) as pool:
+            for f in pool.map(head, need):
+                files[f.logical_key] = f
+        return files
+
+    def stats(self, prefix: str) -> Stats:
+        """Logical bytes (true sizes) against every byte stored under ``prefix``."""
+        prefix = _dir_prefix(prefix)
+        objects = list(self.store.iter_objects(prefix))
+        result = Stats(stored_bytes=sum(o.size for o in objects))
+        for o in objects:
+            if _is_reference(o.key):
+                result.references += 1
+                result.reference_bytes += o.size
+        files = self._with_metadata(self._logical(objects))
+        for f in files.values():
+            if f.kind is Kind.MARKER:
+                continue
+            result.files += 1
+            result.logical_bytes += f.size if f.size is not None else f.object_size
+            result.by_kind[f.kind.value] = result.by_kind.get(f.kind.value, 0) + 1
+        return result
+
+    # ------------------------------------------------------------------- verify
+
+    def verify(self, prefix_or_key: str,
+               progress: Callable[[str, str | None], None] | None = None) -> list[tuple[str, str | None]]:
+        """Rebuild every file under a prefix (or one file) and check its SHA-256.
+        Returns ``(key, error or None)`` for each; nothing is written anywhere."""
+        try:
+            targets = [self.stat(prefix_or_key)] if prefix_or_key and not prefix_or_key.endswith("/") else []
+        except NotFound:
+            targets = []
+        if not targets:
+            prefix = _dir_prefix(prefix_or_key)
+            targets = [f for f in self._logical(list(self.store.iter_objects(prefix))).values()
+                       if f.kind is not Kind.MARKER]
+            if not targets:
+                raise NotFound(f"{self.store.name}/{prefix_or_key}: nothing to verify")
+        results: list[tuple[str, str | None]] = []
+        with self._scratch() as scratch:
+            for f in sorted(targets, key=lambda t: t.logical_key):
+                out = scratch / "out"
+                error: str | None = None
+                try:
+                    self.materialize(f, out)
+                except (IntegrityError, StoreError, codec.CodecError) as exc:
+                    error = str(exc)
+                finally:
+                    out.unlink(missing_ok=True)
+                results.append((f.logical_key, error))
+                if progress:
+                    progress(f.logical_key, error)
+        return results
+
+
+def _dir_prefix(prefix: str) -> str:
+    prefix = prefix.lstrip("/")
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _is_reference(key: str) -> bool:
+    return split_key(key)[1] == "reference.bin"
+
+
+def _entry(f: StoredFile) -> Entry:
+    size = f.size
+    return Entry(
+        key=f.logical_key,
+        is_dir=False,
+        size=size if size is not None else -1,
+        stored_size=f.object_size,
+        mtime_ns=f.mtime_ns,
+        kind=f.kind.value if f.metadata is not None or f.kind is Kind.DELTA else "direct",
+        sha256=f.sha256,
+        attrs=f.attrs,
+        stored=f,
+    )
