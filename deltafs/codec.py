@@ -185,6 +185,7 @@ def decode(
     ``-D`` (what a writer that encoded against a compressed reference with ``-D`` needs).
     On failure ``out`` is removed and IntegrityError says why; never is a wrong byte kept.
     """
+    xdelta3_path()  # a missing binary is a CodecError, not a corrupt object
     errors: list[str] = []
     for extra in ([], ["-D"]):
         try:

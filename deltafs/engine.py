@@ -345,11 +345,11 @@ class Engine:
             os.utime(dest, ns=(mtime_ns, mtime_ns))
         return stored
 
-    def materialize(self, stored: StoredFile, out: Path) -> None:
-        """Write the verified content of ``stored`` to ``out`` (any filesystem)."""
+    def materialize(self, stored: StoredFile, out: Path) -> str | None:
+        """Write the verified content of ``stored`` to ``out`` (any filesystem); returns
+        the SHA-256 it was verified against (``None`` for a foreign object)."""
         if stored.kind is Kind.DELTA:
-            self._decode(stored, out)
-            return
+            return self._decode(stored, out)
         info = self.store.get_file(stored.object_key, out)
         expected = meta_get(info.metadata, "file_sha256")
         if expected:
@@ -360,8 +360,9 @@ class Engine:
                     f"{self.store.name}/{stored.object_key} is corrupt: SHA-256 "
                     f"{actual[:12]}… instead of {expected[:12]}…"
                 )
+        return expected
 
-    def _decode(self, stored: StoredFile, out: Path) -> None:
+    def _decode(self, stored: StoredFile, out: Path) -> str:
         meta = stored.metadata
         if meta is None:
             info = self.store.head(stored.object_key)
@@ -392,6 +393,100 @@ class Engine:
                 raise IntegrityError(
                     f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
                 ) from None
+        return sha
+
+    # ----------------------------------------------------- namespace changes (mount)
+
+    def put_marker(self, dir_key: str) -> ObjectInfo:
+        """The zero-byte ``dir/`` object that keeps an empty directory."""
+        return self.store.put_bytes(_dir_prefix(dir_key), b"", {})
+
+    def put_symlink(self, key: str, target: str, attrs: Attrs) -> PutResult:
+        """A symlink: a direct object whose body is the target, typed in metadata."""
+        check_logical_key(key)
+        body = target.encode("utf-8", "surrogateescape")
+        import hashlib
+
+        sha = hashlib.sha256(body).hexdigest()
+        meta = direct_metadata(name=split_key(key)[1], sha256=sha, size=len(body), attrs=attrs)
+        self.store.put_bytes(key, body, meta)
+        self._drop_other_form(key, "direct")
+        return PutResult(key, "direct", len(body), len(body), sha)
+
+    def set_attrs(self, stored: StoredFile, attrs: Attrs) -> StoredFile:
+        """Rewrite the POSIX attributes of a published file in place (server-side copy:
+        cheap, since deltas are small)."""
+        meta = self._full_metadata(stored)
+        meta.update(stored.attrs.merged(attrs).to_metadata())
+        info = self.store.copy(stored.object_key, stored.object_key, meta)
+        return classify(info.key, info.size, info.etag, info.mtime, meta) or stored
+
+    def move(self, stored: StoredFile, new_key: str, attrs: Attrs | None = None) -> StoredFile:
+        """Give a published file a new logical key without re-uploading it when possible.
+
+        Direct objects and deltas whose new directory shares their reference are copied
+        server-side; a delta moving to a directory without a reference takes its reference
+        along (copied too); otherwise the file is rebuilt and put anew, so that every
+        deltaspace stays self-contained. The old object goes last.
+        """
+        check_logical_key(new_key)
+        meta = self._full_metadata(stored)
+        if attrs is not None:
+            meta.update(stored.attrs.merged(attrs).to_metadata())
+        new_space, new_name = split_key(new_key)
+        if "dg-original-name" in meta:
+            meta["dg-original-name"] = direct_metadata(name=new_name, sha256="", size=0)[
+                "dg-original-name"]
+        if stored.kind is Kind.DELTA:
+            moved = self._move_delta(stored, new_key, meta)
+        else:
+            info = self.store.copy(stored.object_key, new_key, meta)
+            moved = classify(info.key, info.size, info.etag, info.mtime, meta)
+            self._drop_other_form(new_key, "direct")
+        if moved.object_key != stored.object_key:
+            self.store.delete(stored.object_key)
+            if stored.kind is Kind.DELTA:
+                self._collect_reference(split_key(stored.logical_key)[0])
+        return moved
+
+    def _move_delta(self, stored: StoredFile, new_key: str, meta: dict[str, str]) -> StoredFile:
+        new_space = split_key(new_key)[0]
+        ref_sha = stored.ref_sha256
+        target_ref = self._head_reference(new_space)
+        if target_ref is None and stored.ref_key:
+            old_ref = self.store.head(stored.ref_key)
+            if old_ref is not None and meta_get(old_ref.metadata, "file_sha256") == ref_sha:
+                self.store.copy(stored.ref_key, reference_key(new_space), dict(old_ref.metadata or {}))
+                target_ref = self._head_reference(new_space)
+        if target_ref is not None and target_ref.sha256 == ref_sha:
+            meta["dg-ref-key"] = target_ref.key
+            meta["dg-ref-path"] = split_key(target_ref.key)[1]
+            for legacy in ("dg_ref_key", "ref_key", "ref-key"):
+                meta.pop(legacy, None)
+            info = self.store.copy(stored.object_key, delta_key(new_key), meta)
+            self._drop_other_form(new_key, "delta")
+            return classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[return-value]
+        # Different reference there: rebuild and store anew.
+        with self._scratch() as scratch:
+            content = scratch / "content"
+            self.materialize(stored, content)
+            self.put(content, new_key, stored.attrs.merged(Attrs.from_metadata(meta)),
+                     sha256=stored.sha256)
+        return self.stat(new_key)
+
+    def _full_metadata(self, stored: StoredFile) -> dict[str, str]:
+        if stored.metadata is not None:
+            return dict(stored.metadata)
+        info = self.store.head(stored.object_key)
+        if info is None:
+            raise NotFound(f"{self.store.name}/{stored.object_key}: no such object")
+        return dict(info.metadata or {})
+
+    def delete_stored(self, stored: StoredFile) -> None:
+        """Remove a file known by its object (no HEAD), collecting the reference."""
+        self.store.delete(stored.object_key)
+        if stored.kind is Kind.DELTA:
+            self._collect_reference(split_key(stored.logical_key)[0])
 
     # ------------------------------------------------------------------- delete
 

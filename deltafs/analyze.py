@@ -1,0 +1,101 @@
+"""Estimate what delta storage would save on a bucket of plain objects.
+
+For each directory (deltaspace) with at least two candidate files, the oldest candidate
+plays the reference and a spread-out sample of the others is encoded against it; the
+sampled ratios are extrapolated to the directory. Objects that would not be delta
+candidates (small, compressed streams) count as stored whole. Nothing is written.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import codec
+from .engine import Engine
+from .format import DELTA_SUFFIX, REFERENCE_NAME, is_compressed_stream, split_key
+from .store.base import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Analysis:
+    objects: int = 0
+    logical_bytes: int = 0
+    estimated_bytes: int = 0
+    sampled: int = 0
+    directories: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def savings(self) -> float:
+        return 1 - self.estimated_bytes / self.logical_bytes if self.logical_bytes else 0.0
+
+
+def analyze(engine: Engine, prefix: str, sample: int = 4,
+            progress: Callable[[str], None] | None = None) -> Analysis:
+    """Sample-encode each deltaspace below ``prefix``; see the module docstring."""
+    store = engine.store
+    spaces: dict[str, list[ObjectInfo]] = defaultdict(list)
+    result = Analysis()
+    for o in store.iter_objects(prefix):
+        if o.key.endswith("/"):
+            continue
+        name = split_key(o.key)[1]
+        result.objects += 1
+        result.logical_bytes += o.size
+        if name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX):
+            # already delta-stored: count as it is
+            result.estimated_bytes += o.size
+            continue
+        spaces[split_key(o.key)[0]].append(o)
+
+    policy = engine.policy
+    with tempfile.TemporaryDirectory(dir=engine.tmp_dir) as tmp_name:
+        tmp = Path(tmp_name)
+        for space, objects in sorted(spaces.items()):
+            big = [o for o in objects if o.size >= policy.min_delta_size]
+            small_bytes = sum(o.size for o in objects if o.size < policy.min_delta_size)
+            if len(big) < 2:
+                result.estimated_bytes += sum(o.size for o in objects)
+                continue
+            big.sort(key=lambda o: (o.mtime, o.key))
+            if progress:
+                progress(space or "(root)")
+            ref_obj = big[0]
+            ref = tmp / "ref"
+            store.get_file(ref_obj.key, ref)
+            with open(ref, "rb") as f:
+                ref_compressed = is_compressed_stream(f.read(8))
+            rest = big[1:]
+            step = max(1, len(rest) // max(1, sample))
+            picks = rest[::step][:sample]
+            ratios: list[float] = []
+            for o in picks:
+                target = tmp / "target"
+                store.get_file(o.key, target)
+                with open(target, "rb") as f:
+                    compressed = is_compressed_stream(f.read(8))
+                if ref_compressed or compressed:
+                    ratios.append(1.0)
+                    continue
+                delta = tmp / "delta"
+                res = codec.encode(ref, target, delta, limits=policy.codec_limits())
+                delta.unlink(missing_ok=True)
+                ratios.append(res.delta_size / o.size if res.delta_size is not None else 1.0)
+                result.sampled += 1
+            mean = sum(ratios) / len(ratios) if ratios else 1.0
+            rest_bytes = sum(o.size for o in rest)
+            estimate = ref_obj.size + int(rest_bytes * mean) + small_bytes
+            result.estimated_bytes += estimate
+            logical = sum(o.size for o in objects)
+            result.directories.append({
+                "prefix": space, "files": len(objects), "logical_bytes": logical,
+                "estimated_bytes": estimate, "sampled": len(picks),
+                "mean_delta_ratio": round(mean, 4),
+            })
+            ref.unlink(missing_ok=True)
+    return result

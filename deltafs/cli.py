@@ -1,0 +1,447 @@
+"""The ``deltafs`` command: put, get, ls, rm, stats, verify, analyze, init (and mount).
+
+Every failure a user can cause or meet prints one line, ``deltafs: <what and why>``, and
+exits with the code of its error class (see :mod:`deltafs.errors`); a traceback appears
+only with ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .api import DEFAULT_CACHE_SIZE, default_cache_dir, make_engine
+from .engine import Engine, Entry, Policy
+from .errors import DeltafsError, NotFound, UsageError
+from .format import split_key
+from .locations import MARKER, Location, parse
+from .store.base import ObjectStore
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def human(n: float) -> str:
+    """1536 -> '1.5KB' (powers of 1024, the way du -h counts)."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1024 or unit == "PB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '64k', '1000' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 10G)") from None
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("the ratio must be in (0, 1]")
+    return value
+
+
+class Progress:
+    """One status line per step on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def __call__(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------- context
+
+
+def open_store(loc: Location, args: argparse.Namespace, create: bool = False) -> ObjectStore:
+    if loc.is_s3:
+        from .store.s3 import S3Store
+
+        return S3Store(loc.bucket, endpoint_url=args.endpoint_url, region=args.region,  # type: ignore[arg-type]
+                       profile=args.profile)
+    from .store.local import LocalStore
+
+    return LocalStore(loc.root, create=create)  # type: ignore[arg-type]
+
+
+def engine_for(loc: Location, args: argparse.Namespace) -> Engine:
+    store = open_store(loc, args)
+    policy = Policy(min_delta_size=args.min_delta_size, max_ratio=args.max_ratio)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    return make_engine(store, cache_dir, args.cache_size, policy)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        text()
+
+
+# -------------------------------------------------------------------- commands
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .store.local import LocalStore
+
+    root = Path(args.dir).absolute()
+    LocalStore(root, create=True)
+    print(f"deltafs store ready at {root}")
+    return 0
+
+
+def _put_sources(paths: Sequence[str], recursive: bool) -> list[tuple[Path, str]]:
+    """(file, relative name) pairs; directories only with -r."""
+    out: list[tuple[Path, str]] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            if not recursive:
+                raise UsageError(f"{p}: is a directory (use -r to put a tree)")
+            base = path.name if not p.endswith("/") else ""
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for f in sorted(filenames):
+                    full = Path(dirpath) / f
+                    if full.is_file() and not full.is_symlink():
+                        rel = full.relative_to(path).as_posix()
+                        out.append((full, f"{base}/{rel}" if base else rel))
+        elif path.is_file():
+            out.append((path, path.name))
+        elif not path.exists():
+            raise UsageError(f"{p}: no such file")
+        else:
+            raise UsageError(f"{p}: not a regular file")
+    return out
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    dest = parse(args.dest)
+    sources = _put_sources(args.files, args.recursive)
+    into = dest.is_prefix or len(sources) > 1 or args.recursive
+    if into and not dest.is_prefix:
+        dest = Location(dest.bucket, dest.root, dest.key + "/")
+    engine = engine_for(dest, args)
+    progress = Progress()
+    results = []
+    total = len(sources)
+    for i, (src, rel) in enumerate(sources, 1):
+        key = dest.key + rel if into else dest.key
+        progress(f"[{i}/{total}] {src} -> {key}")
+        r = engine.put(src, key)
+        results.append(r)
+        if not args.json and not args.quiet:
+            detail = f" ({r.reason})" if r.reason else ""
+            print(f"{r.kind:9} {human(r.original_size):>8} -> {human(r.stored_size):>8} "
+                  f"{r.ratio:6.1%}  {_url(dest, key)}{detail}")
+    if args.json:
+        json.dump([{"key": r.key, "kind": r.kind, "original_size": r.original_size,
+                    "stored_size": r.stored_size, "sha256": r.sha256, "reason": r.reason}
+                   for r in results], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _url(loc: Location, key: str) -> str:
+    return str(Location(loc.bucket, loc.root, key))
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    src = parse(args.src)
+    if src.is_prefix:
+        raise UsageError(f"{args.src}: names a prefix, not a file")
+    engine = engine_for(src, args)
+    name = split_key(src.key)[1]
+    if args.dest == "-":
+        return _get_stdout(engine, src.key)
+    dest = Path(args.dest) if args.dest else Path(name)
+    if dest.is_dir() or (args.dest or "").endswith("/"):
+        if not dest.is_dir():
+            raise UsageError(f"{args.dest}: no such directory")
+        dest = dest / name
+    if not dest.parent.is_dir():
+        raise UsageError(f"{dest.parent}: no such directory")
+    Progress()(f"{src} -> {dest}")
+    stored = engine.get(src.key, dest)
+    if not args.quiet:
+        print(f"{stored.kind.value:9} {human(dest.stat().st_size):>8}  {dest}", file=sys.stderr)
+    return 0
+
+
+def _get_stdout(engine: Engine, key: str) -> int:
+    with engine._scratch() as scratch:  # noqa: SLF001 - same package
+        out = scratch / "out"
+        engine.materialize(engine.stat(key), out)
+        with open(out, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    loc = parse(args.url)
+    engine = engine_for(loc, args)
+    entries = engine.list(loc.key, recursive=args.recursive, sizes=args.long or args.json)
+    if not entries and loc.key and not loc.key.endswith("/"):
+        try:
+            f = engine.stat(loc.key)
+            entries = [e for e in engine.list(split_key(loc.key)[0]) if e.key == f.logical_key]
+        except NotFound:
+            raise NotFound(f"{loc}: no such file or prefix") from None
+
+    def text() -> None:
+        base = loc.key if loc.key.endswith("/") or not loc.key else loc.key + "/"
+        for e in entries:
+            shown = e.key[len(base):] if e.key.startswith(base) else e.key
+            if args.long:
+                if e.is_dir:
+                    print(f"{'DIR':>12}  {'':16}  {'':9}  {shown}")
+                else:
+                    import time
+
+                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
+                    print(f"{e.size:>12}  {when:16}  {e.kind:9}  {shown}")
+            else:
+                print(shown)
+
+    _emit(args, [_entry_json(e) for e in entries], text)
+    return 0
+
+
+def _entry_json(e: Entry) -> dict[str, Any]:
+    if e.is_dir:
+        return {"key": e.key, "type": "dir"}
+    return {"key": e.key, "type": "file", "size": e.size, "stored_size": e.stored_size,
+            "kind": e.kind, "mtime_ns": e.mtime_ns, "sha256": e.sha256}
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    loc = parse(args.url)
+    engine = engine_for(loc, args)
+    if args.recursive:
+        if not loc.key and not args.force:
+            raise UsageError(f"{args.url}: refusing to remove a whole store without --force")
+        n = engine.delete_tree(loc.key, Progress())
+        if not args.quiet:
+            print(f"removed {n} files under {loc}")
+        return 0
+    if loc.is_prefix:
+        raise UsageError(f"{args.url}: is a prefix (use -r)")
+    engine.delete(loc.key)
+    if not args.quiet:
+        print(f"removed {loc}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    loc = parse(args.url)
+    engine = engine_for(loc, args)
+    s = engine.stats(loc.key)
+    data = {"prefix": str(loc), "files": s.files, "logical_bytes": s.logical_bytes,
+            "stored_bytes": s.stored_bytes, "references": s.references,
+            "reference_bytes": s.reference_bytes, "by_kind": s.by_kind,
+            "savings": round(s.savings, 4)}
+
+    def text() -> None:
+        kinds = ", ".join(f"{v} {k}" for k, v in sorted(s.by_kind.items())) or "none"
+        print(f"{loc}")
+        print(f"  files:    {s.files} ({kinds})")
+        print(f"  logical:  {human(s.logical_bytes)} ({s.logical_bytes} bytes)")
+        print(f"  stored:   {human(s.stored_bytes)} ({s.stored_bytes} bytes, "
+              f"{s.references} reference{'s' if s.references != 1 else ''})")
+        print(f"  savings:  {s.savings:.1%}")
+
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    loc = parse(args.url)
+    engine = engine_for(loc, args)
+    progress = Progress()
+
+    def each(key: str, error: str | None) -> None:
+        progress(f"{'FAILED' if error else 'ok'}  {key}")
+
+    results = engine.verify(loc.key, each)
+    bad = [(k, e) for k, e in results if e]
+    if args.json:
+        json.dump([{"key": k, "ok": e is None, "error": e} for k, e in results],
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for k, e in bad:
+            print(f"FAILED {k}: {e}")
+        print(f"{len(results) - len(bad)} of {len(results)} files verified"
+              + (f", {len(bad)} FAILED" if bad else ""))
+    return 1 if bad else 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze import analyze
+
+    loc = parse(args.url)
+    engine = engine_for(loc, args)
+    a = analyze(engine, loc.key, sample=args.sample, progress=Progress())
+    data = {"prefix": str(loc), "objects": a.objects, "logical_bytes": a.logical_bytes,
+            "estimated_bytes": a.estimated_bytes, "savings": round(a.savings, 4),
+            "sampled": a.sampled, "directories": a.directories}
+
+    def text() -> None:
+        print(f"{loc}: {a.objects} objects, {human(a.logical_bytes)}; "
+              f"{a.sampled} sampled encodes")
+        for d in a.directories:
+            print(f"  {d['prefix'] or '(root)'}: {d['files']} files, mean delta "
+                  f"{float(d['mean_delta_ratio']):.1%}")  # type: ignore[arg-type]
+        print(f"Potential savings: {a.savings:.1%} "
+              f"({human(a.logical_bytes)} → {human(a.estimated_bytes)})")
+
+    _emit(args, data, text)
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("store and cache")
+    g.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    g.add_argument("--region", default=None)
+    g.add_argument("--profile", default=None, help="AWS profile (credentials stay in its files)")
+    g.add_argument("--cache-dir", default=None,
+                   help=f"local cache for references (default {default_cache_dir()})")
+    g.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_SIZE,
+                   help="bound of the content cache (default 2G)")
+    g.add_argument("--max-ratio", type=_ratio, default=0.75,
+                   help="keep a delta only below this share of the file (default 0.75)")
+    g.add_argument("--min-delta-size", type=parse_size, default=64 << 10,
+                   help="smaller files are stored whole (default 64K)")
+    g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("-v", "--verbose", action="count", default=0)
+    g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
+
+    p = argparse.ArgumentParser(
+        prog="deltafs",
+        description="Versioned files in S3 as binary deltas (DeltaGlider's bucket format).",
+    )
+    p.add_argument("--version", action="version", version=f"deltafs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+            json_: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(func=func)
+        if json_:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            sp.set_defaults(json=False)
+        return sp
+
+    sp = add("init", cmd_init, "create a local store directory")
+    sp.add_argument("dir")
+
+    sp = add("put", cmd_put, "store files (DEST ending in / means into that prefix)", True)
+    sp.add_argument("-r", "--recursive", action="store_true", help="put directory trees")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("dest", metavar="DEST")
+
+    sp = add("get", cmd_get, "rebuild a file, SHA-256-verified (DEST '-' is stdout)")
+    sp.add_argument("src", metavar="SRC")
+    sp.add_argument("dest", nargs="?", metavar="DEST")
+
+    sp = add("ls", cmd_ls, "list files with their true sizes", True)
+    sp.add_argument("-l", "--long", action="store_true")
+    sp.add_argument("-R", "--recursive", action="store_true")
+    sp.add_argument("url", metavar="URL")
+
+    sp = add("rm", cmd_rm, "remove a file, or a prefix with -r")
+    sp.add_argument("-r", "--recursive", action="store_true")
+    sp.add_argument("--force", action="store_true", help="allow rm -r of a whole store")
+    sp.add_argument("url", metavar="URL")
+
+    sp = add("stats", cmd_stats, "logical against stored bytes", True)
+    sp.add_argument("url", metavar="URL")
+
+    sp = add("verify", cmd_verify, "rebuild every file and check its SHA-256", True)
+    sp.add_argument("url", metavar="URL")
+
+    sp = add("analyze", cmd_analyze,
+             "estimate the savings of delta storage for a prefix of plain objects", True)
+    sp.add_argument("--sample", type=int, default=4, help="encodes per directory (default 4)")
+    sp.add_argument("url", metavar="URL")
+
+    try:
+        from .mountcli import add_mount_commands
+    except ImportError:
+        pass
+    else:
+        add_mount_commands(sub, common)
+    return p
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else (logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING if not args.debug else level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(args)
+    try:
+        return args.func(args)
+    except DeltafsError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"deltafs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("deltafs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"deltafs: {exc.filename or ''}{': ' if exc.filename else ''}"
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the one place a surprise is turned into a line
+        log.debug("internal error", exc_info=True)
+        print(f"deltafs: internal error: {type(exc).__name__}: {exc} "
+              "(run with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

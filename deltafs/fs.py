@@ -1,0 +1,900 @@
+"""The filesystem: pyfuse3 operations over the journal, the content cache and the engine.
+
+Metadata comes from the journal (a local SQLite database), so ``stat``, ``ls -l``,
+``chmod``, ``utimes`` and the rename of a fresh file never wait on the network once a
+directory is known. Writes go to a local working file; the last ``close`` hashes it and
+records it in the journal (durably) before returning, and the upload happens in the
+background (:mod:`deltafs.writeback`). Reads are served from the content cache after the
+file was rebuilt and its SHA-256 verified.
+
+Each FUSE request reads or writes at most ``max_write`` bytes, so the ``pread``/``pwrite``
+of one request is a bounded local I/O done in place; everything that can take long
+(S3, xdelta3, hashing a whole file, copying a file, fsync) runs in a worker thread.
+Every rejected operation logs why and returns the errno documented in SEMANTICS.md.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .cache import ContentCache
+from .engine import Engine
+from .errors import DeltafsError, IntegrityError, NotFound, StoreError
+from .format import DELTA_SUFFIX, MAX_KEY_BYTES, REFERENCE_NAME, Kind
+from .index import fetch_listing, key_of, known_etags, merge_listing, stored_of, valid_name
+from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
+from .writeback import Writeback
+
+log = logging.getLogger(__name__)
+
+XATTR_PREFIX = "user.deltafs."
+ORPHAN_PARENT = 0
+
+
+@dataclass
+class Handle:
+    """An open file: its descriptor, and for writers the running hash state."""
+
+    ino: int
+    fd: int
+    writable: bool
+    path: str | None = None  # the working file (writers)
+    dirty: bool = False
+    hasher: Any = None  # sha256 of bytes [0, hashed) while writes are sequential
+    hashed: int = 0
+
+
+@dataclass
+class Options:
+    """Mount options the filesystem itself uses."""
+
+    listing_ttl: float = 30.0
+    read_only: bool = False
+    settle: float = 0.5  # a closed file waits this long before upload (rsync renames first)
+    dirty_budget: int = 8 << 30
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+
+
+class DeltaFS(pyfuse3.Operations):
+    """One mounted bucket prefix."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, engine: Engine, journal: Journal, cache: ContentCache, prefix: str,
+                 files_dir: Path, options: Options, source: str) -> None:
+        super().__init__()
+        self.engine = engine
+        self.journal = journal
+        self.cache = cache
+        self.prefix = prefix.strip("/")
+        self.files_dir = files_dir
+        self.options = options
+        self.source = source
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, int] = {}
+        self._next_fh = 1
+        self.writers: dict[int, int] = defaultdict(int)
+        self.readers: dict[int, int] = defaultdict(int)
+        self.lookups: dict[int, int] = defaultdict(int)
+        self.closed_at: dict[int, float] = {}
+        self._listing_locks: dict[int, trio.Lock] = defaultdict(trio.Lock)
+        self._fetch_locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
+        self.started = time.time()
+        self.writeback = Writeback(journal, engine, self.prefix, on_clean=self._on_clean,
+                                   is_open_for_write=self._held_back)
+        files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _held_back(self, ino: int) -> bool:
+        if self.writers.get(ino):
+            return True
+        closed = self.closed_at.get(ino)
+        return closed is not None and time.monotonic() - closed < self.options.settle
+
+    def _node(self, ino: int) -> Node:
+        node = self.journal.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = 1.0
+        a.attr_timeout = 1.0
+        a.st_mode = node.mode
+        a.st_nlink = 2 if node.is_dir else 1
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = 0
+        a.st_size = node.size if not node.is_dir else 4096
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = node.atime_ns or node.mtime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns or node.mtime_ns
+        return a
+
+    def _key(self, ino: int) -> str:
+        return key_of(self.journal, self.prefix, ino)
+
+    def _check_name(self, parent: int, name: str) -> None:
+        """Names S3 or the format cannot hold fail here, with a log line saying why."""
+        if not valid_name(name):
+            log.info("refused name %r: not storable", name)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if "\udc80" <= max(name) and any("\udc80" <= c <= "\udcff" for c in name):
+            log.info("refused name %r: not valid UTF-8 (S3 keys must be UTF-8)", name)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX):
+            log.warning("refused name %r: reserved by the bucket format "
+                        "(reference.bin and *.delta hold references and deltas)", name)
+            raise pyfuse3.FUSEError(errno.EPERM)
+        parent_key = self._key(parent)
+        full = f"{parent_key}/{name}" if parent_key else name
+        if len(full.encode("utf-8")) + len(DELTA_SUFFIX) > MAX_KEY_BYTES:
+            log.info("refused name %r: the S3 key would pass 1,024 bytes", name)
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+    def _writable(self) -> None:
+        if self.options.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @staticmethod
+    def _name(raw: bytes) -> str:
+        return os.fsdecode(raw)
+
+    async def _commit(self) -> None:
+        await trio.to_thread.run_sync(self.journal.commit)
+
+    # ---------------------------------------------------------------- listing
+
+    async def _ensure_listed(self, dir_ino: int, force: bool = False) -> None:
+        """Bring a directory's rows up to date with the bucket when its listing is
+        missing or older than the TTL. Network errors leave the known rows in place."""
+        node = self._node(dir_ino)
+        if not node.is_dir:
+            return
+        fresh = node.listed_at is not None and \
+            time.time() - node.listed_at < self.options.listing_ttl
+        if fresh and not force:
+            return
+        async with self._listing_locks[dir_ino]:
+            node = self._node(dir_ino)
+            if node.listed_at is not None and time.time() - node.listed_at < \
+                    self.options.listing_ttl and not force:
+                return
+            if node.dirty & CONTENT and node.remote_key is None and node.listed_at is None \
+                    and dir_ino != ROOT_INO:
+                # made here and never published: nothing to list
+                self.journal.update(dir_ino, listed_at=time.time())
+                return
+            key = self._key(dir_ino)
+            prefix = f"{key}/" if key else ""
+            known = known_etags(self.journal, dir_ino)
+            try:
+                listing = await trio.to_thread.run_sync(fetch_listing, self.engine, prefix, known)
+            except StoreError as exc:
+                if node.listed_at is None:
+                    log.warning("cannot list %s: %s", prefix or "/", exc)
+                    raise pyfuse3.FUSEError(errno.EIO) from None
+                log.warning("cannot refresh %s, serving what is known: %s", prefix or "/", exc)
+                return
+            busy = set(self.writers) | set(self.readers) | set(self.closed_at)
+            merge_listing(self.journal, dir_ino, listing, busy, self.options.uid,
+                          self.options.gid)
+
+    # ----------------------------------------------------------------- lookup
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        n = self._name(name)
+        if n == ".":
+            node = self._node(parent_inode)
+        elif n == "..":
+            node = self._node(self._node(parent_inode).parent)
+        else:
+            await self._ensure_listed(parent_inode)
+            found = self.journal.child(parent_inode, n)
+            if found is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node = found
+        self.lookups[node.ino] += 1
+        return self._attrs(node)
+
+    async def forget(self, inode_list: Any) -> None:
+        for ino, count in inode_list:
+            left = self.lookups.get(ino, 0) - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            self._maybe_reap(ino)
+
+    def _maybe_reap(self, ino: int) -> None:
+        """An unlinked node goes once the kernel forgot it and no handle holds it."""
+        node = self.journal.get(ino)
+        if node is None or node.parent != ORPHAN_PARENT:
+            return
+        if self.lookups.get(ino) or self.writers.get(ino) or self.readers.get(ino):
+            return
+        if node.staged:
+            Path(node.staged).unlink(missing_ok=True)
+        self.journal.delete(ino)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable()
+        node = self._node(inode)
+        now = time.time_ns()
+        changes: dict[str, Any] = {}
+        if fields.update_size:
+            if node.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            handle = self.handles.get(fh) if fh is not None else None
+            if handle is not None and handle.writable:
+                os.ftruncate(handle.fd, attr.st_size)
+                handle.dirty = True
+                if handle.hashed > attr.st_size:
+                    handle.hasher = None
+                changes.update(size=attr.st_size, mtime_ns=now)
+            else:
+                await self._truncate(node, attr.st_size)
+                node = self._node(inode)
+        if fields.update_mode:
+            changes["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        meta_changed = any(k in changes for k in ("mode", "uid", "gid", "mtime_ns"))
+        changes["ctime_ns"] = now
+        self.journal.update(inode, **changes)
+        if meta_changed and node.remote_key is not None and not node.is_dir:
+            self.journal.set_dirty(inode, ATTRS)
+            self.writeback.kick()
+        return self._attrs(self._node(inode))
+
+    async def _truncate(self, node: Node, size: int) -> None:
+        """truncate(2) of a file not open for writing: open, cut, close."""
+        fd, path = await self._open_for_write(node, truncate=(size == 0))
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        handle = Handle(node.ino, -1, True, path, dirty=True)
+        await self._stage(handle, path)
+
+    # ------------------------------------------------------------- directories
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self._ensure_listed(inode)
+        fh = self._fh()
+        self.dir_handles[fh] = inode
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = self.dir_handles[fh]
+        for child in self.journal.children(ino, after_ino=start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), self._attrs(child),
+                                         child.ino):
+                return
+            self.lookups[child.ino] += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        ino = self.dir_handles.get(fh, ROOT_INO)
+        await self._commit()
+        for child in self.journal.children(ino):
+            if child.dirty:
+                await self.writeback.wait_clean(child.ino)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable()
+        n = self._name(name)
+        parent = self._node(parent_inode)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self._check_name(parent_inode, n)
+        await self._ensure_listed(parent_inode)
+        if self.journal.child(parent_inode, n) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        now = time.time_ns()
+        ino = self.journal.insert(parent=parent_inode, name=n,
+                                  mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=ctx.uid,
+                                  gid=ctx.gid, mtime_ns=now, ctime_ns=now, atime_ns=now,
+                                  dirty=CONTENT, listed_at=time.time())
+        self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
+        await self._commit()
+        self.writeback.kick()
+        self.lookups[ino] += 1
+        return self._attrs(self._node(ino))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        n = self._name(name)
+        await self._ensure_listed(parent_inode)
+        node = self.journal.child(parent_inode, n)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self._ensure_listed(node.ino)
+        if self.journal.count_children(node.ino):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        if node.remote_key:
+            self.journal.add_tombstone(node.remote_key, Kind.MARKER.value)
+        self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0)
+        self._maybe_reap(node.ino)
+        now = time.time_ns()
+        self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
+        await self._commit()
+        self.writeback.kick()
+
+    # -------------------------------------------------------------- namespace
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        n = self._name(name)
+        await self._ensure_listed(parent_inode)
+        node = self.journal.child(parent_inode, n)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        self._remove(node)
+        now = time.time_ns()
+        self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
+        await self._commit()
+        self.writeback.kick()
+
+    def _remove(self, node: Node) -> None:
+        """Take a file out of the namespace; its object goes in the background."""
+        if node.remote_key:
+            self.journal.add_tombstone(node.remote_key, node.remote_kind)
+        self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0,
+                            remote_key=None)
+        self.closed_at.pop(node.ino, None)
+        self._maybe_reap(node.ino)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            log.info("refused rename with flags %#x: only RENAME_NOREPLACE is supported", flags)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old, new = self._name(name_old), self._name(name_new)
+        self._check_name(parent_inode_new, new)
+        await self._ensure_listed(parent_inode_old)
+        await self._ensure_listed(parent_inode_new)
+        node = self.journal.child(parent_inode_old, old)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.is_dir:
+            # a directory cannot move below itself
+            p = parent_inode_new
+            while p != ROOT_INO:
+                if p == node.ino:
+                    raise pyfuse3.FUSEError(errno.EINVAL)
+                p = self._node(p).parent
+        target = self.journal.child(parent_inode_new, new)
+        if target is not None:
+            if target.ino == node.ino:
+                return
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if target.is_dir:
+                if not node.is_dir:
+                    raise pyfuse3.FUSEError(errno.EISDIR)
+                await self._ensure_listed(target.ino)
+                if self.journal.count_children(target.ino):
+                    raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+                if target.remote_key:
+                    self.journal.add_tombstone(target.remote_key, Kind.MARKER.value)
+                self.journal.update(target.ino, parent=ORPHAN_PARENT, name=f"#{target.ino}",
+                                    dirty=0, remote_key=None)
+                self._maybe_reap(target.ino)
+            else:
+                if node.is_dir:
+                    raise pyfuse3.FUSEError(errno.ENOTDIR)
+                self._remove(target)
+        now = time.time_ns()
+        self.journal.update(node.ino, parent=parent_inode_new, name=new, ctime_ns=now)
+        if node.is_dir:
+            await self._ensure_listed(node.ino)
+            self._moved_dir(node)
+            for d in self.journal.descendants(node.ino):
+                if d.is_dir:
+                    self._moved_dir(d)
+                elif d.remote_key:
+                    self.journal.set_dirty(d.ino, MOVED)
+        elif node.remote_key:
+            self.journal.set_dirty(node.ino, MOVED)
+        for p in {parent_inode_old, parent_inode_new}:
+            self.journal.update(p, mtime_ns=now, ctime_ns=now)
+        await self._commit()
+        self.writeback.kick()
+
+    def _moved_dir(self, d: Node) -> None:
+        """A directory whose key changed: its old marker goes, a new one is made."""
+        if d.remote_key:
+            self.journal.add_tombstone(d.remote_key, Kind.MARKER.value)
+        self.journal.update(d.ino, remote_key=None, listed_at=time.time())
+        self.journal.set_dirty(d.ino, CONTENT)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        log.info("refused hard link to inode %d: deltafs has no hard links", inode)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        log.info("refused mknod of %r: only files, directories and symlinks are stored", name)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable()
+        n = self._name(name)
+        self._check_name(parent_inode, n)
+        await self._ensure_listed(parent_inode)
+        if self.journal.child(parent_inode, n) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        now = time.time_ns()
+        ino = self.journal.insert(parent=parent_inode, name=n, mode=stat.S_IFLNK | 0o777,
+                                  uid=ctx.uid, gid=ctx.gid, size=len(target), mtime_ns=now,
+                                  ctime_ns=now, atime_ns=now, target=target, dirty=CONTENT)
+        self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
+        await self._commit()
+        self.writeback.kick()
+        self.lookups[ino] += 1
+        return self._attrs(self._node(ino))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if not node.is_symlink:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if node.target is not None:
+            return bytes(node.target)
+        if not node.remote_key:
+            raise pyfuse3.FUSEError(errno.EIO)
+        try:
+            body, _ = await trio.to_thread.run_sync(self.engine.store.get_bytes, node.remote_key)
+        except DeltafsError as exc:
+            log.error("readlink %s: %s", node.remote_key, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        self.journal.update(inode, target=body)
+        return body
+
+    # ------------------------------------------------------------------ files
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._writable()
+        n = self._name(name)
+        parent = self._node(parent_inode)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self._check_name(parent_inode, n)
+        await self._ensure_listed(parent_inode)
+        existing = self.journal.child(parent_inode, n)
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            info = await self.open(existing.ino, flags | os.O_TRUNC, ctx)
+            return info, self._attrs(self._node(existing.ino))
+        await self._wait_for_budget()
+        now = time.time_ns()
+        ino = self.journal.insert(parent=parent_inode, name=n,
+                                  mode=stat.S_IFREG | stat.S_IMODE(mode), uid=ctx.uid,
+                                  gid=ctx.gid, size=0, mtime_ns=now, ctime_ns=now,
+                                  atime_ns=now)
+        path = self._new_work_path(ino)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.journal.update(ino, staged=str(path))
+        self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
+        handle = Handle(ino, fd, True, str(path), dirty=True, hasher=hashlib.sha256())
+        fh = self._fh()
+        self.handles[fh] = handle
+        self.writers[ino] += 1
+        self.lookups[ino] += 1
+        return pyfuse3.FileInfo(fh=fh), self._attrs(self._node(ino))
+
+    def _new_work_path(self, ino: int) -> Path:
+        return self.files_dir / f"{ino}-{time.monotonic_ns()}"
+
+    async def _wait_for_budget(self) -> None:
+        """Writers wait for uploads rather than fill the disk with dirty data."""
+        while True:
+            _, dirty = self.journal.pending()
+            if dirty < self.options.dirty_budget:
+                return
+            log.info("dirty data at %d bytes (budget %d): waiting for uploads",
+                     dirty, self.options.dirty_budget)
+            self.writeback.kick()
+            with trio.move_on_after(5):
+                await self.writeback.changed.wait()
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        accmode = flags & os.O_ACCMODE
+        fh = self._fh()
+        if accmode == os.O_RDONLY and not flags & os.O_TRUNC:
+            fd = await self._open_for_read(node)
+            self.handles[fh] = Handle(inode, fd, False)
+            self.readers[inode] += 1
+            keep = not node.dirty and node.sha256 is not None
+            return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        self._writable()
+        await self._wait_for_budget()
+        truncate = bool(flags & os.O_TRUNC)
+        fd, path = await self._open_for_write(node, truncate)
+        self.writers[inode] += 1
+        hasher = hashlib.sha256() if truncate else None
+        self.handles[fh] = Handle(inode, fd, True, path, dirty=truncate, hasher=hasher)
+        if truncate:
+            self.journal.update(inode, size=0, mtime_ns=time.time_ns(), sha256=None,
+                                staged=path)
+        return pyfuse3.FileInfo(fh=fh)
+
+    async def _open_for_write(self, node: Node, truncate: bool) -> tuple[int, str]:
+        """A working file for ``node``: its staged file when no upload reads it, else a
+        fresh copy of its content (from the staged file or the cache)."""
+        reuse = node.staged and os.path.exists(node.staged) and \
+            node.ino not in self.writeback._active  # noqa: SLF001
+        if reuse and (self.writers.get(node.ino) or node.dirty & CONTENT or node.sha256 is None):
+            path = node.staged
+            assert path is not None
+            fd = os.open(path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
+            self.journal.update(node.ino, staged=path)
+            return fd, path
+        path = str(self._new_work_path(node.ino))
+        if truncate:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        else:
+            src_fd = await self._open_for_read(node)
+            try:
+                await trio.to_thread.run_sync(_copy_fd_to, src_fd, path)
+            finally:
+                os.close(src_fd)
+            fd = os.open(path, os.O_RDWR)
+        self.journal.update(node.ino, staged=path)
+        return fd, path
+
+    async def _open_for_read(self, node: Node) -> int:
+        """A descriptor on the verified content of ``node``."""
+        if node.staged and (node.dirty & CONTENT or self.writers.get(node.ino)):
+            try:
+                return os.open(node.staged, os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+        if node.is_symlink:
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        if not node.remote_key:
+            if node.size == 0:
+                return os.open(os.devnull, os.O_RDONLY)
+            log.error("inode %d has no content anywhere", node.ino)
+            raise pyfuse3.FUSEError(errno.EIO)
+        cache_key = node.sha256 or f"foreign:{node.remote_key}:{node.remote_etag}"
+        fd = self._cache_fd(cache_key)
+        if fd is not None:
+            return fd
+        async with self._fetch_locks[cache_key]:
+            fd = self._cache_fd(cache_key)
+            if fd is not None:
+                return fd
+            tmp = self.engine.tmp_dir / f"fetch-{node.ino}-{time.monotonic_ns()}"
+            stored = stored_of(node, self.prefix, self.journal)
+            try:
+                sha = await trio.to_thread.run_sync(self.engine.materialize, stored, tmp)
+            except NotFound:
+                log.error("read %s: the object is gone from the bucket", node.remote_key)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except IntegrityError as exc:
+                log.error("read %s: %s", node.remote_key, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except DeltafsError as exc:
+                log.error("read %s: %s", node.remote_key, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            try:
+                size = tmp.stat().st_size
+                if sha is not None and sha != node.sha256:
+                    log.info("%s changed in the bucket; serving the new content",
+                             node.remote_key)
+                    self.journal.update(node.ino, sha256=sha, size=size)
+                key = sha or cache_key
+                await trio.to_thread.run_sync(self.cache.add, key, tmp)
+                return os.open(tmp, os.O_RDONLY)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def _cache_fd(self, key: str) -> int | None:
+        tmp = self.engine.tmp_dir / f"hit-{time.monotonic_ns()}"
+        if not self.cache.link(key, tmp):
+            return None
+        try:
+            return os.open(tmp, os.O_RDONLY)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self.handles[fh].fd, size, off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        if not h.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            n = os.pwrite(h.fd, buf, off)
+        except OSError as exc:
+            log.error("write to the working file of inode %d failed: %s", h.ino, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        if h.hasher is not None:
+            if off == h.hashed:
+                h.hasher.update(buf[:n])
+                h.hashed += n
+            else:
+                h.hasher = None
+        h.dirty = True
+        node = self._node(h.ino)
+        end = off + n
+        self.journal.update(h.ino, size=max(node.size, end), mtime_ns=time.time_ns())
+        return n
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh)
+        if not h.writable:
+            os.close(h.fd)
+            self.readers[h.ino] -= 1
+            if self.readers[h.ino] <= 0:
+                self.readers.pop(h.ino, None)
+                self._maybe_reap(h.ino)
+            return
+        try:
+            if h.dirty:
+                await self._stage(h, h.path)
+        finally:
+            os.close(h.fd)
+            self.writers[h.ino] -= 1
+            if self.writers[h.ino] <= 0:
+                self.writers.pop(h.ino, None)
+                self._maybe_reap(h.ino)
+            self.writeback.kick()
+
+    async def _stage(self, h: Handle, path: str | None) -> None:
+        """Close of a written file: hash it and record it durably; the upload follows."""
+        assert path is not None
+        node = self.journal.get(h.ino)
+        if node is None:
+            return
+        size = os.stat(path).st_size
+        hasher = h.hasher if h.hasher is not None and h.hashed == size else None
+
+        def finish() -> str:
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            if hasher is not None:
+                return str(hasher.hexdigest())
+            from .codec import sha256_file
+
+            return sha256_file(Path(path))
+
+        sha = await trio.to_thread.run_sync(finish)
+        node = self.journal.get(h.ino)
+        if node is None:
+            return
+        if node.parent == ORPHAN_PARENT:
+            return  # unlinked while open: nothing to upload
+        self.journal.update(h.ino, sha256=sha, size=size, staged=path)
+        self.journal.set_dirty(h.ino, CONTENT)
+        self.closed_at[h.ino] = time.monotonic()
+        await self._commit()
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles.get(fh)
+        if h is None:
+            return
+        if h.writable and h.dirty:
+            await self._stage(h, h.path)
+            h.dirty = False
+            h.hasher = None
+        self.closed_at.pop(h.ino, None)
+        if self.writers.get(h.ino) and h.writable:
+            # the uploader skips files open for writing; fsync asks for this one now
+            self.writers[h.ino] -= 1
+            try:
+                await self.writeback.wait_clean(h.ino)
+            finally:
+                self.writers[h.ino] += 1
+        else:
+            await self.writeback.wait_clean(h.ino)
+
+    # ------------------------------------------------------------ filesystem
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 128 * 1024
+        s.f_frsize = 4096
+        total = 1 << 50
+        used = self.journal.logical_bytes()
+        s.f_blocks = total // s.f_frsize
+        s.f_bfree = s.f_bavail = (total - used) // s.f_frsize
+        s.f_files = 1 << 32
+        s.f_ffree = s.f_favail = (1 << 32) - 1
+        s.f_namemax = 255
+        return s
+
+    # ---------------------------------------------------------------- xattrs
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        n = self._name(name)
+        node = self._node(inode)
+        values = self._xattrs(node)
+        if n not in values:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return values[n].encode()
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [k.encode() for k in self._xattrs(self._node(inode))]
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        n = self._name(name)
+        if n.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        log.info("refused setxattr %s: extended attributes are not stored", n)
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        n = self._name(name)
+        if n.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    def _xattrs(self, node: Node) -> dict[str, str]:
+        p = XATTR_PREFIX
+        out: dict[str, str] = {}
+        if node.ino == ROOT_INO:
+            out[p + "status"] = json.dumps(self.status())
+        if node.is_dir:
+            return out
+        state = "pending" if node.dirty else ("clean" if node.remote_key else "local")
+        out[p + "state"] = state
+        if node.remote_key:
+            out[p + "kind"] = node.remote_kind or ""
+            out[p + "key"] = node.remote_key
+            out[p + "stored_size"] = str(node.remote_size or 0)
+            if node.remote_ref:
+                out[p + "reference"] = node.remote_ref
+        if node.sha256:
+            out[p + "sha256"] = node.sha256
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """What ``deltafs status`` prints."""
+        files, nbytes = self.journal.pending()
+        oldest = 0.0
+        for n in self.journal.dirty_nodes(limit=200):
+            if n.staged:
+                try:
+                    oldest = max(oldest, time.time() - os.stat(n.staged).st_mtime)
+                except OSError:
+                    pass
+        w = self.writeback.state
+        return {
+            "pid": os.getpid(),
+            "source": self.source,
+            "uptime": round(time.time() - self.started, 1),
+            "pending_files": files,
+            "pending_bytes": nbytes,
+            "oldest_pending_seconds": round(oldest, 1),
+            "uploading": len(self.writeback._active),  # noqa: SLF001
+            "uploaded_files": w.uploaded_files,
+            "uploaded_bytes": w.uploaded_bytes,
+            "cache_bytes": self.cache.volume(),
+            "logical_bytes": self.journal.logical_bytes(),
+            "stored_bytes": self.journal.stored_bytes(),
+            "requests": self.engine.store.stats(),
+            "last_error": w.last_error,
+            "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
+        }
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _on_clean(self, node: Node, staged: str) -> None:
+        """A staged file is in the bucket: it becomes a clean cache entry."""
+        if node.sha256 and os.path.exists(staged):
+            self.cache.add(node.sha256, Path(staged))
+        if not self.writers.get(node.ino):
+            Path(staged).unlink(missing_ok=True)
+        self.closed_at.pop(node.ino, None)
+
+    async def committer(self) -> None:
+        """Commit what accumulated (attribute changes, upload results) every second."""
+        while True:
+            await trio.sleep(1.0)
+            if self.journal.db.in_transaction:
+                await self._commit()
+
+
+def _copy_fd_to(src_fd: int, dest: str) -> None:
+    with open(dest, "wb") as out:
+        os.lseek(src_fd, 0, os.SEEK_SET)
+        while True:
+            chunk = os.read(src_fd, 1 << 20)
+            if not chunk:
+                break
+            out.write(chunk)
+
+
+def recover(journal: Journal, files_dir: Path) -> int:
+    """After a crash: forget orphans, keep every staged file a row still points to, and
+    remove working files nobody points to. Returns the number of files to upload."""
+    journal.x("DELETE FROM nodes WHERE parent = ?", (ORPHAN_PARENT,))
+    wanted = {r[0] for r in journal.x("SELECT staged FROM nodes WHERE staged IS NOT NULL")}
+    for p in files_dir.iterdir() if files_dir.exists() else []:
+        if str(p) not in wanted:
+            p.unlink(missing_ok=True)
+    # files open for writing at the crash: their working file is all we have; stage it
+    rows = journal.x("SELECT ino, staged FROM nodes WHERE staged IS NOT NULL AND dirty & 1 = 0 "
+                     "AND sha256 IS NULL").fetchall()
+    from .codec import sha256_file
+
+    for ino, staged in rows:
+        if os.path.exists(staged):
+            journal.update(ino, sha256=sha256_file(Path(staged)),
+                           size=os.stat(staged).st_size)
+            journal.set_dirty(ino, CONTENT)
+            log.warning("inode %d was open for writing at the crash; uploading what was "
+                        "written", ino)
+    for ino, staged in journal.x("SELECT ino, staged FROM nodes WHERE staged IS NOT NULL AND "
+                                 "dirty = 0").fetchall():
+        journal.update(ino, staged=None)
+        Path(staged).unlink(missing_ok=True)
+    journal.commit()
+    return journal.pending()[0]
+
+
+__all__ = ["DeltaFS", "Options", "recover", "shutil", "MOVED"]

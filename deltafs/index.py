@@ -1,0 +1,181 @@
+"""Keeps the journal's view of a directory in step with the bucket.
+
+A directory is listed (one paginated LIST with a delimiter) the first time it is needed
+and again once its listing is older than the TTL. Objects whose ETag is unchanged keep
+their row as it is; new or changed delta and direct objects are HEADed, concurrently, for
+their ``dg-*``/``deltafs-*`` metadata. Rows with local changes not yet in the bucket are
+never overwritten by what the bucket says.
+
+Names no POSIX path can carry (``.``, ``..``, empty, over 255 bytes, containing NUL) are
+skipped and logged once; a name that is both a file and a prefix shows as the directory.
+"""
+from __future__ import annotations
+
+import logging
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .engine import Engine
+from .format import MAX_NAME_BYTES, Kind, StoredFile, classify, join_key, split_key
+from .journal import Journal, Node
+from .store.base import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE_MODE = 0o644
+DEFAULT_DIR_MODE = 0o755
+
+
+@dataclass(frozen=True)
+class DirListing:
+    """What the bucket holds directly under one directory, with metadata where needed."""
+
+    files: dict[str, StoredFile]  # name -> stored file
+    dirs: set[str]  # names of sub-prefixes (and markers)
+    marker: bool
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, why: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("skipping object %r: %s", key, why)
+
+
+def valid_name(name: str) -> bool:
+    return (name not in ("", ".", "..") and "\0" not in name
+            and len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES)
+
+
+def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> DirListing:
+    """LIST ``prefix`` (a directory key ending in "/" or "" for the root) and HEAD the
+    objects whose ETag differs from ``known`` (object key -> etag). Blocking: run in a
+    worker thread."""
+    listing = engine.store.list(prefix)
+    files: dict[str, StoredFile] = {}
+    dirs: set[str] = set()
+    marker = False
+    for p in listing.prefixes:
+        name = p[len(prefix):].rstrip("/")
+        if not valid_name(name):
+            _warn_once(p, "not a valid file name")
+            continue
+        dirs.add(name)
+    for o in listing.objects:
+        if o.key == prefix:
+            marker = True
+            continue
+        f = classify(o.key, o.size, o.etag, o.mtime)
+        if f is None:
+            continue  # reference.bin
+        name = split_key(f.logical_key)[1]
+        if not valid_name(name):
+            _warn_once(o.key, "not a valid file name")
+            continue
+        old = files.get(name)
+        if old is None or f.mtime > old.mtime:
+            files[name] = f
+    for name in list(files):
+        if name in dirs:
+            _warn_once(files[name].object_key, "a directory of the same name hides it")
+            del files[name]
+    need = [f for f in files.values() if known.get(f.object_key) != f.etag]
+    if need:
+        def head(f: StoredFile) -> StoredFile:
+            info = engine.store.head(f.object_key)
+            if info is None:
+                return f
+            return classify(info.key, info.size, info.etag, info.mtime, info.metadata) or f
+
+        with ThreadPoolExecutor(engine.head_concurrency) as pool:
+            for f in pool.map(head, need):
+                files[split_key(f.logical_key)[1]] = f
+    return DirListing(files, dirs, marker)
+
+
+def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set[int],
+                  uid: int, gid: int) -> None:
+    """Apply a listing to the rows under ``dir_ino``. ``busy`` holds inodes open or with
+    local changes: those rows are left alone."""
+    now = time.time_ns()
+    existing = {n.name: n for n in journal.children(dir_ino)}
+    for name, f in listing.files.items():
+        node = existing.pop(name, None)
+        if node is not None and (node.dirty or node.ino in busy):
+            continue
+        if node is not None and node.remote_etag == f.etag and node.remote_key == f.object_key:
+            continue
+        fields = _file_fields(f, uid, gid)
+        if node is None:
+            journal.insert(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now, **fields)
+        elif node.is_dir:
+            continue  # a local directory of that name wins until it is gone
+        else:
+            journal.update(node.ino, **fields)
+    for name in listing.dirs:
+        node = existing.pop(name, None)
+        if node is None:
+            journal.insert(parent=dir_ino, name=name, mode=stat.S_IFDIR | DEFAULT_DIR_MODE,
+                           uid=uid, gid=gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+    for name, node in existing.items():
+        # In the journal but not in the bucket: keep what is ours and not yet uploaded;
+        # drop what was published and is gone (deleted by another writer).
+        if node.dirty or node.ino in busy or node.remote_key is None:
+            if node.is_dir and node.remote_key is None and not node.dirty:
+                continue  # an implicit directory we made locally stays until rmdir
+            continue
+        if node.is_dir:
+            continue
+        journal.delete(node.ino)
+    journal.update(dir_ino, listed_at=time.time())
+
+
+def _file_fields(f: StoredFile, uid: int, gid: int) -> dict[str, object]:
+    attrs = f.attrs
+    if f.kind is Kind.DIRECT and attrs.is_symlink:
+        mode = attrs.mode
+    else:
+        mode = stat.S_IFREG | (stat.S_IMODE(attrs.mode) if attrs.mode is not None
+                               else DEFAULT_FILE_MODE)
+    size = f.size if f.size is not None else f.object_size
+    return dict(
+        mode=mode,
+        uid=attrs.uid if attrs.uid is not None else uid,
+        gid=attrs.gid if attrs.gid is not None else gid,
+        size=size,
+        mtime_ns=f.mtime_ns,
+        sha256=f.sha256,
+        remote_key=f.object_key,
+        remote_etag=f.etag,
+        remote_kind=f.kind.value,
+        remote_size=f.object_size,
+        remote_ref=f.ref_key,
+        target=None,
+    )
+
+
+def stored_of(node: Node, prefix: str, journal: Journal) -> StoredFile:
+    """The StoredFile a published row stands for (no request)."""
+    assert node.remote_key is not None
+    logical = node.remote_key[: -len(".delta")] if node.remote_kind == Kind.DELTA.value \
+        else node.remote_key
+    meta = None
+    return StoredFile(logical, node.remote_key, Kind(node.remote_kind or "direct"),
+                      node.remote_size or 0, node.remote_etag or "", node.mtime_ns / 1e9, meta)
+
+
+def key_of(journal: Journal, prefix: str, ino: int) -> str:
+    """The bucket key of a node under the mount's prefix."""
+    return join_key(prefix.rstrip("/"), journal.path(ino)) if prefix else journal.path(ino)
+
+
+def known_etags(journal: Journal, dir_ino: int) -> dict[str, str | None]:
+    return {n.remote_key: n.remote_etag for n in journal.children(dir_ino) if n.remote_key}
+
+
+__all__ = ["fetch_listing", "merge_listing", "stored_of", "key_of", "known_etags",
+           "ObjectInfo"]

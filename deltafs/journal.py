@@ -1,0 +1,261 @@
+"""The mount's local state: the index of the bucket and the write-back journal, in one
+SQLite database (``<cache-dir>/state.db``, WAL, ``synchronous=FULL``).
+
+One table, ``nodes``, is both: a row is a file, directory or symlink with its POSIX
+attributes and what the bucket holds for it (``remote_*``), and its ``dirty`` bits say
+what the bucket still lacks. Keeping one truth avoids an index and a queue that disagree
+after a crash. ``tombstones`` holds objects to delete. Since the database outlives the
+mount, ``ls -l`` of a known directory after a remount costs one LIST (to see what
+changed, by ETag), not a HEAD per file; and a row whose content is staged but not
+uploaded is found again by the next mount and uploaded: that is the crash replay.
+
+All methods run on the trio thread and are short local queries; :meth:`commit_durable`
+(the fsync) is the one to call from a worker thread.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1  # pyfuse3.ROOT_INODE
+
+# dirty bits: what the bucket does not have yet
+CONTENT = 1  # the staged content (or a new symlink / directory marker)
+ATTRS = 2  # mode, owner or mtime changed on a published file
+MOVED = 4  # the node's key changed (rename): publish under the new key, drop the old
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    ino         INTEGER PRIMARY KEY,
+    parent      INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    mode        INTEGER NOT NULL,
+    uid         INTEGER NOT NULL DEFAULT 0,
+    gid         INTEGER NOT NULL DEFAULT 0,
+    size        INTEGER NOT NULL DEFAULT 0,
+    mtime_ns    INTEGER NOT NULL DEFAULT 0,
+    ctime_ns    INTEGER NOT NULL DEFAULT 0,
+    atime_ns    INTEGER NOT NULL DEFAULT 0,
+    target      BLOB,
+    sha256      TEXT,
+    remote_key  TEXT,
+    remote_etag TEXT,
+    remote_kind TEXT,
+    remote_size INTEGER,
+    remote_ref  TEXT,
+    dirty       INTEGER NOT NULL DEFAULT 0,
+    staged      TEXT,
+    listed_at   REAL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX IF NOT EXISTS nodes_dirty ON nodes (dirty) WHERE dirty != 0;
+CREATE INDEX IF NOT EXISTS nodes_remote ON nodes (remote_key);
+CREATE TABLE IF NOT EXISTS tombstones (
+    object_key  TEXT PRIMARY KEY,
+    kind        TEXT,
+    queued_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+"""
+
+
+@dataclass
+class Node:
+    """A row of ``nodes``."""
+
+    ino: int
+    parent: int
+    name: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    atime_ns: int
+    target: bytes | None
+    sha256: str | None
+    remote_key: str | None
+    remote_etag: str | None
+    remote_kind: str | None
+    remote_size: int | None
+    remote_ref: str | None
+    dirty: int
+    staged: str | None
+    listed_at: float | None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+_FIELDS = [f for f in Node.__dataclass_fields__]
+_COLUMNS = ", ".join(_FIELDS)
+
+
+class Journal:
+    """The state database of one mount (one per cache directory)."""
+
+    def __init__(self, path: Path, source: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level="DEFERRED",
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self._lock = threading.Lock()
+        with self._lock:
+            self.db.executescript(SCHEMA)
+            self.db.commit()
+        seen = self.get_meta("source")
+        if seen is not None and seen != source:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"cache directory {path.parent} belongs to the mount of {seen}, not {source}: "
+                "use another --cache-dir"
+            )
+        if seen is None:
+            self.set_meta("source", source)
+        if self.get(ROOT_INO) is None:
+            now = time.time_ns()
+            self.x(
+                "INSERT INTO nodes (ino, parent, name, mode, mtime_ns, ctime_ns, atime_ns) "
+                "VALUES (?, ?, '', ?, ?, ?, ?)",
+                (ROOT_INO, ROOT_INO, stat.S_IFDIR | 0o755, now, now, now))
+        self.commit()
+
+    # ---------------------------------------------------------------- plumbing
+
+    def commit(self) -> None:
+        """Make every change so far durable (an fsync of the WAL): blocking, so the
+        filesystem calls it from a worker thread. Changes between two commits share one
+        fsync, which is what keeps a copy of many small files fast."""
+        with self._lock:
+            self.db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.commit()
+            self.db.close()
+
+    def x(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self.db.execute(sql, args)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.x("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.x("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", (key, value))
+
+    # ------------------------------------------------------------------- nodes
+
+    def _node(self, row: tuple[Any, ...] | None) -> Node | None:
+        return Node(*row) if row else None
+
+    def get(self, ino: int) -> Node | None:
+        return self._node(self.x(f"SELECT {_COLUMNS} FROM nodes WHERE ino=?", (ino,)).fetchone())
+
+    def child(self, parent: int, name: str) -> Node | None:
+        return self._node(self.x(f"SELECT {_COLUMNS} FROM nodes WHERE parent=? AND name=? "
+                                 "AND ino != parent", (parent, name)).fetchone())
+
+    def children(self, parent: int, after_ino: int = 0) -> list[Node]:
+        rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE parent=? AND ino > ? AND ino != ? "
+                      "ORDER BY ino", (parent, after_ino, parent)).fetchall()
+        return [Node(*r) for r in rows]
+
+    def count_children(self, parent: int) -> int:
+        return self.x("SELECT count(*) FROM nodes WHERE parent=? AND ino != ?",
+                      (parent, parent)).fetchone()[0]
+
+    def insert(self, **fields: Any) -> int:
+        names = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        cur = self.x(f"INSERT INTO nodes ({names}) VALUES ({marks})", tuple(fields.values()))
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def update(self, ino: int, **fields: Any) -> None:
+        if not fields:
+            return
+        sets = ", ".join(f"{k}=?" for k in fields)
+        self.x(f"UPDATE nodes SET {sets} WHERE ino=?", (*fields.values(), ino))
+
+    def set_dirty(self, ino: int, bits: int) -> None:
+        self.x("UPDATE nodes SET dirty = dirty | ? WHERE ino=?", (bits, ino))
+
+    def delete(self, ino: int) -> None:
+        self.x("DELETE FROM nodes WHERE ino=?", (ino,))
+
+    def path(self, ino: int) -> str:
+        """The node's key relative to the mount's prefix (no leading slash)."""
+        parts: list[str] = []
+        while ino != ROOT_INO:
+            row = self.x("SELECT parent, name FROM nodes WHERE ino=?", (ino,)).fetchone()
+            if row is None:
+                raise KeyError(ino)
+            parts.append(row[1])
+            ino = row[0]
+        return "/".join(reversed(parts))
+
+    def descendants(self, ino: int) -> Iterator[Node]:
+        rows = self.x(
+            f"WITH RECURSIVE sub(i) AS (SELECT ino FROM nodes WHERE parent=? AND ino != parent "
+            f"UNION ALL SELECT n.ino FROM nodes n JOIN sub ON n.parent = sub.i) "
+            f"SELECT {_COLUMNS} FROM nodes WHERE ino IN (SELECT i FROM sub)", (ino,)).fetchall()
+        for r in rows:
+            yield Node(*r)
+
+    def dirty_nodes(self, limit: int = 1000) -> list[Node]:
+        rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE dirty != 0 ORDER BY ino LIMIT ?",
+                      (limit,)).fetchall()
+        return [Node(*r) for r in rows]
+
+    def pending(self) -> tuple[int, int]:
+        """(files, bytes) not yet in the bucket."""
+        row = self.x("SELECT count(*), coalesce(sum(CASE WHEN dirty & 1 THEN size ELSE 0 END), 0) "
+                     "FROM nodes WHERE dirty != 0").fetchone()
+        tomb = self.x("SELECT count(*) FROM tombstones").fetchone()[0]
+        return int(row[0]) + int(tomb), int(row[1])
+
+    def logical_bytes(self) -> int:
+        return int(self.x("SELECT coalesce(sum(size), 0) FROM nodes WHERE mode & ? = ?",
+                          (0o170000, stat.S_IFREG)).fetchone()[0])
+
+    def stored_bytes(self) -> int:
+        return int(self.x("SELECT coalesce(sum(remote_size), 0) FROM nodes").fetchone()[0])
+
+    # -------------------------------------------------------------- tombstones
+
+    def add_tombstone(self, object_key: str, kind: str | None) -> None:
+        self.x("INSERT OR REPLACE INTO tombstones (object_key, kind, queued_at) VALUES (?, ?, ?)",
+               (object_key, kind, time.time()))
+
+    def drop_tombstone(self, object_key: str) -> None:
+        self.x("DELETE FROM tombstones WHERE object_key=?", (object_key,))
+
+    def tombstones(self) -> list[tuple[str, str | None]]:
+        return [(r[0], r[1]) for r in
+                self.x("SELECT object_key, kind FROM tombstones ORDER BY queued_at").fetchall()]
+
+    def remote_claimed(self, object_key: str) -> bool:
+        """Whether a live node is published as ``object_key`` (then its tombstone is stale)."""
+        return self.x("SELECT 1 FROM nodes WHERE remote_key=? LIMIT 1",
+                      (object_key,)).fetchone() is not None

@@ -1,0 +1,652 @@
+"""The S3 object store, through boto3.
+
+Every botocore/boto3 exception is translated into a :mod:`deltafs.errors` class at this
+boundary, so the engine, the filesystem and the CLI only ever handle our own error types
+and can print one actionable line.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import boto3
+import botocore.exceptions as bce
+from botocore.config import Config
+
+from deltafs.errors import (
+    AccessDenied,
+    AlreadyExists,
+    BucketNotFound,
+    ConfigError,
+    InvalidName,
+    NotFound,
+    StoreError,
+    Unreachable,
+)
+from deltafs.store.base import Listing, ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+GiB = 2**30
+#: chunk size for streaming GET bodies to disk: bounded memory whatever the object size
+DOWNLOAD_CHUNK = 1 * MiB
+#: S3 limits: CopyObject handles sources up to 5 GiB; a multipart upload has at most
+#: 10,000 parts of at least 5 MiB (except the last)
+MAX_SINGLE_COPY = 5 * GiB
+MAX_PARTS = 10_000
+MIN_PART = 5 * MiB
+#: part size for server-side multipart copies of sources over 5 GiB
+COPY_PART_SIZE = 512 * MiB
+#: how often a conditional write is retried when S3 answers 409 ConditionalRequestConflict
+#: (a concurrent conditional write on the same key was in flight; AWS says retry)
+CONFLICT_RETRIES = 3
+
+#: API operation name -> the category reported by :meth:`S3Store.stats`
+_OP_CATEGORY = {
+    "HeadObject": "HEAD",
+    "HeadBucket": "HEAD",
+    "GetObject": "GET",
+    "PutObject": "PUT",
+    "ListObjectsV2": "LIST",
+    "ListObjects": "LIST",
+    "CopyObject": "COPY",
+    "DeleteObject": "DELETE",
+    "DeleteObjects": "DELETE",
+    "CreateMultipartUpload": "MULTIPART",
+    "UploadPart": "MULTIPART",
+    "UploadPartCopy": "MULTIPART",
+    "CompleteMultipartUpload": "MULTIPART",
+    "AbortMultipartUpload": "MULTIPART",
+}
+
+#: S3 error codes that mean "your credentials are wrong or not allowed to do this"
+_DENIED_CODES = {
+    "403",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AccountProblem",
+    "InvalidSecurity",
+}
+
+#: botocore exceptions that mean "no usable credentials could be found or loaded"
+_CREDENTIAL_ERRORS: tuple[type[Exception], ...] = tuple(
+    cls
+    for cls in (
+        getattr(bce, name, None)
+        for name in (
+            "NoCredentialsError",
+            "PartialCredentialsError",
+            "CredentialRetrievalError",
+            "NoAuthTokenError",
+            "SSOError",
+            "TokenRetrievalError",
+            "UnauthorizedSSOTokenError",
+        )
+    )
+    if isinstance(cls, type)
+)
+
+#: botocore exceptions that mean "the endpoint could not be reached or stopped answering"
+_NETWORK_ERRORS: tuple[type[Exception], ...] = (bce.ConnectionError, bce.HTTPClientError)
+
+
+def _one_line(text: object) -> str:
+    """Error texts from servers may span lines; our messages never do."""
+    return " ".join(str(text).split())
+
+
+def _strip_etag(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+def _stored(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Metadata as S3 will hand it back (keys lowercased), for the ObjectInfo we return."""
+    return {str(k).lower(): str(v) for k, v in metadata.items()}
+
+
+def _network_reason(exc: BaseException) -> str:
+    """The most specific human reason behind a network failure ("Connection refused",
+    "read timeout"), digging through botocore's and urllib3's wrappers."""
+    if isinstance(exc, bce.ConnectTimeoutError):
+        return "connect timeout"
+    if isinstance(exc, bce.ReadTimeoutError):
+        return "read timeout"
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.strerror:
+            return cur.strerror
+        inner = getattr(cur, "kwargs", {}).get("error")
+        for nxt in (inner, cur.__cause__, cur.__context__, getattr(cur, "reason", None)):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+    return _one_line(exc)
+
+
+class _SourceChanged(StoreError):
+    """Internal: a ``CopySourceIfMatch`` guard failed (the source was replaced)."""
+
+
+def _is_precondition(exc: BaseException) -> bool:
+    if not isinstance(exc, bce.ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status == 412 or exc.response.get("Error", {}).get("Code") == "PreconditionFailed"
+
+
+class S3Store(ObjectStore):
+    """A bucket on S3 or any S3-compatible server (MinIO, moto, Ceph, R2, …).
+
+    The boto3 client is created once: clients are thread-safe (sessions are not), and the
+    engine calls us from many worker threads at once.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        multipart_threshold: int = 64 * MiB,
+        part_size: int = 16 * MiB,
+        max_pool: int = 16,
+        connect_timeout: float = 5,
+        read_timeout: float = 60,
+        max_attempts: int = 5,
+    ) -> None:
+        self.bucket = bucket
+        self.name = f"s3://{bucket}"
+        self.multipart_threshold = max(multipart_threshold, 1)
+        self.part_size = max(part_size, MIN_PART)
+        self.copy_part_size = COPY_PART_SIZE
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+
+        try:
+            session = boto3.session.Session(
+                profile_name=profile,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                region_name=region,
+            )
+        except bce.ProfileNotFound:
+            raise ConfigError(f"AWS profile {profile!r} is not configured") from None
+        except bce.BotoCoreError as exc:
+            raise ConfigError(f"cannot load AWS configuration: {_one_line(exc)}") from None
+        region_name = session.region_name or "us-east-1"
+
+        def make_client(path_style: bool) -> Any:
+            config = Config(
+                retries={"max_attempts": max_attempts, "mode": "standard"},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_pool_connections=max_pool,
+                s3={"addressing_style": "path" if path_style else "auto"},
+            )
+            return session.client(
+                "s3", endpoint_url=endpoint_url, region_name=region_name, config=config
+            )
+
+        try:
+            client = make_client(path_style=endpoint_url is not None)
+            # An endpoint may also come from AWS_ENDPOINT_URL(_S3) or the config file;
+            # S3-compatible servers generally need path-style addressing then too.
+            if endpoint_url is None and "amazonaws.com" not in (client.meta.endpoint_url or ""):
+                client = make_client(path_style=True)
+        except bce.BotoCoreError as exc:
+            raise ConfigError(f"cannot configure the S3 client: {_one_line(exc)}") from None
+        self._client = client
+        self.endpoint: str = client.meta.endpoint_url
+        client.meta.events.register("before-call.s3", self._count_call)
+        log.debug("S3 store %s at %s (region %s)", self.name, self.endpoint, region_name)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _count_call(self, model: Any = None, **_: Any) -> None:
+        """botocore ``before-call`` hook: one count per API call (pages included)."""
+        name = getattr(model, "name", "?")
+        with self._counts_lock:
+            self._counts[_OP_CATEGORY.get(name, name)] += 1
+
+    def stats(self) -> dict[str, int]:
+        with self._counts_lock:
+            return dict(self._counts)
+
+    # -- error translation ----------------------------------------------------------------
+
+    def _what(self, op: str, key: str | None) -> str:
+        return f"{op} {self.name}/{key}" if key is not None else f"{op} {self.name}"
+
+    def _translate(
+        self, exc: BaseException, op: str, key: str | None, conditional: bool = False
+    ) -> Exception:
+        """Map one botocore/boto3 (or local file) exception to a deltafs error."""
+        what = self._what(op, key)
+        if isinstance(exc, bce.ClientError):
+            err = exc.response.get("Error", {}) or {}
+            code = str(err.get("Code") or "")
+            message = _one_line(err.get("Message") or "")
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code == "NoSuchBucket":
+                return BucketNotFound(
+                    f"bucket {self.bucket!r} does not exist at {self.endpoint}"
+                )
+            if code in _DENIED_CODES or status == 403:
+                return AccessDenied(
+                    f"access denied: {what} ({code or status}); check the credentials"
+                    " (AWS_ACCESS_KEY_ID/AWS_PROFILE) and the bucket policy"
+                )
+            if code in ("PreconditionFailed", "412") or status == 412:
+                if conditional:
+                    return AlreadyExists(f"{self.name}/{key} already exists")
+                return StoreError(f"S3 {what} failed: precondition failed ({code})")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return NotFound(f"{self.name}/{key} does not exist")
+            if code == "KeyTooLongError":
+                return InvalidName(f"key too long for S3: {key!r}")
+            detail = f"{code or status}" + (f": {message}" if message else "")
+            return StoreError(f"S3 {what} failed: {detail}")
+        if isinstance(exc, _CREDENTIAL_ERRORS):
+            return AccessDenied(
+                f"no usable AWS credentials for {self.name}: {_one_line(exc)}; check"
+                " AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws"
+            )
+        if isinstance(exc, _NETWORK_ERRORS):
+            return Unreachable(
+                f"cannot reach S3 endpoint {self.endpoint}: {_network_reason(exc)}"
+            )
+        if isinstance(exc, bce.BotoCoreError):
+            return StoreError(f"S3 {what} failed: {_one_line(exc)}")
+        if isinstance(exc, OSError):
+            return StoreError(f"{what}: local file error: {exc.strerror or exc}")
+        return StoreError(f"S3 {what} failed: {type(exc).__name__}: {_one_line(exc)}")
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str | None, *, conditional: bool = False) -> Iterator[None]:
+        """Run a block of boto3 calls, turning whatever escapes into a deltafs error."""
+        try:
+            yield
+        except (StoreError, InvalidName):
+            raise
+        except (bce.BotoCoreError, bce.ClientError, OSError) as exc:
+            mapped = self._translate(exc, op, key, conditional)
+            log.debug("%s -> %s", self._what(op, key), mapped)
+            raise mapped from exc
+
+    @staticmethod
+    def _is_conflict(exc: BaseException) -> bool:
+        """409 ConditionalRequestConflict: another conditional write raced ours; retry."""
+        return (
+            isinstance(exc, bce.ClientError)
+            and exc.response.get("Error", {}).get("Code") == "ConditionalRequestConflict"
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except bce.ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(exc.response.get("Error", {}).get("Code") or "")
+            if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
+                raise BucketNotFound(
+                    f"bucket {self.bucket!r} does not exist at {self.endpoint}"
+                ) from exc
+            if status == 301 or code in ("301", "PermanentRedirect"):
+                raise StoreError(
+                    f"bucket {self.bucket!r} is in another region than configured;"
+                    " set --region or AWS_DEFAULT_REGION"
+                ) from exc
+            raise self._translate(exc, "check", None) from exc
+        except (bce.BotoCoreError, OSError) as exc:
+            raise self._translate(exc, "check", None) from exc
+
+    def head(self, key: str) -> ObjectInfo | None:
+        with self._errors("HEAD", key):
+            try:
+                resp = self._client.head_object(Bucket=self.bucket, Key=key)
+            except bce.ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 404 or exc.response.get("Error", {}).get("Code") in (
+                    "404",
+                    "NoSuchKey",
+                    "NotFound",
+                ):
+                    return None
+                raise
+        return self._info_from_response(key, resp)
+
+    @staticmethod
+    def _info_from_response(key: str, resp: Mapping[str, Any]) -> ObjectInfo:
+        modified = resp.get("LastModified")
+        return ObjectInfo(
+            key=key,
+            size=int(resp.get("ContentLength") or 0),
+            etag=_strip_etag(resp.get("ETag")),
+            mtime=modified.timestamp() if modified is not None else time.time(),
+            metadata=dict(resp.get("Metadata") or {}),
+        )
+
+    def _pages(self, prefix: str, delimiter: str | None) -> Iterator[dict[str, Any]]:
+        """ListObjectsV2 pages (1,000 keys each) with errors translated."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        paginator = self._client.get_paginator("list_objects_v2")
+        with self._errors("LIST", prefix):
+            for page in paginator.paginate(**kwargs, PaginationConfig={"PageSize": 1000}):
+                yield page
+
+    @staticmethod
+    def _listed(item: Mapping[str, Any]) -> ObjectInfo:
+        return ObjectInfo(
+            key=item["Key"],
+            size=int(item.get("Size") or 0),
+            etag=_strip_etag(item.get("ETag")),
+            mtime=item["LastModified"].timestamp() if item.get("LastModified") else 0.0,
+            metadata=None,
+        )
+
+    def list(self, prefix: str, delimiter: str | None = "/") -> Listing:
+        listing = Listing()
+        for page in self._pages(prefix, delimiter):
+            listing.objects.extend(self._listed(item) for item in page.get("Contents", ()))
+            listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", ()))
+        return listing
+
+    def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        for page in self._pages(prefix, None):
+            for item in page.get("Contents", ()):
+                yield self._listed(item)
+
+    def get_file(self, key: str, dest: Path) -> ObjectInfo:
+        with self._errors("GET", key):
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            info = self._info_from_response(key, resp)
+            body = resp["Body"]
+            written = 0
+            try:
+                with open(dest, "wb") as out:
+                    for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+                        out.write(chunk)
+                        written += len(chunk)
+            finally:
+                body.close()
+        if written != info.size:
+            raise StoreError(
+                f"S3 GET {self.name}/{key}: got {written} bytes, expected {info.size}"
+            )
+        return info
+
+    def get_bytes(self, key: str) -> tuple[bytes, ObjectInfo]:
+        with self._errors("GET", key):
+            resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = resp["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+        return data, self._info_from_response(key, resp)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def put_file(
+        self,
+        key: str,
+        src: Path,
+        metadata: Mapping[str, str],
+        *,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        with self._errors("PUT", key):
+            size = Path(src).stat().st_size
+        if size < self.multipart_threshold:
+            return self._put_single(key, src, size, metadata, if_none_match)
+        if if_none_match and self.head(key) is not None:
+            # cheap early answer: do not upload gigabytes only to have the complete refused
+            raise AlreadyExists(f"{self.name}/{key} already exists")
+        return self._put_multipart(key, src, metadata, if_none_match=if_none_match)
+
+    def _put_single(
+        self, key: str, src: Path, size: int, metadata: Mapping[str, str], if_none_match: bool
+    ) -> ObjectInfo:
+        """One PutObject streaming the open file (botocore rewinds it on retries)."""
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_none_match else {}
+        for attempt in range(CONFLICT_RETRIES + 1):
+            with self._errors("PUT", key, conditional=if_none_match):
+                try:
+                    with open(src, "rb") as body:
+                        resp = self._client.put_object(
+                            Bucket=self.bucket, Key=key, Body=body, Metadata=dict(metadata), **extra
+                        )
+                    break
+                except bce.ClientError as exc:
+                    if not (self._is_conflict(exc) and attempt < CONFLICT_RETRIES):
+                        raise
+            time.sleep(0.1 * 2**attempt)
+        return ObjectInfo(key, size, _strip_etag(resp.get("ETag")), time.time(), _stored(metadata))
+
+    def _part_size_for(self, size: int) -> int:
+        """The configured part size, grown if needed to stay within 10,000 parts."""
+        return max(self.part_size, math.ceil(size / MAX_PARTS))
+
+    def _put_multipart(
+        self, key: str, src: Path, metadata: Mapping[str, str], *, if_none_match: bool
+    ) -> ObjectInfo:
+        """Manual multipart upload: one part in memory at a time; aborted on any failure
+        so no orphaned parts keep costing storage."""
+        with self._errors("PUT", key):
+            size = Path(src).stat().st_size
+            upload_id = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, Metadata=dict(metadata)
+            )["UploadId"]
+        try:
+            part_size = self._part_size_for(size)
+            parts: list[dict[str, Any]] = []
+            with self._errors("PUT", key), open(src, "rb") as f:
+                number = 1
+                while True:
+                    chunk = f.read(part_size)
+                    if not chunk and parts:
+                        break
+                    resp = self._client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=chunk,
+                    )
+                    parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+                    number += 1
+                    if len(chunk) < part_size:
+                        break
+            resp = self._complete(key, upload_id, parts, if_none_match)
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+        return ObjectInfo(key, size, _strip_etag(resp.get("ETag")), time.time(), _stored(metadata))
+
+    def _complete(
+        self, key: str, upload_id: str, parts: list[dict[str, Any]], if_none_match: bool
+    ) -> dict[str, Any]:
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_none_match else {}
+        for attempt in range(CONFLICT_RETRIES + 1):
+            with self._errors("PUT", key, conditional=if_none_match):
+                try:
+                    return self._client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                        **extra,
+                    )
+                except bce.ClientError as exc:
+                    if not (self._is_conflict(exc) and attempt < CONFLICT_RETRIES):
+                        raise
+            time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        """Best effort: a failed abort only leaves parts a lifecycle rule can reap."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001 - the original failure matters more
+            log.warning("could not abort multipart upload of %s/%s: %s", self.name, key, exc)
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        metadata: Mapping[str, str],
+        *,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_none_match else {}
+        for attempt in range(CONFLICT_RETRIES + 1):
+            with self._errors("PUT", key, conditional=if_none_match):
+                try:
+                    resp = self._client.put_object(
+                        Bucket=self.bucket, Key=key, Body=data, Metadata=dict(metadata), **extra
+                    )
+                    break
+                except bce.ClientError as exc:
+                    if not (self._is_conflict(exc) and attempt < CONFLICT_RETRIES):
+                        raise
+            time.sleep(0.1 * 2**attempt)
+        return ObjectInfo(
+            key, len(data), _strip_etag(resp.get("ETag")), time.time(), _stored(metadata)
+        )
+
+    def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str]) -> ObjectInfo:
+        """HEAD the source (for its size, content type and ETag), then copy it guarded by
+        ``CopySourceIfMatch`` so a source replaced in between is detected and retried."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            with self._errors("COPY", src_key):
+                try:
+                    src = self._client.head_object(Bucket=self.bucket, Key=src_key)
+                except bce.ClientError as exc:
+                    if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                        raise NotFound(f"{self.name}/{src_key} does not exist") from exc
+                    raise
+            size = int(src.get("ContentLength") or 0)
+            try:
+                if size > MAX_SINGLE_COPY:
+                    return self._copy_multipart(src_key, dst_key, src, metadata)
+                return self._copy_single(src_key, dst_key, src, metadata)
+            except _SourceChanged:
+                # the source was replaced between our HEAD and the copy: look again
+                if attempt == CONFLICT_RETRIES:
+                    raise StoreError(
+                        f"S3 COPY {self.name}/{src_key}: the source keeps changing"
+                    ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _copy_args(self, src: Mapping[str, Any]) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if src.get("ContentType"):
+            args["ContentType"] = src["ContentType"]
+        return args
+
+    def _copy_single(
+        self, src_key: str, dst_key: str, src: Mapping[str, Any], metadata: Mapping[str, str]
+    ) -> ObjectInfo:
+        with self._errors("COPY", dst_key):
+            try:
+                resp = self._client.copy_object(
+                    Bucket=self.bucket,
+                    Key=dst_key,
+                    CopySource={"Bucket": self.bucket, "Key": src_key},
+                    CopySourceIfMatch=src["ETag"],
+                    Metadata=dict(metadata),
+                    MetadataDirective="REPLACE",
+                    **self._copy_args(src),
+                )
+            except bce.ClientError as exc:
+                if _is_precondition(exc):
+                    raise _SourceChanged(f"{self.name}/{src_key} changed") from exc
+                raise
+        result = resp.get("CopyObjectResult", {})
+        modified = result.get("LastModified")
+        return ObjectInfo(
+            key=dst_key,
+            size=int(src.get("ContentLength") or 0),
+            etag=_strip_etag(result.get("ETag")),
+            mtime=modified.timestamp() if modified else time.time(),
+            metadata=_stored(metadata),
+        )
+
+    def _copy_multipart(
+        self, src_key: str, dst_key: str, src: Mapping[str, Any], metadata: Mapping[str, str]
+    ) -> ObjectInfo:
+        """Server-side copy in ranges (UploadPartCopy), needed above CopyObject's 5 GiB."""
+        size = int(src.get("ContentLength") or 0)
+        part_size = max(self.copy_part_size, math.ceil(size / MAX_PARTS), MIN_PART)
+        with self._errors("COPY", dst_key):
+            upload_id = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=dst_key, Metadata=dict(metadata), **self._copy_args(src)
+            )["UploadId"]
+        try:
+            parts: list[dict[str, Any]] = []
+            with self._errors("COPY", dst_key):
+                for number, start in enumerate(range(0, size, part_size), start=1):
+                    end = min(start + part_size, size) - 1
+                    try:
+                        resp = self._client.upload_part_copy(
+                            Bucket=self.bucket,
+                            Key=dst_key,
+                            UploadId=upload_id,
+                            PartNumber=number,
+                            CopySource={"Bucket": self.bucket, "Key": src_key},
+                            CopySourceRange=f"bytes={start}-{end}",
+                            CopySourceIfMatch=src["ETag"],
+                        )
+                    except bce.ClientError as exc:
+                        if _is_precondition(exc):
+                            raise _SourceChanged(f"{self.name}/{src_key} changed") from exc
+                        raise
+                    parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
+            resp = self._complete(dst_key, upload_id, parts, False)
+        except BaseException:
+            self._abort(dst_key, upload_id)
+            raise
+        return ObjectInfo(dst_key, size, _strip_etag(resp.get("ETag")), time.time(), _stored(metadata))
+
+    def delete(self, key: str) -> None:
+        with self._errors("DELETE", key):
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def delete_many(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            with self._errors("DELETE", batch[0]):
+                resp = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"S3 DELETE {self.name}: {len(errors)} of {len(batch)} keys failed, e.g."
+                    f" {first.get('Key')!r}: {first.get('Code')} {_one_line(first.get('Message', ''))}"
+                )

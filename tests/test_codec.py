@@ -1,0 +1,218 @@
+"""xdelta3 through deltafs.codec: round trips, the early give-up, verified decodes."""
+from __future__ import annotations
+
+import builtins
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltafs import codec
+from deltafs.errors import CodecError, IntegrityError
+from helpers import MiB, next_version, sha256_bytes, sha256_file, write_file
+
+
+class _CountingReader:
+    """A file object wrapper that counts the bytes read through it."""
+
+    def __init__(self, f: Any, counter: list[int]) -> None:
+        self._f = f
+        self._counter = counter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._counter[0] += len(data)
+        return data
+
+    def __enter__(self) -> "_CountingReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    """A related file encodes small and decodes byte-identical, verified."""
+    rng = random.Random(1)
+    base = rng.randbytes(3 * MiB)
+    target = next_version(next_version(base, rng), rng)
+    src = write_file(tmp_path / "src", base)
+    tgt = write_file(tmp_path / "tgt", target)
+    delta = tmp_path / "delta"
+    res = codec.encode(src, tgt, delta)
+    assert res.delta_size is not None, res.reason
+    assert res.delta_size == delta.stat().st_size
+    assert res.delta_size < 64 * 1024, res.delta_size
+    assert "-D" in res.command and "-s reference.bin" in res.command
+    out = tmp_path / "out"
+    codec.decode(src, delta, out, sha256_bytes(target))
+    assert sha256_file(out) == sha256_bytes(target)
+
+
+def test_zero_diff_round_trip(tmp_path: Path) -> None:
+    """A file against itself (the seeding file's delta) is tiny and exact."""
+    data = random.Random(2).randbytes(2 * MiB)
+    src = write_file(tmp_path / "src", data)
+    delta = tmp_path / "delta"
+    res = codec.encode(src, src, delta, full_window=False)
+    assert res.delta_size is not None and res.delta_size < 4096
+    out = tmp_path / "out"
+    codec.decode(src, delta, out, sha256_bytes(data))
+    assert out.read_bytes() == data
+
+
+def test_round_trip_empty_target(tmp_path: Path) -> None:
+    src = write_file(tmp_path / "src", b"abc" * 1000)
+    tgt = write_file(tmp_path / "tgt", b"")
+    delta = tmp_path / "delta"
+    res = codec.encode(src, tgt, delta)
+    assert res.delta_size is not None
+    out = tmp_path / "out"
+    codec.decode(src, delta, out, sha256_bytes(b""))
+    assert out.read_bytes() == b""
+
+
+def test_source_window() -> None:
+    assert codec.source_window(1000) == codec.DEFAULT_SOURCE_WINDOW
+    assert codec.source_window(64 << 20) == codec.DEFAULT_SOURCE_WINDOW
+    assert codec.source_window((64 << 20) + 1) == 65 << 20
+    assert codec.source_window(160 << 20) == 160 << 20
+
+
+def test_give_up_on_unrelated_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unrelated random data: the encode gives up (delta_size None, no output left) before
+    it has read the whole 20 MB target."""
+    size = 20 * MiB
+    src = write_file(tmp_path / "src", random.Random(3).randbytes(size))
+    tgt = write_file(tmp_path / "tgt", random.Random(4).randbytes(size))
+    delta = tmp_path / "delta"
+
+    consumed = [0]
+    real_open = builtins.open
+
+    def counting_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_open(file, mode, *args, **kwargs)
+        if Path(file) == tgt and "r" in mode:
+            return _CountingReader(f, consumed)
+        return f
+
+    monkeypatch.setattr(codec, "open", counting_open, raising=False)
+    t0 = time.monotonic()
+    res = codec.encode(src, tgt, delta)
+    gave_up_after = time.monotonic() - t0
+    monkeypatch.undo()
+
+    assert res.delta_size is None
+    assert res.reason, "a give-up must say why"
+    assert "similarity" in res.reason or "of the file" in res.reason, res.reason
+    assert not delta.exists(), "the partial delta must be removed"
+    assert 0 < consumed[0] < size, f"read {consumed[0]} of {size} bytes before giving up"
+    print(f"give-up after {gave_up_after:.2f}s, {consumed[0] >> 20} MiB read: {res.reason}")
+
+
+def test_give_up_is_faster_than_full_encode(tmp_path: Path) -> None:
+    """The give-up costs clearly less than paying for the whole encode."""
+    size = 20 * MiB
+    src = write_file(tmp_path / "src", random.Random(5).randbytes(size))
+    tgt = write_file(tmp_path / "tgt", random.Random(6).randbytes(size))
+    delta = tmp_path / "delta"
+    t0 = time.monotonic()
+    quick = codec.encode(src, tgt, delta)
+    t_quick = time.monotonic() - t0
+    t0 = time.monotonic()
+    full = codec.encode(src, tgt, delta,
+                        limits=codec.Limits(max_ratio=100.0, hopeless_ratio=100.0))
+    t_full = time.monotonic() - t0
+    assert quick.delta_size is None
+    assert full.delta_size is not None and full.delta_size > size * 0.9
+    print(f"give-up {t_quick:.2f}s vs full encode {t_full:.2f}s")
+    assert t_quick < 0.85 * t_full, (t_quick, t_full)
+
+
+def test_small_unrelated_file_discarded(tmp_path: Path) -> None:
+    """Below the probe size only the final ratio decides: still None, nothing left."""
+    src = write_file(tmp_path / "src", random.Random(7).randbytes(MiB))
+    tgt = write_file(tmp_path / "tgt", random.Random(8).randbytes(MiB))
+    delta = tmp_path / "delta"
+    res = codec.encode(src, tgt, delta)
+    assert res.delta_size is None
+    assert not delta.exists()
+
+
+def test_decode_wrong_sha_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    base = rng.randbytes(MiB)
+    target = next_version(base, rng)
+    src = write_file(tmp_path / "src", base)
+    tgt = write_file(tmp_path / "tgt", target)
+    delta = tmp_path / "delta"
+    assert codec.encode(src, tgt, delta).delta_size is not None
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError) as exc:
+        codec.decode(src, delta, out, "0" * 64)
+    assert "SHA-256" in str(exc.value)
+    assert "\n" not in str(exc.value)
+    assert not out.exists()
+
+
+def test_decode_garbage_delta_raises_and_leaves_nothing(tmp_path: Path) -> None:
+    src = write_file(tmp_path / "src", random.Random(10).randbytes(MiB))
+    delta = write_file(tmp_path / "delta", b"this is not a vcdiff stream" * 100)
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError):
+        codec.decode(src, delta, out, "0" * 64)
+    assert not out.exists()
+
+
+def test_decode_against_wrong_source_raises(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    base = rng.randbytes(MiB)
+    target = next_version(base, rng)
+    src = write_file(tmp_path / "src", base)
+    tgt = write_file(tmp_path / "tgt", target)
+    delta = tmp_path / "delta"
+    assert codec.encode(src, tgt, delta).delta_size is not None
+    other = write_file(tmp_path / "other", rng.randbytes(MiB))
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError):
+        codec.decode(other, delta, out, sha256_bytes(target))
+    assert not out.exists()
+
+
+def test_missing_binary_on_encode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELTAFS_XDELTA3", "/nonexistent")
+    src = write_file(tmp_path / "src", b"a" * 1000)
+    with pytest.raises(CodecError) as exc:
+        codec.encode(src, src, tmp_path / "delta")
+    assert "xdelta3 not found" in str(exc.value)
+    with pytest.raises(CodecError, match="xdelta3 not found"):
+        codec.xdelta3_path()
+
+
+def test_missing_binary_on_decode_is_codec_error(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing xdelta3 at decode time is a CodecError ("xdelta3 not found", exit 9),
+    not an IntegrityError claiming the stored data is corrupt (exit 8)."""
+    rng = random.Random(12)
+    base = rng.randbytes(MiB)
+    target = next_version(base, rng)
+    src = write_file(tmp_path / "src", base)
+    tgt = write_file(tmp_path / "tgt", target)
+    delta = tmp_path / "delta"
+    assert codec.encode(src, tgt, delta).delta_size is not None
+    monkeypatch.setenv("DELTAFS_XDELTA3", "/nonexistent")
+    out = tmp_path / "out"
+    with pytest.raises(CodecError) as exc:
+        codec.decode(src, delta, out, sha256_bytes(target))
+    assert "xdelta3 not found" in str(exc.value)
+    assert not out.exists()
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    data = random.Random(13).randbytes(3 * MiB + 17)
+    assert codec.sha256_file(write_file(tmp_path / "f", data)) == sha256_bytes(data)
