@@ -69,6 +69,40 @@ class Options:
     gid: int = field(default_factory=os.getgid)
 
 
+def _guard(fn: Any) -> Any:
+    """An unexpected exception in a handler would end pyfuse3's main loop (the mount
+    would die); it becomes EIO with the traceback in the log instead."""
+    import functools
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except trio.Cancelled:
+            raise
+        except OSError as exc:
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:  # noqa: BLE001
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _guarded(cls: Any) -> Any:
+    for name in dir(pyfuse3.Operations):
+        if name.startswith("_") or name in ("init", "stacktrace"):
+            continue
+        fn = cls.__dict__.get(name)
+        if fn is not None:
+            setattr(cls, name, _guard(fn))
+    return cls
+
+
+@_guarded
 class DeltaFS(pyfuse3.Operations):
     """One mounted bucket prefix."""
 

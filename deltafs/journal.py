@@ -113,7 +113,7 @@ class Journal:
     """The state database of one mount (one per cache directory)."""
 
     def __init__(self, path: Path, source: str) -> None:
-        self.path = path
+        self.db_path = path
         self.db = sqlite3.connect(str(path), isolation_level="DEFERRED",
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
