@@ -708,9 +708,12 @@ class DeltaFS(pyfuse3.Operations):
                 h.hashed += n
             else:
                 h.hasher = None
-        h.dirty = True
         node = self._node(h.ino)
         end = off + n
+        if not h.dirty or node.sha256 is not None:
+            # the content no longer matches any hash: a crash now replays the working file
+            self.journal.update(h.ino, sha256=None)
+        h.dirty = True
         self.journal.update(h.ino, size=max(node.size, end), mtime_ns=time.time_ns())
         return n
 

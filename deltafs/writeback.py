@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import trio
 
 from .engine import Engine
 from .errors import DeltafsError, NotFound
-from .format import Attrs, Kind, delta_key
+from .format import Attrs, Kind, delta_key, split_key
 from .index import key_of, stored_of
 from .journal import ATTRS, CONTENT, MOVED, Journal, Node
 
@@ -57,6 +58,8 @@ class Writeback:
         self.is_open_for_write = is_open_for_write
         self._active: set[int] = set()
         self._active_keys: set[str] = set()
+        self._seeded: set[str] = set()
+        self._seed_locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
         self.stopping = False
 
     def kick(self) -> None:
@@ -161,7 +164,18 @@ class Writeback:
                 self.journal.update(node.ino, dirty=0)
                 return
             staged = Path(node.staged)
-            res = await self._run(self.engine.put, staged, key, attrs, node.sha256)
+            space = split_key(key)[0]
+            if space in self._seeded:
+                res = await self._run(self.engine.put, staged, key, attrs, node.sha256)
+            else:
+                # Until a directory has its reference, its uploads go one at a time, so
+                # the first file closed becomes the reference and no encode is wasted
+                # on losing the creation race to our own other upload.
+                async with self._seed_locks[space]:
+                    res = await self._run(self.engine.put, staged, key, attrs, node.sha256)
+                if res.kind in ("reference", "delta"):
+                    self._seeded.add(space)
+                    self._seed_locks.pop(space, None)
             object_key = delta_key(key) if res.kind in ("delta", "reference") else key
             kind = Kind.DELTA.value if res.kind in ("delta", "reference") else Kind.DIRECT.value
             if self._published(node, object_key, kind, res.stored_size - (
