@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class _Adopt:
     """A value meaning "take this file in by hard link" (copy only across filesystems)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, link: bool = True) -> None:
         self.path = path
+        self.link = link
 
 
 class _LinkingDisk(diskcache.Disk):
@@ -39,6 +40,8 @@ class _LinkingDisk(diskcache.Disk):
             filename, full_path = self.filename(key, value)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
             try:
+                if not value.link:
+                    raise OSError(errno.EPERM, "copy asked for")
                 os.link(value.path, full_path)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
@@ -66,13 +69,17 @@ class ContentCache:
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self._cache
 
-    def add(self, sha256: str, path: Path) -> None:
-        """Adopt the file at ``path`` (already verified to hash to ``sha256``). The caller
-        keeps its own name for the file; the cache holds another link to it."""
+    def add(self, sha256: str, path: Path, link: bool = True) -> None:
+        """Adopt the file at ``path`` (already verified to hash to ``sha256``).
+
+        With ``link`` the cache takes another hard link to it (no I/O): only for files
+        nobody will write again (our own scratch and staged files). A user's file is
+        copied (``link=False``), or rewriting it in place would change a cached,
+        "verified" reference behind our back."""
         if sha256 in self._cache:
             return
         try:
-            self._cache.set(sha256, _Adopt(path))
+            self._cache.set(sha256, _Adopt(path, link))
         except OSError as exc:
             # A full cache disk must not fail the operation that wanted to cache.
             log.warning("cannot cache %s… (%s); continuing without", sha256[:12], exc)

@@ -18,7 +18,7 @@ from . import __version__
 from .api import DEFAULT_CACHE_SIZE, default_cache_dir, make_engine
 from .engine import Engine, Entry, Policy
 from .errors import DeltafsError, NotFound, UsageError
-from .format import split_key
+from .format import check_logical_key, split_key
 from .locations import MARKER, Location, parse
 from .store.base import ObjectStore
 
@@ -143,6 +143,8 @@ def cmd_put(args: argparse.Namespace) -> int:
     into = dest.is_prefix or len(sources) > 1 or args.recursive
     if into and not dest.is_prefix:
         dest = Location(dest.bucket, dest.root, dest.key + "/")
+    for _, rel in sources:  # refuse bad names before anything is written
+        check_logical_key(dest.key + rel if into else dest.key)
     engine = engine_for(dest, args)
     progress = Progress()
     results = []

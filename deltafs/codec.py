@@ -70,6 +70,8 @@ class Limits:
     probe_fraction: float = 0.25
     probe_min_bytes: int = 4 << 20
     timeout: float = 3600.0
+    #: the widest source window (-B) an encode may use; xdelta3 needs ~1.6x this in RAM
+    max_window: int = 2 << 30
 
 
 def source_window(ref_size: int) -> int:
@@ -98,7 +100,8 @@ def encode(
     binary = xdelta3_path()
     size = target.stat().st_size
     ref_size = source.stat().st_size
-    window = source_window(ref_size) if full_window else DEFAULT_SOURCE_WINDOW
+    window = min(source_window(ref_size), max(limits.max_window, DEFAULT_SOURCE_WINDOW)) \
+        if full_window else DEFAULT_SOURCE_WINDOW
     args = [binary, "-e", "-c", "-D", "-S", "djw", "-W", str(TARGET_WINDOW), "-B", str(window),
             "-s", str(source)]
     command = f"xdelta3 -e -D -S djw -B {window} -s reference.bin"

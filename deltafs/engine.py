@@ -53,6 +53,9 @@ class Policy:
 
     min_delta_size: int = 64 << 10
     max_ratio: float = 0.75
+    #: a delta above this share of the file, against a reference larger than xdelta3's
+    #: default window, is tried again with a window over the whole reference
+    retry_ratio: float = 0.05
     limits: codec.Limits = field(default_factory=codec.Limits)
 
     def codec_limits(self) -> codec.Limits:
@@ -73,6 +76,8 @@ class PutResult:
     stored_size: int
     sha256: str
     reason: str = ""
+    object_key: str = ""  # the object that now holds the file (key or key.delta)
+    etag: str = ""  # its ETag, so an index can tell it apart from later changes
 
     @property
     def ratio(self) -> float:
@@ -187,11 +192,12 @@ class Engine:
     # ---------------------------------------------------------------------- put
 
     def put(self, src: Path, key: str, attrs: Attrs = Attrs(),
-            sha256: str | None = None) -> PutResult:
+            sha256: str | None = None, owned: bool = False) -> PutResult:
         """Store the local file ``src`` as the logical file ``key``.
 
         ``sha256`` may be given when the caller already knows it (the filesystem hashes
-        while staging); otherwise the file is hashed here, once.
+        while staging); otherwise the file is hashed here, once. ``owned`` says nobody
+        will modify ``src`` again, so the cache may hard-link it instead of copying.
         """
         check_logical_key(key)
         size = src.stat().st_size
@@ -200,7 +206,7 @@ class Engine:
         reason = self._delta_ineligible(src, size)
         result: PutResult | None = None
         if not reason:
-            result, reason = self._put_delta(src, key, size, sha, attrs)
+            result, reason = self._put_delta(src, key, size, sha, attrs, owned)
         if result is None:
             result = self._put_direct(src, key, size, sha, attrs, reason)
         self._drop_other_form(key, result.kind)
@@ -219,20 +225,34 @@ class Engine:
     def _put_direct(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
                     reason: str) -> PutResult:
         meta = direct_metadata(name=split_key(key)[1], sha256=sha, size=size, attrs=attrs)
-        self.store.put_file(key, src, meta)
-        return PutResult(key, "direct", size, size, sha, reason)
+        info = self.store.put_file(key, src, meta)
+        return PutResult(key, "direct", size, size, sha, reason, key, info.etag)
 
     def _put_delta(self, src: Path, key: str, size: int, sha: str,
-                   attrs: Attrs) -> tuple[PutResult | None, str]:
+                   attrs: Attrs, owned: bool) -> tuple[PutResult | None, str]:
         """Store as a delta (seeding the reference if there is none); ``(None, reason)``
-        when the file is better stored direct."""
+        when the file is better stored direct. A failure after seeding takes the new
+        reference back out, unless another delta already uses it."""
+        codec.xdelta3_path()  # fail before writing anything when the codec is missing
+        deltaspace = split_key(key)[0]
+        try:
+            return self._put_delta_attempts(src, key, size, sha, attrs, owned)
+        except BaseException:
+            try:
+                self._collect_reference(deltaspace)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                log.warning("could not clean up after a failed put of %s", key, exc_info=True)
+            raise
+
+    def _put_delta_attempts(self, src: Path, key: str, size: int, sha: str,
+                            attrs: Attrs, owned: bool) -> tuple[PutResult | None, str]:
         deltaspace, name = split_key(key)
         with self._scratch() as scratch:
             for attempt in range(4):
                 ref = self._head_reference(deltaspace)
                 seeded = 0
                 if ref is None:
-                    ref, seeded = self._seed_reference(src, deltaspace, name, size, sha)
+                    ref, seeded = self._seed_reference(src, deltaspace, name, size, sha, owned)
                     if ref is None:
                         return None, "cannot be a reference (compressed stream)"
                 ref_path = scratch / f"ref{attempt}"
@@ -245,9 +265,7 @@ class Engine:
                             return None, "the directory's reference is a compressed stream"
                 delta_path = scratch / "delta"
                 zero_diff = ref.sha256 == sha
-                result = codec.encode(ref_path, src, delta_path,
-                                      limits=self.policy.codec_limits(),
-                                      full_window=not zero_diff)
+                result = self._encode(ref_path, ref.size, src, size, delta_path, zero_diff)
                 if result.delta_size is None:
                     return None, result.reason
                 meta = delta_metadata(
@@ -255,13 +273,14 @@ class Engine:
                     delta_size=result.delta_size, delta_cmd=result.command,
                     zero_diff=zero_diff, attrs=attrs,
                 )
-                self.store.put_file(delta_key(key), delta_path, meta)
+                info = self.store.put_file(delta_key(key), delta_path, meta)
                 # The reference may have gone (a concurrent delete of its last delta) or
                 # been replaced (a writer without conditional puts) while we encoded.
                 now = self._head_reference(deltaspace)
                 if now is not None and now.sha256 == ref.sha256:
                     kind = "reference" if seeded else "delta"
-                    return PutResult(key, kind, size, seeded + result.delta_size, sha), ""
+                    return PutResult(key, kind, size, seeded + result.delta_size, sha, "",
+                                     delta_key(key), info.etag), ""
                 if now is None:
                     log.warning("reference %s vanished while %s was stored; restoring it",
                                 ref.key, key)
@@ -277,12 +296,39 @@ class Engine:
                         if now is not None and now.sha256 == ref.sha256:
                             kind = "reference" if seeded else "delta"
                             return PutResult(key, kind, size, seeded + result.delta_size,
-                                             sha), ""
+                                             sha, "", delta_key(key), info.etag), ""
                 log.warning("reference of %s changed during the put; encoding again", key)
         return None, "the directory's reference kept changing"
 
+    def _encode(self, ref_path: Path, ref_size: int, src: Path, size: int, out: Path,
+                zero_diff: bool) -> codec.EncodeResult:
+        """Encode in xdelta3's default 64 MiB source window first: enough whenever the
+        changes stay roughly in place, and it keeps xdelta3 near 120 MB of RAM. Only when
+        the reference is larger than that window and the delta came out poor, encode again
+        with a window covering the whole reference (bounded by ``max_window``): that finds
+        blocks that moved far, at ~1.6x the window in RAM. The wider encode is stopped as
+        soon as it cannot beat the first."""
+        limits = self.policy.codec_limits()
+        first = codec.encode(ref_path, src, out, limits=limits, full_window=False)
+        if zero_diff or ref_size <= codec.DEFAULT_SOURCE_WINDOW:
+            return first
+        if first.delta_size is not None and first.delta_size <= size * self.policy.retry_ratio:
+            return first
+        bound = limits.max_ratio if first.delta_size is None else first.delta_size / size
+        wide_out = out.with_name(out.name + ".wide")
+        from dataclasses import replace
+
+        wide = codec.encode(ref_path, src, wide_out, limits=replace(limits, max_ratio=bound),
+                            full_window=True)
+        if wide.delta_size is None:
+            wide_out.unlink(missing_ok=True)
+            return first
+        os.replace(wide_out, out)
+        log.debug("wide window: delta %s -> %d bytes", first.delta_size, wide.delta_size)
+        return wide
+
     def _seed_reference(self, src: Path, deltaspace: str, name: str, size: int,
-                        sha: str) -> tuple[Reference | None, int]:
+                        sha: str, owned: bool = False) -> tuple[Reference | None, int]:
         """Make ``src`` the reference of ``deltaspace`` with a conditional create.
 
         Returns ``(reference, bytes uploaded)``: if another writer won the race, their
@@ -306,8 +352,8 @@ class Engine:
         ref = self._head_reference(deltaspace)
         if ref is None or ref.sha256 != sha:
             return ref, 0
-        self.cache.add(sha, src)
-        return ref, size if info.size is None else info.size
+        self.cache.add(sha, src, link=owned)
+        return ref, info.size
 
     def _drop_other_form(self, key: str, kind: str) -> None:
         """A file stored direct must not leave an older delta behind, and vice versa."""
@@ -409,9 +455,9 @@ class Engine:
 
         sha = hashlib.sha256(body).hexdigest()
         meta = direct_metadata(name=split_key(key)[1], sha256=sha, size=len(body), attrs=attrs)
-        self.store.put_bytes(key, body, meta)
+        info = self.store.put_bytes(key, body, meta)
         self._drop_other_form(key, "direct")
-        return PutResult(key, "direct", len(body), len(body), sha)
+        return PutResult(key, "direct", len(body), len(body), sha, "", key, info.etag)
 
     def set_attrs(self, stored: StoredFile, attrs: Attrs) -> StoredFile:
         """Rewrite the POSIX attributes of a published file in place (server-side copy:
@@ -461,6 +507,8 @@ class Engine:
         if target_ref is not None and target_ref.sha256 == ref_sha:
             meta["dg-ref-key"] = target_ref.key
             meta["dg-ref-path"] = split_key(target_ref.key)[1]
+            if not target_ref.key.isascii():
+                del meta["dg-ref-key"]
             for legacy in ("dg_ref_key", "ref_key", "ref-key"):
                 meta.pop(legacy, None)
             info = self.store.copy(stored.object_key, delta_key(new_key), meta)

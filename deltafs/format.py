@@ -210,13 +210,18 @@ def delta_metadata(
         "dg-file-sha256": sha256,
         "dg-file-size": str(size),
         "dg-created-at": utc_now_iso(),
-        "dg-ref-key": ref_key,
+        "dg-ref-key": ref_key,  # dropped below when not ASCII
         "dg-ref-path": split_key(ref_key)[1],
         "dg-ref-sha256": ref_sha256,
         "dg-delta-size": str(delta_size),
         "dg-delta-cmd": delta_cmd,
         "dg-note": NOTE_ZERO_DIFF if zero_diff else NOTE_DELTA,
     }
+    if not ref_key.isascii():
+        # S3 metadata is ASCII; readers fall back to dg-ref-path (relative to the delta's
+        # own directory). Python DeltaGlider needs dg-ref-key, so it cannot read deltas
+        # in directories with non-ASCII names (it cannot write them either).
+        del meta["dg-ref-key"]
     meta.update(attrs.to_metadata())
     return _fit(meta)
 

@@ -882,10 +882,11 @@ class DeltaFS(pyfuse3.Operations):
 
     def _on_clean(self, node: Node, staged: str) -> None:
         """A staged file is in the bucket: it becomes a clean cache entry."""
+        if self.writers.get(node.ino):
+            return  # being rewritten: it must not become a cache entry (shared inode)
         if node.sha256 and os.path.exists(staged):
             self.cache.add(node.sha256, Path(staged))
-        if not self.writers.get(node.ino):
-            Path(staged).unlink(missing_ok=True)
+        Path(staged).unlink(missing_ok=True)
         self.closed_at.pop(node.ino, None)
 
     async def committer(self) -> None:

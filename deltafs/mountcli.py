@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -30,55 +31,70 @@ def read_status(mountpoint: Path) -> dict[str, Any]:
     try:
         raw = os.getxattr(mountpoint, STATUS_XATTR)
     except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise NotMounted(
+                f"{mountpoint} is a stale mount (its daemon died): run `fusermount3 -u "
+                f"{mountpoint}`; the next mount uploads what was pending") from None
         raise NotMounted(f"{mountpoint} is not a deltafs mount ({exc.strerror})") from None
     data: dict[str, Any] = json.loads(raw)
     return data
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .cli import parse_size  # noqa: F401 - sizes parsed by argparse already
-    from .daemon import MountConfig, mount
-    from .locations import Location, parse
+    from .config import build_mount_config, convert, load_file, merge, parse_options
+    from .daemon import mount
 
-    if args.source.startswith("s3://"):
-        source = parse(args.source)
-    else:
-        source = _local_source(Path(args.source))
-    cfg = MountConfig(
-        source=source, mountpoint=Path(args.mountpoint),
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        cache_size=args.cache_size, foreground=args.foreground,
-        endpoint_url=args.endpoint_url, region=args.region, profile=args.profile,
-        allow_other=args.allow_other, read_only=args.read_only, log_file=args.log_file,
-        debug=args.debug, upload_concurrency=args.upload_concurrency,
-        max_ratio=args.max_ratio, min_delta_size=args.min_delta_size,
-        listing_ttl=args.listing_ttl, drain_timeout=args.drain_timeout,
-    )
-    _ = Location
+    opts = parse_options(args.options or [], origin="option")
+    config_ref = args.config or opts.settings.pop("config", None)
+    opts.settings.pop("config", None)
+    file_settings = load_file(config_ref) if config_ref else {}
+    source, mountpoint = args.source, args.mountpoint
+    if mountpoint is None and source is not None and file_settings.get("source"):
+        source, mountpoint = None, source  # `deltafs mount --config NAME MOUNTPOINT`
+    flags = {
+        "source": source, "mountpoint": mountpoint, "cache_dir": args.cache_dir,
+        "cache_size": args.cache_size, "endpoint_url": args.endpoint_url,
+        "region": args.region, "profile": args.profile,
+        "credentials_file": args.credentials_file,
+        "allow_other": args.allow_other or None, "read_only": args.read_only or None,
+        "log_file": args.log_file, "debug": args.debug or None,
+        "upload_concurrency": args.upload_concurrency, "max_ratio": args.max_ratio,
+        "min_delta_size": args.min_delta_size, "listing_ttl": args.listing_ttl,
+        "drain_timeout": args.drain_timeout,
+    }
+    for name, value in flags.items():
+        if value is not None:
+            flags[name] = convert(name, value, f"--{name.replace('_', '-')}")
+    settings = merge(file_settings, opts.settings, flags)
+    cfg = build_mount_config(settings, foreground=args.foreground, extra_fuse=opts.fuse)
     return mount(cfg)
 
 
 def _local_source(path: Path):  # type: ignore[no-untyped-def]
     """A local store directory as a mount source; an empty or new directory becomes one."""
-    from .locations import MARKER, Location, find_store_root
-    from .store.local import LocalStore
+    from .config import source_location
 
-    path = path.absolute()
-    root = find_store_root(path)
-    if root is None:
-        if path.exists() and any(path.iterdir()):
-            raise UsageError(f"{path} is neither a deltafs store nor empty "
-                             "(create a store with `deltafs init DIR`)")
-        LocalStore(path, create=True)
-        root = path
-    key = path.relative_to(root).as_posix()
-    key = "" if key == "." else key + "/"
-    _ = MARKER
-    return Location(None, root, key)
+    return source_location(str(path))
+
+
+def _mountpoint_arg(args: argparse.Namespace) -> Path:
+    """MOUNTPOINT, or the ``mountpoint`` of ``--config NAME``."""
+    if args.mountpoint:
+        return Path(args.mountpoint).absolute()
+    if getattr(args, "config", None):
+        from .config import load_file
+
+        mp = load_file(args.config).get("mountpoint")
+        if not mp:
+            raise UsageError(f"config {args.config} has no `mountpoint = ...`; give MOUNTPOINT")
+        return Path(mp).absolute()
+    raise UsageError("give MOUNTPOINT (or --config NAME)")
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mnt = Path(args.mountpoint).absolute()
+    mnt = _mountpoint_arg(args)
+    if args.stale:
+        return _unmount_stale(mnt)
     status = read_status(mnt)
     pid = int(status["pid"])
     tty = sys.stderr.isatty()
@@ -108,6 +124,23 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unmount_stale(mnt: Path) -> int:
+    """``umount --stale``: remove a dead mount (its daemon died) from MNT; a live mount or
+    none is left alone. What was pending stays in the journal for the next mount."""
+    try:
+        os.stat(mnt)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return 0
+    else:
+        return 0
+    res = subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise DeltafsError(f"fusermount3 -u -z {mnt} failed: {res.stderr.strip()}")
+    print(f"deltafs: removed the stale mount on {mnt}", file=sys.stderr)
+    return 0
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -125,13 +158,14 @@ def _alive(pid: int) -> bool:
 def cmd_status(args: argparse.Namespace) -> int:
     from .cli import human
 
-    status = read_status(Path(args.mountpoint).absolute())
+    mnt = _mountpoint_arg(args)
+    status = read_status(mnt)
     if args.json:
         json.dump(status, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     s = status
-    print(f"{args.mountpoint}: {s['source']} (pid {s['pid']}, up {s['uptime']:.0f} s)")
+    print(f"{mnt}: {s['source']} (pid {s['pid']}, up {s['uptime']:.0f} s)")
     print(f"  pending:  {s['pending_files']} files, {human(s['pending_bytes'])}, oldest "
           f"{s['oldest_pending_seconds']:.0f} s, {s['uploading']} uploading")
     print(f"  uploaded: {s['uploaded_files']} files, {human(s['uploaded_bytes'])}")
@@ -145,33 +179,79 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    from .cli import parse_size
+    """``mount`` has its own copy of the store options (not ``common``'s): its defaults
+    must stay unset (None) so a config file can fill them, and argparse shares a parent's
+    option objects between subcommands, so changing their defaults here would change
+    them for ``put``/``get`` too."""
+    from .cli import _ratio, parse_size
 
-    sp = sub.add_parser("mount", parents=[common], help="mount a bucket (or local store)")
+    _ = common
+    sp = sub.add_parser(
+        "mount", help="mount a bucket (or local store)",
+        description="Mount a bucket (or local store). Settings come from --config (a TOML "
+                    "file, /etc/deltafs/NAME.toml), then -o options, then flags; the later "
+                    "wins. Exit codes: 2 bad usage or config, 5 no bucket, 6 bad "
+                    "credentials, 7 endpoint unreachable, 10 mountpoint missing or busy, "
+                    "11 cache directory unusable, 12 FUSE refused, 13 stale mount.")
     sp.set_defaults(func=cmd_mount, json=False)
-    sp.add_argument("source", metavar="SOURCE", help="s3://bucket[/prefix] or a store directory")
-    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
-    sp.add_argument("-f", "--foreground", action="store_true")
+    sp.add_argument("source", metavar="SOURCE", nargs="?",
+                    help="s3://bucket[/prefix] or a store directory (or from --config)")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                    help="an existing empty directory (or from --config)")
+    sp.add_argument("--config", metavar="NAME|FILE", default=None,
+                    help="a TOML config file; a bare NAME means /etc/deltafs/NAME.toml")
+    sp.add_argument("-o", dest="options", action="append", metavar="OPTS",
+                    help="mount(8)-style options: key=value settings (cache_dir=..., "
+                         "endpoint_url=...), FUSE options (allow_other, max_read=N) and "
+                         "mount flags (nosuid, nodev, noexec, ro); repeatable")
+    g = sp.add_argument_group("store and cache")
+    g.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    g.add_argument("--region", default=None)
+    g.add_argument("--profile", default=None, help="AWS profile (credentials stay in its files)")
+    g.add_argument("--credentials-file", default=None, metavar="FILE",
+                   help="an AWS shared-credentials file to take the keys from (never pass "
+                        "keys on the command line)")
+    g.add_argument("--cache-dir", default=None,
+                   help="cache, journal and log of this mount (default: one per source "
+                        "under /var/cache/deltafs/mounts or ~/.cache/deltafs/mounts)")
+    g.add_argument("--cache-size", type=parse_size, default=None,
+                   help="bound of the content cache (default 10G)")
+    g.add_argument("--max-ratio", type=_ratio, default=None,
+                   help="keep a delta only below this share of the file (default 0.75)")
+    g.add_argument("--min-delta-size", type=parse_size, default=None,
+                   help="smaller files are stored whole (default 64K)")
+    g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("-v", "--verbose", action="count", default=0)
+    g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
+    sp.add_argument("-f", "--foreground", action="store_true",
+                    help="stay in the foreground (systemd Type=notify: READY=1 once live)")
     sp.add_argument("--allow-other", action="store_true",
                     help="let other users in (the kernel checks modes)")
     sp.add_argument("--read-only", action="store_true")
     sp.add_argument("--log-file", default=None,
-                    help="a path, 'stderr' or 'syslog' (default: CACHE_DIR/deltafs.log)")
-    sp.add_argument("--upload-concurrency", type=int, default=4)
-    sp.add_argument("--listing-ttl", type=float, default=30.0,
+                    help="a path, 'stderr', 'syslog' or 'journal' (default: stderr with "
+                         "--foreground, else CACHE_DIR/deltafs.log)")
+    sp.add_argument("--upload-concurrency", type=int, default=None, help="(default 4)")
+    sp.add_argument("--listing-ttl", type=float, default=None,
                     help="seconds a directory listing is trusted (default 30)")
-    sp.add_argument("--drain-timeout", type=float, default=60.0,
-                    help="seconds to finish uploads at unmount/SIGTERM (default 60)")
-    sp.set_defaults(cache_size=10 << 30)
-    _ = parse_size
+    sp.add_argument("--drain-timeout", type=float, default=None,
+                    help="seconds to finish uploads at unmount/SIGTERM before exiting with "
+                         "the rest kept in the journal (default 60)")
 
     sp = sub.add_parser("umount", help="wait for pending uploads, then unmount")
     sp.set_defaults(func=cmd_umount, json=False, debug=False, verbose=0)
-    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    sp.add_argument("--config", metavar="NAME|FILE", default=None,
+                    help="take MOUNTPOINT from this config file")
     sp.add_argument("--timeout", type=float, default=0,
                     help="stop waiting for uploads after this many seconds (default: wait)")
+    sp.add_argument("--stale", action="store_true",
+                    help="only remove a stale mount (its daemon died); a live one is left")
 
     sp = sub.add_parser("status", help="pending uploads, cache, requests, last error")
     sp.set_defaults(func=cmd_status, debug=False, verbose=0)
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sp.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    sp.add_argument("--config", metavar="NAME|FILE", default=None,
+                    help="take MOUNTPOINT from this config file")

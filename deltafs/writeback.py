@@ -152,7 +152,8 @@ class Writeback:
         if node.is_symlink:
             target = (node.target or b"").decode("utf-8", "surrogateescape")
             res = await self._run(self.engine.put_symlink, key, target, attrs)
-            self._published(node, key, Kind.DIRECT.value, res.stored_size, None, res.sha256)
+            self._published(node, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
+                            etag=res.etag)
             await self._drop_old(old, key)
             return
         if node.dirty & CONTENT:
@@ -166,20 +167,26 @@ class Writeback:
             staged = Path(node.staged)
             space = split_key(key)[0]
             if space in self._seeded:
-                res = await self._run(self.engine.put, staged, key, attrs, node.sha256)
+                res = await self._run(self.engine.put, staged, key, attrs, node.sha256, True)
             else:
                 # Until a directory has its reference, its uploads go one at a time, so
                 # the first file closed becomes the reference and no encode is wasted
                 # on losing the creation race to our own other upload.
                 async with self._seed_locks[space]:
-                    res = await self._run(self.engine.put, staged, key, attrs, node.sha256)
+                    res = await self._run(self.engine.put, staged, key, attrs, node.sha256, True)
                 if res.kind in ("reference", "delta"):
                     self._seeded.add(space)
                     self._seed_locks.pop(space, None)
             object_key = delta_key(key) if res.kind in ("delta", "reference") else key
             kind = Kind.DELTA.value if res.kind in ("delta", "reference") else Kind.DIRECT.value
+            ref = None
+            if kind == Kind.DELTA.value:
+                from .format import reference_key
+
+                ref = reference_key(space)
             if self._published(node, object_key, kind, res.stored_size - (
-                    res.original_size if res.kind == "reference" else 0), None, res.sha256):
+                    res.original_size if res.kind == "reference" else 0), ref, res.sha256,
+                    etag=res.etag):
                 self.state.uploaded_files += 1
                 self.state.uploaded_bytes += res.original_size
             await self._drop_old(old, object_key)

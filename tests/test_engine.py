@@ -621,3 +621,43 @@ def test_get_missing_file(engine: Engine, tmp_path: Path) -> None:
         engine.get("nope/x.bin", tmp_path / "x")
     assert not (tmp_path / "x").exists()
     assert os.listdir(tmp_path) == ["cache"]
+
+
+# ------------------------------------------------------------------ edge cases
+
+
+def test_bucket_root_deltaspace(any_engine: Engine, tmp_path: Path) -> None:
+    """The bucket root is a deltaspace too: reference.bin at the root, collected after."""
+    v1, v2 = _two_versions(tmp_path)
+    any_engine.put(v1, "v1.bin")
+    assert any_engine.put(v2, "v2.bin").kind == "delta"
+    assert set(keys_of(any_engine.store)) == {"reference.bin", "v1.bin.delta", "v2.bin.delta"}
+    assert [e.key for e in any_engine.list("")] == ["v1.bin", "v2.bin"]
+    out = tmp_path / "out"
+    any_engine.get("v2.bin", out)
+    assert sha256_file(out) == sha256_file(v2)
+    any_engine.delete("v1.bin")
+    any_engine.delete("v2.bin")
+    assert keys_of(any_engine.store) == {}
+
+
+def test_non_ascii_name_round_trip(any_engine: Engine, tmp_path: Path) -> None:
+    """Names S3 metadata cannot carry as-is (non-ASCII) still store and read back."""
+    v1, v2 = _two_versions(tmp_path)
+    any_engine.put(v1, "ünï/çødé 1.bin")
+    r = any_engine.put(v2, "ünï/çødé 2 – ß.bin")
+    assert r.kind == "delta"
+    out = tmp_path / "out"
+    any_engine.get("ünï/çødé 2 – ß.bin", out)
+    assert sha256_file(out) == sha256_file(v2)
+    assert [e.key for e in any_engine.list("ünï/")] == ["ünï/çødé 1.bin", "ünï/çødé 2 – ß.bin"]
+
+
+def test_empty_file_round_trip(any_engine: Engine, tmp_path: Path) -> None:
+    empty = write_file(tmp_path / "empty", b"")
+    r = any_engine.put(empty, "e/empty")
+    assert r.kind == "direct" and r.original_size == 0
+    out = tmp_path / "out"
+    any_engine.get("e/empty", out)
+    assert out.read_bytes() == b""
+    assert [(e.key, e.size) for e in any_engine.list("e/")] == [("e/empty", 0)]
