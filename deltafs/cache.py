@@ -104,6 +104,21 @@ class ContentCache:
                 shutil.copyfile(handle.name, dest)
         return True
 
+    def shrink(self, need: int) -> int:
+        """Evict least recently used entries until ``need`` bytes are freed (or the
+        cache is empty): called when the disk is full, so that clean data goes before
+        a write fails. Returns the bytes freed."""
+        before = self.volume()
+        limit = int(self._cache.size_limit)
+        try:
+            self._cache.reset("size_limit", max(0, before - need))
+            self._cache.cull()
+        finally:
+            self._cache.reset("size_limit", limit)
+        freed = before - self.volume()
+        log.info("disk full: evicted %d bytes of clean cache", freed)
+        return freed
+
     def discard(self, sha256: str) -> None:
         self._cache.delete(sha256)
 

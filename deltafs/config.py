@@ -46,7 +46,7 @@ GENERIC_OPTIONS = frozenset({
     "defaults", "_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "owner",
     "group", "nocomment", "loud", "silent", "relatime", "norelatime", "atime", "strictatime",
     "nostrictatime", "lazytime", "nolazytime", "iversion", "noiversion", "mand", "nomand",
-    "_rnetdev", "nosymfollow", "symfollow",
+    "_rnetdev", "nosymfollow", "symfollow", "nodiratime", "diratime",
 })
 #: prefixes of generic options (``x-systemd.automount``, ``comment=systemd.automount``)
 GENERIC_PREFIXES = ("x-", "comment=", "X-mount.", "user=", "uhelper=", "helper=")
@@ -54,12 +54,11 @@ GENERIC_PREFIXES = ("x-", "comment=", "X-mount.", "user=", "uhelper=", "helper="
 #: ``noexec,nosuid,nodev``: they are honoured, not dropped)
 KERNEL_FLAGS = frozenset({
     "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync", "noatime",
-    "nodiratime", "dirsync",
+    "dirsync",
 })
 #: FUSE mount options passed to libfuse as they are
-FUSE_FLAGS = frozenset({"allow_root", "auto_unmount", "default_permissions", "blkdev"})
-FUSE_VALUED = frozenset({"max_read", "blksize", "fsname", "subtype", "context", "fscontext",
-                         "defcontext", "rootcontext"})
+FUSE_FLAGS = frozenset({"allow_root", "auto_unmount", "default_permissions"})
+FUSE_VALUED: frozenset[str] = frozenset()  # max_read= breaks pyfuse3's init: none yet
 #: option (or config key) names that would carry a secret
 SECRET_NAMES = frozenset({
     "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key",
@@ -154,12 +153,22 @@ def _log(value: Any) -> str:
     return LOG_WORDS.get(text.lower(), os.path.expanduser(text))
 
 
-def _strings(value: Any) -> list[str]:
+def _fuse_options(value: Any) -> list[str]:
     if isinstance(value, str):
-        return [v for v in value.split(",") if v]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"expected a list of strings, not {value!r}")
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ValueError(f"expected a list of strings, not {value!r}")
+    for item in items:
+        name, eq, _ = item.partition("=")
+        if not (item in KERNEL_FLAGS or item in FUSE_FLAGS or item == "allow_other"
+                or (eq and name in FUSE_VALUED)):
+            known = sorted(KERNEL_FLAGS | FUSE_FLAGS | {"allow_other"}) + \
+                [f"{v}=" for v in sorted(FUSE_VALUED)]
+            raise ValueError(f"{item!r} is not a FUSE option deltafs passes on (known: "
+                             f"{', '.join(known)})")
+    return items
 
 
 #: setting -> converter; every setting a file, an option string or a flag may carry
@@ -181,7 +190,7 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "debug": _bool,
     "allow_other": _bool,
     "read_only": _bool,
-    "fuse_options": _strings,
+    "fuse_options": _fuse_options,
 }
 #: other spellings accepted for a setting
 ALIASES = {

@@ -15,7 +15,9 @@ import hashlib
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
+import sqlite3
 import stat
 import sys
 import threading
@@ -36,15 +38,32 @@ from .store.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
+#: exit codes of a mount (README "exit" table, TROUBLESHOOTING.md): 2 bad usage or config,
+#: 5 no bucket, 6 bad credentials, 7 endpoint unreachable (deltafs.errors), and these
 EXIT_MOUNTPOINT = 10
 EXIT_CACHE = 11
 EXIT_FUSE = 12
+EXIT_STALE = 13
+#: after the drain bound, seconds before a daemon stuck in an upload exits anyway
+STOP_GRACE = 2.0
 
 
 class MountError(DeltafsError):
     """The mountpoint is missing, busy, stale, or FUSE refused."""
 
     exit_code = EXIT_MOUNTPOINT
+
+
+class StaleMount(MountError):
+    """A dead FUSE mount (its daemon died) sits on the mountpoint."""
+
+    exit_code = EXIT_STALE
+
+
+class FuseRefused(MountError):
+    """libfuse or the kernel refused the mount (options, /dev/fuse, permissions)."""
+
+    exit_code = EXIT_FUSE
 
 
 class CacheError(DeltafsError):
@@ -65,6 +84,7 @@ class MountConfig:
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
+    credentials_file: str | None = None
     allow_other: bool = False
     read_only: bool = False
     log_file: str | None = None
@@ -94,7 +114,7 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"mountpoint {path} does not exist (create it with mkdir)") from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise MountError(
+            raise StaleMount(
                 f"{path} holds a stale mount (its daemon died): run `fusermount3 -u {path}` "
                 "and mount again") from None
         raise MountError(f"mountpoint {path}: {exc.strerror}") from None
@@ -104,12 +124,21 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"{path} is already a mountpoint (unmount it first)")
 
 
-def open_store(cfg: MountConfig, create: bool = True) -> ObjectStore:
+#: attempts of the mount-time bucket check: enough for a blip, few enough that a dead
+#: endpoint fails the mount in seconds (the daemon's own store keeps the full retries)
+CHECK_ATTEMPTS = 3
+
+
+def open_store(cfg: MountConfig, create: bool = True,
+               max_attempts: int | None = None) -> ObjectStore:
     if cfg.source.is_s3:
         from .store.s3 import S3Store
 
+        extra: dict[str, Any] = {}
+        if max_attempts is not None:
+            extra["max_attempts"] = max_attempts
         return S3Store(cfg.source.bucket, endpoint_url=cfg.endpoint_url,  # type: ignore[arg-type]
-                       region=cfg.region, profile=cfg.profile)
+                       region=cfg.region, profile=cfg.profile, **extra)
     from .store.local import LocalStore
 
     assert cfg.source.root is not None
@@ -136,7 +165,7 @@ def setup_daemon_logging(cfg: MountConfig, cache_dir: Path) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    target = cfg.log_file
+    target = "syslog" if cfg.log_file == "journal" else cfg.log_file
     handler: logging.Handler
     if target == "syslog":
         handler = logging.handlers.SysLogHandler(address="/dev/log")
@@ -153,16 +182,45 @@ def setup_daemon_logging(cfg: MountConfig, cache_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
 
 
+def check_log_target(cfg: MountConfig) -> None:
+    """Fail before forking when the log cannot be written (the daemon would be mute)."""
+    target = cfg.log_file
+    if target in ("syslog", "journal"):
+        if not os.path.exists("/dev/log"):
+            raise ConfigError("log target syslog: /dev/log does not exist (no syslog or "
+                              "journald socket); use a file or stderr")
+    elif target not in (None, "stderr"):
+        try:
+            with open(target, "a"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"cannot write the log file {target}: {exc.strerror}") from None
+
+
 def mount(cfg: MountConfig) -> int:
     """Check, (fork,) mount and serve until unmounted. Returns the exit code."""
     cfg.mountpoint = cfg.mountpoint.absolute()
+    check_log_target(cfg)
+    if cfg.credentials_file:
+        from .config import use_credentials_file
+
+        cfg.profile = use_credentials_file(cfg.credentials_file, cfg.profile)
     check_mountpoint(cfg.mountpoint)
-    store = open_store(cfg)
+    from .codec import xdelta3_path
+
+    xdelta3_path()  # exit 9 now rather than failed uploads later
+    store = open_store(cfg, max_attempts=CHECK_ATTEMPTS)
     store.check()
     source = str(cfg.source)
-    cache_dir = cfg.cache_dir or default_mount_cache(source)
+    cache_dir = (cfg.cache_dir or default_mount_cache(source)).absolute()
     lock = lock_cache(cache_dir)
-    Journal(cache_dir / "state.db", source).close()  # fails now if it belongs elsewhere
+    try:
+        Journal(cache_dir / "state.db", source).close()  # fails now if it belongs elsewhere
+    except ConfigError as exc:
+        raise CacheError(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise CacheError(f"cache directory {cache_dir}: the journal state.db is unusable: "
+                         f"{exc}") from None
     if cfg.foreground:
         setup_daemon_logging(cfg, cache_dir)
         return serve(cfg, cache_dir, lock, ready_fd=None)
@@ -173,11 +231,15 @@ def mount(cfg: MountConfig) -> int:
         return _wait_for_child(read_fd, pid, cfg.mountpoint)
     os.close(read_fd)
     os.setsid()
+    os.chdir("/")  # hold no directory busy
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    setup_daemon_logging(cfg, cache_dir)
     try:
+        setup_daemon_logging(cfg, cache_dir)
+        stream = _log_stream()
+        if stream is not sys.stderr:  # libfuse and C-level messages go to the log too
+            os.dup2(stream.fileno(), 2)
         code = serve(cfg, cache_dir, lock, ready_fd=write_fd)
     except BaseException as exc:  # noqa: BLE001 - the parent must hear of it
         log.exception("mount failed")
@@ -215,7 +277,10 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     """Run the filesystem in this process until it is unmounted or signalled."""
     import pyfuse3
 
-    faulthandler.register(signal.SIGUSR1, file=_log_stream(), all_threads=True)
+    stacks = _stack_stream(cfg, cache_dir)
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    log.info("pid %d; `kill -USR1 %d` dumps every stack to %s", os.getpid(), os.getpid(),
+             getattr(stacks, "name", "the log"))
     store = open_store(cfg)
     policy = Policy(min_delta_size=cfg.min_delta_size, max_ratio=cfg.max_ratio)
     engine = make_engine(store, cache_dir, cfg.cache_size, policy)
@@ -243,11 +308,15 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
         pyfuse3.init(fs, str(cfg.mountpoint), fuse_opts)
     except RuntimeError as exc:
         journal.close()
-        raise MountError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+        where = "on stderr" if _log_stream() is sys.stderr else "in the daemon log"
+        raise FuseRefused(f"cannot mount on {cfg.mountpoint}: {exc} (FUSE refused; libfuse "
+                          f"said why {where}: /dev/fuse missing? a bad FUSE option?)"
+                          ) from None
     log.info("mounted %s on %s (cache %s)", cfg.source, cfg.mountpoint, cache_dir)
+    stop = _Stop(cfg.mountpoint, journal)
     code = 0
     try:
-        trio.run(_main, fs, cfg, ready_fd)
+        trio.run(_main, fs, cfg, ready_fd, stop)
     except BaseException:
         log.exception("the filesystem loop failed")
         code = 1
@@ -259,8 +328,9 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
             log.debug("close", exc_info=True)
         journal.close()
         lock.close()
+        stop.finished.set()
         log.info("deltafs exited")
-    return code
+    return code or stop.exit_code
 
 
 def _log_stream() -> Any:
@@ -269,6 +339,15 @@ def _log_stream() -> Any:
         if stream is not None:
             return stream
     return sys.stderr
+
+
+def _stack_stream(cfg: MountConfig, cache_dir: Path) -> Any:
+    """Where SIGUSR1 writes the stacks: the log file or stderr; with syslog (no stream),
+    stderr in the foreground (systemd's journal), else ``CACHE_DIR/stacks.log``."""
+    stream = _log_stream()
+    if stream is sys.stderr and not cfg.foreground and cfg.log_file == "syslog":
+        return open(cache_dir / "stacks.log", "a")  # noqa: SIM115 - held for the process
+    return stream
 
 
 def _remove(p: Path) -> None:
@@ -280,80 +359,242 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None) -> None:
+class _Stop:
+    """The shutdown bound: once a stop begins (a signal, or an unmount), the daemon is
+    gone ``drain_timeout`` seconds later, whatever it was doing. A watchdog thread makes
+    it so even when an upload thread is stuck in a network call: the journal keeps every
+    closed file, so exiting then loses nothing that was not also safe from ``kill -9``."""
+
+    def __init__(self, mountpoint: Path, journal: Journal) -> None:
+        self.mountpoint = mountpoint
+        self.journal = journal
+        self.deadline: float | None = None  # time.monotonic()
+        self.hurry = False
+        self.finished = threading.Event()
+        self.gone = threading.Event()  # the FUSE loop ended (seen from threads)
+        self.exit_code = 0
+        self.unmounted = trio.Event()
+        self.drain_scope: trio.CancelScope | None = None
+
+    @property
+    def begun(self) -> bool:
+        return self.deadline is not None
+
+    def begin(self, timeout: float) -> None:
+        if self.deadline is not None:
+            return
+        self.deadline = time.monotonic() + timeout
+        threading.Thread(target=self._watchdog, args=(timeout + STOP_GRACE,),
+                         name="deltafs-stop-watchdog", daemon=True).start()
+
+    def remaining(self) -> float:
+        if self.deadline is None or self.hurry:
+            return 0.0
+        return max(0.0, self.deadline - time.monotonic())
+
+    def _watchdog(self, delay: float) -> None:
+        if self.finished.wait(delay):
+            return
+        log.warning("still running %.0f s after the stop began (an upload is stuck in a "
+                    "network call?): exiting now; the journal keeps what is pending", delay)
+        try:
+            self.journal.commit()
+        except Exception:  # noqa: BLE001
+            log.debug("final commit", exc_info=True)
+        if _in_mount_table(self.mountpoint):
+            _lazy_unmount(self.mountpoint)
+        from .notify import notify
+
+        notify("STATUS=exited after the drain bound; pending uploads wait in the journal")
+        logging.shutdown()
+        os._exit(0)
+
+
+async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop) -> None:
     import pyfuse3
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs.writeback.run)
         nursery.start_soon(fs.committer)
-        nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd)
-        nursery.start_soon(_signals, fs, cfg)
-        await pyfuse3.main()
-        # unmounted (fusermount3 -u, or terminate() after a signal): finish uploads
-        log.info("unmounted; finishing uploads (at most %.0f s)", cfg.drain_timeout)
+        nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd, fs, stop)
+        nursery.start_soon(_signals, fs, cfg, stop, nursery)
+        nursery.start_soon(_report_status, fs, stop)
+        try:
+            await pyfuse3.main()
+        finally:
+            stop.gone.set()
+        stop.unmounted.set()
         fs.options.read_only = True
-        done = await fs.writeback.drain(cfg.drain_timeout)
+        if not stop.begun:
+            # unmounted (fusermount3 -u, umount, deltafs umount): the bound starts now
+            stop.begin(cfg.drain_timeout)
+            log.info("unmounted; finishing uploads (at most %.0f s)", cfg.drain_timeout)
+            from .notify import notify
+
+            notify("STOPPING=1")
+        done = await _drain(fs, stop)
         if not done:
+            fs.writeback.stopping = True
             files, nbytes = fs.journal.pending()
             log.warning("%d changes (%d bytes) still pending; the next mount uploads them",
                         files, nbytes)
         nursery.cancel_scope.cancel()
 
 
-async def _announce_ready(mountpoint: Path, ready_fd: int | None) -> None:
-    """READY only once the kernel routes a stat of the mountpoint to us."""
+async def _drain(fs: DeltaFS, stop: _Stop) -> bool:
+    """Wait for the uploads until the stop deadline, telling the supervisor how many are
+    left (``STATUS=``) every second."""
+    from .notify import notify
+
+    async def report() -> None:
+        while True:
+            files, nbytes = fs.journal.pending()
+            notify(f"STATUS=draining: {files} pending ({nbytes} bytes), "
+                   f"{stop.remaining():.0f} s left")
+            await trio.sleep(1)
+
+    files, _ = fs.journal.pending()
+    if files == 0 and not fs.writeback.busy():
+        return True
+    done = False
+    async with trio.open_nursery() as n:
+        n.start_soon(report)
+        with trio.CancelScope() as scope:
+            stop.drain_scope = scope
+            done = await fs.writeback.drain(stop.remaining())
+        stop.drain_scope = None
+        n.cancel_scope.cancel()
+    files, nbytes = fs.journal.pending()
+    notify(f"STATUS=drained: {files} pending ({nbytes} bytes)" if files
+           else "STATUS=drained: all uploaded")
+    return done and files == 0
+
+
+async def _announce_ready(mountpoint: Path, ready_fd: int | None, fs: DeltaFS,
+                          stop: _Stop) -> None:
+    """READY only once the kernel routes a stat of the mountpoint to us; if it never
+    does, the daemon reports why and goes (exit 12), leaving nothing mounted."""
+    import pyfuse3
 
     def probe() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            if stop.gone.is_set():
+                raise FuseRefused(f"FUSE ended the mount on {mountpoint} before it answered "
+                                  "(libfuse said why in the daemon log, or on stderr)")
             if os.path.ismount(mountpoint):
                 os.stat(mountpoint)
                 return
             time.sleep(0.05)
-        raise MountError(f"{mountpoint} did not become a mount within 30 s")
+        raise FuseRefused(f"{mountpoint} did not become a mount within 30 s")
 
     try:
         await trio.to_thread.run_sync(probe)
     except (MountError, OSError) as exc:
+        log.error("the mount did not come up: %s", exc)
         _report(ready_fd, f"ERR {EXIT_FUSE} {exc}")
+        stop.exit_code = EXIT_FUSE
+        if not stop.gone.is_set():
+            stop.begin(0)
+            threading.Thread(target=_lazy_unmount, args=(mountpoint,), daemon=True).start()
+            pyfuse3.terminate()
         return
     _report(ready_fd, "OK")
     from .notify import notify
 
-    notify("READY=1\nSTATUS=mounted")
+    notify(f"READY=1\nSTATUS={_mounted_status(fs)}\nMAINPID={os.getpid()}")
 
 
-async def _signals(fs: DeltaFS, cfg: MountConfig) -> None:
-    """SIGTERM/SIGINT: stop taking writes, drain within the bound, unmount, exit 0."""
-    import pyfuse3
+def _mounted_status(fs: DeltaFS) -> str:
+    files, nbytes = fs.journal.pending()
+    if files:
+        return f"mounted: {files} uploads pending ({nbytes} bytes)"
+    return "mounted: all uploaded"
 
+
+async def _report_status(fs: DeltaFS, stop: _Stop) -> None:
+    """While mounted, ``STATUS=`` with the pending uploads (what `systemctl status`
+    shows), sent when it changes."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    from .notify import notify
+
+    last = None
+    while not stop.begun:
+        text = _mounted_status(fs)
+        if text != last:
+            notify(f"STATUS={text}")
+            last = text
+        await trio.sleep(2)
+
+
+async def _signals(fs: DeltaFS, cfg: MountConfig, stop: _Stop, nursery: trio.Nursery) -> None:
+    """SIGTERM/SIGINT: stop taking writes, drain within the bound, unmount, exit 0.
+    A second SIGINT (Ctrl-C) stops waiting for uploads (they stay in the journal)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("signal %d: draining uploads (at most %.0f s), then unmounting",
-                     signum, cfg.drain_timeout)
-            fs.options.read_only = True
-            from .notify import notify
+            if not stop.begun:
+                log.info("signal %d: draining uploads (at most %.0f s), then unmounting",
+                         signum, cfg.drain_timeout)
+                stop.begin(cfg.drain_timeout)
+                nursery.start_soon(_stop_on_signal, fs, cfg, stop)
+            elif signum == signal.SIGINT:
+                log.warning("interrupted again: unmounting now; pending uploads stay in "
+                            "the journal for the next mount")
+                stop.hurry = True
+                if stop.drain_scope is not None:
+                    stop.drain_scope.cancel()
+            else:
+                # systemd, shutdown scripts: a repeated SIGTERM does not cut the drain
+                # short; its bound holds
+                log.info("signal %d: already stopping (%.0f s left)", signum,
+                         stop.remaining())
 
-            async def report() -> None:
-                while True:
-                    files, nbytes = fs.journal.pending()
-                    notify(f"STATUS=draining: {files} pending ({nbytes} bytes)")
-                    await trio.sleep(1)
 
-            async with trio.open_nursery() as n:
-                n.start_soon(report)
-                await fs.writeback.drain(cfg.drain_timeout)
-                n.cancel_scope.cancel()
-            notify("STOPPING=1")
-            threading.Thread(target=_lazy_unmount, args=(cfg.mountpoint,), daemon=True).start()
-            return
+async def _stop_on_signal(fs: DeltaFS, cfg: MountConfig, stop: _Stop) -> None:
+    import pyfuse3
+
+    from .notify import notify
+
+    fs.options.read_only = True
+    files, nbytes = fs.journal.pending()
+    notify(f"STOPPING=1\nSTATUS=draining: {files} pending ({nbytes} bytes)")
+    await _drain(fs, stop)
+    # detach the mount (no new opens); the loop ends once open files are closed ...
+    await trio.to_thread.run_sync(_lazy_unmount, cfg.mountpoint)
+    with trio.move_on_after(max(stop.remaining(), 0.5)):
+        await stop.unmounted.wait()
+        return
+    # ... or now, at the bound: writers still holding files open get ENOTCONN
+    log.warning("files still open on %s at the drain bound: closing the mount under them",
+                cfg.mountpoint)
+    pyfuse3.terminate()
+
+
+def _in_mount_table(mountpoint: Path) -> bool:
+    target = str(mountpoint)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 1 and parts[1].replace("\\040", " ") == target:
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def _lazy_unmount(mountpoint: Path) -> None:
     import subprocess
 
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    exe = shutil.which("fusermount3") or "/usr/bin/fusermount3"
+    try:
+        subprocess.run([exe, "-u", "-z", str(mountpoint)], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("fusermount3 -u -z %s: %s", mountpoint, exc)
 
 
-__all__ = ["MountConfig", "mount", "ConfigError"]
+__all__ = ["MountConfig", "mount", "ConfigError", "MountError", "StaleMount", "CacheError",
+           "FuseRefused",
+           "EXIT_MOUNTPOINT", "EXIT_CACHE", "EXIT_FUSE", "EXIT_STALE"]

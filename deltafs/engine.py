@@ -443,9 +443,10 @@ class Engine:
 
     # ----------------------------------------------------- namespace changes (mount)
 
-    def put_marker(self, dir_key: str) -> ObjectInfo:
-        """The zero-byte ``dir/`` object that keeps an empty directory."""
-        return self.store.put_bytes(_dir_prefix(dir_key), b"", {})
+    def put_marker(self, dir_key: str, attrs: Attrs = Attrs()) -> ObjectInfo:
+        """The zero-byte ``dir/`` object that keeps an empty directory (and its mode,
+        owner and mtime, in the same metadata keys files use)."""
+        return self.store.put_bytes(_dir_prefix(dir_key), b"", attrs.to_metadata())
 
     def put_symlink(self, key: str, target: str, attrs: Attrs) -> PutResult:
         """A symlink: a direct object whose body is the target, typed in metadata."""
@@ -493,6 +494,7 @@ class Engine:
             self.store.delete(stored.object_key)
             if stored.kind is Kind.DELTA:
                 self._collect_reference(split_key(stored.logical_key)[0])
+        log.info("moved %s -> %s", stored.object_key, moved.object_key)
         return moved
 
     def _move_delta(self, stored: StoredFile, new_key: str, meta: dict[str, str]) -> StoredFile:
@@ -535,6 +537,7 @@ class Engine:
         self.store.delete(stored.object_key)
         if stored.kind is Kind.DELTA:
             self._collect_reference(split_key(stored.logical_key)[0])
+        log.info("deleted %s", stored.object_key)
 
     # ------------------------------------------------------------------- delete
 

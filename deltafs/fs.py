@@ -127,11 +127,13 @@ class DeltaFS(pyfuse3.Operations):
         self.readers: dict[int, int] = defaultdict(int)
         self.lookups: dict[int, int] = defaultdict(int)
         self.closed_at: dict[int, float] = {}
+        self.flush_now: set[int] = set()
         self._listing_locks: dict[int, trio.Lock] = defaultdict(trio.Lock)
         self._fetch_locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
         self.started = time.time()
         self.writeback = Writeback(journal, engine, self.prefix, on_clean=self._on_clean,
-                                   is_open_for_write=self._held_back)
+                                   is_open_for_write=self._held_back,
+                                   has_writers=lambda ino: bool(self.writers.get(ino)))
         files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # ------------------------------------------------------------------ helpers
@@ -142,6 +144,8 @@ class DeltaFS(pyfuse3.Operations):
         return fh
 
     def _held_back(self, ino: int) -> bool:
+        if ino in self.flush_now:
+            return False
         if self.writers.get(ino):
             return True
         closed = self.closed_at.get(ino)
@@ -241,6 +245,12 @@ class DeltaFS(pyfuse3.Operations):
             merge_listing(self.journal, dir_ino, listing, busy, self.options.uid,
                           self.options.gid)
 
+    async def _ensure_listed_tree(self, dir_ino: int) -> None:
+        await self._ensure_listed(dir_ino)
+        for child in self.journal.children(dir_ino):
+            if child.is_dir:
+                await self._ensure_listed_tree(child.ino)
+
     # ----------------------------------------------------------------- lookup
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
@@ -315,7 +325,10 @@ class DeltaFS(pyfuse3.Operations):
         meta_changed = any(k in changes for k in ("mode", "uid", "gid", "mtime_ns"))
         changes["ctime_ns"] = now
         self.journal.update(inode, **changes)
-        if meta_changed and node.remote_key is not None and not node.is_dir:
+        if meta_changed and node.is_dir and inode != ROOT_INO:
+            self.journal.set_dirty(inode, CONTENT)  # the marker carries the attributes
+            self.writeback.kick()
+        elif meta_changed and node.remote_key is not None and not node.is_dir:
             self.journal.set_dirty(inode, ATTRS)
             self.writeback.kick()
         return self._attrs(self._node(inode))
@@ -469,10 +482,13 @@ class DeltaFS(pyfuse3.Operations):
                 if node.is_dir:
                     raise pyfuse3.FUSEError(errno.ENOTDIR)
                 self._remove(target)
+        if node.is_dir:
+            # every object below must be known before the prefix changes, or the ones not
+            # yet listed would stay behind under the old name
+            await self._ensure_listed_tree(node.ino)
         now = time.time_ns()
         self.journal.update(node.ino, parent=parent_inode_new, name=new, ctime_ns=now)
         if node.is_dir:
-            await self._ensure_listed(node.ino)
             self._moved_dir(node)
             for d in self.journal.descendants(node.ino):
                 if d.is_dir:
@@ -697,11 +713,23 @@ class DeltaFS(pyfuse3.Operations):
         h = self.handles[fh]
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        while h.ino in self.flush_now:
+            await self.writeback.changed.wait()
         try:
             n = os.pwrite(h.fd, buf, off)
         except OSError as exc:
-            log.error("write to the working file of inode %d failed: %s", h.ino, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            if exc.errno != errno.ENOSPC:
+                log.error("write to the working file of inode %d failed: %s", h.ino, exc)
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            # the cache disk is full: clean cache entries go first, then we retry once
+            await trio.to_thread.run_sync(self.cache.shrink, max(len(buf), 64 << 20))
+            try:
+                n = os.pwrite(h.fd, buf, off)
+            except OSError as exc2:
+                log.error("cache disk full: write to inode %d fails with ENOSPC even "
+                          "after evicting clean cache entries (pending uploads hold the "
+                          "rest)", h.ino)
+                raise pyfuse3.FUSEError(exc2.errno or errno.ENOSPC) from None
         if h.hasher is not None:
             if off == h.hashed:
                 h.hasher.update(buf[:n])
@@ -718,7 +746,13 @@ class DeltaFS(pyfuse3.Operations):
         return n
 
     async def flush(self, fh: int) -> None:
-        pass
+        """close(2) of a written file: stage it durably now. The kernel sends RELEASE
+        only after close() has returned, so waiting for it would let a crash right
+        after close() lose the file."""
+        h = self.handles.get(fh)
+        if h is not None and h.writable and h.dirty:
+            await self._stage(h, h.path)
+            h.dirty = False
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
@@ -737,6 +771,10 @@ class DeltaFS(pyfuse3.Operations):
             self.writers[h.ino] -= 1
             if self.writers[h.ino] <= 0:
                 self.writers.pop(h.ino, None)
+                node = self.journal.get(h.ino)
+                if h.path and (node is None or node.staged != h.path):
+                    # uploaded while open (fsync) and not written since: no longer needed
+                    Path(h.path).unlink(missing_ok=True)
                 self._maybe_reap(h.ino)
             self.writeback.kick()
 
@@ -778,15 +816,13 @@ class DeltaFS(pyfuse3.Operations):
             h.dirty = False
             h.hasher = None
         self.closed_at.pop(h.ino, None)
-        if self.writers.get(h.ino) and h.writable:
-            # the uploader skips files open for writing; fsync asks for this one now
-            self.writers[h.ino] -= 1
-            try:
-                await self.writeback.wait_clean(h.ino)
-            finally:
-                self.writers[h.ino] += 1
-        else:
+        # the uploader skips files open for writing; fsync asks for this one now, and
+        # writes to it wait until its upload is done (the upload reads the same file)
+        self.flush_now.add(h.ino)
+        try:
             await self.writeback.wait_clean(h.ino)
+        finally:
+            self.flush_now.discard(h.ino)
 
     # ------------------------------------------------------------ filesystem
 
@@ -911,6 +947,10 @@ def recover(journal: Journal, files_dir: Path) -> int:
     """After a crash: forget orphans, keep every staged file a row still points to, and
     remove working files nobody points to. Returns the number of files to upload."""
     journal.x("DELETE FROM nodes WHERE parent = ?", (ORPHAN_PARENT,))
+    # What an earlier mount listed is a starting point, not the truth: each directory is
+    # listed again on first use (one LIST; unchanged ETags spare the HEADs), and served
+    # from these rows if S3 cannot be reached.
+    journal.x("UPDATE nodes SET listed_at = 0 WHERE listed_at IS NOT NULL")
     wanted = {r[0] for r in journal.x("SELECT staged FROM nodes WHERE staged IS NOT NULL")}
     for p in files_dir.iterdir() if files_dir.exists() else []:
         if str(p) not in wanted:

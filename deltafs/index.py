@@ -15,7 +15,7 @@ import logging
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .engine import Engine
 from .format import MAX_NAME_BYTES, Kind, StoredFile, classify, join_key, split_key
@@ -34,7 +34,8 @@ class DirListing:
 
     files: dict[str, StoredFile]  # name -> stored file
     dirs: set[str]  # names of sub-prefixes (and markers)
-    marker: bool
+    marker: StoredFile | None  # the directory's own "dir/" object, with metadata
+    dir_markers: dict[str, StoredFile] = field(default_factory=dict)  # sub-dir name -> marker
 
 
 _warned: set[str] = set()
@@ -58,7 +59,7 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
     listing = engine.store.list(prefix)
     files: dict[str, StoredFile] = {}
     dirs: set[str] = set()
-    marker = False
+    marker: StoredFile | None = None
     for p in listing.prefixes:
         name = p[len(prefix):].rstrip("/")
         if not valid_name(name):
@@ -67,7 +68,7 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
         dirs.add(name)
     for o in listing.objects:
         if o.key == prefix:
-            marker = True
+            marker = classify(o.key, o.size, o.etag, o.mtime)
             continue
         f = classify(o.key, o.size, o.etag, o.mtime)
         if f is None:
@@ -84,6 +85,25 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
             _warn_once(files[name].object_key, "a directory of the same name hides it")
             del files[name]
     need = [f for f in files.values() if known.get(f.object_key) != f.etag]
+    if marker is not None and prefix and known.get(marker.object_key) != marker.etag:
+        info = engine.store.head(marker.object_key)
+        if info is not None:
+            marker = classify(info.key, info.size, info.etag, info.mtime, info.metadata)
+    # A sub-directory seen for the first time: its marker (if any) holds its attributes,
+    # which rsync and tar compare before they ever open it. One HEAD per new directory.
+    dir_markers: dict[str, StoredFile] = {}
+    new_dirs = [d for d in sorted(dirs) if f"{prefix}{d}/" not in known]
+    if new_dirs:
+        def head_marker(name: str) -> tuple[str, StoredFile | None]:
+            info = engine.store.head(f"{prefix}{name}/")
+            if info is None:
+                return name, None
+            return name, classify(info.key, info.size, info.etag, info.mtime, info.metadata)
+
+        with ThreadPoolExecutor(engine.head_concurrency) as pool:
+            for name, m in pool.map(head_marker, new_dirs):
+                if m is not None:
+                    dir_markers[name] = m
     if need:
         def head(f: StoredFile) -> StoredFile:
             info = engine.store.head(f.object_key)
@@ -94,7 +114,7 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
         with ThreadPoolExecutor(engine.head_concurrency) as pool:
             for f in pool.map(head, need):
                 files[split_key(f.logical_key)[1]] = f
-    return DirListing(files, dirs, marker)
+    return DirListing(files, dirs, marker, dir_markers)
 
 
 def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set[int],
@@ -118,9 +138,15 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             journal.update(node.ino, **fields)
     for name in listing.dirs:
         node = existing.pop(name, None)
+        m = listing.dir_markers.get(name)
         if node is None:
-            journal.insert(parent=dir_ino, name=name, mode=stat.S_IFDIR | DEFAULT_DIR_MODE,
-                           uid=uid, gid=gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+            fields = dict(mode=stat.S_IFDIR | DEFAULT_DIR_MODE, uid=uid, gid=gid,
+                          mtime_ns=now, ctime_ns=now, atime_ns=now)
+            if m is not None:
+                fields.update(_marker_fields(m))
+            journal.insert(parent=dir_ino, name=name, **fields)
+        elif m is not None and not node.dirty and node.ino not in busy:
+            journal.update(node.ino, **_marker_fields(m))
     for name, node in existing.items():
         # In the journal but not in the bucket: keep what is ours and not yet uploaded;
         # drop what was published and is gone (deleted by another writer).
@@ -131,7 +157,28 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
         if node.is_dir:
             continue
         journal.delete(node.ino)
+    here = journal.get(dir_ino)
+    m = listing.marker
+    if m is not None and here is not None and not here.dirty and dir_ino not in busy \
+            and here.remote_etag != m.etag and m.metadata is not None:
+        journal.update(dir_ino, **_marker_fields(m))
     journal.update(dir_ino, listed_at=time.time())
+
+
+def _marker_fields(m: StoredFile) -> dict[str, object]:
+    """A directory row's fields from its marker object (attributes where it has them)."""
+    attrs = m.attrs
+    fields: dict[str, object] = dict(remote_key=m.object_key, remote_etag=m.etag,
+                                     remote_kind="marker", remote_size=0)
+    if attrs.mode is not None:
+        fields["mode"] = stat.S_IFDIR | stat.S_IMODE(attrs.mode)
+    if attrs.mtime_ns is not None:
+        fields["mtime_ns"] = attrs.mtime_ns
+    if attrs.uid is not None:
+        fields["uid"] = attrs.uid
+    if attrs.gid is not None:
+        fields["gid"] = attrs.gid
+    return fields
 
 
 def _file_fields(f: StoredFile, uid: int, gid: int) -> dict[str, object]:
@@ -174,7 +221,11 @@ def key_of(journal: Journal, prefix: str, ino: int) -> str:
 
 
 def known_etags(journal: Journal, dir_ino: int) -> dict[str, str | None]:
-    return {n.remote_key: n.remote_etag for n in journal.children(dir_ino) if n.remote_key}
+    known = {n.remote_key: n.remote_etag for n in journal.children(dir_ino) if n.remote_key}
+    here = journal.get(dir_ino)
+    if here is not None and here.remote_key:
+        known[here.remote_key] = here.remote_etag
+    return known
 
 
 __all__ = ["fetch_listing", "merge_listing", "stored_of", "key_of", "known_etags",

@@ -45,8 +45,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .daemon import mount
 
     opts = parse_options(args.options or [], origin="option")
-    config_ref = args.config or opts.settings.pop("config", None)
-    opts.settings.pop("config", None)
+    option_config = opts.settings.pop("config", None)
+    config_ref = args.config or option_config
     file_settings = load_file(config_ref) if config_ref else {}
     source, mountpoint = args.source, args.mountpoint
     if mountpoint is None and source is not None and file_settings.get("source"):
@@ -68,13 +68,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     settings = merge(file_settings, opts.settings, flags)
     cfg = build_mount_config(settings, foreground=args.foreground, extra_fuse=opts.fuse)
     return mount(cfg)
-
-
-def _local_source(path: Path):  # type: ignore[no-untyped-def]
-    """A local store directory as a mount source; an empty or new directory becomes one."""
-    from .config import source_location
-
-    return source_location(str(path))
 
 
 def _mountpoint_arg(args: argparse.Namespace) -> Path:
@@ -191,7 +184,8 @@ def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Mount a bucket (or local store). Settings come from --config (a TOML "
                     "file, /etc/deltafs/NAME.toml), then -o options, then flags; the later "
                     "wins. Exit codes: 2 bad usage or config, 5 no bucket, 6 bad "
-                    "credentials, 7 endpoint unreachable, 10 mountpoint missing or busy, "
+                    "credentials, 7 endpoint unreachable, 9 xdelta3 missing, 10 mountpoint "
+                    "missing or busy, "
                     "11 cache directory unusable, 12 FUSE refused, 13 stale mount.")
     sp.set_defaults(func=cmd_mount, json=False)
     sp.add_argument("source", metavar="SOURCE", nargs="?",
@@ -202,7 +196,7 @@ def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="a TOML config file; a bare NAME means /etc/deltafs/NAME.toml")
     sp.add_argument("-o", dest="options", action="append", metavar="OPTS",
                     help="mount(8)-style options: key=value settings (cache_dir=..., "
-                         "endpoint_url=...), FUSE options (allow_other, max_read=N) and "
+                         "endpoint_url=...), FUSE options (allow_other, auto_unmount) and "
                          "mount flags (nosuid, nodev, noexec, ro); repeatable")
     g = sp.add_argument_group("store and cache")
     g.add_argument("--endpoint-url", default=None,

@@ -13,7 +13,7 @@ mount(8) calls it as::
   ``listing_ttl``, ``drain_timeout``, ``debug``, ``read_only``/``ro``) are mapped; generic
   ones (``defaults``, ``_netdev``, ``nofail``, ``auto``/``noauto``, ``user``, ``users``,
   ``x-systemd.*``, ``comment=``, …) are dropped; kernel flags (``nosuid``, ``nodev``,
-  ``noexec``, …) and FUSE options (``allow_other``, ``allow_root``, ``max_read=N``, …)
+  ``noexec``, …) and FUSE options (``allow_other``, ``allow_root``, ``auto_unmount``)
   go to the kernel. Unknown options, secrets and contradictions (``ro`` with ``rw``, one
   setting with two values) exit 2.
 - ``-f`` fake: check everything that needs no network, mount nothing. ``-n``: no mtab

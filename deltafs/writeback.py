@@ -46,7 +46,8 @@ class Writeback:
 
     def __init__(self, journal: Journal, engine: Engine, prefix: str, *,
                  concurrency: int = 4, on_clean: Callable[[Node, str], None] | None = None,
-                 is_open_for_write: Callable[[int], bool] = lambda ino: False) -> None:
+                 is_open_for_write: Callable[[int], bool] = lambda ino: False,
+                 has_writers: Callable[[int], bool] = lambda ino: False) -> None:
         self.journal = journal
         self.engine = engine
         self.prefix = prefix
@@ -56,8 +57,10 @@ class Writeback:
         self.changed = trio.Event()  # set after every completed item (fsync/umount wait)
         self.on_clean = on_clean
         self.is_open_for_write = is_open_for_write
+        self.has_writers = has_writers
         self._active: set[int] = set()
         self._active_keys: set[str] = set()
+        self._active_tombstones: set[str] = set()
         self._seeded: set[str] = set()
         self._seed_locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
         self.stopping = False
@@ -96,35 +99,47 @@ class Writeback:
             nursery.start_soon(self._sync_node, node.ino)
             started += 1
         for object_key, kind in self.journal.tombstones():
-            if object_key in self._active_keys:
+            if object_key in self._active_tombstones:
                 continue
-            self._active_keys.add(object_key)
+            self._active_tombstones.add(object_key)
             nursery.start_soon(self._sync_tombstone, object_key, kind)
             started += 1
         return started
 
     def busy(self) -> bool:
-        return bool(self._active or self._active_keys)
+        return bool(self._active or self._active_keys or self._active_tombstones)
+
+    async def _claim(self, key: str) -> None:
+        """Wait until no other work runs on the logical ``key``, then take it. Called
+        before taking an upload slot, so a waiter never holds one."""
+        while key in self._active_keys:
+            await trio.sleep(0.05)
+        self._active_keys.add(key)
 
     # --------------------------------------------------------------- one row
 
     async def _sync_node(self, ino: int) -> None:
         try:
-            async with self.limiter:
-                node = self.journal.get(ino)
-                if node is None or not node.dirty:
-                    return
-                key = key_of(self.journal, self.prefix, ino)
-                while key in self._active_keys:
-                    await trio.sleep(0.05)
-                self._active_keys.add(key)
-                try:
+            node = self.journal.get(ino)
+            if node is None or not node.dirty:
+                return
+            key = key_of(self.journal, self.prefix, ino)
+            await self._claim(key)
+            try:
+                async with self.limiter:
+                    node = self.journal.get(ino)  # as it is now, after the wait
+                    if node is None or not node.dirty or \
+                            key_of(self.journal, self.prefix, ino) != key:
+                        return
                     await self._sync(node, key)
-                finally:
-                    self._active_keys.discard(key)
+            finally:
+                self._active_keys.discard(key)
             self.state.failures.pop(ino, None)
             self.state.retry_at.pop(ino, None)
         except (DeltafsError, OSError) as exc:
+            self._failed(ino, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not end all uploads
+            log.exception("upload of inode %d failed unexpectedly", ino)
             self._failed(ino, exc)
         finally:
             self._active.discard(ino)
@@ -145,8 +160,8 @@ class Writeback:
     async def _sync(self, node: Node, key: str) -> None:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
         if node.is_dir:
-            await self._run(self.engine.put_marker, key)
-            self._published(node, key + "/", "marker", 0, None, "")
+            info = await self._run(self.engine.put_marker, key, attrs)
+            self._published(node, key + "/", "marker", 0, None, None, etag=info.etag)
             return
         old = stored_of(node, self.prefix, self.journal) if node.remote_key else None
         if node.is_symlink:
@@ -166,14 +181,17 @@ class Writeback:
                 return
             staged = Path(node.staged)
             space = split_key(key)[0]
+            # the cache may hard-link the staged file only if no open handle can still
+            # write to it (fsync uploads a file that stays open)
+            owned = not self.has_writers(node.ino)
             if space in self._seeded:
-                res = await self._run(self.engine.put, staged, key, attrs, node.sha256, True)
+                res = await self._run(self.engine.put, staged, key, attrs, node.sha256, owned)
             else:
                 # Until a directory has its reference, its uploads go one at a time, so
                 # the first file closed becomes the reference and no encode is wasted
                 # on losing the creation race to our own other upload.
                 async with self._seed_locks[space]:
-                    res = await self._run(self.engine.put, staged, key, attrs, node.sha256, True)
+                    res = await self._run(self.engine.put, staged, key, attrs, node.sha256, owned)
                 if res.kind in ("reference", "delta"):
                     self._seeded.add(space)
                     self._seed_locks.pop(space, None)
@@ -246,11 +264,12 @@ class Writeback:
         return unchanged
 
     async def _sync_tombstone(self, object_key: str, kind: str | None) -> None:
+        claimed = ""
         try:
+            logical = object_key[:-len(".delta")] if kind == Kind.DELTA.value else object_key
+            await self._claim(logical)
+            claimed = logical
             async with self.limiter:
-                logical = object_key[:-len(".delta")] if kind == Kind.DELTA.value else object_key
-                while logical in self._active_keys:
-                    await trio.sleep(0.05)
                 if self.journal.remote_claimed(object_key):
                     self.journal.drop_tombstone(object_key)
                     return
@@ -262,13 +281,17 @@ class Writeback:
                 else:
                     await self._run(self.engine.store.delete, object_key)
                 self.journal.drop_tombstone(object_key)
-        except (DeltafsError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - retried; a bug must not end all uploads
+            if not isinstance(exc, (DeltafsError, OSError)):
+                log.exception("delete of %s failed unexpectedly", object_key)
             self.state.last_error = f"{type(exc).__name__}: {exc}"
             self.state.last_error_at = time.time()
             log.warning("delete of %s failed, will retry: %s", object_key, exc)
             await trio.sleep(1)
         finally:
-            self._active_keys.discard(object_key)
+            if claimed:
+                self._active_keys.discard(claimed)
+            self._active_tombstones.discard(object_key)
             self.changed.set()
             self.changed = trio.Event()
 

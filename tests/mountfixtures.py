@@ -156,6 +156,9 @@ class Mount:
 
     def wait_idle(self, timeout: float = 60) -> dict[str, Any]:
         """Poll the status until nothing is pending or uploading; return it."""
+        # the kernel sends FUSE RELEASE after close() returned: give a file just closed
+        # a moment to show up as pending
+        time.sleep(0.2)
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
@@ -166,7 +169,7 @@ class Mount:
                                      f"--- log tail ---\n{self.log_tail()}")
             time.sleep(0.2)
 
-    def umount(self, timeout: float = 120) -> None:
+    def umount(self, timeout: float = 90) -> None:
         """``deltafs umount`` (waits for uploads, unmounts, waits for the daemon); asserts
         it worked."""
         assert in_mount_table(self.mountpoint), f"{self.mountpoint} is not mounted"
@@ -221,17 +224,20 @@ class Mount:
         assert not in_mount_table(self.mountpoint), "fusermount3 -u -z left the mount"
 
     def teardown(self) -> None:
+        """Best effort, bounded: ``deltafs umount --timeout`` (a daemon that cannot drain
+        would hold it for its whole drain timeout), then ``fusermount3 -u -z``, then
+        SIGKILL whatever daemon is left (the journal keeps what it had)."""
         if in_mount_table(self.mountpoint):
             try:
-                subprocess.run([*deltafs_exe(), "umount", "--timeout", "20",
-                                str(self.mountpoint)], capture_output=True, timeout=60)
+                subprocess.run([*deltafs_exe(), "umount", "--timeout", "5",
+                                str(self.mountpoint)], capture_output=True, timeout=10)
             except subprocess.TimeoutExpired:
                 pass
             if in_mount_table(self.mountpoint):
                 subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
                                capture_output=True, timeout=30)
         for pid in self.pids:
-            if pid_alive(pid):
+            if pid_alive(pid) and not wait_dead(pid, 5):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
