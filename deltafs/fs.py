@@ -184,9 +184,6 @@ class DeltaFS(pyfuse3.Operations):
         if not valid_name(name):
             log.info("refused name %r: not storable", name)
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if "\udc80" <= max(name) and any("\udc80" <= c <= "\udcff" for c in name):
-            log.info("refused name %r: not valid UTF-8 (S3 keys must be UTF-8)", name)
-            raise pyfuse3.FUSEError(errno.EINVAL)
         if name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX):
             log.warning("refused name %r: reserved by the bucket format "
                         "(reference.bin and *.delta hold references and deltas)", name)
@@ -202,8 +199,16 @@ class DeltaFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
 
     @staticmethod
-    def _name(raw: bytes) -> str:
-        return os.fsdecode(raw)
+    def _name(raw: bytes, creating: bool = False) -> str:
+        """A name from the kernel. S3 keys are UTF-8, so another byte string can neither
+        exist here (ENOENT) nor be created (EINVAL)."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if creating:
+                log.info("refused name %r: not valid UTF-8 (S3 keys must be UTF-8)", raw)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     async def _commit(self) -> None:
         await trio.to_thread.run_sync(self.journal.commit)
@@ -375,7 +380,7 @@ class DeltaFS(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._writable()
-        n = self._name(name)
+        n = self._name(name, creating=True)
         parent = self._node(parent_inode)
         if not parent.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -447,7 +452,7 @@ class DeltaFS(pyfuse3.Operations):
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             log.info("refused rename with flags %#x: only RENAME_NOREPLACE is supported", flags)
             raise pyfuse3.FUSEError(errno.EINVAL)
-        old, new = self._name(name_old), self._name(name_new)
+        old, new = self._name(name_old), self._name(name_new, creating=True)
         self._check_name(parent_inode_new, new)
         await self._ensure_listed(parent_inode_old)
         await self._ensure_listed(parent_inode_new)
@@ -522,7 +527,7 @@ class DeltaFS(pyfuse3.Operations):
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._writable()
-        n = self._name(name)
+        n = self._name(name, creating=True)
         self._check_name(parent_inode, n)
         await self._ensure_listed(parent_inode)
         if self.journal.child(parent_inode, n) is not None:
@@ -558,7 +563,7 @@ class DeltaFS(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._writable()
-        n = self._name(name)
+        n = self._name(name, creating=True)
         parent = self._node(parent_inode)
         if not parent.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
