@@ -613,20 +613,27 @@ class Engine:
                 files[f.logical_key] = f
         return files
 
-    def _with_metadata(self, files: dict[str, StoredFile]) -> dict[str, StoredFile]:
-        need = [f for f in files.values() if f.kind is Kind.DELTA and f.metadata is None]
-        if not need:
-            return files
+    def head_many(self, object_keys: list[str]) -> dict[str, StoredFile]:
+        """HEAD several objects concurrently (metadata a listing lacks); keys that are
+        gone, and reference.bin, are left out of the result."""
+        if not object_keys:
+            return {}
 
-        def head(f: StoredFile) -> StoredFile:
-            info = self.store.head(f.object_key)
+        def head(key: str) -> StoredFile | None:
+            info = self.store.head(key)
             if info is None:
-                return f
-            return classify(info.key, info.size, info.etag, info.mtime, info.metadata) or f
+                return None
+            return classify(info.key, info.size, info.etag, info.mtime, info.metadata)
 
-        with ThreadPoolExecutor(self.head_concurrency) as pool:
-            for f in pool.map(head, need):
-                files[f.logical_key] = f
+        with ThreadPoolExecutor(min(self.head_concurrency, len(object_keys))) as pool:
+            return {k: f for k, f in zip(object_keys, pool.map(head, object_keys))
+                    if f is not None}
+
+    def _with_metadata(self, files: dict[str, StoredFile]) -> dict[str, StoredFile]:
+        need = [f.object_key for f in files.values()
+                if f.kind is Kind.DELTA and f.metadata is None]
+        for f in self.head_many(need).values():
+            files[f.logical_key] = f
         return files
 
     def stats(self, prefix: str) -> Stats:

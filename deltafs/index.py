@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .engine import Engine
@@ -84,36 +83,20 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
         if name in dirs:
             _warn_once(files[name].object_key, "a directory of the same name hides it")
             del files[name]
-    need = [f for f in files.values() if known.get(f.object_key) != f.etag]
+    need = [f.object_key for f in files.values() if known.get(f.object_key) != f.etag]
     if marker is not None and prefix and known.get(marker.object_key) != marker.etag:
-        info = engine.store.head(marker.object_key)
-        if info is not None:
-            marker = classify(info.key, info.size, info.etag, info.mtime, info.metadata)
+        need.append(marker.object_key)
     # A sub-directory seen for the first time: its marker (if any) holds its attributes,
     # which rsync and tar compare before they ever open it. One HEAD per new directory.
+    need += [f"{prefix}{d}/" for d in sorted(dirs) if f"{prefix}{d}/" not in known]
     dir_markers: dict[str, StoredFile] = {}
-    new_dirs = [d for d in sorted(dirs) if f"{prefix}{d}/" not in known]
-    if new_dirs:
-        def head_marker(name: str) -> tuple[str, StoredFile | None]:
-            info = engine.store.head(f"{prefix}{name}/")
-            if info is None:
-                return name, None
-            return name, classify(info.key, info.size, info.etag, info.mtime, info.metadata)
-
-        with ThreadPoolExecutor(engine.head_concurrency) as pool:
-            for name, m in pool.map(head_marker, new_dirs):
-                if m is not None:
-                    dir_markers[name] = m
-    if need:
-        def head(f: StoredFile) -> StoredFile:
-            info = engine.store.head(f.object_key)
-            if info is None:
-                return f
-            return classify(info.key, info.size, info.etag, info.mtime, info.metadata) or f
-
-        with ThreadPoolExecutor(engine.head_concurrency) as pool:
-            for f in pool.map(head, need):
-                files[split_key(f.logical_key)[1]] = f
+    for key, f in engine.head_many(need).items():
+        if key == prefix:
+            marker = f
+        elif f.kind is Kind.MARKER:
+            dir_markers[key[len(prefix):-1]] = f
+        else:
+            files[split_key(f.logical_key)[1]] = f
     return DirListing(files, dirs, marker, dir_markers)
 
 
