@@ -245,6 +245,9 @@ class DeltaFS(pyfuse3.Operations):
                     log.warning("cannot list %s: %s", prefix or "/", exc)
                     raise pyfuse3.FUSEError(errno.EIO) from None
                 log.warning("cannot refresh %s, serving what is known: %s", prefix or "/", exc)
+                # try again in 10 s, not on every operation while S3 is away
+                self.journal.update(dir_ino, listed_at=time.time() -
+                                    max(0.0, self.options.listing_ttl - 10))
                 return
             busy = set(self.writers) | set(self.readers) | set(self.closed_at)
             merge_listing(self.journal, dir_ino, listing, busy, self.options.uid,
