@@ -1,0 +1,151 @@
+"""Timing, reading, and memory sampling helpers."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+
+def proc_children() -> dict[int, list[int]]:
+    """ppid -> child pids, from /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree(pids: Iterable[int]) -> set[int]:
+    kids = proc_children()
+    seen: set[int] = set()
+    todo = list(pids)
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        todo.extend(kids.get(p, ()))
+    return seen
+
+
+def status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Samples the summed RSS of some processes and all their descendants every
+    ``interval`` seconds; ``peak`` is the largest sum seen, or the largest VmHWM of a
+    root process if that is larger (a peak between two samples)."""
+
+    def __init__(self, roots: Callable[[], Sequence[int]], interval: float = 0.2) -> None:
+        self.roots = roots
+        self.interval = interval
+        self.peak_kb = 0
+        self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        roots = [p for p in self.roots() if p]
+        if not roots:
+            return
+        pids = tree(roots)
+        total = sum(status_kb(p, "VmRSS") for p in pids)
+        hwm = max(status_kb(p, "VmHWM") for p in roots)
+        if total > self.peak_kb:
+            self.peak_kb, self.peak_procs = total, len(pids)
+        self.peak_kb = max(self.peak_kb, hwm)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_kb * 1024 / 1e6
+
+
+def drop_page_cache(paths: Iterable[Path]) -> None:
+    """Evict these files from the page cache (only these: other work is left alone)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def fsync_all(paths: Iterable[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_files(paths: Sequence[Path], expect: dict[str, str]) -> dict[str, object]:
+    """Read every file whole (1 MiB reads), hashing it; the wall time, the bytes, and how
+    many came back byte-identical to the source (SHA-256)."""
+    t0 = time.perf_counter()
+    nbytes = 0
+    same = 0
+    bad: list[str] = []
+    errors: list[str] = []
+    for p in paths:
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb", buffering=0) as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    nbytes += len(chunk)
+        except OSError as exc:
+            errors.append(f"{p.name}: {exc}")
+            continue
+        if h.hexdigest() == expect.get(p.name):
+            same += 1
+        else:
+            bad.append(p.name)
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "bytes": nbytes, "identical": same, "files": len(paths),
+            "mismatched": bad, "errors": errors,
+            "mb_per_s": nbytes / 1e6 / secs if secs > 0 else None}
+
+
+def timed(argv: Sequence[str] | str, **kw: object) -> float:
+    """Run a command (output discarded), check it succeeded, return its wall time."""
+    t0 = time.perf_counter()
+    res = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         shell=isinstance(argv, str), **kw)  # type: ignore[call-overload]
+    secs = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({res.returncode}): "
+                           f"{res.stderr.decode(errors='replace').strip()[-800:]}")
+    return secs
