@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ from .format import (
 from .store.base import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
+
+#: wide-window encodes cost ~1.6x the reference size in RAM: never two at once
+_WIDE_ENCODES = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -192,12 +196,16 @@ class Engine:
     # ---------------------------------------------------------------------- put
 
     def put(self, src: Path, key: str, attrs: Attrs = Attrs(),
-            sha256: str | None = None, owned: bool = False) -> PutResult:
+            sha256: str | None = None, owned: bool = False,
+            check_other: bool = True) -> PutResult:
         """Store the local file ``src`` as the logical file ``key``.
 
         ``sha256`` may be given when the caller already knows it (the filesystem hashes
         while staging); otherwise the file is hashed here, once. ``owned`` says nobody
         will modify ``src`` again, so the cache may hard-link it instead of copying.
+        ``check_other=False`` skips the HEAD for an older object of the other form (a
+        delta replacing a direct object or the reverse) when the caller knows there is
+        none.
         """
         check_logical_key(key)
         size = src.stat().st_size
@@ -209,7 +217,8 @@ class Engine:
             result, reason = self._put_delta(src, key, size, sha, attrs, owned)
         if result is None:
             result = self._put_direct(src, key, size, sha, attrs, reason)
-        self._drop_other_form(key, result.kind)
+        if check_other:
+            self._drop_other_form(key, result.kind)
         log.info("put %s: %s, %d -> %d bytes%s", key, result.kind, size, result.stored_size,
                  f" ({reason})" if result.kind == "direct" and reason else "")
         return result
@@ -318,8 +327,10 @@ class Engine:
         wide_out = out.with_name(out.name + ".wide")
         from dataclasses import replace
 
-        wide = codec.encode(ref_path, src, wide_out, limits=replace(limits, max_ratio=bound),
-                            full_window=True)
+        # one wide encode at a time per process: its memory grows with the reference
+        with _WIDE_ENCODES:
+            wide = codec.encode(ref_path, src, wide_out,
+                                limits=replace(limits, max_ratio=bound), full_window=True)
         if wide.delta_size is None:
             wide_out.unlink(missing_ok=True)
             return first

@@ -335,6 +335,7 @@ class DeltaFS(pyfuse3.Operations):
         self.journal.update(inode, **changes)
         if meta_changed and node.is_dir and inode != ROOT_INO:
             self.journal.set_dirty(inode, CONTENT)  # the marker carries the attributes
+            self.writeback.touched.add(inode)
             self.writeback.kick()
         elif meta_changed and node.remote_key is not None and not node.is_dir:
             self.journal.set_dirty(inode, ATTRS)

@@ -34,6 +34,7 @@ class DirListing:
     files: dict[str, StoredFile]  # name -> stored file
     dirs: set[str]  # names of sub-prefixes (and markers)
     marker: StoredFile | None  # the directory's own "dir/" object, with metadata
+    reference: ObjectInfo | None = None  # its reference.bin, if any
     dir_markers: dict[str, StoredFile] = field(default_factory=dict)  # sub-dir name -> marker
 
 
@@ -59,6 +60,7 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
     files: dict[str, StoredFile] = {}
     dirs: set[str] = set()
     marker: StoredFile | None = None
+    reference: ObjectInfo | None = None
     for p in listing.prefixes:
         name = p[len(prefix):].rstrip("/")
         if not valid_name(name):
@@ -71,7 +73,8 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
             continue
         f = classify(o.key, o.size, o.etag, o.mtime)
         if f is None:
-            continue  # reference.bin
+            reference = o
+            continue
         name = split_key(f.logical_key)[1]
         if not valid_name(name):
             _warn_once(o.key, "not a valid file name")
@@ -97,7 +100,7 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
             dir_markers[key[len(prefix):-1]] = f
         else:
             files[split_key(f.logical_key)[1]] = f
-    return DirListing(files, dirs, marker, dir_markers)
+    return DirListing(files, dirs, marker, reference, dir_markers)
 
 
 def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set[int],
@@ -140,6 +143,8 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
         if node.is_dir:
             continue
         journal.delete(node.ino)
+    ref = listing.reference
+    journal.set_reference(dir_ino, ref.key if ref else None, ref.size if ref else 0)
     here = journal.get(dir_ino)
     m = listing.marker
     if m is not None and here is not None and not here.dirty and dir_ino not in busy \

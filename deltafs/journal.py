@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS tombstones (
     queued_at   REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+CREATE TABLE IF NOT EXISTS refs (
+    dir_ino     INTEGER PRIMARY KEY,
+    key         TEXT NOT NULL,
+    size        INTEGER NOT NULL
+);
 """
 
 
@@ -240,7 +245,18 @@ class Journal:
                           (0o170000, stat.S_IFREG)).fetchone()[0])
 
     def stored_bytes(self) -> int:
-        return int(self.x("SELECT coalesce(sum(remote_size), 0) FROM nodes").fetchone()[0])
+        """Bytes in the bucket for what this mount knows: objects plus references."""
+        objects = self.x("SELECT coalesce(sum(remote_size), 0) FROM nodes").fetchone()[0]
+        refs = self.x("SELECT coalesce(sum(size), 0) FROM refs").fetchone()[0]
+        return int(objects) + int(refs)
+
+    def set_reference(self, dir_ino: int, key: str | None, size: int = 0) -> None:
+        """Record (or, with ``key=None``, forget) the reference of a directory."""
+        if key is None:
+            self.x("DELETE FROM refs WHERE dir_ino=?", (dir_ino,))
+        else:
+            self.x("INSERT OR REPLACE INTO refs (dir_ino, key, size) VALUES (?, ?, ?)",
+                   (dir_ino, key, size))
 
     # -------------------------------------------------------------- tombstones
 

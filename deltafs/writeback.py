@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 import os
 import time
 from dataclasses import dataclass, field
@@ -61,8 +60,9 @@ class Writeback:
         self._active: set[int] = set()
         self._active_keys: set[str] = set()
         self._active_tombstones: set[str] = set()
-        self._seeded: set[str] = set()
-        self._seed_locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._seeded: set[int] = set()  # directories (inodes) known to have a reference
+        self._seeding: set[int] = set()  # directories whose seeding upload is running
+        self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
 
     def kick(self) -> None:
@@ -95,6 +95,13 @@ class Writeback:
                 continue
             if self.limiter.borrowed_tokens + len(self._active) > self.limiter.total_tokens * 2:
                 break
+            if self._seeds(node):
+                # Until a directory has its reference, its uploads go one at a time in
+                # inode (creation) order: the first file written becomes the reference,
+                # and no upload is wasted on losing the creation race to our own.
+                if node.parent in self._seeding:
+                    continue
+                self._seeding.add(node.parent)
             self._active.add(node.ino)
             nursery.start_soon(self._sync_node, node.ino)
             started += 1
@@ -105,6 +112,11 @@ class Writeback:
             nursery.start_soon(self._sync_tombstone, object_key, kind)
             started += 1
         return started
+
+    def _seeds(self, node: Node) -> bool:
+        """Whether uploading ``node`` may create its directory's reference."""
+        return (node.is_file and bool(node.dirty & CONTENT) and node.parent not in self._seeded
+                and node.size >= self.engine.policy.min_delta_size)
 
     def busy(self) -> bool:
         return bool(self._active or self._active_keys or self._active_tombstones)
@@ -119,8 +131,11 @@ class Writeback:
     # --------------------------------------------------------------- one row
 
     async def _sync_node(self, ino: int) -> None:
+        seeding_parent: int | None = None
         try:
             node = self.journal.get(ino)
+            if node is not None and self._seeds(node) and node.parent in self._seeding:
+                seeding_parent = node.parent
             if node is None or not node.dirty:
                 return
             key = key_of(self.journal, self.prefix, ino)
@@ -143,6 +158,8 @@ class Writeback:
             self._failed(ino, exc)
         finally:
             self._active.discard(ino)
+            if seeding_parent is not None:
+                self._seeding.discard(seeding_parent)
             self.changed.set()
             self.changed = trio.Event()
             self.kick()
@@ -160,6 +177,7 @@ class Writeback:
     async def _sync(self, node: Node, key: str) -> None:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
         if node.is_dir:
+            self.touched.discard(node.ino)
             info = await self._run(self.engine.put_marker, key, attrs)
             self._published(node, key + "/", "marker", 0, None, None, etag=info.etag)
             return
@@ -184,17 +202,17 @@ class Writeback:
             # the cache may hard-link the staged file only if no open handle can still
             # write to it (fsync uploads a file that stays open)
             owned = not self.has_writers(node.ino)
-            if space in self._seeded:
-                res = await self._run(self.engine.put, staged, key, attrs, node.sha256, owned)
-            else:
-                # Until a directory has its reference, its uploads go one at a time, so
-                # the first file closed becomes the reference and no encode is wasted
-                # on losing the creation race to our own other upload.
-                async with self._seed_locks[space]:
-                    res = await self._run(self.engine.put, staged, key, attrs, node.sha256, owned)
-                if res.kind in ("reference", "delta"):
-                    self._seeded.add(space)
-                    self._seed_locks.pop(space, None)
+            # only a file that was ever published (or the bucket's own objects, which
+            # the index gives a remote_key) can have an older object in the other form
+            check_other = old is not None
+            res = await self._run(self.engine.put, staged, key, attrs, node.sha256, owned,
+                                  check_other)
+            if res.kind in ("reference", "delta"):
+                self._seeded.add(node.parent)
+            if res.kind == "reference":
+                from .format import reference_key
+
+                self.journal.set_reference(node.parent, reference_key(space), res.original_size)
             object_key = delta_key(key) if res.kind in ("delta", "reference") else key
             kind = Kind.DELTA.value if res.kind in ("delta", "reference") else Kind.DIRECT.value
             ref = None
@@ -245,11 +263,18 @@ class Writeback:
             # Unlinked while uploading: what we just wrote must go.
             self.journal.add_tombstone(object_key, kind)
             return False
-        unchanged = (now.sha256 == before.sha256 and now.parent == before.parent
-                     and now.name == before.name and now.mode == before.mode
-                     and now.uid == before.uid and now.gid == before.gid
-                     and now.mtime_ns == before.mtime_ns and now.staged == before.staged
-                     and now.target == before.target)
+        if before.is_dir:
+            # a directory's mtime moves with every file made in it; only an explicit
+            # setattr (recorded in ``touched``) asks for the marker again
+            unchanged = (now.parent == before.parent and now.name == before.name
+                         and now.mode == before.mode and now.uid == before.uid
+                         and now.gid == before.gid and before.ino not in self.touched)
+        else:
+            unchanged = (now.sha256 == before.sha256 and now.parent == before.parent
+                         and now.name == before.name and now.mode == before.mode
+                         and now.uid == before.uid and now.gid == before.gid
+                         and now.mtime_ns == before.mtime_ns and now.staged == before.staged
+                         and now.target == before.target)
         if unchanged:
             fields["dirty"] = 0
             staged = now.staged if now.dirty & CONTENT else None
