@@ -56,6 +56,7 @@ class DeltaService:
         cache_size: int = DEFAULT_CACHE_SIZE,
         max_ratio: float = 0.75,
         min_delta_size: int = 64 << 10,
+        level: int | None = None,
         store: ObjectStore | None = None,
     ) -> None:
         if store is None:
@@ -71,7 +72,7 @@ class DeltaService:
 
                 store = LocalStore(Path(local_dir), create=create)  # type: ignore[arg-type]
         self.store = store
-        policy = Policy(min_delta_size=min_delta_size, max_ratio=max_ratio)
+        policy = Policy.create(min_delta_size, max_ratio, level)
         self.engine = make_engine(store, Path(cache_dir) if cache_dir else None, cache_size,
                                   policy)
 

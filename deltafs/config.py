@@ -183,6 +183,7 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "cache_size": _size,
     "upload_concurrency": _int_pos,
     "max_ratio": _ratio,
+    "level": _int_pos,
     "min_delta_size": _size,
     "listing_ttl": _seconds,
     "drain_timeout": _seconds,
@@ -471,7 +472,7 @@ def build_mount_config(settings: Mapping[str, Any], *, foreground: bool = False,
     )
     simple = ("endpoint_url", "region", "profile", "credentials_file", "cache_size",
               "allow_other", "read_only", "log_file", "debug", "upload_concurrency",
-              "max_ratio", "min_delta_size", "listing_ttl", "drain_timeout")
+              "max_ratio", "level", "min_delta_size", "listing_ttl", "drain_timeout")
     for name in simple:
         if s.get(name) is not None:
             setattr(cfg, name, s[name])

@@ -67,6 +67,21 @@ class Policy:
 
         return replace(self.limits, max_ratio=self.max_ratio)
 
+    @classmethod
+    def create(cls, min_delta_size: int | None = None, max_ratio: float | None = None,
+               level: int | None = None) -> "Policy":
+        """A policy from user settings; ``None`` keeps the default."""
+        from dataclasses import replace
+
+        policy = cls()
+        if min_delta_size is not None:
+            policy = replace(policy, min_delta_size=min_delta_size)
+        if max_ratio is not None:
+            policy = replace(policy, max_ratio=max_ratio)
+        if level is not None:
+            policy = replace(policy, limits=replace(policy.limits, level=level))
+        return policy
+
 
 @dataclass(frozen=True)
 class PutResult:
