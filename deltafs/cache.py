@@ -16,12 +16,15 @@ import errno
 import logging
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
 log = logging.getLogger(__name__)
+
+RESERVE_BYTES = 8 << 20
 
 
 class _Adopt:
@@ -104,19 +107,43 @@ class ContentCache:
                 shutil.copyfile(handle.name, dest)
         return True
 
+    def keep_reserve(self) -> None:
+        """Hold a few MiB of the disk in a reserve file. When the disk fills up, giving
+        it back is what lets the cache's own database record the evictions that make
+        room (SQLite cannot delete rows on a disk with no byte left)."""
+        reserve = self.directory.parent / "reserve"
+        if reserve.exists():
+            return
+        try:
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            reserve.unlink(missing_ok=True)
+            log.debug("no disk reserve: %s", exc)
+
     def shrink(self, need: int) -> int:
         """Evict least recently used entries until ``need`` bytes are freed (or the
         cache is empty): called when the disk is full, so that clean data goes before
         a write fails. Returns the bytes freed."""
+        (self.directory.parent / "reserve").unlink(missing_ok=True)
         before = self.volume()
         limit = int(self._cache.size_limit)
         try:
             self._cache.reset("size_limit", max(0, before - need))
             self._cache.cull()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("disk full: could not evict clean cache entries: %s", exc)
         finally:
-            self._cache.reset("size_limit", limit)
+            try:
+                self._cache.reset("size_limit", limit)
+            except (OSError, sqlite3.Error):
+                pass
         freed = before - self.volume()
         log.info("disk full: evicted %d bytes of clean cache", freed)
+        self.keep_reserve()
         return freed
 
     def discard(self, sha256: str) -> None:

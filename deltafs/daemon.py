@@ -290,6 +290,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     files_dir.mkdir(exist_ok=True, mode=0o700)
     for stale in engine.tmp_dir.iterdir():
         _remove(stale)
+    engine.cache.keep_reserve()
     pending = recover(journal, files_dir)
     if pending:
         log.info("replaying %d pending changes from the journal", pending)

@@ -8,6 +8,7 @@ are both safe across threads and processes.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -229,7 +230,16 @@ class Engine:
         reason = self._delta_ineligible(src, size)
         result: PutResult | None = None
         if not reason:
-            result, reason = self._put_delta(src, key, size, sha, attrs, owned)
+            try:
+                result, reason = self._put_delta(src, key, size, sha, attrs, owned)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # no room for the reference and the delta beside the file: a direct
+                # upload needs no scratch space at all
+                log.warning("put %s: no space for the delta encode (%s); storing it direct",
+                            key, exc)
+                result, reason = None, "no local space for the delta encode"
         if result is None:
             result = self._put_direct(src, key, size, sha, attrs, reason)
         if check_other:

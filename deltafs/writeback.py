@@ -9,6 +9,7 @@ new write, a rename) the row stays dirty for the next round.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -152,6 +153,8 @@ class Writeback:
             self.state.failures.pop(ino, None)
             self.state.retry_at.pop(ino, None)
         except (DeltafsError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                await trio.to_thread.run_sync(self.engine.cache.shrink, 64 << 20)
             self._failed(ino, exc)
         except Exception as exc:  # noqa: BLE001 - a bug must not end all uploads
             log.exception("upload of inode %d failed unexpectedly", ino)

@@ -1,0 +1,97 @@
+"""Mount behaviours the main acceptance tests do not reach: how-stored xattrs, a read-only
+mount, and a full cache disk (clean cache entries go before a write fails)."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mountfixtures import Mount, mounted  # noqa: F401 - fixture used by name
+
+MiB = 1 << 20
+
+
+def test_xattrs_say_how_a_file_is_stored(mounted: Mount) -> None:
+    m = mounted
+    base = os.urandom(2 * MiB)
+    (m.mountpoint / "v1.bin").write_bytes(base)
+    (m.mountpoint / "v2.bin").write_bytes(base[:MiB] + b"changed" + base[MiB:])
+    m.wait_idle(60)
+    p = m.mountpoint / "v2.bin"
+    names = set(os.listxattr(p))
+    assert {"user.deltafs.kind", "user.deltafs.stored_size", "user.deltafs.reference",
+            "user.deltafs.sha256", "user.deltafs.state"} <= names
+    assert os.getxattr(p, "user.deltafs.kind") == b"delta"
+    assert os.getxattr(p, "user.deltafs.state") == b"clean"
+    assert os.getxattr(p, "user.deltafs.reference") == b"reference.bin"
+    stored = int(os.getxattr(p, "user.deltafs.stored_size"))
+    head = m.client.head_object(Bucket=m.bucket, Key="v2.bin.delta")
+    assert stored == head["ContentLength"] < 100_000
+    with pytest.raises(OSError) as ours:
+        os.setxattr(p, "user.deltafs.kind", b"direct")
+    assert ours.value.errno == errno.EPERM
+    with pytest.raises(OSError) as other:
+        os.setxattr(p, "user.comment", b"x")
+    assert other.value.errno == errno.EOPNOTSUPP
+
+
+def test_read_only_mount_refuses_writes(mounted: Mount) -> None:
+    m = mounted
+    (m.mountpoint / "kept.txt").write_bytes(b"kept\n")
+    m.umount()
+    m.mount(["--read-only"])
+    assert (m.mountpoint / "kept.txt").read_bytes() == b"kept\n"
+    for action in (lambda: (m.mountpoint / "new.txt").write_bytes(b"x"),
+                   lambda: os.unlink(m.mountpoint / "kept.txt"),
+                   lambda: os.mkdir(m.mountpoint / "d")):
+        with pytest.raises(OSError) as exc:
+            action()
+        assert exc.value.errno == errno.EROFS
+
+
+@pytest.fixture
+def small_cache(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 64 MiB tmpfs to serve as a mount's cache disk."""
+    where = tmp_path / "smallcache"
+    where.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_full_cache_disk_evicts_clean_data_then_enospc(moto_server: str, bucket: str,
+                                                        tmp_path: Path,
+                                                        small_cache: Path) -> None:
+    m = Mount(bucket, moto_server, tmp_path / "m")
+    m.cache = small_cache / "cache"
+    try:
+        m.mount(["--cache-size", "1G"])  # the disk, not the size bound, is the limit
+        for i in range(2):  # 40 MB of clean, cached content
+            (m.mountpoint / f"old{i}.bin").write_bytes(os.urandom(20 * MiB))
+        m.wait_idle(120)
+        # a new 30 MB file does not fit beside the 40 MB cache entries on 64 MB: the
+        # clean entries must make room, and the write must succeed
+        fresh = os.urandom(30 * MiB)
+        (m.mountpoint / "fresh.bin").write_bytes(fresh)
+        m.wait_idle(120)
+        assert m.head("fresh.bin") is not None or m.head("fresh.bin.delta") is not None
+        assert "evicted" in m.log_text()
+        # more than the whole disk cannot be staged: ENOSPC, and the mount lives on
+        with pytest.raises(OSError) as exc:
+            with open(m.mountpoint / "huge.bin", "wb") as f:
+                for _ in range(80):
+                    f.write(os.urandom(MiB))
+        assert exc.value.errno == errno.ENOSPC
+        assert m.status()["pid"] == m.pid
+        assert (m.mountpoint / "fresh.bin").stat().st_size == len(fresh)
+    finally:
+        m.teardown()
+        m.dump_logs()
