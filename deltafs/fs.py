@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import stat
 import time
 from collections import defaultdict
@@ -85,6 +86,12 @@ def _guard(fn: Any) -> Any:
         except OSError as exc:
             log.error("%s failed: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc):
+                log.exception("%s failed unexpectedly", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            log.error("%s failed: the cache disk is full (journal: %s)", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except Exception:  # noqa: BLE001
             log.exception("%s failed unexpectedly", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
