@@ -388,16 +388,21 @@ class DeltaFS(pyfuse3.Operations):
             if child.dirty:
                 await self.writeback.wait_clean(child.ino)
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def _new_entry(self, parent_inode: int, raw: bytes) -> tuple[str, Node | None]:
+        """The checks every creation shares: a writable mount, a storable name, a known
+        parent directory. Returns the name and what already bears it (or None)."""
         self._writable()
-        n = self._name(name, creating=True)
-        parent = self._node(parent_inode)
-        if not parent.is_dir:
+        n = self._name(raw, creating=True)
+        if not self._node(parent_inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._check_name(parent_inode, n)
         await self._ensure_listed(parent_inode)
-        if self.journal.child(parent_inode, n) is not None:
+        return n, self.journal.child(parent_inode, n)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        n, existing = await self._new_entry(parent_inode, name)
+        if existing is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
         now = time.time_ns()
         ino = self.journal.insert(parent=parent_inode, name=n,
@@ -537,11 +542,8 @@ class DeltaFS(pyfuse3.Operations):
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._writable()
-        n = self._name(name, creating=True)
-        self._check_name(parent_inode, n)
-        await self._ensure_listed(parent_inode)
-        if self.journal.child(parent_inode, n) is not None:
+        n, existing = await self._new_entry(parent_inode, name)
+        if existing is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
         now = time.time_ns()
         ino = self.journal.insert(parent=parent_inode, name=n, mode=stat.S_IFLNK | 0o777,
@@ -573,14 +575,7 @@ class DeltaFS(pyfuse3.Operations):
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self._writable()
-        n = self._name(name, creating=True)
-        parent = self._node(parent_inode)
-        if not parent.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        self._check_name(parent_inode, n)
-        await self._ensure_listed(parent_inode)
-        existing = self.journal.child(parent_inode, n)
+        n, existing = await self._new_entry(parent_inode, name)
         if existing is not None:
             if flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
