@@ -71,8 +71,11 @@ def analyze(engine: Engine, prefix: str, sample: int = 4,
             with open(ref, "rb") as f:
                 ref_compressed = is_compressed_stream(f.read(8))
             rest = big[1:]
-            step = max(1, len(rest) // max(1, sample))
-            picks = rest[::step][:sample]
+            # evenly spread over the whole series, both ends included: drift from the
+            # reference grows with distance, so a sample of early files underestimates
+            k = min(sample, len(rest))
+            picks = [rest[round(i * (len(rest) - 1) / (k - 1))] for i in range(k)] \
+                if k > 1 else rest[:k]
             ratios: list[float] = []
             for o in picks:
                 target = tmp / "target"
