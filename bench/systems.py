@@ -170,12 +170,44 @@ class Deltafs(System):
         super().wipe_cache()
 
 
-class S3fs(System):
-    name = label = "s3fs"
+class ForegroundMount(System):
+    """A peer whose mount is a foreground daemon we start and watch (s3fs, rclone)."""
 
     def __init__(self, ctx: Ctx) -> None:
         super().__init__(ctx)
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, bucket: str, argv: list[str], env: dict[str, str]) -> None:
+        """Start the daemon and return once the mountpoint answers (or raise why not)."""
+        self.bucket = bucket
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(lambda: in_mount_table(self.mnt) or self.proc.poll() is not None,  # type: ignore[union-attr]
+                     30, f"{self.name} to mount")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {tail(self.log)}")
+            os.stat(self.mnt)
+        except BaseException:
+            self.force_cleanup()
+            raise
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+    def _reap(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class S3fs(ForegroundMount):
+    name = label = "s3fs"
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
         self.pw = self.base / "passwd"
         self.pw.write_text(f"{ctx.env['AWS_ACCESS_KEY_ID']}:{ctx.env['AWS_SECRET_ACCESS_KEY']}\n")
         self.pw.chmod(0o600)
@@ -188,25 +220,9 @@ class S3fs(System):
         return (res.stdout.splitlines() or [""])[0]
 
     def mount(self, bucket: str) -> None:
-        self.bucket = bucket
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        argv = ["s3fs", bucket, str(self.mnt), "-f", "-o", f"url={self.ctx.endpoint}",
-                "-o", "use_path_request_style", "-o", f"passwd_file={self.pw}"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.ctx.env)
-        try:
-            wait_for(lambda: in_mount_table(self.mnt) or self.proc.poll() is not None,  # type: ignore[union-attr]
-                     30, "s3fs to mount")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"s3fs exited {self.proc.returncode}: {tail(self.log)}")
-            os.stat(self.mnt)
-        except BaseException:
-            self.force_cleanup()
-            raise
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+        self._spawn(bucket, ["s3fs", bucket, str(self.mnt), "-f", "-o",
+                             f"url={self.ctx.endpoint}", "-o", "use_path_request_style",
+                             "-o", f"passwd_file={self.pw}"], self.ctx.env)
 
     def unmount(self) -> None:
         # s3fs uploads a file when it is closed: once cp returned, the data is in the bucket
@@ -219,18 +235,14 @@ class S3fs(System):
 
     def force_cleanup(self) -> None:
         super().force_cleanup()
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        self._reap()
 
 
-class Rclone(System):
+class Rclone(ForegroundMount):
     name = label = "rclone"
 
     def __init__(self, ctx: Ctx, rc_port: int) -> None:
         super().__init__(ctx)
-        self.proc: subprocess.Popen[bytes] | None = None
         self.rc = f"http://127.0.0.1:{rc_port}"
         self.rc_port = rc_port
         self.conf = self.base / "rclone.conf"
@@ -250,26 +262,10 @@ class Rclone(System):
         return (res.stdout.splitlines() or [""])[0]
 
     def mount(self, bucket: str) -> None:
-        self.bucket = bucket
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        argv = ["rclone", "--config", str(self.conf), "mount", f"bench:{bucket}",
-                str(self.mnt), "--vfs-cache-mode", "writes", "--cache-dir", str(self.cache),
-                "--rc", "--rc-addr", f"127.0.0.1:{self.rc_port}", "--rc-no-auth"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env)
-        try:
-            wait_for(lambda: in_mount_table(self.mnt) or self.proc.poll() is not None,  # type: ignore[union-attr]
-                     30, "rclone to mount")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"rclone exited {self.proc.returncode}: {tail(self.log)}")
-            os.stat(self.mnt)
-        except BaseException:
-            self.force_cleanup()
-            raise
-
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+        self._spawn(bucket, ["rclone", "--config", str(self.conf), "mount", f"bench:{bucket}",
+                             str(self.mnt), "--vfs-cache-mode", "writes", "--cache-dir",
+                             str(self.cache), "--rc", "--rc-addr",
+                             f"127.0.0.1:{self.rc_port}", "--rc-no-auth"], self.env)
 
     def vfs_stats(self) -> dict[str, Any]:
         req = urllib.request.Request(self.rc + "/vfs/stats", data=b"{}", method="POST",
@@ -302,10 +298,7 @@ class Rclone(System):
     def force_cleanup(self) -> None:
         if in_mount_table(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        self._reap()
 
 
 class DeltaGlider(System):

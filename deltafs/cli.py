@@ -19,7 +19,7 @@ from .api import DEFAULT_CACHE_SIZE, default_cache_dir, make_engine
 from .engine import Engine, Entry, Policy
 from .errors import DeltafsError, NotFound, UsageError
 from .format import check_logical_key, split_key
-from .locations import MARKER, Location, parse
+from .locations import Location, parse
 from .store.base import ObjectStore
 
 log = logging.getLogger(__name__)

@@ -229,7 +229,7 @@ def mount(cfg: MountConfig) -> int:
     pid = os.fork()
     if pid:
         os.close(write_fd)
-        return _wait_for_child(read_fd, pid, cfg.mountpoint)
+        return _wait_for_child(read_fd, pid)
     os.close(read_fd)
     os.setsid()
     os.chdir("/")  # hold no directory busy
@@ -249,7 +249,7 @@ def mount(cfg: MountConfig) -> int:
     os._exit(code)
 
 
-def _wait_for_child(read_fd: int, pid: int, mountpoint: Path) -> int:
+def _wait_for_child(read_fd: int, pid: int) -> int:
     with os.fdopen(read_fd) as r:
         line = r.readline().strip()
     if line == "OK":

@@ -286,7 +286,7 @@ class Engine:
                 ref = self._head_reference(deltaspace)
                 seeded = 0
                 if ref is None:
-                    ref, seeded = self._seed_reference(src, deltaspace, name, size, sha, owned)
+                    ref, seeded = self._seed_reference(src, deltaspace, name, sha, owned)
                     if ref is None:
                         return None, "cannot be a reference (compressed stream)"
                 ref_path = scratch / f"ref{attempt}"
@@ -363,7 +363,7 @@ class Engine:
         log.debug("wide window: delta %s -> %d bytes", first.delta_size, wide.delta_size)
         return wide
 
-    def _seed_reference(self, src: Path, deltaspace: str, name: str, size: int,
+    def _seed_reference(self, src: Path, deltaspace: str, name: str,
                         sha: str, owned: bool = False) -> tuple[Reference | None, int]:
         """Make ``src`` the reference of ``deltaspace`` with a conditional create.
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sqlite3
 import stat
 import time
@@ -415,13 +414,18 @@ class DeltaFS(pyfuse3.Operations):
         self.lookups[ino] += 1
         return self._attrs(self._node(ino))
 
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def _existing(self, parent_inode: int, raw: bytes) -> Node:
+        """The checks every removal shares: a writable mount and an existing name."""
         self._writable()
-        n = self._name(name)
+        n = self._name(raw)
         await self._ensure_listed(parent_inode)
         node = self.journal.child(parent_inode, n)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = await self._existing(parent_inode, name)
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         await self._ensure_listed(node.ino)
@@ -439,12 +443,7 @@ class DeltaFS(pyfuse3.Operations):
     # -------------------------------------------------------------- namespace
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._writable()
-        n = self._name(name)
-        await self._ensure_listed(parent_inode)
-        node = self.journal.child(parent_inode, n)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        node = await self._existing(parent_inode, name)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         self._remove(node)
@@ -684,7 +683,7 @@ class DeltaFS(pyfuse3.Operations):
             if fd is not None:
                 return fd
             tmp = self.engine.tmp_dir / f"fetch-{node.ino}-{time.monotonic_ns()}"
-            stored = stored_of(node, self.prefix, self.journal)
+            stored = stored_of(node)
             try:
                 sha = await trio.to_thread.run_sync(self.engine.materialize, stored, tmp)
             except NotFound:
@@ -927,14 +926,13 @@ class DeltaFS(pyfuse3.Operations):
 
     # ------------------------------------------------------------- lifecycle
 
-    def _on_clean(self, node: Node, staged: str) -> None:
-        """A staged file is in the bucket: it becomes a clean cache entry."""
+    async def _on_clean(self, node: Node, staged: str) -> None:
+        """A staged file is in the bucket: it becomes a clean cache entry (by hard link,
+        in a worker thread: the cache's index is a SQLite database)."""
+        self.closed_at.pop(node.ino, None)
         if self.writers.get(node.ino):
             return  # being rewritten: it must not become a cache entry (shared inode)
-        if node.sha256 and os.path.exists(staged):
-            self.cache.add(node.sha256, Path(staged))
-        Path(staged).unlink(missing_ok=True)
-        self.closed_at.pop(node.ino, None)
+        await trio.to_thread.run_sync(_adopt, self.cache, node.sha256, Path(staged))
 
     async def committer(self) -> None:
         """Commit what accumulated (attribute changes, upload results) every second."""
@@ -942,6 +940,13 @@ class DeltaFS(pyfuse3.Operations):
             await trio.sleep(1.0)
             if self.journal.db.in_transaction:
                 await self._commit()
+
+
+def _adopt(cache: ContentCache, sha256: str | None, staged: Path) -> None:
+    """Hand an uploaded staged file to the cache and drop our name for it."""
+    if sha256 and staged.exists():
+        cache.add(sha256, staged)
+    staged.unlink(missing_ok=True)
 
 
 def _copy_fd_to(src_fd: int, dest: str) -> None:
@@ -986,4 +991,4 @@ def recover(journal: Journal, files_dir: Path) -> int:
     return journal.pending()[0]
 
 
-__all__ = ["DeltaFS", "Options", "recover", "shutil", "MOVED"]
+__all__ = ["DeltaFS", "Options", "recover"]

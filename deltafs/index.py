@@ -193,14 +193,13 @@ def _file_fields(f: StoredFile, uid: int, gid: int) -> dict[str, object]:
     )
 
 
-def stored_of(node: Node, prefix: str, journal: Journal) -> StoredFile:
-    """The StoredFile a published row stands for (no request)."""
+def stored_of(node: Node) -> StoredFile:
+    """The StoredFile a published row stands for (no request; metadata unknown)."""
     assert node.remote_key is not None
     logical = node.remote_key[: -len(".delta")] if node.remote_kind == Kind.DELTA.value \
         else node.remote_key
-    meta = None
     return StoredFile(logical, node.remote_key, Kind(node.remote_kind or "direct"),
-                      node.remote_size or 0, node.remote_etag or "", node.mtime_ns / 1e9, meta)
+                      node.remote_size or 0, node.remote_etag or "", node.mtime_ns / 1e9)
 
 
 def key_of(journal: Journal, prefix: str, ino: int) -> str:

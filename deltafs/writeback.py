@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -45,7 +45,7 @@ class Writeback:
     """Drains dirty rows and tombstones to the bucket."""
 
     def __init__(self, journal: Journal, engine: Engine, prefix: str, *,
-                 concurrency: int = 4, on_clean: Callable[[Node, str], None] | None = None,
+                 concurrency: int = 4, on_clean: Callable[[Node, str], Awaitable[None]] | None = None,
                  is_open_for_write: Callable[[int], bool] = lambda ino: False,
                  has_writers: Callable[[int], bool] = lambda ino: False) -> None:
         self.journal = journal
@@ -182,13 +182,13 @@ class Writeback:
         if node.is_dir:
             self.touched.discard(node.ino)
             info = await self._run(self.engine.put_marker, key, attrs)
-            self._published(node, key + "/", "marker", 0, None, None, etag=info.etag)
+            await self._published(node, key + "/", "marker", 0, None, None, etag=info.etag)
             return
-        old = stored_of(node, self.prefix, self.journal) if node.remote_key else None
+        old = stored_of(node) if node.remote_key else None
         if node.is_symlink:
             target = (node.target or b"").decode("utf-8", "surrogateescape")
             res = await self._run(self.engine.put_symlink, key, target, attrs)
-            self._published(node, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
+            await self._published(node, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
                             etag=res.etag)
             await self._drop_old(old, key)
             return
@@ -223,7 +223,7 @@ class Writeback:
                 from .format import reference_key
 
                 ref = reference_key(space)
-            if self._published(node, object_key, kind, res.stored_size - (
+            if await self._published(node, object_key, kind, res.stored_size - (
                     res.original_size if res.kind == "reference" else 0), ref, res.sha256,
                     etag=res.etag):
                 self.state.uploaded_files += 1
@@ -235,12 +235,12 @@ class Writeback:
             return
         if node.dirty & MOVED:
             moved = await self._run(self.engine.move, old, key, attrs)
-            self._published(node, moved.object_key, moved.kind.value, moved.object_size,
+            await self._published(node, moved.object_key, moved.kind.value, moved.object_size,
                             moved.ref_key, node.sha256 or moved.sha256 or "", etag=moved.etag)
             return
         if node.dirty & ATTRS:
             updated = await self._run(self.engine.set_attrs, old, attrs)
-            self._published(node, updated.object_key, updated.kind.value, updated.object_size,
+            await self._published(node, updated.object_key, updated.kind.value, updated.object_size,
                             updated.ref_key, node.sha256 or "", etag=updated.etag)
 
     async def _drop_old(self, old, new_object_key: str) -> None:  # type: ignore[no-untyped-def]
@@ -255,7 +255,7 @@ class Writeback:
         except NotFound:
             pass
 
-    def _published(self, before: Node, object_key: str, kind: str, stored_size: int,
+    async def _published(self, before: Node, object_key: str, kind: str, stored_size: int,
                    ref: str | None, sha256: str | None, etag: str = "") -> bool:
         """Record a finished upload, unless the row changed while it ran (then it stays
         dirty and the next round publishes the newer state). Returns whether recorded."""
@@ -288,7 +288,7 @@ class Writeback:
             staged = None
         self.journal.update(before.ino, **fields)
         if unchanged and self.on_clean is not None and staged is not None:
-            self.on_clean(now, staged)
+            await self.on_clean(now, staged)
         return unchanged
 
     async def _sync_tombstone(self, object_key: str, kind: str | None) -> None:

@@ -95,3 +95,18 @@ def test_full_cache_disk_evicts_clean_data_then_enospc(moto_server: str, bucket:
     finally:
         m.teardown()
         m.dump_logs()
+
+
+def test_fsyncdir_waits_for_every_file_of_the_directory(mounted: Mount) -> None:
+    m = mounted
+    d = m.mountpoint / "batch"
+    d.mkdir()
+    for i in range(5):
+        (d / f"f{i}.txt").write_bytes(os.urandom(1000))
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # no waiting here: fsync of the directory returned only once all five were stored
+    assert {f"batch/f{i}.txt" for i in range(5)} <= set(m.objects("batch/"))
