@@ -204,7 +204,13 @@ def stored_of(node: Node) -> StoredFile:
 
 def key_of(journal: Journal, prefix: str, ino: int) -> str:
     """The bucket key of a node under the mount's prefix."""
-    return join_key(prefix.rstrip("/"), journal.path(ino)) if prefix else journal.path(ino)
+    path = journal.path(ino)
+    prefix = prefix.strip("/")
+    if not prefix:
+        return path
+    # the root of a prefix mount is the prefix itself, never "prefix/" (a LIST of
+    # "prefix//" finds nothing: the empty root of issue 8)
+    return join_key(prefix, path) if path else prefix
 
 
 def known_etags(journal: Journal, dir_ino: int) -> dict[str, str | None]:
