@@ -30,9 +30,16 @@ class ConfigError(DeltafsError):
 
 
 class StoreError(DeltafsError):
-    """The object store failed (after retries)."""
+    """The object store failed (after retries).
+
+    ``permanent`` says whether trying the same request again can ever succeed: a 4xx
+    answer other than 408/429 (a key the server refuses, AccessDenied, a missing
+    bucket) is permanent; a network failure, a timeout, 5xx and throttling are not.
+    The uploader stops retrying permanent failures and reports them; it backs off on
+    the others."""
 
     exit_code = 3
+    permanent = False
 
 
 class NotFound(StoreError):
@@ -40,6 +47,14 @@ class NotFound(StoreError):
 
     exit_code = 4
     errno = errno.ENOENT
+    permanent = True
+
+
+class Rejected(StoreError):
+    """The server refused the request for good (a 4xx other than 408/429): e.g. a key
+    it will not store, an invalid argument, an entity too large."""
+
+    permanent = True
 
 
 class AlreadyExists(StoreError):
@@ -53,6 +68,7 @@ class BucketNotFound(StoreError):
 
     exit_code = 5
     errno = errno.ENOENT
+    permanent = True
 
 
 class AccessDenied(StoreError):
@@ -60,6 +76,7 @@ class AccessDenied(StoreError):
 
     exit_code = 6
     errno = errno.EACCES
+    permanent = True
 
 
 class Unreachable(StoreError):
