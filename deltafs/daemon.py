@@ -31,7 +31,8 @@ import trio
 from .api import make_engine
 from .engine import Policy
 from .errors import ConfigError, DeltafsError
-from .fs import DeltaFS, Options, recover
+from .content import recover
+from .fs import DeltaFS, Options
 from .journal import Journal
 from .locations import Location
 from .store.base import ObjectStore
@@ -389,6 +390,15 @@ class _Stop:
         threading.Thread(target=self._watchdog, args=(timeout + STOP_GRACE,),
                          name="deltafs-stop-watchdog", daemon=True).start()
 
+    def hurry_now(self) -> None:
+        """Stop waiting for uploads (``deltafs umount --timeout`` ran out): the daemon is
+        gone within a few seconds even if an upload thread is stuck in a network call."""
+        self.hurry = True
+        if self.drain_scope is not None:
+            self.drain_scope.cancel()
+        threading.Thread(target=self._watchdog, args=(STOP_GRACE + 3,),
+                         name="deltafs-hurry-watchdog", daemon=True).start()
+
     def remaining(self) -> float:
         if self.deadline is None or self.hurry:
             return 0.0
@@ -533,8 +543,14 @@ async def _report_status(fs: DeltaFS, stop: _Stop) -> None:
 async def _signals(fs: DeltaFS, cfg: MountConfig, stop: _Stop, nursery: trio.Nursery) -> None:
     """SIGTERM/SIGINT: stop taking writes, drain within the bound, unmount, exit 0.
     A second SIGINT (Ctrl-C) stops waiting for uploads (they stay in the journal)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR2:
+                # `deltafs umount --timeout` ran out: exit without waiting for uploads
+                log.warning("SIGUSR2: not waiting for uploads; pending changes stay in "
+                            "the journal for the next mount")
+                stop.hurry_now()
+                continue
             if not stop.begun:
                 log.info("signal %d: draining uploads (at most %.0f s), then unmounting",
                          signum, cfg.drain_timeout)

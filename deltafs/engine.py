@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import codec
-from .cache import ContentCache
+from .cache import ContentCache, digest_file
 from .errors import AlreadyExists, IntegrityError, NotFound, StoreError
 from .format import (
     Attrs,
@@ -194,7 +194,7 @@ class Engine:
         if self.cache.link(sha256, dest):
             return
         info = self.store.get_file(ref_key, dest)
-        actual = codec.sha256_file(dest)
+        actual, sums = digest_file(dest)
         if actual != sha256:
             dest.unlink(missing_ok=True)
             stored_sha = meta_get(info.metadata, "file_sha256")
@@ -207,7 +207,7 @@ class Engine:
                 f"{self.store.name}/{ref_key} is corrupt: SHA-256 {actual[:12]}… "
                 f"instead of {sha256[:12]}…"
             )
-        self.cache.add(sha256, dest)
+        self.cache.add(sha256, dest, sums=sums)
 
     # ---------------------------------------------------------------------- put
 

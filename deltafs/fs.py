@@ -15,7 +15,6 @@ Every rejected operation logs why and returns the errno documented in SEMANTICS.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -32,29 +31,27 @@ import trio
 
 from .cache import ContentCache
 from .engine import Engine
-from .errors import DeltafsError, IntegrityError, NotFound, StoreError
-from .format import DELTA_SUFFIX, MAX_KEY_BYTES, REFERENCE_NAME, Kind
-from .index import fetch_listing, key_of, known_etags, merge_listing, stored_of, valid_name
+from .errors import DeltafsError, StoreError
+from .format import DELTA_SUFFIX, MAX_KEY_BYTES, MAX_NAME_BYTES, REFERENCE_NAME, Kind
+from .index import (fetch_listing, key_of, known_etags, listing_snapshot, merge_listing,
+                    valid_name)
+from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, crash_point, recover
 from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
 XATTR_PREFIX = "user.deltafs."
-ORPHAN_PARENT = 0
 
 
 @dataclass
 class Handle:
-    """An open file: its descriptor, and for writers the running hash state."""
+    """An open file: readers hold a source, writers the inode's shared working file."""
 
     ino: int
-    fd: int
     writable: bool
-    path: str | None = None  # the working file (writers)
-    dirty: bool = False
-    hasher: Any = None  # sha256 of bytes [0, hashed) while writes are sequential
-    hashed: int = 0
+    src: Source | None = None
+    work: Working | None = None
 
 
 @dataclass
@@ -129,18 +126,12 @@ class DeltaFS(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, int] = {}
         self._next_fh = 1
-        self.writers: dict[int, int] = defaultdict(int)
-        self.readers: dict[int, int] = defaultdict(int)
         self.lookups: dict[int, int] = defaultdict(int)
-        self.closed_at: dict[int, float] = {}
-        self.flush_now: set[int] = set()
         self._listing_locks: dict[int, trio.Lock] = defaultdict(trio.Lock)
-        self._fetch_locks: dict[str, trio.Lock] = defaultdict(trio.Lock)
         self.started = time.time()
-        self.writeback = Writeback(journal, engine, self.prefix, on_clean=self._on_clean,
-                                   is_open_for_write=self._held_back,
-                                   has_writers=lambda ino: bool(self.writers.get(ino)))
         files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.contents = Contents(journal, cache, engine, files_dir, settle=options.settle)
+        self.writeback = Writeback(journal, engine, self.prefix, self.contents)
 
     # ------------------------------------------------------------------ helpers
 
@@ -148,14 +139,6 @@ class DeltaFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         return fh
-
-    def _held_back(self, ino: int) -> bool:
-        if ino in self.flush_now:
-            return False
-        if self.writers.get(ino):
-            return True
-        closed = self.closed_at.get(ino)
-        return closed is not None and time.monotonic() - closed < self.options.settle
 
     def _node(self, ino: int) -> Node:
         node = self.journal.get(ino)
@@ -170,7 +153,10 @@ class DeltaFS(pyfuse3.Operations):
         a.entry_timeout = 1.0
         a.attr_timeout = 1.0
         a.st_mode = node.mode
-        a.st_nlink = 2 if node.is_dir else 1
+        if node.is_dir:
+            a.st_nlink = 2 + self.journal.count_subdirs(node.ino)
+        else:
+            a.st_nlink = 0 if node.parent == ORPHAN_PARENT else 1
         a.st_uid = node.uid
         a.st_gid = node.gid
         a.st_rdev = 0
@@ -187,6 +173,9 @@ class DeltaFS(pyfuse3.Operations):
 
     def _check_name(self, parent: int, name: str) -> None:
         """Names S3 or the format cannot hold fail here, with a log line saying why."""
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            log.info("refused name %r…: longer than %d bytes", name[:40], MAX_NAME_BYTES)
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if not valid_name(name):
             log.info("refused name %r: not storable", name)
             raise pyfuse3.FUSEError(errno.EINVAL)
@@ -217,7 +206,7 @@ class DeltaFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     async def _commit(self) -> None:
-        await trio.to_thread.run_sync(self.journal.commit)
+        await self.contents.commit()
 
     # ---------------------------------------------------------------- listing
 
@@ -244,6 +233,9 @@ class DeltaFS(pyfuse3.Operations):
             key = self._key(dir_ino)
             prefix = f"{key}/" if key else ""
             known = known_etags(self.journal, dir_ino)
+            # what the rows looked like when the LIST went out: only rows still like
+            # that may take what the listing says (a row published meanwhile is newer)
+            snapshot = listing_snapshot(self.journal, dir_ino)
             try:
                 listing = await trio.to_thread.run_sync(fetch_listing, self.engine, prefix, known)
             except StoreError as exc:
@@ -255,9 +247,8 @@ class DeltaFS(pyfuse3.Operations):
                 self.journal.update(dir_ino, listed_at=time.time() -
                                     max(0.0, self.options.listing_ttl - 10))
                 return
-            busy = set(self.writers) | set(self.readers) | set(self.closed_at)
-            merge_listing(self.journal, dir_ino, listing, busy, self.options.uid,
-                          self.options.gid)
+            merge_listing(self.journal, dir_ino, listing, self.contents.busy(),
+                          self.options.uid, self.options.gid, snapshot)
 
     async def _ensure_listed_tree(self, dir_ino: int) -> None:
         await self._ensure_listed(dir_ino)
@@ -270,6 +261,8 @@ class DeltaFS(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         n = self._name(name)
+        if len(name) > MAX_NAME_BYTES:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if n == ".":
             node = self._node(parent_inode)
         elif n == "..":
@@ -297,11 +290,13 @@ class DeltaFS(pyfuse3.Operations):
         node = self.journal.get(ino)
         if node is None or node.parent != ORPHAN_PARENT:
             return
-        if self.lookups.get(ino) or self.writers.get(ino) or self.readers.get(ino):
+        st = self.contents.states.get(ino)
+        if self.lookups.get(ino) or (st is not None and (st.writers or st.readers)):
             return
         if node.staged:
-            Path(node.staged).unlink(missing_ok=True)
+            self.contents.drop_after_commit(node.staged)
         self.journal.delete(ino)
+        self.contents.forget_if_idle(ino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
@@ -316,12 +311,13 @@ class DeltaFS(pyfuse3.Operations):
         if fields.update_size:
             if node.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
+            if attr.st_size > MAX_FILE_SIZE:
+                log.info("refused truncate of inode %d to %d bytes: larger than S3 stores "
+                         "(EFBIG)", inode, attr.st_size)
+                raise pyfuse3.FUSEError(errno.EFBIG)
             handle = self.handles.get(fh) if fh is not None else None
             if handle is not None and handle.writable:
-                os.ftruncate(handle.fd, attr.st_size)
-                handle.dirty = True
-                if handle.hashed > attr.st_size:
-                    handle.hasher = None
+                await self.contents.truncate(inode, attr.st_size)
                 changes.update(size=attr.st_size, mtime_ns=now)
             else:
                 await self._truncate(node, attr.st_size)
@@ -350,13 +346,14 @@ class DeltaFS(pyfuse3.Operations):
 
     async def _truncate(self, node: Node, size: int) -> None:
         """truncate(2) of a file not open for writing: open, cut, close."""
-        fd, path = await self._open_for_write(node, truncate=(size == 0))
+        self._writable()
+        await self.contents.open_write(node, truncate=(size == 0))
+        self.contents.st(node.ino).writers += 1
         try:
-            os.ftruncate(fd, size)
+            await self.contents.truncate(node.ino, size)
         finally:
-            os.close(fd)
-        handle = Handle(node.ino, -1, True, path, dirty=True)
-        await self._stage(handle, path)
+            await self.contents.close_writer(node.ino)
+        self.writeback.kick()
 
     # ------------------------------------------------------------- directories
 
@@ -458,7 +455,9 @@ class DeltaFS(pyfuse3.Operations):
             self.journal.add_tombstone(node.remote_key, node.remote_kind)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0,
                             remote_key=None)
-        self.closed_at.pop(node.ino, None)
+        st = self.contents.states.get(node.ino)
+        if st is not None:
+            st.closed_at = None
         self._maybe_reap(node.ino)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -586,19 +585,14 @@ class DeltaFS(pyfuse3.Operations):
                                   mode=stat.S_IFREG | stat.S_IMODE(mode), uid=ctx.uid,
                                   gid=ctx.gid, size=0, mtime_ns=now, ctime_ns=now,
                                   atime_ns=now)
-        path = self._new_work_path(ino)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.journal.update(ino, staged=str(path))
+        crash_point("create")
+        work = await self.contents.open_write(self._node(ino), truncate=True)
+        self.contents.st(ino).writers += 1
         self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
-        handle = Handle(ino, fd, True, str(path), dirty=True, hasher=hashlib.sha256())
         fh = self._fh()
-        self.handles[fh] = handle
-        self.writers[ino] += 1
+        self.handles[fh] = Handle(ino, True, work=work)
         self.lookups[ino] += 1
         return pyfuse3.FileInfo(fh=fh), self._attrs(self._node(ino))
-
-    def _new_work_path(self, ino: int) -> Path:
-        return self.files_dir / f"{ino}-{time.monotonic_ns()}"
 
     async def _wait_for_budget(self) -> None:
         """Writers wait for uploads rather than fill the disk with dirty data."""
@@ -619,220 +613,77 @@ class DeltaFS(pyfuse3.Operations):
         accmode = flags & os.O_ACCMODE
         fh = self._fh()
         if accmode == os.O_RDONLY and not flags & os.O_TRUNC:
-            fd = await self._open_for_read(node)
-            self.handles[fh] = Handle(inode, fd, False)
-            self.readers[inode] += 1
-            keep = not node.dirty and node.sha256 is not None
+            src = await self.contents.open_read(node)
+            self.handles[fh] = Handle(inode, False, src=src)
+            st = self.contents.st(inode)
+            st.readers += 1
+            keep = not node.dirty and node.sha256 is not None and st.work is None
             return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
         self._writable()
         await self._wait_for_budget()
         truncate = bool(flags & os.O_TRUNC)
-        fd, path = await self._open_for_write(node, truncate)
-        self.writers[inode] += 1
-        hasher = hashlib.sha256() if truncate else None
-        self.handles[fh] = Handle(inode, fd, True, path, dirty=truncate, hasher=hasher)
-        if truncate:
-            self.journal.update(inode, size=0, mtime_ns=time.time_ns(), sha256=None,
-                                staged=path)
+        work = await self.contents.open_write(node, truncate)
+        self.contents.st(inode).writers += 1
+        self.handles[fh] = Handle(inode, True, work=work)
         return pyfuse3.FileInfo(fh=fh)
 
-    async def _open_for_write(self, node: Node, truncate: bool) -> tuple[int, str]:
-        """A working file for ``node``: its staged file when no upload reads it, else a
-        fresh copy of its content (from the staged file or the cache)."""
-        reuse = node.staged and os.path.exists(node.staged) and \
-            node.ino not in self.writeback._active  # noqa: SLF001
-        if reuse and (self.writers.get(node.ino) or node.dirty & CONTENT or node.sha256 is None):
-            path = node.staged
-            assert path is not None
-            fd = os.open(path, os.O_RDWR | (os.O_TRUNC if truncate else 0))
-            self.journal.update(node.ino, staged=path)
-            return fd, path
-        path = str(self._new_work_path(node.ino))
-        if truncate:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        else:
-            src_fd = await self._open_for_read(node)
-            try:
-                await trio.to_thread.run_sync(_copy_fd_to, src_fd, path)
-            finally:
-                os.close(src_fd)
-            fd = os.open(path, os.O_RDWR)
-        self.journal.update(node.ino, staged=path)
-        return fd, path
-
-    async def _open_for_read(self, node: Node) -> int:
-        """A descriptor on the verified content of ``node``."""
-        if node.staged and (node.dirty & CONTENT or self.writers.get(node.ino)):
-            try:
-                return os.open(node.staged, os.O_RDONLY)
-            except FileNotFoundError:
-                pass
-        if node.is_symlink:
-            raise pyfuse3.FUSEError(errno.ELOOP)
-        if not node.remote_key:
-            if node.size == 0:
-                return os.open(os.devnull, os.O_RDONLY)
-            log.error("inode %d has no content anywhere", node.ino)
-            raise pyfuse3.FUSEError(errno.EIO)
-        cache_key = node.sha256 or f"foreign:{node.remote_key}:{node.remote_etag}"
-        fd = self._cache_fd(cache_key)
-        if fd is not None:
-            return fd
-        async with self._fetch_locks[cache_key]:
-            fd = self._cache_fd(cache_key)
-            if fd is not None:
-                return fd
-            tmp = self.engine.tmp_dir / f"fetch-{node.ino}-{time.monotonic_ns()}"
-            stored = stored_of(node)
-            try:
-                sha = await trio.to_thread.run_sync(self.engine.materialize, stored, tmp)
-            except NotFound:
-                log.error("read %s: the object is gone from the bucket", node.remote_key)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            except IntegrityError as exc:
-                log.error("read %s: %s", node.remote_key, exc)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            except DeltafsError as exc:
-                log.error("read %s: %s", node.remote_key, exc)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            try:
-                size = tmp.stat().st_size
-                if sha is not None and sha != node.sha256:
-                    log.info("%s changed in the bucket; serving the new content",
-                             node.remote_key)
-                    self.journal.update(node.ino, sha256=sha, size=size)
-                key = sha or cache_key
-                await trio.to_thread.run_sync(self.cache.add, key, tmp)
-                return os.open(tmp, os.O_RDONLY)
-            finally:
-                tmp.unlink(missing_ok=True)
-
-    def _cache_fd(self, key: str) -> int | None:
-        tmp = self.engine.tmp_dir / f"hit-{time.monotonic_ns()}"
-        if not self.cache.link(key, tmp):
-            return None
-        try:
-            return os.open(tmp, os.O_RDONLY)
-        finally:
-            tmp.unlink(missing_ok=True)
-
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.handles[fh].fd, size, off)
+        h = self.handles[fh]
+        assert h.src is not None
+        return await self.contents.read(h.src, self.journal.get(h.ino), size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
-        if not h.writable:
+        if not h.writable or h.work is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        while h.ino in self.flush_now:
-            await self.writeback.changed.wait()
-        try:
-            n = os.pwrite(h.fd, buf, off)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                log.error("write to the working file of inode %d failed: %s", h.ino, exc)
-                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-            # the cache disk is full: clean cache entries go first, then we retry once
-            await trio.to_thread.run_sync(self.cache.shrink, max(len(buf), 64 << 20))
-            try:
-                n = os.pwrite(h.fd, buf, off)
-            except OSError as exc2:
-                log.error("cache disk full: write to inode %d fails with ENOSPC even "
-                          "after evicting clean cache entries (pending uploads hold the "
-                          "rest)", h.ino)
-                raise pyfuse3.FUSEError(exc2.errno or errno.ENOSPC) from None
-        if h.hasher is not None:
-            if off == h.hashed:
-                h.hasher.update(buf[:n])
-                h.hashed += n
-            else:
-                h.hasher = None
-        node = self._node(h.ino)
-        end = off + n
-        if not h.dirty or node.sha256 is not None:
-            # the content no longer matches any hash: a crash now replays the working file
-            self.journal.update(h.ino, sha256=None)
-        h.dirty = True
-        self.journal.update(h.ino, size=max(node.size, end), mtime_ns=time.time_ns())
-        return n
+        return await self.contents.write(h.ino, h.work, off, buf)
 
     async def flush(self, fh: int) -> None:
         """close(2) of a written file: stage it durably now. The kernel sends RELEASE
         only after close() has returned, so waiting for it would let a crash right
         after close() lose the file."""
         h = self.handles.get(fh)
-        if h is not None and h.writable and h.dirty:
-            await self._stage(h, h.path)
-            h.dirty = False
+        if h is not None and h.writable:
+            await self.contents.stage(h.ino)
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
+        st = self.contents.st(h.ino)
         if not h.writable:
-            os.close(h.fd)
-            self.readers[h.ino] -= 1
-            if self.readers[h.ino] <= 0:
-                self.readers.pop(h.ino, None)
-                self._maybe_reap(h.ino)
+            if h.src is not None:
+                h.src.close()
+            st.readers -= 1
+            self.contents.forget_if_idle(h.ino)
+            self._maybe_reap(h.ino)
             return
         try:
-            if h.dirty:
-                await self._stage(h, h.path)
+            await self.contents.close_writer(h.ino)
         finally:
-            os.close(h.fd)
-            self.writers[h.ino] -= 1
-            if self.writers[h.ino] <= 0:
-                self.writers.pop(h.ino, None)
-                node = self.journal.get(h.ino)
-                if h.path and (node is None or node.staged != h.path):
-                    # uploaded while open (fsync) and not written since: no longer needed
-                    Path(h.path).unlink(missing_ok=True)
-                self._maybe_reap(h.ino)
+            self._maybe_reap(h.ino)
             self.writeback.kick()
 
-    async def _stage(self, h: Handle, path: str | None) -> None:
-        """Close of a written file: hash it and record it durably; the upload follows."""
-        assert path is not None
-        node = self.journal.get(h.ino)
-        if node is None:
-            return
-        size = os.stat(path).st_size
-        hasher = h.hasher if h.hasher is not None and h.hashed == size else None
-
-        def finish() -> str:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            if hasher is not None:
-                return str(hasher.hexdigest())
-            from .codec import sha256_file
-
-            return sha256_file(Path(path))
-
-        sha = await trio.to_thread.run_sync(finish)
-        node = self.journal.get(h.ino)
-        if node is None:
-            return
-        if node.parent == ORPHAN_PARENT:
-            return  # unlinked while open: nothing to upload
-        self.journal.update(h.ino, sha256=sha, size=size, staged=path)
-        self.journal.set_dirty(h.ino, CONTENT)
-        self.closed_at[h.ino] = time.monotonic()
-        await self._commit()
-
     async def fsync(self, fh: int, datasync: bool) -> None:
+        """Stage the file, then wait until that version is in the bucket. Writes go on
+        meanwhile (a sealed file is copied before it is written again)."""
         h = self.handles.get(fh)
         if h is None:
             return
-        if h.writable and h.dirty:
-            await self._stage(h, h.path)
-            h.dirty = False
-            h.hasher = None
-        self.closed_at.pop(h.ino, None)
-        # the uploader skips files open for writing; fsync asks for this one now, and
-        # writes to it wait until its upload is done (the upload reads the same file)
-        self.flush_now.add(h.ino)
+        if h.writable:
+            await self.contents.stage(h.ino)
+        st = self.contents.st(h.ino)
+        node = self.journal.get(h.ino)
+        if node is None or not node.dirty:
+            return
+        st.flush += 1
         try:
-            await self.writeback.wait_clean(h.ino)
+            ok = await self.writeback.wait_published(h.ino, st.stage_seq)
         finally:
-            self.flush_now.discard(h.ino)
+            st.flush -= 1
+            self.contents.forget_if_idle(h.ino)
+        if not ok:
+            log.error("fsync of inode %d: its upload failed for good (%s)", h.ino,
+                      self.writeback.state.failed.get(h.ino, "see the log"))
+            raise pyfuse3.FUSEError(errno.EIO)
 
     # ------------------------------------------------------------ filesystem
 
@@ -920,75 +771,35 @@ class DeltaFS(pyfuse3.Operations):
             "logical_bytes": self.journal.logical_bytes(),
             "stored_bytes": self.journal.stored_bytes(),
             "requests": self.engine.store.stats(),
+            "failed_files": len(w.failed) + len(w.tomb_failed),
+            "failed": ([{"key": k, "error": w.failed[i]} for i, k in w.failed_keys.items()]
+                       + [{"key": k, "error": e} for k, e in w.tomb_failed.items()])[:50],
             "last_error": w.last_error,
             "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
         }
 
     # ------------------------------------------------------------- lifecycle
 
-    async def _on_clean(self, node: Node, staged: str) -> None:
-        """A staged file is in the bucket: it becomes a clean cache entry (by hard link,
-        in a worker thread: the cache's index is a SQLite database)."""
-        self.closed_at.pop(node.ino, None)
-        if self.writers.get(node.ino):
-            return  # being rewritten: it must not become a cache entry (shared inode)
-        await trio.to_thread.run_sync(_adopt, self.cache, node.sha256, Path(staged))
-
     async def committer(self) -> None:
-        """Commit what accumulated (attribute changes, upload results) every second."""
+        """Commit what accumulated (attribute changes, upload results) every second. A
+        failed commit (a full disk) is logged and tried again: it must never end the
+        mount (issue 8: the committer died and took every later operation with it)."""
+        failing = False
         while True:
             await trio.sleep(1.0)
-            if self.journal.db.in_transaction:
+            if not self.journal.db.in_transaction and not self.contents._after_commit:  # noqa: SLF001
+                continue
+            try:
                 await self._commit()
-
-
-def _adopt(cache: ContentCache, sha256: str | None, staged: Path) -> None:
-    """Hand an uploaded staged file to the cache and drop our name for it."""
-    if sha256 and staged.exists():
-        cache.add(sha256, staged)
-    staged.unlink(missing_ok=True)
-
-
-def _copy_fd_to(src_fd: int, dest: str) -> None:
-    with open(dest, "wb") as out:
-        os.lseek(src_fd, 0, os.SEEK_SET)
-        while True:
-            chunk = os.read(src_fd, 1 << 20)
-            if not chunk:
-                break
-            out.write(chunk)
-
-
-def recover(journal: Journal, files_dir: Path) -> int:
-    """After a crash: forget orphans, keep every staged file a row still points to, and
-    remove working files nobody points to. Returns the number of files to upload."""
-    journal.x("DELETE FROM nodes WHERE parent = ?", (ORPHAN_PARENT,))
-    # What an earlier mount listed is a starting point, not the truth: each directory is
-    # listed again on first use (one LIST; unchanged ETags spare the HEADs), and served
-    # from these rows if S3 cannot be reached.
-    journal.x("UPDATE nodes SET listed_at = 0 WHERE listed_at IS NOT NULL")
-    wanted = {r[0] for r in journal.x("SELECT staged FROM nodes WHERE staged IS NOT NULL")}
-    for p in files_dir.iterdir() if files_dir.exists() else []:
-        if str(p) not in wanted:
-            p.unlink(missing_ok=True)
-    # files open for writing at the crash: their working file is all we have; stage it
-    rows = journal.x("SELECT ino, staged FROM nodes WHERE staged IS NOT NULL AND dirty & 1 = 0 "
-                     "AND sha256 IS NULL").fetchall()
-    from .codec import sha256_file
-
-    for ino, staged in rows:
-        if os.path.exists(staged):
-            journal.update(ino, sha256=sha256_file(Path(staged)),
-                           size=os.stat(staged).st_size)
-            journal.set_dirty(ino, CONTENT)
-            log.warning("inode %d was open for writing at the crash; uploading what was "
-                        "written", ino)
-    for ino, staged in journal.x("SELECT ino, staged FROM nodes WHERE staged IS NOT NULL AND "
-                                 "dirty = 0").fetchall():
-        journal.update(ino, staged=None)
-        Path(staged).unlink(missing_ok=True)
-    journal.commit()
-    return journal.pending()[0]
+            except (sqlite3.Error, OSError) as exc:
+                if not failing:
+                    log.error("journal commit failed (%s); trying again every second", exc)
+                failing = True
+                await trio.to_thread.run_sync(self.cache.shrink, 16 << 20)
+                continue
+            if failing:
+                log.info("journal commits work again")
+            failing = False
 
 
 __all__ = ["DeltaFS", "Options", "recover"]

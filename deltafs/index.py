@@ -103,20 +103,43 @@ def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> 
     return DirListing(files, dirs, marker, reference, dir_markers)
 
 
+Snapshot = dict[int, tuple[str, str | None, str | None]]
+
+
+def listing_snapshot(journal: Journal, dir_ino: int) -> Snapshot:
+    """The rows under ``dir_ino`` as they are when a LIST goes out (ino -> name, remote
+    key, ETag): a listing may only change rows that are still exactly like this."""
+    return {n.ino: (n.name, n.remote_key, n.remote_etag) for n in journal.children(dir_ino)}
+
+
 def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set[int],
-                  uid: int, gid: int) -> None:
-    """Apply a listing to the rows under ``dir_ino``. ``busy`` holds inodes open or with
-    local changes: those rows are left alone."""
+                  uid: int, gid: int, snapshot: Snapshot | None = None) -> None:
+    """Apply a listing to the rows under ``dir_ino``.
+
+    A listing tells what the bucket held when the LIST ran, which may be older than a
+    row: ``busy`` rows (open, or with content in flight), dirty rows and rows that changed
+    since ``snapshot`` are left alone; objects with a pending delete, or that a live row
+    elsewhere owns (the source of a rename not yet carried out), do not come back."""
     now = time.time_ns()
     existing = {n.name: n for n in journal.children(dir_ino)}
+    doomed = journal.tombstone_keys()
+
+    def unchanged(node: Node) -> bool:
+        return snapshot is None or snapshot.get(node.ino) == (
+            node.name, node.remote_key, node.remote_etag)
+
     for name, f in listing.files.items():
         node = existing.pop(name, None)
-        if node is not None and (node.dirty or node.ino in busy):
+        if node is not None and (node.dirty or node.ino in busy or not unchanged(node)):
             continue
         if node is not None and node.remote_etag == f.etag and node.remote_key == f.object_key:
             continue
+        if f.object_key in doomed:
+            continue
         fields = _file_fields(f, uid, gid)
         if node is None:
+            if journal.remote_claimed(f.object_key):
+                continue  # a renamed file whose object has not moved yet
             journal.insert(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now, **fields)
         elif node.is_dir:
             continue  # a local directory of that name wins until it is gone
@@ -136,9 +159,7 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
     for name, node in existing.items():
         # In the journal but not in the bucket: keep what is ours and not yet uploaded;
         # drop what was published and is gone (deleted by another writer).
-        if node.dirty or node.ino in busy or node.remote_key is None:
-            if node.is_dir and node.remote_key is None and not node.dirty:
-                continue  # an implicit directory we made locally stays until rmdir
+        if node.dirty or node.ino in busy or node.remote_key is None or not unchanged(node):
             continue
         if node.is_dir:
             continue
@@ -221,5 +242,5 @@ def known_etags(journal: Journal, dir_ino: int) -> dict[str, str | None]:
     return known
 
 
-__all__ = ["fetch_listing", "merge_listing", "stored_of", "key_of", "known_etags",
+__all__ = ["fetch_listing", "merge_listing", "listing_snapshot", "stored_of", "key_of", "known_etags",
            "ObjectInfo"]

@@ -187,6 +187,10 @@ class Journal:
                       "ORDER BY ino", (parent, after_ino, parent)).fetchall()
         return [Node(*r) for r in rows]
 
+    def count_subdirs(self, parent: int) -> int:
+        return self.x("SELECT count(*) FROM nodes WHERE parent=? AND ino != ? AND mode & ? = ?",
+                      (parent, parent, 0o170000, stat.S_IFDIR)).fetchone()[0]
+
     def count_children(self, parent: int) -> int:
         return self.x("SELECT count(*) FROM nodes WHERE parent=? AND ino != ?",
                       (parent, parent)).fetchone()[0]
@@ -228,9 +232,9 @@ class Journal:
         for r in rows:
             yield Node(*r)
 
-    def dirty_nodes(self, limit: int = 1000) -> list[Node]:
-        rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE dirty != 0 ORDER BY ino LIMIT ?",
-                      (limit,)).fetchall()
+    def dirty_nodes(self, limit: int = 1000, after_ino: int = 0) -> list[Node]:
+        rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE dirty != 0 AND ino > ? "
+                      "ORDER BY ino LIMIT ?", (after_ino, limit)).fetchall()
         return [Node(*r) for r in rows]
 
     def pending(self) -> tuple[int, int]:
@@ -271,7 +275,11 @@ class Journal:
         return [(r[0], r[1]) for r in
                 self.x("SELECT object_key, kind FROM tombstones ORDER BY queued_at").fetchall()]
 
-    def remote_claimed(self, object_key: str) -> bool:
-        """Whether a live node is published as ``object_key`` (then its tombstone is stale)."""
-        return self.x("SELECT 1 FROM nodes WHERE remote_key=? LIMIT 1",
-                      (object_key,)).fetchone() is not None
+    def remote_claimed(self, object_key: str, but: int = -1) -> bool:
+        """Whether a live node (not unlinked, not ``but``) is published as ``object_key``
+        (then a tombstone for it is stale, and an upload to it must wait)."""
+        return self.x("SELECT 1 FROM nodes WHERE remote_key=? AND parent != 0 AND ino != ? "
+                      "LIMIT 1", (object_key, but)).fetchone() is not None
+
+    def tombstone_keys(self) -> set[str]:
+        return {r[0] for r in self.x("SELECT object_key FROM tombstones").fetchall()}

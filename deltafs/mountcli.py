@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -94,15 +95,21 @@ def cmd_umount(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     deadline = time.monotonic() + args.timeout if args.timeout else None
     last = None
+    hurry = False
     while True:
         status = read_status(mnt)
         files, nbytes = status["pending_files"], status["pending_bytes"]
-        if files == 0 and status.get("uploading", 0) == 0:
+        failed = int(status.get("failed_files", 0))
+        if files <= failed and status.get("uploading", 0) == 0:
+            if failed:
+                print(f"deltafs: {failed} changes failed for good and stay pending (see "
+                      f"`deltafs status {mnt}` and the log); unmounting", file=sys.stderr)
             break
         if deadline is not None and time.monotonic() > deadline:
             print(f"deltafs: {files} changes ({nbytes} bytes) still pending after "
                   f"{args.timeout:.0f} s; unmounting anyway (the next mount uploads them)",
                   file=sys.stderr)
+            hurry = True
             break
         if tty and (files, nbytes) != last:
             print(f"waiting for {files} uploads ({nbytes} bytes)…", file=sys.stderr)
@@ -110,6 +117,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if status.get("last_error") and tty:
             print(f"  last error: {status['last_error']}", file=sys.stderr)
         time.sleep(0.2)
+    if hurry or deadline is not None:
+        # the daemon would otherwise drain again for its --drain-timeout after the
+        # unmount: with --timeout, the caller's bound is the one that holds
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
     res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
         raise DeltafsError(f"fusermount3 -u {mnt} failed: {res.stderr.strip()}")

@@ -2,31 +2,54 @@
 
 Rows are picked in inode order, at most ``concurrency`` at a time, each in a worker
 thread (encode, upload, copy and delete are all blocking). Work on one key never overlaps
-with other work on that key. A failure leaves the row dirty and is retried with backoff,
-forever: nothing that ``close()`` accepted is ever dropped. What a row looked like when
-its upload began is compared with what it looks like after; if it changed meanwhile (a
-new write, a rename) the row stays dirty for the next round.
+with other work on that key (a rename claims its source key too), and content is never
+uploaded to a key whose old object a pending rename still has to move away. What a row
+looked like when its upload began is compared with what it looks like after; if it
+changed meanwhile (a new write, a rename) the row stays dirty for the next round; if it
+was unlinked, what was just written gets a tombstone.
+
+Failures are classified (:attr:`deltafs.errors.StoreError.permanent`): transient ones are
+retried with exponential backoff up to a minute, tombstones included; permanent ones
+(a key the server refuses, AccessDenied) stop, are logged once with the real cause and
+shown in ``deltafs status``, and do not hold up ``umount``. A row that changes after a
+permanent failure is tried again.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Awaitable, Callable
 
 import trio
 
+from .content import ORPHAN_PARENT, Contents, crash_point
 from .engine import Engine
-from .errors import DeltafsError, NotFound
-from .format import Attrs, Kind, delta_key, split_key
+from .errors import AccessDenied, BucketNotFound, DeltafsError, NotFound
+from .format import Attrs, Kind, StoredFile, delta_key, reference_key, split_key
 from .index import key_of, stored_of
 from .journal import ATTRS, CONTENT, MOVED, Journal, Node
 
 log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 60.0
+#: a missing bucket or refused credentials count as failed (fsync EIO, umount does not
+#: wait) after this many attempts; they are still retried, backed off
+BUCKET_WIDE_ATTEMPTS = 3
+
+
+def _backoff(attempt: int) -> float:
+    return min(MAX_BACKOFF, 0.5 * math.pow(2, min(attempt - 1, 8)))
+
+
+def _signature(node: Node) -> tuple[object, ...]:
+    return (node.sha256, node.staged, node.parent, node.name, node.mode, node.uid,
+            node.gid, node.mtime_ns, node.dirty, node.target)
+
+
+def _logical(object_key: str) -> str:
+    return object_key[:-len(".delta")] if object_key.endswith(".delta") else object_key
 
 
 @dataclass
@@ -39,25 +62,28 @@ class SyncState:
     last_error_at: float = 0.0
     failures: dict[int, int] = field(default_factory=dict)  # ino -> consecutive failures
     retry_at: dict[int, float] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # ino -> permanent failure
+    failed_sig: dict[int, tuple[object, ...]] = field(default_factory=dict)
+    failed_keys: dict[int, str] = field(default_factory=dict)
+    failed_retry: set[int] = field(default_factory=set)  # failed, but still retried
+    tomb_failures: dict[str, int] = field(default_factory=dict)
+    tomb_retry_at: dict[str, float] = field(default_factory=dict)
+    tomb_failed: dict[str, str] = field(default_factory=dict)
 
 
 class Writeback:
     """Drains dirty rows and tombstones to the bucket."""
 
-    def __init__(self, journal: Journal, engine: Engine, prefix: str, *,
-                 concurrency: int = 4, on_clean: Callable[[Node, str], Awaitable[None]] | None = None,
-                 is_open_for_write: Callable[[int], bool] = lambda ino: False,
-                 has_writers: Callable[[int], bool] = lambda ino: False) -> None:
+    def __init__(self, journal: Journal, engine: Engine, prefix: str, contents: Contents,
+                 *, concurrency: int = 4) -> None:
         self.journal = journal
         self.engine = engine
         self.prefix = prefix
+        self.contents = contents
         self.limiter = trio.CapacityLimiter(concurrency)
         self.state = SyncState()
         self.wakeup = trio.Event()
         self.changed = trio.Event()  # set after every completed item (fsync/umount wait)
-        self.on_clean = on_clean
-        self.is_open_for_write = is_open_for_write
-        self.has_writers = has_writers
         self._active: set[int] = set()
         self._active_keys: set[str] = set()
         self._active_tombstones: set[str] = set()
@@ -65,6 +91,7 @@ class Writeback:
         self._seeding: set[int] = set()  # directories whose seeding upload is running
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
+        contents.on_change = self.kick
 
     def kick(self) -> None:
         self.wakeup.set()
@@ -89,30 +116,61 @@ class Writeback:
             return 0
         now = time.monotonic()
         started = 0
-        for node in self.journal.dirty_nodes():
-            if node.ino in self._active or self.state.retry_at.get(node.ino, 0) > now:
-                continue
-            if self.is_open_for_write(node.ino):
-                continue
-            if self.limiter.borrowed_tokens + len(self._active) > self.limiter.total_tokens * 2:
+        after = 0
+        full = False
+        while not full:
+            page = self.journal.dirty_nodes(limit=500, after_ino=after)
+            if not page:
                 break
-            if self._seeds(node):
-                # Until a directory has its reference, its uploads go one at a time in
-                # inode (creation) order: the first file written becomes the reference,
-                # and no upload is wasted on losing the creation race to our own.
-                if node.parent in self._seeding:
+            for node in page:
+                after = node.ino
+                if node.ino in self._active or self.state.retry_at.get(node.ino, 0) > now:
                     continue
-                self._seeding.add(node.parent)
-            self._active.add(node.ino)
-            nursery.start_soon(self._sync_node, node.ino)
-            started += 1
+                if node.parent == ORPHAN_PARENT:
+                    continue
+                if node.ino in self.state.failed and node.ino not in self.state.failed_retry:
+                    if self.state.failed_sig.get(node.ino) == _signature(node):
+                        continue
+                    self._forget_failure(node.ino)  # changed since: try again
+                if not self.contents.upload_ready(node):
+                    continue
+                if self.limiter.borrowed_tokens + len(self._active) > \
+                        self.limiter.total_tokens * 2:
+                    full = True
+                    break
+                if self._blocked(node):
+                    continue
+                if self._seeds(node):
+                    # Until a directory has its reference, its uploads go one at a time in
+                    # inode (creation) order: the first file written becomes the reference,
+                    # and no upload is wasted on losing the creation race to our own.
+                    if node.parent in self._seeding:
+                        continue
+                    self._seeding.add(node.parent)
+                self._active.add(node.ino)
+                nursery.start_soon(self._sync_node, node.ino)
+                started += 1
         for object_key, kind in self.journal.tombstones():
-            if object_key in self._active_tombstones:
+            if object_key in self._active_tombstones or object_key in self.state.tomb_failed \
+                    or self.state.tomb_retry_at.get(object_key, 0) > now:
                 continue
             self._active_tombstones.add(object_key)
             nursery.start_soon(self._sync_tombstone, object_key, kind)
             started += 1
         return started
+
+    def _blocked(self, node: Node) -> bool:
+        """New content for a key whose old object another row must still move away (a
+        rename of a file published there, not yet carried out) waits for that move:
+        uploading first would overwrite what the move is about to copy."""
+        if not node.dirty & CONTENT or node.is_dir:
+            return False
+        try:
+            key = key_of(self.journal, self.prefix, node.ino)
+        except KeyError:
+            return True
+        return (self.journal.remote_claimed(key, but=node.ino)
+                or self.journal.remote_claimed(delta_key(key), but=node.ino))
 
     def _seeds(self, node: Node) -> bool:
         """Whether uploading ``node`` may create its directory's reference."""
@@ -122,36 +180,45 @@ class Writeback:
     def busy(self) -> bool:
         return bool(self._active or self._active_keys or self._active_tombstones)
 
-    async def _claim(self, key: str) -> None:
-        """Wait until no other work runs on the logical ``key``, then take it. Called
-        before taking an upload slot, so a waiter never holds one."""
-        while key in self._active_keys:
+    def pending_failed(self) -> int:
+        """Pending changes that failed for good (not waited for by drain/umount)."""
+        return len(self.state.failed) + len(self.state.tomb_failed)
+
+    async def _claim(self, keys: list[str]) -> None:
+        """Wait until no other work runs on any of the logical ``keys``, then take them.
+        Called before taking an upload slot, so a waiter never holds one."""
+        while any(k in self._active_keys for k in keys):
             await trio.sleep(0.05)
-        self._active_keys.add(key)
+        self._active_keys.update(keys)
 
     # --------------------------------------------------------------- one row
 
     async def _sync_node(self, ino: int) -> None:
         seeding_parent: int | None = None
+        keys: list[str] = []
         try:
             node = self.journal.get(ino)
             if node is not None and self._seeds(node) and node.parent in self._seeding:
                 seeding_parent = node.parent
-            if node is None or not node.dirty:
+            if node is None or not node.dirty or node.parent == ORPHAN_PARENT:
                 return
             key = key_of(self.journal, self.prefix, ino)
-            await self._claim(key)
-            try:
-                async with self.limiter:
-                    node = self.journal.get(ino)  # as it is now, after the wait
-                    if node is None or not node.dirty or \
-                            key_of(self.journal, self.prefix, ino) != key:
-                        return
-                    await self._sync(node, key)
-            finally:
-                self._active_keys.discard(key)
+            wanted = [key]
+            if node.dirty & MOVED and node.remote_key and _logical(node.remote_key) != key:
+                wanted.append(_logical(node.remote_key))
+            await self._claim(wanted)
+            keys = wanted
+            async with self.limiter:
+                node = self.journal.get(ino)  # as it is now, after the wait
+                if node is None or not node.dirty or node.parent == ORPHAN_PARENT or \
+                        key_of(self.journal, self.prefix, ino) != key:
+                    return
+                await self._sync(node, key)
             self.state.failures.pop(ino, None)
             self.state.retry_at.pop(ino, None)
+            self._forget_failure(ino)
+        except KeyError:
+            return  # unlinked (or below an unlinked directory) meanwhile
         except (DeltafsError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 await trio.to_thread.run_sync(self.engine.cache.shrink, 64 << 20)
@@ -160,22 +227,56 @@ class Writeback:
             log.exception("upload of inode %d failed unexpectedly", ino)
             self._failed(ino, exc)
         finally:
+            for k in keys:
+                self._active_keys.discard(k)
             self._active.discard(ino)
             if seeding_parent is not None:
                 self._seeding.discard(seeding_parent)
-            self.changed.set()
-            self.changed = trio.Event()
-            self.kick()
+            self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+        self.kick()
+
+    def _forget_failure(self, ino: int) -> None:
+        for d in (self.state.failed, self.state.failed_sig, self.state.failed_keys):
+            d.pop(ino, None)
+        self.state.failed_retry.discard(ino)
 
     def _failed(self, ino: int, exc: BaseException) -> None:
+        node = self.journal.get(ino)
+        where = node.name if node is not None else f"inode {ino}"
+        try:
+            where = key_of(self.journal, self.prefix, ino)
+        except KeyError:
+            pass
+        self.state.last_error = f"{where}: {type(exc).__name__}: {exc}"
+        self.state.last_error_at = time.time()
+        bucket_wide = isinstance(exc, (AccessDenied, BucketNotFound))
+        if getattr(exc, "permanent", False) and node is not None and not bucket_wide:
+            self.state.failed[ino] = f"{type(exc).__name__}: {exc}"
+            self.state.failed_sig[ino] = _signature(node)
+            self.state.failed_keys[ino] = where
+            self.state.failures.pop(ino, None)
+            self.state.retry_at.pop(ino, None)
+            log.error("upload of %s failed for good, not retrying until the file changes "
+                      "(shown in `deltafs status`): %s", where, exc)
+            return
         n = self.state.failures.get(ino, 0) + 1
         self.state.failures[ino] = n
-        delay = min(60.0, 0.5 * math.pow(2, min(n, 7)))
+        delay = _backoff(n)
         self.state.retry_at[ino] = time.monotonic() + delay
-        self.state.last_error = f"{type(exc).__name__}: {exc}"
-        self.state.last_error_at = time.time()
-        log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s",
-                    ino, n, delay, exc)
+        if bucket_wide and n >= BUCKET_WIDE_ATTEMPTS and node is not None:
+            # the bucket is gone or the credentials are refused: an operator may fix it,
+            # so keep trying (backed off), but stop making fsync and umount wait for it
+            self.state.failed[ino] = f"{type(exc).__name__}: {exc}"
+            self.state.failed_sig[ino] = _signature(node)
+            self.state.failed_keys[ino] = where
+            self.state.failed_retry.add(ino)
+        if n & (n - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a line a second
+            log.warning("upload of %s failed (attempt %d, retry in %.0f s): %s",
+                        where, n, delay, exc)
 
     async def _sync(self, node: Node, key: str) -> None:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
@@ -183,86 +284,138 @@ class Writeback:
             self.touched.discard(node.ino)
             info = await self._run(self.engine.put_marker, key, attrs)
             await self._published(node, key + "/", "marker", 0, None, None, etag=info.etag)
+            await self._commit()
             return
         old = stored_of(node) if node.remote_key else None
         if node.is_symlink:
             target = (node.target or b"").decode("utf-8", "surrogateescape")
             res = await self._run(self.engine.put_symlink, key, target, attrs)
             await self._published(node, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
-                            etag=res.etag)
+                                  etag=res.etag)
+            await self._commit()
             await self._drop_old(old, key)
             return
         if node.dirty & CONTENT:
-            if not node.staged or not os.path.exists(node.staged) or node.sha256 is None:
-                if node.staged and os.path.exists(node.staged):
-                    return  # still open for writing: picked up after release
-                log.error("inode %d (%s) is dirty but its staged file %s is gone; "
-                          "keeping the last published version", node.ino, key, node.staged)
-                self.journal.update(node.ino, dirty=0)
-                return
-            staged = Path(node.staged)
-            space = split_key(key)[0]
-            # the cache may hard-link the staged file only if no open handle can still
-            # write to it (fsync uploads a file that stays open)
-            owned = not self.has_writers(node.ino)
-            # only a file that was ever published (or the bucket's own objects, which
-            # the index gives a remote_key) can have an older object in the other form
-            check_other = old is not None
-            res = await self._run(self.engine.put, staged, key, attrs, node.sha256, owned,
-                                  check_other)
-            if res.kind in ("reference", "delta"):
-                self._seeded.add(node.parent)
-            if res.kind == "reference":
-                from .format import reference_key
-
-                self.journal.set_reference(node.parent, reference_key(space), res.original_size)
-            object_key = delta_key(key) if res.kind in ("delta", "reference") else key
-            kind = Kind.DELTA.value if res.kind in ("delta", "reference") else Kind.DIRECT.value
-            ref = None
-            if kind == Kind.DELTA.value:
-                from .format import reference_key
-
-                ref = reference_key(space)
-            if await self._published(node, object_key, kind, res.stored_size - (
-                    res.original_size if res.kind == "reference" else 0), ref, res.sha256,
-                    etag=res.etag):
-                self.state.uploaded_files += 1
-                self.state.uploaded_bytes += res.original_size
-            await self._drop_old(old, object_key)
+            await self._upload(node, key, attrs, old)
             return
         if old is None:
             self.journal.update(node.ino, dirty=0)
             return
         if node.dirty & MOVED:
-            moved = await self._run(self.engine.move, old, key, attrs)
+            try:
+                moved = await self._run(self.engine.move, old, key, attrs)
+            except NotFound:
+                moved = await self._replay_move(node, old, key, attrs)
+            crash_point("move-before-publish")
             await self._published(node, moved.object_key, moved.kind.value, moved.object_size,
-                            moved.ref_key, node.sha256 or moved.sha256 or "", etag=moved.etag)
+                                  moved.ref_key, node.sha256 or moved.sha256 or "",
+                                  etag=moved.etag)
+            await self._commit()
             return
         if node.dirty & ATTRS:
             updated = await self._run(self.engine.set_attrs, old, attrs)
-            await self._published(node, updated.object_key, updated.kind.value, updated.object_size,
-                            updated.ref_key, node.sha256 or "", etag=updated.etag)
+            await self._published(node, updated.object_key, updated.kind.value,
+                                  updated.object_size, updated.ref_key, node.sha256 or "",
+                                  etag=updated.etag)
 
-    async def _drop_old(self, old, new_object_key: str) -> None:  # type: ignore[no-untyped-def]
+    async def _commit(self) -> None:
+        await self.contents.commit()
+
+    async def _upload(self, node: Node, key: str, attrs: Attrs, old: StoredFile | None) -> None:
+        """Upload the staged content of ``node`` from a snapshot of its sealed file."""
+        got = self.contents.begin_upload(node)
+        if got is None:
+            if node.sha256 is None:
+                return  # written but not staged yet: its close or fsync stages it
+            log.error("inode %d (%s) is dirty but its staged file %s is gone; keeping the "
+                      "last published version", node.ino, key, node.staged)
+            self.journal.x("UPDATE nodes SET dirty = dirty & ~1 WHERE ino = ?", (node.ino,))
+            return
+        snap, seq = got
+        recorded = False
+        object_key = ""
+        try:
+            space = split_key(key)[0]
+            # only a file that was ever published (or the bucket's own objects, which
+            # the index gives a remote_key) can have an older object in the other form
+            check_other = old is not None
+            crash_point("upload-before-put")
+            res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
+                                  check_other)
+            crash_point("upload-after-put")
+            if res.kind in ("reference", "delta"):
+                self._seeded.add(node.parent)
+            if res.kind == "reference":
+                self.journal.set_reference(node.parent, reference_key(space), res.original_size)
+            object_key = delta_key(key) if res.kind in ("delta", "reference") else key
+            kind = Kind.DELTA.value if res.kind in ("delta", "reference") else Kind.DIRECT.value
+            ref = reference_key(space) if kind == Kind.DELTA.value else None
+            recorded = await self._published(
+                node, object_key, kind,
+                res.stored_size - (res.original_size if res.kind == "reference" else 0),
+                ref, res.sha256, etag=res.etag)
+            if recorded:
+                self.state.uploaded_files += 1
+                self.state.uploaded_bytes += res.original_size
+            crash_point("publish-before-commit")
+        finally:
+            # commits the result, then the snapshot becomes a cache entry
+            await self.contents.end_upload(node.ino, snap, seq, node.staged, node.sha256,
+                                           recorded)
+        crash_point("publish-after-commit")
+        if object_key:
+            await self._drop_old(old, object_key)
+
+    async def _replay_move(self, node: Node, old: StoredFile, key: str, attrs: Attrs
+                           ) -> StoredFile:
+        """The object to move is gone: a crash between the copy and the journal commit
+        (it is at the new key already), or it was lost. Look where it really is."""
+        found = await self._run(self._stat_or_none, key)
+        if found is not None and (node.sha256 is None or found.sha256 == node.sha256):
+            log.info("rename of %s: already at %s (finishing an interrupted move)",
+                     old.object_key, found.object_key)
+            return found
+        if node.sha256:
+            tmp = self.engine.tmp_dir / f"reput-{node.ino}-{time.monotonic_ns()}"
+            try:
+                if await trio.to_thread.run_sync(self.engine.cache.link, node.sha256, tmp):
+                    log.warning("rename of %s: the object is gone; uploading the cached "
+                                "content to %s", old.object_key, key)
+                    await self._run(self.engine.put, tmp, key, attrs, node.sha256, True, True)
+                    return await self._run(self.engine.stat, key)
+            finally:
+                tmp.unlink(missing_ok=True)
+        raise NotFound(f"{old.object_key} is gone from the bucket and its content is not "
+                       "cached: the rename cannot be carried out")
+
+    def _stat_or_none(self, key: str) -> StoredFile | None:
+        try:
+            return self.engine.stat(key)
+        except NotFound:
+            return None
+
+    async def _drop_old(self, old: StoredFile | None, new_object_key: str) -> None:
         """After publishing under a new key, the object under the old key goes."""
         if old is None or old.object_key == new_object_key:
             return
         if old.object_key in (new_object_key, new_object_key + ".delta") or \
                 new_object_key == old.object_key + ".delta":
             return  # same logical key: engine.put already dropped the other form
-        try:
-            await self._run(self.engine.delete_stored, old)
-        except NotFound:
-            pass
+        if self.journal.remote_claimed(old.object_key):
+            return  # another live row is published there now
+        self.journal.add_tombstone(old.object_key, old.kind.value)
+        await self._commit()
+        self.kick()
 
     async def _published(self, before: Node, object_key: str, kind: str, stored_size: int,
-                   ref: str | None, sha256: str | None, etag: str = "") -> bool:
+                         ref: str | None, sha256: str | None, etag: str = "") -> bool:
         """Record a finished upload, unless the row changed while it ran (then it stays
-        dirty and the next round publishes the newer state). Returns whether recorded."""
+        dirty and the next round publishes the newer state). Returns whether recorded.
+        Every object this mount writes ends up in a live row or in a tombstone."""
         now = self.journal.get(before.ino)
         fields = dict(remote_key=object_key, remote_kind=kind, remote_size=stored_size,
                       remote_etag=etag or None, remote_ref=ref)
-        if now is None:
+        if now is None or now.parent == ORPHAN_PARENT:
             # Unlinked while uploading: what we just wrote must go.
             self.journal.add_tombstone(object_key, kind)
             return False
@@ -280,71 +433,99 @@ class Writeback:
                          and now.target == before.target)
         if unchanged:
             fields["dirty"] = 0
-            staged = now.staged if now.dirty & CONTENT else None
             fields["staged"] = None
         else:
             # keep the newer state dirty; the object we wrote is now the published one
             fields["dirty"] = now.dirty | MOVED
-            staged = None
         self.journal.update(before.ino, **fields)
-        if unchanged and self.on_clean is not None and staged is not None:
-            await self.on_clean(now, staged)
         return unchanged
 
     async def _sync_tombstone(self, object_key: str, kind: str | None) -> None:
         claimed = ""
         try:
-            logical = object_key[:-len(".delta")] if kind == Kind.DELTA.value else object_key
-            await self._claim(logical)
+            logical = _logical(object_key) if kind == Kind.DELTA.value else object_key
+            await self._claim([logical])
             claimed = logical
             async with self.limiter:
                 if self.journal.remote_claimed(object_key):
                     self.journal.drop_tombstone(object_key)
                     return
                 if kind == Kind.DELTA.value:
-                    from .format import StoredFile
-
                     stored = StoredFile(logical, object_key, Kind.DELTA, 0, "", 0.0, None)
                     await self._run(self.engine.delete_stored, stored)
                 else:
                     await self._run(self.engine.store.delete, object_key)
                 self.journal.drop_tombstone(object_key)
+                self.state.tomb_failures.pop(object_key, None)
+                self.state.tomb_retry_at.pop(object_key, None)
         except Exception as exc:  # noqa: BLE001 - retried; a bug must not end all uploads
             if not isinstance(exc, (DeltafsError, OSError)):
                 log.exception("delete of %s failed unexpectedly", object_key)
-            self.state.last_error = f"{type(exc).__name__}: {exc}"
+            self.state.last_error = f"{object_key}: {type(exc).__name__}: {exc}"
             self.state.last_error_at = time.time()
-            log.warning("delete of %s failed, will retry: %s", object_key, exc)
-            await trio.sleep(1)
+            if getattr(exc, "permanent", False) and \
+                    not isinstance(exc, (AccessDenied, BucketNotFound)):
+                self.state.tomb_failed[object_key] = f"{type(exc).__name__}: {exc}"
+                log.error("delete of %s failed for good, not retrying in this mount: %s",
+                          object_key, exc)
+            else:
+                n = self.state.tomb_failures.get(object_key, 0) + 1
+                self.state.tomb_failures[object_key] = n
+                delay = _backoff(n)
+                self.state.tomb_retry_at[object_key] = time.monotonic() + delay
+                if n & (n - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a line a second
+                    log.warning("delete of %s failed (attempt %d, retry in %.0f s): %s",
+                                object_key, n, delay, exc)
         finally:
             if claimed:
                 self._active_keys.discard(claimed)
             self._active_tombstones.discard(object_key)
-            self.changed.set()
-            self.changed = trio.Event()
+            self._notify()
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args)
 
     async def wait_clean(self, ino: int, timeout: float | None = None) -> bool:
-        """Wait until ``ino`` has nothing left to upload (for fsync)."""
+        """Wait until ``ino`` has nothing left to upload (fsyncdir); False if its upload
+        failed for good."""
         with trio.move_on_after(timeout if timeout is not None else math.inf):
             while True:
                 node = self.journal.get(ino)
-                if node is None or not node.dirty:
+                if node is None or not node.dirty or node.parent == ORPHAN_PARENT:
                     return True
+                if ino in self.state.failed:
+                    return False
                 self.kick()
                 await self.changed.wait()
         return False
 
+    async def wait_published(self, ino: int, seq: int) -> bool:
+        """Wait until the version of ``ino`` staged as ``seq`` is in the bucket (fsync);
+        later writes need not be. False if its upload failed for good."""
+        while True:
+            node = self.journal.get(ino)
+            if node is None or not node.dirty or node.parent == ORPHAN_PARENT:
+                return True
+            st = self.contents.states.get(ino)
+            if seq and st is not None and st.published_seq >= seq:
+                return True
+            if ino in self.state.failed and \
+                    self.state.failed_sig.get(ino) == _signature(node):
+                return False
+            self.state.retry_at.pop(ino, None)
+            self.kick()
+            await self.changed.wait()
+
     async def drain(self, timeout: float) -> bool:
-        """Wait until nothing is pending (umount, SIGTERM), at most ``timeout`` seconds."""
+        """Wait until nothing is pending but what failed for good (umount, SIGTERM), at
+        most ``timeout`` seconds."""
         with trio.move_on_after(timeout):
             while True:
                 files, _ = self.journal.pending()
-                if files == 0 and not self.busy():
+                if files <= self.pending_failed() and not self.busy():
                     return True
                 self.state.retry_at.clear()
+                self.state.tomb_retry_at.clear()
                 self.kick()
                 with trio.move_on_after(1.0):
                     await self.changed.wait()

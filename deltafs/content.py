@@ -1,0 +1,623 @@
+"""Each inode's content: one state machine that the FUSE handlers, the uploader and crash
+recovery all go through (docs/architecture.md, "Content states").
+
+A file's content is in one of these states; the journal row holds the durable part
+(``staged``, ``sha256``, the ``CONTENT`` dirty bit), :class:`InodeState` the rest:
+
+- **clean**: no local copy of its own; reads come from the content cache or the bucket.
+- **open**: a *working file* (``files/<ino>-<ns>``) takes the writes. Its row points to
+  it (``staged=W, sha256=NULL``) from the first write on, so a crash uploads what was
+  written. Before the first write it is a private copy nobody else knows.
+- **staged**: ``close``/``fsync`` hashed and fsynced the working file and recorded its
+  SHA-256 (``sha256`` set, ``dirty & CONTENT``). From then on the file is *sealed*: it is
+  never written again. A later write first copies it to a new working file (copy on
+  write), so an upload, a reader or the content cache holding it can never see it change.
+- **uploading**: an upload reads its own hard link (a *snapshot*) of the sealed file, so
+  nothing the namespace does (unlink, a rewrite, a rename) pulls the bytes from under it.
+- **published**: the upload's result is committed to the row (``staged=NULL``), the
+  snapshot becomes a clean cache entry (by hard link: it is sealed), and the staged path
+  goes once that commit is durable.
+
+Ownership: a path under ``files/`` belongs to the row that points to it; whoever makes the
+row point elsewhere removes it, but only after the journal commit that made the switch
+durable (:meth:`Contents.commit`), and never while a working file still uses it.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from .cache import CachedFile, ContentCache
+from .engine import Engine
+from .errors import DeltafsError, IntegrityError, NotFound
+from .journal import CONTENT, Journal, Node
+
+log = logging.getLogger(__name__)
+
+ORPHAN_PARENT = 0
+#: data writes stop while fewer bytes than this are free on the cache disk: the rest is
+#: for the journal and the cache's index, which must never meet a full disk
+LOW_WATER = 8 << 20
+#: the largest file: S3's object size limit
+MAX_FILE_SIZE = 5 << 40
+
+
+def crash_point(name: str) -> None:
+    """Test-only: ``DELTAFS_CRASH_AT=<name>[:<n>]`` ends the process at the n-th (default
+    first) pass through the named step, as a power cut would (no cleanup, no flush)."""
+    want = os.environ.get("DELTAFS_CRASH_AT")
+    if not want:
+        return
+    step, _, count = want.partition(":")
+    if step != name:
+        return
+    n = _crash_counts.get(name, 0) + 1
+    _crash_counts[name] = n
+    if n >= int(count or 1):
+        log.critical("crash point %s reached: exiting now", name)
+        for h in logging.getLogger().handlers:
+            h.flush()
+        os._exit(86)
+
+
+_crash_counts: dict[str, int] = {}
+
+
+@dataclass
+class Working:
+    """The working file of an inode open for writing, shared by all its write handles."""
+
+    path: str
+    fd: int
+    sealed: bool = False  # hashed and recorded: the next write copies it first
+    dirty: bool = False  # written since it was last staged
+    hasher: Any = None  # sha256 of bytes [0, hashed) while writes are sequential
+    hashed: int = 0
+
+
+@dataclass
+class InodeState:
+    """What the process knows of one inode's content beyond its journal row."""
+
+    writers: int = 0
+    readers: int = 0
+    work: Working | None = None
+    closed_at: float | None = None  # monotonic time of the last stage (settle delay)
+    uploading: int = 0  # uploads reading a snapshot of its staged file
+    flush: int = 0  # fsyncs waiting for its upload
+    stage_seq: int = 0  # bumped by every stage
+    published_seq: int = 0  # the stage_seq of the last upload that was recorded
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def idle(self) -> bool:
+        return not (self.writers or self.readers or self.work or self.uploading or
+                    self.flush or self.closed_at is not None or self.lock.locked())
+
+
+class Source:
+    """What a read handle reads: a cache entry (checked per block), a sealed staged file,
+    or the live working file of a writer."""
+
+    def __init__(self, contents: "Contents", ino: int, fd: int | None,
+                 cached: CachedFile | None) -> None:
+        self.contents = contents
+        self.ino = ino
+        self.fd = fd
+        self.cached = cached
+
+    def pread(self, size: int, off: int) -> bytes:
+        if self.cached is not None:
+            return self.cached.pread(size, off)
+        st = self.contents.states.get(self.ino)
+        fd = st.work.fd if st is not None and st.work is not None else self.fd
+        assert fd is not None
+        return os.pread(fd, size, off)
+
+    def close(self) -> None:
+        if self.cached is not None:
+            self.cached.close()
+        elif self.fd is not None:
+            os.close(self.fd)
+
+
+class Contents:
+    """The content states of every inode of one mount."""
+
+    def __init__(self, journal: Journal, cache: ContentCache, engine: Engine,
+                 files_dir: Path, settle: float = 0.5) -> None:
+        self.journal = journal
+        self.cache = cache
+        self.engine = engine
+        self.files_dir = files_dir
+        self.settle = settle
+        self.states: dict[int, InodeState] = {}
+        self._after_commit: list[str] = []
+        self._fetching: dict[str, tuple[trio.Lock, int]] = {}
+        self.changed = trio.Event()  # set whenever an upload or stage finished
+        self.on_change: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def st(self, ino: int) -> InodeState:
+        s = self.states.get(ino)
+        if s is None:
+            s = self.states[ino] = InodeState()
+        return s
+
+    def forget_if_idle(self, ino: int) -> None:
+        s = self.states.get(ino)
+        if s is not None and s.idle() and s.published_seq >= s.stage_seq:
+            del self.states[ino]
+
+    def busy(self) -> set[int]:
+        """Inodes with local activity: a listing must not overwrite their rows."""
+        return set(self.states)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+        self.on_change()
+
+    def _new_path(self, ino: int) -> str:
+        return str(self.files_dir / f"{ino}-{time.monotonic_ns()}")
+
+    def drop_after_commit(self, path: str | None) -> None:
+        """Remove ``path`` once the journal no longer pointing to it is durable."""
+        if path:
+            self._after_commit.append(path)
+
+    async def commit(self) -> None:
+        """Make the journal durable (in a worker thread), then remove the files that
+        durable state no longer points to."""
+        todo, self._after_commit = self._after_commit, []
+        try:
+            await trio.to_thread.run_sync(self.journal.commit)
+        except BaseException:
+            self._after_commit = todo + self._after_commit
+            raise
+        for p in todo:
+            if not self._in_use(p):
+                Path(p).unlink(missing_ok=True)
+
+    def _in_use(self, path: str) -> bool:
+        return any(s.work is not None and s.work.path == path for s in self.states.values())
+
+    # -------------------------------------------------------------- disk space
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.files_dir)
+        return st.f_bavail * st.f_frsize
+
+    async def ensure_room(self, need: int, what: str) -> None:
+        """Back-pressure for a full cache disk: clean cache entries go first; if the
+        room is still not there, ENOSPC for this operation (logged), never a hole."""
+        if self.free_bytes() - need >= LOW_WATER:
+            return
+        await trio.to_thread.run_sync(self.cache.shrink, need + 2 * LOW_WATER)
+        if self.free_bytes() - need >= LOW_WATER:
+            return
+        log.error("cache disk full: %s needs %d bytes; %d free and the rest holds files not "
+                  "yet uploaded (ENOSPC)", what, need, self.free_bytes())
+        raise pyfuse3.FUSEError(errno.ENOSPC)
+
+    # ------------------------------------------------------------------ reading
+
+    async def open_read(self, node: Node) -> Source:
+        """A source of the verified (or our own, not yet uploaded) content of ``node``."""
+        s = self.states.get(node.ino)
+        if s is not None and s.work is not None:
+            return Source(self, node.ino, os.open(s.work.path, os.O_RDONLY), None)
+        if node.staged and node.dirty & CONTENT:
+            try:
+                return Source(self, node.ino, os.open(node.staged, os.O_RDONLY), None)
+            except FileNotFoundError:
+                pass
+        if node.is_symlink:
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        if not node.remote_key:
+            if node.size == 0:
+                return Source(self, node.ino, os.open(os.devnull, os.O_RDONLY), None)
+            log.error("inode %d has no content anywhere", node.ino)
+            raise pyfuse3.FUSEError(errno.EIO)
+        return Source(self, node.ino, None, await self.fetch(node))
+
+    def cache_key(self, node: Node) -> str:
+        return node.sha256 or f"foreign:{node.remote_key}:{node.remote_etag}"
+
+    async def fetch(self, node: Node) -> CachedFile:
+        """The cache entry of ``node``'s content, rebuilt from the bucket on a miss (one
+        fetch per content, however many opens wait for it)."""
+        key = self.cache_key(node)
+        hit = await trio.to_thread.run_sync(self.cache.open, key, self.engine.tmp_dir)
+        if hit is not None:
+            return hit
+        lock, n = self._fetching.get(key, (trio.Lock(), 0))
+        self._fetching[key] = (lock, n + 1)
+        try:
+            async with lock:
+                hit = await trio.to_thread.run_sync(self.cache.open, key, self.engine.tmp_dir)
+                if hit is not None:
+                    return hit
+                return await self._materialize(node, key)
+        finally:
+            lock, n = self._fetching[key]
+            if n <= 1:
+                del self._fetching[key]
+            else:
+                self._fetching[key] = (lock, n - 1)
+
+    async def _materialize(self, node: Node, key: str) -> CachedFile:
+        from .index import stored_of
+
+        await self.ensure_room(node.size, f"rebuilding {node.remote_key}")
+        tmp = self.engine.tmp_dir / f"fetch-{node.ino}-{time.monotonic_ns()}"
+        try:
+            try:
+                sha = await trio.to_thread.run_sync(self.engine.materialize, stored_of(node), tmp)
+            except NotFound:
+                log.error("read %s: the object is gone from the bucket", node.remote_key)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except OSError as exc:
+                log.error("read %s: no room to rebuild it on the cache disk: %s",
+                          node.remote_key, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except DeltafsError as exc:
+                log.error("read %s: %s", node.remote_key, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            if sha is not None and sha != node.sha256:
+                log.info("%s changed in the bucket; serving the new content", node.remote_key)
+                self.journal.update(node.ino, sha256=sha, size=tmp.stat().st_size)
+            key = sha or key
+            await trio.to_thread.run_sync(self.cache.add, key, tmp)
+            opened = await trio.to_thread.run_sync(self.cache.open, key, self.engine.tmp_dir)
+            if opened is None:
+                # not cacheable (full disk): serve this private copy, checked the same way
+                from .cache import block_sums
+
+                sums = await trio.to_thread.run_sync(block_sums, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                opened = CachedFile(fd, sums, os.fstat(fd).st_size, key)
+            return opened
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def read(self, src: Source, node: Node | None, size: int, off: int) -> bytes:
+        """A read; a damaged cache block drops the entry and fetches it again once."""
+        try:
+            return src.pread(size, off)
+        except IntegrityError as exc:
+            if src.cached is None or node is None:
+                raise
+            log.error("inode %d: %s; fetching it again from the bucket", src.ino, exc)
+            await trio.to_thread.run_sync(self.cache.discard, src.cached.key)
+            fresh = await self.fetch(node)
+            src.cached.close()
+            src.cached = fresh
+            try:
+                return src.pread(size, off)
+            except IntegrityError as exc2:
+                log.error("inode %d: %s even after a fresh fetch", src.ino, exc2)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+    # ------------------------------------------------------------------ writing
+
+    async def open_write(self, node: Node, truncate: bool) -> Working:
+        """The working file of ``node`` (shared by its write handles), made now if needed:
+        empty for a truncating open, else a copy of the current content."""
+        s = self.st(node.ino)
+        async with s.lock:
+            if s.work is not None:
+                if truncate:
+                    await self._truncate_locked(node.ino, 0)
+                return s.work
+            path = self._new_path(node.ino)
+            if truncate:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                s.work = Working(path, fd, hasher=hashlib.sha256())
+                self._mark_dirty(node.ino, s.work)
+                self.journal.update(node.ino, size=0, mtime_ns=time.time_ns())
+                return s.work
+            await self.ensure_room(node.size, f"a copy of inode {node.ino} to write to")
+            src = await self.open_read(node)
+            try:
+                await trio.to_thread.run_sync(_copy_to, src, path)
+            except BaseException:
+                Path(path).unlink(missing_ok=True)
+                raise
+            finally:
+                src.close()
+            fd = os.open(path, os.O_RDWR)
+            s.work = Working(path, fd)
+            return s.work
+
+    def _mark_dirty(self, ino: int, w: Working) -> None:
+        """The first write after an open or a stage: the row now points to the working
+        file with no hash (a crash uploads what was written); the file it pointed to is
+        superseded."""
+        if w.dirty:
+            return
+        node = self.journal.get(ino)
+        w.dirty = True
+        if node is None:
+            return
+        if node.staged and node.staged != w.path:
+            self.drop_after_commit(node.staged)
+        self.journal.update(ino, staged=w.path, sha256=None)
+
+    async def _cow(self, ino: int, w: Working) -> None:
+        """Copy a sealed working file to a new one before writing to it."""
+        size = os.fstat(w.fd).st_size
+        await self.ensure_room(size, f"a copy of inode {ino} to write to")
+        path = self._new_path(ino)
+        try:
+            await trio.to_thread.run_sync(_copy_fd, w.fd, path)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+        fd = os.open(path, os.O_RDWR)
+        os.close(w.fd)
+        old = w.path
+        w.path, w.fd, w.sealed, w.dirty = path, fd, False, False
+        if w.hasher is not None and w.hashed == size:
+            w.hasher = w.hasher.copy()
+        else:
+            w.hasher = None
+        node = self.journal.get(ino)
+        if node is None or node.staged != old:
+            Path(old).unlink(missing_ok=True)  # nobody points to it any more
+
+    async def write(self, ino: int, w: Working, off: int, buf: bytes) -> int:
+        s = self.st(ino)
+        if off + len(buf) > MAX_FILE_SIZE:
+            log.info("refused write past %d bytes to inode %d (EFBIG)", MAX_FILE_SIZE, ino)
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        async with s.lock:
+            if w.sealed:
+                await self._cow(ino, w)
+            await self.ensure_room(len(buf), f"a write to inode {ino}")
+            self._mark_dirty(ino, w)
+            crash_point("write")
+            done = 0
+            try:
+                while done < len(buf):
+                    done += os.pwrite(w.fd, buf[done:], off + done)
+            except OSError as exc:
+                w.hasher = None  # the file may hold part of this write: hash it from disk
+                if exc.errno == errno.ENOSPC:
+                    log.error("cache disk full: a write to inode %d fails (ENOSPC)", ino)
+                else:
+                    log.error("write to the working file of inode %d failed: %s", ino, exc)
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            if w.hasher is not None:
+                if off == w.hashed:
+                    w.hasher.update(buf)
+                    w.hashed += len(buf)
+                else:
+                    w.hasher = None
+            node = self.journal.get(ino)
+            if node is not None:
+                self.journal.update(ino, size=max(node.size, off + len(buf)),
+                                    mtime_ns=time.time_ns())
+            return len(buf)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        """ftruncate on an open working file."""
+        async with self.st(ino).lock:
+            await self._truncate_locked(ino, size)
+
+    async def _truncate_locked(self, ino: int, size: int) -> None:
+        s = self.st(ino)
+        w = s.work
+        assert w is not None
+        if size > MAX_FILE_SIZE:
+            log.info("refused truncate of inode %d to %d bytes (EFBIG)", ino, size)
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        if w.sealed:
+            if size == 0:
+                path = self._new_path(ino)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.close(w.fd)
+                node = self.journal.get(ino)
+                if node is None or node.staged != w.path:
+                    Path(w.path).unlink(missing_ok=True)
+                w.path, w.fd, w.sealed, w.dirty = path, fd, False, False
+                w.hasher, w.hashed = hashlib.sha256(), 0
+            else:
+                await self._cow(ino, w)
+        self._mark_dirty(ino, w)
+        os.ftruncate(w.fd, size)
+        if w.hashed != size:
+            w.hasher = None  # the running hash no longer covers exactly the file
+        self.journal.update(ino, size=size, mtime_ns=time.time_ns())
+
+    async def stage(self, ino: int) -> None:
+        """close/fsync of a written file: fsync and hash the working file, record it
+        durably; the file is sealed from here on."""
+        s = self.st(ino)
+        async with s.lock:
+            w = s.work
+            if w is None or not w.dirty:
+                return
+            node = self.journal.get(ino)
+            if node is None or node.parent == ORPHAN_PARENT:
+                w.dirty = False
+                return  # unlinked: nothing to upload
+            size = os.fstat(w.fd).st_size
+            hasher = w.hasher if w.hasher is not None and w.hashed == size else None
+            fd = w.fd
+
+            def finish() -> str:
+                os.fsync(fd)
+                if hasher is not None:
+                    return str(hasher.hexdigest())
+                from .codec import sha256_file
+
+                return sha256_file(Path(w.path))
+
+            crash_point("stage-before-hash")
+            sha = await trio.to_thread.run_sync(finish)
+            self.journal.update(ino, sha256=sha, size=size, staged=w.path)
+            self.journal.set_dirty(ino, CONTENT)
+            w.dirty, w.sealed = False, True
+            s.closed_at = time.monotonic()
+            s.stage_seq += 1
+            crash_point("stage-before-commit")
+            await self.commit()
+            crash_point("stage-after-commit")
+        self.notify()
+
+    async def close_writer(self, ino: int) -> None:
+        """The last write handle of ``ino`` is gone: its working file is closed; if the
+        row no longer points to it (published, superseded, unlinked, never written), it
+        goes."""
+        s = self.st(ino)
+        s.writers -= 1
+        if s.writers > 0:
+            return
+        if s.work is not None and s.work.dirty:
+            await self.stage(ino)
+        w, s.work = s.work, None
+        if w is not None:
+            os.close(w.fd)
+            node = self.journal.get(ino)
+            if node is None or node.staged != w.path:
+                Path(w.path).unlink(missing_ok=True)
+        self.forget_if_idle(ino)
+
+    # ------------------------------------------------------------------ uploads
+
+    def upload_ready(self, node: Node) -> bool:
+        """Whether the uploader may take ``node`` now."""
+        s = self.states.get(node.ino)
+        if s is None:
+            return True
+        if s.work is not None and s.work.dirty and not s.flush:
+            return False
+        if node.dirty & CONTENT and node.sha256 is None:
+            return False  # written but not staged: the close or fsync will stage it
+        if s.flush:
+            return True
+        if s.writers:
+            return False
+        return s.closed_at is None or time.monotonic() - s.closed_at >= self.settle
+
+    def begin_upload(self, node: Node) -> tuple[Path, int] | None:
+        """A snapshot (hard link) of ``node``'s sealed staged file for an upload to read,
+        and the stage it is of; ``None`` if there is nothing sealed to upload."""
+        if not node.staged or node.sha256 is None:
+            return None
+        snap = self.engine.tmp_dir / f"up-{node.ino}-{time.monotonic_ns()}"
+        try:
+            os.link(node.staged, snap)
+        except FileNotFoundError:
+            return None
+        s = self.st(node.ino)
+        s.uploading += 1
+        return snap, s.stage_seq
+
+    async def end_upload(self, ino: int, snap: Path, seq: int, staged: str | None,
+                         sha256: str | None, recorded: bool) -> None:
+        """An upload is over. ``recorded``: its result is now the row's published state
+        (``staged`` cleared): the snapshot becomes a clean cache entry and the staged file
+        goes after the next commit."""
+        s = self.st(ino)
+        s.uploading -= 1
+        try:
+            if recorded:
+                s.published_seq = max(s.published_seq, seq)
+                s.closed_at = None
+                self.drop_after_commit(staged)
+                await self.commit()
+                crash_point("adopt")
+                if sha256:
+                    await trio.to_thread.run_sync(self.cache.add, sha256, snap)
+        finally:
+            snap.unlink(missing_ok=True)
+            self.forget_if_idle(ino)
+            self.notify()
+
+
+class _Reader:
+    """Adapts a Source to a file-like read for copying."""
+
+    def __init__(self, src: Source) -> None:
+        self.src = src
+        self.off = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.src.pread(n, self.off)
+        self.off += len(data)
+        return data
+
+
+def _copy_to(src: Source, dest: str) -> None:
+    reader = _Reader(src)
+    with open(dest, "wb") as out:
+        while chunk := reader.read(1 << 20):
+            out.write(chunk)
+        out.flush()
+
+
+def _copy_fd(src_fd: int, dest: str) -> None:
+    off = 0
+    with open(dest, "wb") as out:
+        while chunk := os.pread(src_fd, 1 << 20, off):
+            out.write(chunk)
+            off += len(chunk)
+
+
+def recover(journal: Journal, files_dir: Path) -> int:
+    """After a crash (or any restart): the journal is the truth, the files follow it.
+
+    Every step is idempotent: rows of unlinked files go; a working file a row points to
+    without a hash was open for writing at the crash, and is staged as it is; a staged
+    path of a row that is no longer dirty was published (the crash came before it was
+    removed) and goes; files nobody points to go. Returns the number of pending changes.
+    """
+    journal.x("DELETE FROM nodes WHERE parent = ?", (ORPHAN_PARENT,))
+    # What an earlier mount listed is a starting point, not the truth: each directory is
+    # listed again on first use (one LIST; unchanged ETags spare the HEADs), and served
+    # from these rows if S3 cannot be reached.
+    journal.x("UPDATE nodes SET listed_at = 0 WHERE listed_at IS NOT NULL")
+    from .codec import sha256_file
+
+    rows = journal.x("SELECT ino, staged FROM nodes WHERE staged IS NOT NULL "
+                     "AND sha256 IS NULL").fetchall()
+    for ino, staged in rows:
+        if os.path.exists(staged):
+            journal.update(ino, sha256=sha256_file(Path(staged)),
+                           size=os.stat(staged).st_size)
+            journal.set_dirty(ino, CONTENT)
+            log.warning("inode %d was open for writing at the crash; uploading what was "
+                        "written", ino)
+    for ino, staged in journal.x("SELECT ino, staged FROM nodes WHERE staged IS NOT NULL AND "
+                                 "dirty & 1 = 0").fetchall():
+        journal.update(ino, staged=None)
+    for ino, staged, mode in journal.x(
+            "SELECT ino, staged, mode FROM nodes WHERE dirty & 1 != 0").fetchall():
+        import stat as _stat
+
+        if _stat.S_ISREG(mode) and (not staged or not os.path.exists(staged)):
+            log.error("inode %d is marked for upload but its staged file %s is gone; keeping "
+                      "the last published version", ino, staged)
+            journal.x("UPDATE nodes SET dirty = dirty & ~1, staged = NULL WHERE ino = ?",
+                      (ino,))
+    wanted = {r[0] for r in journal.x("SELECT staged FROM nodes WHERE staged IS NOT NULL")}
+    for p in files_dir.iterdir() if files_dir.exists() else []:
+        if str(p) not in wanted:
+            p.unlink(missing_ok=True)
+    journal.commit()
+    return journal.pending()[0]
+
+
+__all__ = ["Contents", "InodeState", "Working", "Source", "recover", "crash_point",
+           "ORPHAN_PARENT", "LOW_WATER", "MAX_FILE_SIZE"]
