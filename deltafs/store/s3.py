@@ -7,6 +7,8 @@ and can print one actionable line.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import io
 import logging
 import math
 import threading
@@ -17,6 +19,7 @@ from typing import Any, Iterator, Mapping
 
 import boto3
 import botocore.exceptions as bce
+import urllib3.exceptions
 from botocore.config import Config
 
 from deltafs.errors import (
@@ -24,8 +27,10 @@ from deltafs.errors import (
     AlreadyExists,
     BucketNotFound,
     ConfigError,
+    IntegrityError,
     InvalidName,
     NotFound,
+    Rejected,
     StoreError,
     Unreachable,
 )
@@ -47,6 +52,17 @@ COPY_PART_SIZE = 512 * MiB
 #: how often a conditional write is retried when S3 answers 409 ConditionalRequestConflict
 #: (a concurrent conditional write on the same key was in flight; AWS says retry)
 CONFLICT_RETRIES = 3
+
+#: a GET whose body breaks off (reset, read timeout) is resumed with a ranged GET guarded
+#: by the ETag of the first answer; it gives up after this many failures in a row that
+#: brought no new byte, or after GET_MAX_RESUMES resumes in all
+GET_RESUMES = 5
+GET_MAX_RESUMES = 100
+#: first pause before a resume, doubled per failure in a row (0.1, 0.2, 0.4, 0.8 s)
+GET_BACKOFF = 0.1
+#: a body that fails the checksum S3 sent with it (x-amz-checksum-*) is read again from
+#: the start this many times before it is reported as corrupt
+GET_CHECKSUM_RETRIES = 2
 
 #: API operation name -> the category reported by :meth:`S3Store.stats`
 _OP_CATEGORY = {
@@ -80,6 +96,28 @@ _DENIED_CODES = {
     "InvalidSecurity",
 }
 
+#: 4xx error codes that are worth retrying: S3 asks for a retry (timeouts, throttling,
+#: a conflicting operation in flight) or a new attempt would start afresh (an upload id
+#: someone aborted). Every other 4xx is the server refusing the request for good.
+_TRANSIENT_4XX_CODES = {
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "ConditionalRequestConflict",
+    "OperationAborted",
+    "NoSuchUpload",
+}
+
 #: botocore exceptions that mean "no usable credentials could be found or loaded"
 _CREDENTIAL_ERRORS: tuple[type[Exception], ...] = tuple(
     cls
@@ -101,10 +139,42 @@ _CREDENTIAL_ERRORS: tuple[type[Exception], ...] = tuple(
 #: botocore exceptions that mean "the endpoint could not be reached or stopped answering"
 _NETWORK_ERRORS: tuple[type[Exception], ...] = (bce.ConnectionError, bce.HTTPClientError)
 
+#: what reading a response body raises when the connection breaks off in the middle
+#: (a reset, a read timeout, fewer bytes than Content-Length); botocore wraps urllib3's
+#: errors in these
+_BODY_ERRORS: tuple[type[Exception], ...] = tuple(
+    cls
+    for cls in (
+        getattr(bce, name, None)
+        for name in (
+            "ResponseStreamingError",
+            "ReadTimeoutError",
+            "IncompleteReadError",
+            "ConnectionClosedError",
+            "HTTPClientError",
+            "ConnectionError",
+        )
+    )
+    if isinstance(cls, type)
+) + (urllib3.exceptions.HTTPError, http.client.HTTPException)
+
+#: the body did not match the checksum header S3 sent with it (botocore's validation)
+_CHECKSUM_ERRORS: tuple[type[Exception], ...] = tuple(
+    cls for cls in (getattr(bce, "FlexibleChecksumError", None),) if isinstance(cls, type)
+)
+
 
 def _one_line(text: object) -> str:
     """Error texts from servers may span lines; our messages never do."""
     return " ".join(str(text).split())
+
+
+def _show_key(key: str) -> str:
+    """A key as it goes into a one-line message: control characters (a newline in a
+    file name) escaped, everything else as it is."""
+    if key.isprintable():
+        return key
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)
 
 
 def _strip_etag(etag: str | None) -> str:
@@ -234,7 +304,10 @@ class S3Store(ObjectStore):
     # -- error translation ----------------------------------------------------------------
 
     def _what(self, op: str, key: str | None) -> str:
-        return f"{op} {self.name}/{key}" if key is not None else f"{op} {self.name}"
+        return f"{op} {self._path(key)}" if key is not None else f"{op} {self.name}"
+
+    def _path(self, key: str | None) -> str:
+        return f"{self.name}/{_show_key(key)}" if key is not None else self.name
 
     def _translate(
         self, exc: BaseException, op: str, key: str | None, conditional: bool = False
@@ -246,6 +319,7 @@ class S3Store(ObjectStore):
             code = str(err.get("Code") or "")
             message = _one_line(err.get("Message") or "")
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            detail = f"{code or status}" + (f": {message}" if message else "")
             if code == "NoSuchBucket":
                 return BucketNotFound(
                     f"bucket {self.bucket!r} does not exist at {self.endpoint}"
@@ -257,13 +331,24 @@ class S3Store(ObjectStore):
                 )
             if code in ("PreconditionFailed", "412") or status == 412:
                 if conditional:
-                    return AlreadyExists(f"{self.name}/{key} already exists")
+                    return AlreadyExists(f"{self._path(key)} already exists")
                 return StoreError(f"S3 {what} failed: precondition failed ({code})")
-            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                return NotFound(f"{self.name}/{key} does not exist")
             if code == "KeyTooLongError":
                 return InvalidName(f"key too long for S3: {key!r}")
-            detail = f"{code or status}" + (f": {message}" if message else "")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                # a read of a missing key, or a copy whose source is gone; a bare 404 to
+                # a write is the server refusing the URL (moto: a key with a newline)
+                if op not in ("PUT", "COPY") or code == "NoSuchKey":
+                    return NotFound(f"{self._path(key)} does not exist")
+            if (
+                400 <= status < 500
+                and status not in (408, 429)
+                and code not in _TRANSIENT_4XX_CODES
+            ):
+                # the server refuses this request for good (a key it will not store, an
+                # invalid argument, a part too small, a 404 on a write): retrying the
+                # same request cannot help
+                return Rejected(f"S3 {what} refused: {detail} (HTTP {status})")
             return StoreError(f"S3 {what} failed: {detail}")
         if isinstance(exc, _CREDENTIAL_ERRORS):
             return AccessDenied(
@@ -381,32 +466,138 @@ class S3Store(ObjectStore):
 
     def get_file(self, key: str, dest: Path) -> ObjectInfo:
         with self._errors("GET", key):
-            resp = self._client.get_object(Bucket=self.bucket, Key=key)
-            info = self._info_from_response(key, resp)
-            body = resp["Body"]
-            written = 0
-            try:
-                with open(dest, "wb") as out:
-                    for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
-                        out.write(chunk)
-                        written += len(chunk)
-            finally:
-                body.close()
-        if written != info.size:
-            raise StoreError(
-                f"S3 GET {self.name}/{key}: got {written} bytes, expected {info.size}"
-            )
-        return info
+            out = open(dest, "wb")
+        with out:
+            return self._download(key, out)
 
     def get_bytes(self, key: str) -> tuple[bytes, ObjectInfo]:
+        buf = io.BytesIO()
+        info = self._download(key, buf)
+        return buf.getvalue(), info
+
+    def _download(self, key: str, out: Any) -> ObjectInfo:
+        """GET ``key`` into the binary file object ``out`` (written from its start).
+
+        A body that breaks off in the middle (a reset, a read timeout) is resumed where it
+        stopped with ``Range: bytes=N-`` guarded by ``If-Match`` the first answer's ETag,
+        so the bytes of two versions never meet in one file: if the object was replaced
+        in between, the GET fails saying so. A body that fails the checksum S3 sent with
+        it is read again from the start, a few times, then reported as corrupt."""
+        what = self._what("GET", key)
         with self._errors("GET", key):
             resp = self._client.get_object(Bucket=self.bucket, Key=key)
+        info = self._info_from_response(key, resp)
+        etag = resp.get("ETag")
+        received = 0
+        in_a_row = 0  # failures since the last byte that came through
+        resumes = 0
+        bad_checksums = 0
+        while True:
             body = resp["Body"]
+            broken: Exception | None = None
             try:
-                data = body.read()
+                while True:
+                    try:
+                        chunk = body.read(DOWNLOAD_CHUNK)
+                    except _CHECKSUM_ERRORS as exc:
+                        broken = exc
+                        break
+                    except _BODY_ERRORS as exc:
+                        broken = exc
+                        break
+                    if not chunk:
+                        break
+                    with self._errors("GET", key):
+                        out.write(chunk)
+                    received += len(chunk)
+                    in_a_row = 0
             finally:
-                body.close()
-        return data, self._info_from_response(key, resp)
+                with contextlib.suppress(Exception):
+                    body.close()
+            if broken is None:
+                break
+            restart = False
+            if isinstance(broken, _CHECKSUM_ERRORS):
+                bad_checksums += 1
+                if bad_checksums > GET_CHECKSUM_RETRIES:
+                    raise IntegrityError(
+                        f"S3 {what}: the body did not match the checksum the server sent"
+                        f" with it, {bad_checksums} times (corrupted in transit or in"
+                        f" storage): {_one_line(broken)}"
+                    ) from broken
+                log.warning("%s: checksum mismatch (%s); reading it again", what, broken)
+                restart = True
+            else:
+                in_a_row += 1
+                resumes += 1
+                if in_a_row >= GET_RESUMES or resumes > GET_MAX_RESUMES:
+                    log.debug("%s: giving up after %d resumes", what, resumes)
+                    raise self._translate(broken, "GET", key) from broken
+                log.info(
+                    "%s: body broke off after %d of %d bytes (%s); resuming",
+                    what, received, info.size, _network_reason(broken),
+                )
+                if not etag:
+                    restart = True  # nothing to guard a resume with: start again
+            if restart:
+                with self._errors("GET", key):
+                    out.seek(0)
+                    out.truncate()
+                received = 0
+            time.sleep(GET_BACKOFF * 2 ** max(in_a_row - 1, bad_checksums - 1, 0))
+            resp = self._get_rest(key, etag, received, info.size)
+            if resp is None:
+                break  # every byte had arrived already
+            if received and not resp.get("ContentRange"):
+                # a server that ignores Range answers with the whole object: take it all
+                with self._errors("GET", key):
+                    out.seek(0)
+                    out.truncate()
+                received = 0
+        if received != info.size:
+            raise StoreError(f"S3 {what}: got {received} bytes, expected {info.size}")
+        return info
+
+    def _get_rest(
+        self, key: str, etag: str | None, start: int, size: int
+    ) -> dict[str, Any] | None:
+        """GET ``key`` from byte ``start`` on, only if its ETag is still ``etag``; ``None``
+        when there is nothing left to read."""
+        what = self._what("GET", key)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if etag:
+            kwargs["IfMatch"] = etag
+        if start:
+            if start >= size:
+                return None
+            kwargs["Range"] = f"bytes={start}-"
+        with self._errors("GET", key):
+            try:
+                resp: dict[str, Any] = self._client.get_object(**kwargs)
+            except bce.ClientError as exc:
+                if etag and _is_precondition(exc):
+                    raise StoreError(
+                        f"S3 {what}: the object changed while it was being read"
+                        f" (its ETag is no longer {etag}); read it again"
+                    ) from exc
+                raise
+        if etag and _strip_etag(resp.get("ETag")) != _strip_etag(etag):
+            with contextlib.suppress(Exception):
+                resp["Body"].close()
+            raise StoreError(
+                f"S3 {what}: the object changed while it was being read"
+                f" (ETag {resp.get('ETag')} instead of {etag}); read it again"
+            )
+        content_range = resp.get("ContentRange")
+        if start and content_range and not (
+            content_range.startswith(f"bytes {start}-") and content_range.endswith(f"/{size}")
+        ):
+            with contextlib.suppress(Exception):
+                resp["Body"].close()
+            raise StoreError(
+                f"S3 {what}: asked for bytes {start}- of {size}, got {content_range}"
+            )
+        return resp
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -424,7 +615,7 @@ class S3Store(ObjectStore):
             return self._put_single(key, src, size, metadata, if_none_match)
         if if_none_match and self.head(key) is not None:
             # cheap early answer: do not upload gigabytes only to have the complete refused
-            raise AlreadyExists(f"{self.name}/{key} already exists")
+            raise AlreadyExists(f"{self._path(key)} already exists")
         return self._put_multipart(key, src, metadata, if_none_match=if_none_match)
 
     def _put_single(
@@ -546,7 +737,7 @@ class S3Store(ObjectStore):
                     src = self._client.head_object(Bucket=self.bucket, Key=src_key)
                 except bce.ClientError as exc:
                     if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                        raise NotFound(f"{self.name}/{src_key} does not exist") from exc
+                        raise NotFound(f"{self._path(src_key)} does not exist") from exc
                     raise
             size = int(src.get("ContentLength") or 0)
             try:
@@ -557,7 +748,7 @@ class S3Store(ObjectStore):
                 # the source was replaced between our HEAD and the copy: look again
                 if attempt == CONFLICT_RETRIES:
                     raise StoreError(
-                        f"S3 COPY {self.name}/{src_key}: the source keeps changing"
+                        f"S3 COPY {self._path(src_key)}: the source keeps changing"
                     ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -583,7 +774,7 @@ class S3Store(ObjectStore):
                 )
             except bce.ClientError as exc:
                 if _is_precondition(exc):
-                    raise _SourceChanged(f"{self.name}/{src_key} changed") from exc
+                    raise _SourceChanged(f"{self._path(src_key)} changed") from exc
                 raise
         result = resp.get("CopyObjectResult", {})
         modified = result.get("LastModified")
@@ -622,7 +813,7 @@ class S3Store(ObjectStore):
                         )
                     except bce.ClientError as exc:
                         if _is_precondition(exc):
-                            raise _SourceChanged(f"{self.name}/{src_key} changed") from exc
+                            raise _SourceChanged(f"{self._path(src_key)} changed") from exc
                         raise
                     parts.append({"PartNumber": number, "ETag": resp["CopyPartResult"]["ETag"]})
             resp = self._complete(dst_key, upload_id, parts, False)
