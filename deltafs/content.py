@@ -37,6 +37,7 @@ import pyfuse3
 import trio
 
 from .cache import CachedFile, ContentCache
+from .crashpoints import crash_point
 from .engine import Engine
 from .errors import DeltafsError, IntegrityError, NotFound
 from .journal import CONTENT, Journal, Node
@@ -51,25 +52,6 @@ LOW_WATER = 8 << 20
 MAX_FILE_SIZE = 5 << 40
 
 
-def crash_point(name: str) -> None:
-    """Test-only: ``DELTAFS_CRASH_AT=<name>[:<n>]`` ends the process at the n-th (default
-    first) pass through the named step, as a power cut would (no cleanup, no flush)."""
-    want = os.environ.get("DELTAFS_CRASH_AT")
-    if not want:
-        return
-    step, _, count = want.partition(":")
-    if step != name:
-        return
-    n = _crash_counts.get(name, 0) + 1
-    _crash_counts[name] = n
-    if n >= int(count or 1):
-        log.critical("crash point %s reached: exiting now", name)
-        for h in logging.getLogger().handlers:
-            h.flush()
-        os._exit(86)
-
-
-_crash_counts: dict[str, int] = {}
 
 
 @dataclass
@@ -619,5 +601,5 @@ def recover(journal: Journal, files_dir: Path) -> int:
     return journal.pending()[0]
 
 
-__all__ = ["Contents", "InodeState", "Working", "Source", "recover", "crash_point",
+__all__ = ["Contents", "InodeState", "Working", "Source", "recover",
            "ORPHAN_PARENT", "LOW_WATER", "MAX_FILE_SIZE"]

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 from . import codec
 from .cache import ContentCache, digest_file
+from .crashpoints import crash_point
 from .errors import AlreadyExists, IntegrityError, NotFound, StoreError
 from .format import (
     Attrs,
@@ -527,6 +528,7 @@ class Engine:
             moved = classify(info.key, info.size, info.etag, info.mtime, meta)
             self._drop_other_form(new_key, "direct")
         if moved.object_key != stored.object_key:
+            crash_point("move-after-copy")
             self.store.delete(stored.object_key)
             if stored.kind is Kind.DELTA:
                 self._collect_reference(split_key(stored.logical_key)[0])

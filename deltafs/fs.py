@@ -35,7 +35,8 @@ from .errors import DeltafsError, StoreError
 from .format import DELTA_SUFFIX, MAX_KEY_BYTES, MAX_NAME_BYTES, REFERENCE_NAME, Kind
 from .index import (fetch_listing, key_of, known_etags, listing_snapshot, merge_listing,
                     valid_name)
-from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, crash_point, recover
+from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, recover
+from .crashpoints import crash_point
 from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
 from .writeback import Writeback
 
@@ -446,7 +447,9 @@ class DeltaFS(pyfuse3.Operations):
         self._remove(node)
         now = time.time_ns()
         self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
+        crash_point("unlink-before-commit")
         await self._commit()
+        crash_point("unlink-after-commit")
         self.writeback.kick()
 
     def _remove(self, node: Node) -> None:
@@ -518,7 +521,9 @@ class DeltaFS(pyfuse3.Operations):
             self.journal.set_dirty(node.ino, MOVED)
         for p in {parent_inode_old, parent_inode_new}:
             self.journal.update(p, mtime_ns=now, ctime_ns=now)
+        crash_point("rename-before-commit")
         await self._commit()
+        crash_point("rename-after-commit")
         self.writeback.kick()
 
     def _moved_dir(self, d: Node) -> None:

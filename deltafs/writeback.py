@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .content import ORPHAN_PARENT, Contents, crash_point
+from .content import ORPHAN_PARENT, Contents
+from .crashpoints import crash_point
 from .engine import Engine
 from .errors import AccessDenied, BucketNotFound, DeltafsError, NotFound
 from .format import Attrs, Kind, StoredFile, delta_key, reference_key, split_key
@@ -455,6 +456,7 @@ class Writeback:
                     await self._run(self.engine.delete_stored, stored)
                 else:
                     await self._run(self.engine.store.delete, object_key)
+                crash_point("tombstone-after-delete")
                 self.journal.drop_tombstone(object_key)
                 self.state.tomb_failures.pop(object_key, None)
                 self.state.tomb_retry_at.pop(object_key, None)
