@@ -1,6 +1,8 @@
-"""Shared fixtures: a moto S3 server for the session, fresh buckets and stores."""
+"""Shared fixtures: a moto S3 server for the session (and a second one that checks
+credentials), fresh buckets and stores."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -10,11 +12,12 @@ from pathlib import Path
 from typing import Iterator
 
 import boto3
+import botocore.exceptions
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `import helpers`
 
-from helpers import free_port, wait_http  # noqa: E402
+from helpers import AuthMoto, free_port, require_tool, wait_http  # noqa: E402
 
 from deltafs.store import LocalStore, S3Store  # noqa: E402
 
@@ -56,19 +59,33 @@ def aws_env() -> Iterator[None]:
         yield
 
 
+def _start_moto(port: int, logfile: Path, extra_env: dict[str, str] | None = None
+                ) -> subprocess.Popen[bytes]:
+    env = os.environ.copy()
+    env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)  # only moto_auth_server checks credentials
+    env.update(extra_env or {})
+    with open(logfile, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def moto_server(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server subprocess on a free local port; yields its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     logfile = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(logfile, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
-        )
+    proc = _start_moto(port, logfile)
     try:
         try:
             wait_http(url + "/", timeout=30)
@@ -77,12 +94,71 @@ def moto_server(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iter
             raise RuntimeError(f"moto server did not start: {logfile.read_text()[-2000:]}")
         yield url
     finally:
-        proc.terminate()
+        _stop(proc)
+
+
+#: requests the set-up of ``moto_auth_server`` makes before authentication starts
+_AUTH_SETUP_ACTIONS = 5
+
+
+@pytest.fixture(scope="session")
+def moto_auth_server(aws_env: None, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[AuthMoto]:
+    """A second moto server, on its own free port, that enforces authentication.
+
+    moto accepts any credentials unless started with ``INITIAL_NO_AUTH_ACTION_COUNT=N``:
+    it then serves its first N requests (S3 and IAM alike, counted over the whole
+    process; ``/moto-api/`` is not counted) without checks, and every later request must
+    carry the access key of a user in its own IAM (else 403 InvalidAccessKeyId), a SigV4
+    signature made with that user's secret (else 403 SignatureDoesNotMatch), and be
+    allowed by that user's policies (else 403 AccessDenied; a HEAD gets a bare 403).
+    The N set-up requests here create the two IAM users and their keys; the bucket is
+    created with the allowed user's keys, so it is already an authenticated request.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    logfile = tmp_path_factory.mktemp("moto-auth") / "moto.log"
+    proc = _start_moto(port, logfile,
+                       {"INITIAL_NO_AUTH_ACTION_COUNT": str(_AUTH_SETUP_ACTIONS)})
+    try:
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            wait_http(url + "/moto-api/", timeout=30)  # not an S3 request: not counted
+        except TimeoutError:
+            raise RuntimeError(f"moto server did not start: {logfile.read_text()[-2000:]}")
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1")
+        keys = []
+        for user in ("deltafs-allowed", "deltafs-no-policy"):  # 2 requests each
+            iam.create_user(UserName=user)
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            keys.append((key["AccessKeyId"], key["SecretAccessKey"]))
+        iam.put_user_policy(  # the 5th and last unchecked request
+            UserName="deltafs-allowed", PolicyName="s3-all",
+            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        server = AuthMoto(url=url, bucket=f"auth-{uuid.uuid4().hex[:16]}", allowed=keys[0],
+                          no_policy=keys[1])
+        server.client().create_bucket(Bucket=server.bucket)
+        # authentication is on: the session's fake key pair is refused, the user's works
+        try:
+            boto3.client("s3", endpoint_url=url, region_name="us-east-1").list_objects_v2(
+                Bucket=server.bucket)
+        except botocore.exceptions.ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            assert status == 403, exc.response
+        else:
+            raise RuntimeError("moto accepted an unknown access key although started with "
+                               f"INITIAL_NO_AUTH_ACTION_COUNT={_AUTH_SETUP_ACTIONS}")
+        server.client().list_objects_v2(Bucket=server.bucket)
+        yield server
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def fuse_tools() -> None:
+    """Tests that mount need fusermount3: missing, it is a failure saying how to install
+    it, not a skip (root and /dev/fuse, which no install gives, are skip conditions)."""
+    require_tool("fusermount3", "fuse3")
 
 
 @pytest.fixture

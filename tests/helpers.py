@@ -6,6 +6,10 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,45 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+#: the ways ``AuthMoto.wrong`` gets credentials wrong
+WRONG_CREDENTIALS = ("unknown-key", "wrong-secret", "no-policy")
+
+
+@dataclass(frozen=True)
+class AuthMoto:
+    """A moto S3 server that checks credentials like S3 does (see ``moto_auth_server``)."""
+
+    url: str
+    #: an existing bucket that ``allowed`` may do anything in
+    bucket: str
+    #: (access key id, secret) of an IAM user with an ``s3:*`` policy
+    allowed: tuple[str, str]
+    #: (access key id, secret) of an IAM user without any policy: it signs correctly,
+    #: and every action is refused (AccessDenied)
+    no_policy: tuple[str, str]
+
+    def wrong(self, case: str) -> tuple[str, str]:
+        """A key pair the server refuses, for each of ``WRONG_CREDENTIALS``: an access key
+        it does not know, the allowed user's key with a wrong secret, a user whose
+        signature is right but who may do nothing."""
+        if case == "unknown-key":
+            return ("AKIAWRONGKEY00000000", "wrong-secret-for-an-unknown-key")
+        if case == "wrong-secret":
+            return (self.allowed[0], "wrong-secret-" + self.allowed[1][::-1])
+        if case == "no-policy":
+            return self.no_policy
+        raise ValueError(case)
+
+    def env(self, creds: tuple[str, str]) -> dict[str, str]:
+        """Environment variables that make boto3 (and a deltafs subprocess) use ``creds``."""
+        return {"AWS_ACCESS_KEY_ID": creds[0], "AWS_SECRET_ACCESS_KEY": creds[1]}
+
+    def client(self, creds: tuple[str, str] | None = None) -> Any:
+        key_id, secret = creds or self.allowed
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=key_id, aws_secret_access_key=secret)
+
+
 # ----------------------------------------------------------------------------------------
 # Data, hashing and CLI helpers for the engine/CLI/interop tests (appended).
 
@@ -43,7 +86,48 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Mapping, Sequence  # noqa: E402
 
+import pytest  # noqa: E402
+
 MiB = 1 << 20
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of the program ``name`` (a name on PATH or an absolute path); a missing
+    one fails the test with how to install it (scripts/setup installs them all)."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: apt-get install {package} "
+                    "(scripts/setup installs every program the tests need)", pytrace=False)
+    return found
+
+
+#: the DeltaGlider release the interop tests are written against (pyproject's test extra)
+DELTAGLIDER_VERSION = "6.2.0"
+
+
+def deltaglider_exe() -> Path:
+    """The ``deltaglider`` CLI of the running interpreter's venv (else one on PATH), the
+    version the test extras pin. Missing or another version is a test failure that says
+    how to install it, never a skip."""
+    import importlib.metadata
+    import shutil
+
+    how = (f"it comes with the test extras: {sys.executable} -m pip install -e '.[test]' "
+           "(scripts/setup does it)")
+    found = shutil.which("deltaglider", path=str(Path(sys.executable).parent)) or \
+        shutil.which("deltaglider")
+    if found is None:
+        pytest.fail(f"the deltaglider CLI is not installed; {how}", pytrace=False)
+    try:
+        version = importlib.metadata.version("deltaglider")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version != DELTAGLIDER_VERSION:
+        pytest.fail(f"deltaglider {version or '(not in this venv)'} found at {found}, the "
+                    f"tests need {DELTAGLIDER_VERSION}; {how}", pytrace=False)
+    return Path(found)
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -1,15 +1,23 @@
 """Fixtures and helpers for the real-mount tests (``tests/test_mount*.py``).
 
-A :class:`Mount` runs ``deltafs mount s3://BUCKET MNT --cache-dir CACHE --endpoint-url URL``
-as a subprocess (it returns once the mount is live) and knows how to unmount, remount
-(optionally with a wiped cache), read the daemon's status and kill it. The ``mounted``
-fixture yields one over a fresh moto bucket; on teardown it unmounts (``deltafs umount``
-with a timeout, then ``fusermount3 -u -z``), kills any daemon still alive and prints the
-tail of every daemon log it saw, which pytest shows when the test failed.
+A :class:`Mount` runs ``deltafs mount s3://BUCKET[/PREFIX] MNT --cache-dir CACHE
+--endpoint-url URL`` as a subprocess (it returns once the mount is live) and knows how to
+unmount, remount (optionally with a wiped or a new cache), read the daemon's status and
+kill it. Its bucket helpers take paths relative to the mount's root (``m.key("a/b")`` is
+the object key, ``m.objects()`` lists the keys under the prefix without it), so a test
+reads the same on a bucket-root mount and on a prefix mount.
+
+The ``mounted`` fixture yields a bucket-root mount of a fresh moto bucket; ``mounted_any``
+runs the test twice, on a bucket-root mount and on a mount of ``s3://BUCKET/some/prefix``
+(whose bucket also holds objects outside the prefix, which must stay out of sight and
+untouched). Tests that remount use ``mounted_any``: a prefix mount remounted with a fresh
+cache once showed an empty root. On teardown both unmount (``deltafs umount`` with a
+timeout, then ``fusermount3 -u -z``), kill any daemon still alive and print the tail of
+every daemon log they saw, which pytest shows when the test failed.
 
 Import the fixtures explicitly in a test module::
 
-    from mountfixtures import mounted  # noqa: F401
+    from mountfixtures import mounted, mounted_any  # noqa: F401
 """
 from __future__ import annotations
 
@@ -92,12 +100,23 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+#: the prefix of ``mounted_any``'s prefix variant
+PREFIX = "some/prefix"
+#: objects outside ``PREFIX`` in the prefix variant's bucket (next to it, and names that
+#: start like it): a prefix mount must neither show nor touch them
+DECOYS = {"outside.txt": b"outside the prefix\n",
+          "some/prefixed.txt": b"a sibling whose name starts like the prefix\n",
+          "some/prefix-other/x.txt": b"a sibling directory\n"}
+
+
 class Mount:
-    """One deltafs mount of ``s3://bucket`` at ``mountpoint`` with ``cache`` as cache dir."""
+    """One deltafs mount of ``s3://bucket`` (or ``s3://bucket/prefix``) at ``mountpoint``
+    with ``cache`` as cache dir."""
 
     def __init__(self, bucket: str, endpoint: str, base: Path,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), prefix: str = "") -> None:
         self.bucket = bucket
+        self.prefix = prefix.strip("/")
         self.endpoint = endpoint
         self.base = base
         self.mountpoint = base / "mnt"
@@ -109,6 +128,20 @@ class Mount:
         self.pid: int | None = None
         self.pids: set[int] = set()
         self.generation = 0
+
+    @property
+    def source(self) -> str:
+        """What is mounted: ``s3://bucket`` or ``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def key(self, rel: str = "") -> str:
+        """The object key of ``rel``, a path relative to the mount's root ("a/b.txt", a
+        directory prefix "a/", or "" for the root's own prefix)."""
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def url(self, rel: str) -> str:
+        """``s3://bucket/KEY`` of ``rel`` (for deltafs get, deltaglider cp)."""
+        return f"s3://{self.bucket}/{self.key(rel)}"
 
     # ------------------------------------------------------------------ life
 
@@ -127,7 +160,7 @@ class Mount:
 
     def mount(self, extra_args: Sequence[str] | None = None, timeout: float = 60) -> None:
         args = self.extra_args if extra_args is None else list(extra_args)
-        argv = [*deltafs_exe(), "mount", f"s3://{self.bucket}", str(self.mountpoint),
+        argv = [*deltafs_exe(), "mount", self.source, str(self.mountpoint),
                 "--cache-dir", str(self.cache), "--endpoint-url", self.endpoint, *args]
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         assert res.returncode == 0, (
@@ -198,12 +231,23 @@ class Mount:
         self.save_log()
         shutil.rmtree(self.cache, ignore_errors=True)
 
-    def remount(self, wipe_cache: bool = False, extra_args: Sequence[str] | None = None
-                ) -> None:
-        """``deltafs umount``, optionally wipe the cache directory, mount again."""
+    def use_cache(self, cache: Path) -> None:
+        """Mount with another cache directory from now on (the log of the current one is
+        kept for ``dump_logs``)."""
+        assert not in_mount_table(self.mountpoint), "switch the cache of a mounted fs?"
+        self.save_log()
+        self.cache = cache
+
+    def remount(self, wipe_cache: bool = False, extra_args: Sequence[str] | None = None,
+                new_cache: Path | None = None) -> None:
+        """``deltafs umount``, optionally wipe the cache directory or switch to the new,
+        empty directory ``new_cache``, mount again."""
         self.umount()
         if wipe_cache:
             self.wipe_cache()
+        if new_cache is not None:
+            assert not new_cache.exists() or not any(new_cache.iterdir()), new_cache
+            self.use_cache(new_cache)
         self.mount(extra_args)
 
     def kill9(self) -> int:
@@ -256,22 +300,44 @@ class Mount:
     # -------------------------------------------------------------- bucket
 
     def objects(self, prefix: str = "") -> dict[str, int]:
-        """key -> size of every object in the bucket (paginated list_objects_v2)."""
-        return bucket_objects(self.client, self.bucket, prefix)
+        """key -> size of every object under the mount's root whose key, relative to that
+        root, starts with ``prefix`` (paginated list_objects_v2). Keys are relative to the
+        root: on a bucket-root mount the bucket's keys, on a prefix mount without the
+        mount's ``prefix/``."""
+        base = self.key("")
+        return {k[len(base):]: size
+                for k, size in bucket_objects(self.client, self.bucket, base + prefix).items()}
 
-    def head(self, key: str) -> dict[str, Any] | None:
+    def all_objects(self) -> dict[str, int]:
+        """Full key -> size of every object in the bucket, inside the prefix or not."""
+        return bucket_objects(self.client, self.bucket)
+
+    def outside(self) -> dict[str, int]:
+        """Full key -> size of the objects outside the mount's prefix (none for a
+        bucket-root mount)."""
+        base = self.key("")
+        return {k: v for k, v in self.all_objects().items() if not k.startswith(base)}
+
+    def head(self, rel: str) -> dict[str, Any] | None:
+        """HEAD of the object of ``rel`` (relative to the mount's root), None if absent."""
         try:
-            return dict(self.client.head_object(Bucket=self.bucket, Key=key))
+            return dict(self.client.head_object(Bucket=self.bucket, Key=self.key(rel)))
         except self.client.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
 
+    def put_object(self, rel: str, body: bytes, **kw: Any) -> None:
+        """Another writer's PUT of ``rel`` (relative to the mount's root)."""
+        self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=body, **kw)
 
-@pytest.fixture
-def mounted(moto_server: str, bucket: str, tmp_path: Path) -> Iterator[Mount]:
-    """A live deltafs mount of a fresh moto bucket (function scope)."""
-    m = Mount(bucket, moto_server, tmp_path / "deltafs")
+
+def _live(m: Mount) -> Iterator[Mount]:
+    """Mount ``m``, yield it; then unmount, reap and print the logs, and check that a
+    prefix mount left the objects outside its prefix as they were."""
+    if m.prefix:
+        for key, body in DECOYS.items():
+            m.client.put_object(Bucket=m.bucket, Key=key, Body=body)
     try:
         m.mount()
         yield m
@@ -280,6 +346,28 @@ def mounted(moto_server: str, bucket: str, tmp_path: Path) -> Iterator[Mount]:
             m.teardown()
         finally:
             m.dump_logs()
+    if m.prefix:
+        outside = m.outside()
+        assert outside == {k: len(v) for k, v in DECOYS.items()}, (
+            f"the mount of {m.source} wrote or removed objects outside its prefix: "
+            f"{sorted(outside)}")
+
+
+@pytest.fixture
+def mounted(moto_server: str, bucket: str, tmp_path: Path, fuse_tools: None
+            ) -> Iterator[Mount]:
+    """A live deltafs mount of a fresh moto bucket's root (function scope)."""
+    yield from _live(Mount(bucket, moto_server, tmp_path / "deltafs"))
+
+
+@pytest.fixture(params=["root", "prefix"])
+def mounted_any(request: pytest.FixtureRequest, moto_server: str, bucket: str,
+                tmp_path: Path, fuse_tools: None) -> Iterator[Mount]:
+    """Like ``mounted``, once on the bucket's root and once on ``s3://BUCKET/some/prefix``
+    (objects outside the prefix in that bucket: ``DECOYS``). For the tests that remount:
+    every remount of the prefix variant must find the tree again, with a wiped cache too."""
+    prefix = PREFIX if request.param == "prefix" else ""
+    yield from _live(Mount(bucket, moto_server, tmp_path / "deltafs", prefix=prefix))
 
 
 # ----------------------------------------------------------------------------------------
@@ -393,6 +481,6 @@ def is_eio(exc: OSError) -> bool:
     return exc.errno == errno.EIO
 
 
-__all__ = ["Mount", "mounted", "release_versions", "snapshot", "diff_snapshots", "run",
-           "sha_of", "logical_names", "Entry", "tail", "pid_alive", "wait_dead",
-           "in_mount_table", "deltafs_exe"]
+__all__ = ["Mount", "mounted", "mounted_any", "PREFIX", "DECOYS", "release_versions",
+           "snapshot", "diff_snapshots", "run", "sha_of", "logical_names", "Entry", "tail",
+           "pid_alive", "wait_dead", "in_mount_table", "deltafs_exe"]

@@ -61,7 +61,10 @@ def ensure_release_series() -> None:
             len(list((CACHE / "tars").glob("*.tar"))) >= 3:
         return
     if not FETCH.exists():
-        pytest.skip(f"{CACHE} lacks the release series and {FETCH} is missing")
+        pytest.fail(f"{CACHE} lacks the release series (>= 3 botocore wheels in wheels/, "
+                    f"their re-tarred trees in tars/) and {FETCH} is missing: fetch the "
+                    "series into it (scripts/bench does it when the fetch script is there)",
+                    pytrace=False)
     env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}")
     subprocess.run(["bash", str(FETCH), str(CACHE)], check=True, timeout=1800, env=env,
                    stdout=subprocess.DEVNULL)

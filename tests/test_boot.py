@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import boto3
 import pytest
 
-from helpers import bucket_objects, free_port, wait_http
+from helpers import AuthMoto, bucket_objects, free_port, require_tool, wait_http
 from mountfixtures import deltafs_exe, in_mount_table, logical_names, pid_alive, tail, wait_dead
 
 from deltafs import config as dconfig
@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD_DIR = ROOT / "systemd"
 HELPER_LINK = Path("/sbin/mount.deltafs")
 
+#: mount tests: skipped without root or the FUSE device (what no install can give); with
+#: ``usefixtures("fuse_tools")`` a missing fusermount3 fails (scripts/setup installs it)
 needs_root_fuse = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"),
-    reason="needs root, /dev/fuse and fusermount3")
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
 
 
 def helper_exe() -> Path:
@@ -155,8 +156,7 @@ def sbin_helper() -> Iterator[Path]:
     removed afterwards)."""
     if os.geteuid() != 0:
         pytest.skip("linking /sbin/mount.deltafs needs root")
-    if not shutil.which("mount"):
-        pytest.skip("mount(8) is not installed")
+    require_tool("mount", "mount")
     created = False
     if not os.path.lexists(HELPER_LINK):
         HELPER_LINK.symlink_to(helper_exe())
@@ -391,6 +391,7 @@ def test_helper_fake_mount_validates_and_mounts_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.mount
 @needs_root_fuse
+@pytest.mark.usefixtures("fuse_tools")
 def test_mount_t_deltafs_with_fstab_options(sbin_helper: Path, moto_server: str, bucket: str,
                                             tmp_path: Path, cleanup: Cleanup) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
@@ -437,17 +438,21 @@ def test_mount_t_deltafs_with_fstab_options(sbin_helper: Path, moto_server: str,
 
 @pytest.mark.mount
 @needs_root_fuse
+@pytest.mark.usefixtures("fuse_tools")
 @pytest.mark.parametrize("case", ["no-bucket", "unreachable", "no-mountpoint",
-                                  "no-credentials", "bad-credentials-file"])
+                                  "no-credentials", "wrong-credentials",
+                                  "bad-credentials-file"])
 def test_helper_fails_fast_with_the_reason(case: str, moto_server: str, bucket: str,
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path,
+                                           request: pytest.FixtureRequest) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
     env = os.environ.copy()
     source, endpoint, opts = f"s3://{bucket}", moto_server, []
-    # moto accepts any key pair, so "bad credentials" is tested as no credentials at all
-    # (boto3 refuses to sign: exit 6) and a credentials_file that cannot work (exit 2);
-    # a wrong bucket and an unreachable endpoint stand for what a real S3 would refuse
+    # no credentials at all (boto3 refuses to sign: exit 6), a key pair S3 refuses (a
+    # moto that checks signatures: exit 6) and a credentials_file that cannot work
+    # (exit 2); a wrong bucket and an unreachable endpoint stand for what a real S3
+    # would refuse
     if case == "no-bucket":
         source, code, reason = "s3://no-such-bucket-for-deltafs", 5, "does not exist"
     elif case == "unreachable":
@@ -461,6 +466,11 @@ def test_helper_fails_fast_with_the_reason(case: str, moto_server: str, bucket: 
             env.pop(name, None)
         env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
         code, reason = 6, "no usable AWS credentials"
+    elif case == "wrong-credentials":
+        auth: AuthMoto = request.getfixturevalue("moto_auth_server")
+        source, endpoint = f"s3://{auth.bucket}", auth.url
+        env.update(auth.env(auth.wrong("wrong-secret")))
+        code, reason = 6, "access denied"
     else:
         creds = tmp_path / "creds"
         creds.write_text("[other]\naws_access_key_id = a\naws_secret_access_key = b\n")
@@ -484,6 +494,7 @@ def test_helper_fails_fast_with_the_reason(case: str, moto_server: str, bucket: 
 
 @pytest.mark.mount
 @needs_root_fuse
+@pytest.mark.usefixtures("fuse_tools")
 def test_busy_mountpoint_cache_in_use_and_stale_mount(moto_server: str, bucket: str,
                                                      tmp_path: Path, cleanup: Cleanup) -> None:
     mnt, cache, other = tmp_path / "mnt", tmp_path / "cache", tmp_path / "other"
@@ -520,6 +531,7 @@ def test_busy_mountpoint_cache_in_use_and_stale_mount(moto_server: str, bucket: 
 
 @pytest.mark.mount
 @needs_root_fuse
+@pytest.mark.usefixtures("fuse_tools")
 def test_config_file_with_credentials_file(moto_server: str, bucket: str, tmp_path: Path,
                                            cleanup: Cleanup) -> None:
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
@@ -562,6 +574,7 @@ def test_config_file_with_credentials_file(moto_server: str, bucket: str, tmp_pa
 
 @pytest.mark.mount
 @needs_root_fuse
+@pytest.mark.usefixtures("fuse_tools")
 def test_notify_ready_after_stat_and_status_while_draining(own_moto: OwnMoto, tmp_path: Path,
                                                           cleanup: Cleanup) -> None:
     bucket = own_moto.bucket()
@@ -605,6 +618,7 @@ def test_notify_ready_after_stat_and_status_while_draining(own_moto: OwnMoto, tm
 
 @pytest.mark.mount
 @needs_root_fuse
+@pytest.mark.usefixtures("fuse_tools")
 def test_sigterm_during_copy_exits_in_bound_and_next_mount_replays(
         own_moto: OwnMoto, tmp_path: Path, cleanup: Cleanup) -> None:
     bucket = own_moto.bucket()
@@ -686,6 +700,7 @@ def test_sigterm_during_copy_exits_in_bound_and_next_mount_replays(
 
 @pytest.mark.mount
 @needs_root_fuse
+@pytest.mark.usefixtures("fuse_tools")
 def test_sigusr1_dumps_every_stack_to_the_log(moto_server: str, bucket: str, tmp_path: Path,
                                                cleanup: Cleanup) -> None:
     mnt, cache, log = tmp_path / "mnt", tmp_path / "cache", tmp_path / "daemon.log"
@@ -712,10 +727,7 @@ def test_sigusr1_dumps_every_stack_to_the_log(moto_server: str, bucket: str, tmp
 
 
 def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (scripts/setup installs the systemd "
-                    "package)")
+    analyze = require_tool("systemd-analyze", "systemd")
     units = sorted(p for p in SYSTEMD_DIR.iterdir()
                    if p.suffix in (".service", ".mount", ".automount", ".socket", ".timer"))
     kinds = {p.suffix for p in units}

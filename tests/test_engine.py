@@ -21,6 +21,8 @@ from deltafs.errors import IntegrityError, NotFound, ReservedName
 from deltafs.store.base import ObjectStore
 from deltafs.store.s3 import S3Store
 from helpers import (
+    WRONG_CREDENTIALS,
+    AuthMoto,
     MiB,
     bucket_objects,
     cli_env,
@@ -413,8 +415,44 @@ def test_acceptance8_missing_xdelta3_first_put_leaves_nothing(
     assert bucket_objects(s3, bucket) == {}
 
 
-def test_acceptance8_wrong_credentials() -> None:
-    pytest.skip("moto accepts any credentials: wrong-credential errors cannot be provoked")
+@pytest.mark.parametrize("command", ["ls", "put"])
+@pytest.mark.parametrize("case", WRONG_CREDENTIALS)
+def test_acceptance8_wrong_credentials(moto_auth_server: AuthMoto, tmp_path: Path,
+                                       case: str, command: str) -> None:
+    """`deltafs ls`/`put` with credentials S3 refuses (against a moto that checks them):
+    exit 6 with one line naming the problem, no traceback, no secret, nothing written."""
+    auth = moto_auth_server
+    creds = auth.wrong(case)
+    src = write_file(tmp_path / "f.bin", os.urandom(100_000))
+    args = {"ls": ["ls", f"s3://{auth.bucket}/"],
+            "put": ["put", str(src), f"s3://{auth.bucket}/{case}/"]}[command]
+    t0 = time.monotonic()
+    proc = run_deltafs(args, endpoint=auth.url, cache_dir=tmp_path / "cache",
+                       extra_env=auth.env(creds), timeout=120)
+    elapsed = time.monotonic() - t0
+    line = one_line_error(proc)
+    assert proc.returncode == 6, (proc.returncode, line)
+    assert "access denied" in line.lower() or "credentials" in line.lower(), line
+    assert creds[1] not in line, "the secret key must not be printed"
+    assert elapsed < 60, f"a refused request took {elapsed:.0f} s (retried a 403?)"
+    assert bucket_objects(auth.client(), auth.bucket, f"{case}/") == {}
+
+
+def test_acceptance8_right_credentials_on_the_checking_server(moto_auth_server: AuthMoto,
+                                                              tmp_path: Path) -> None:
+    """The same commands with the right key pair work there: exit 6 above is the
+    credentials, not the server."""
+    auth = moto_auth_server
+    src = write_file(tmp_path / "f.bin", os.urandom(100_000))
+    env = auth.env(auth.allowed)
+    prefix = f"ok-{uuid.uuid4().hex[:8]}/"
+    put = run_deltafs(["put", "-q", str(src), f"s3://{auth.bucket}/{prefix}"],
+                      endpoint=auth.url, cache_dir=tmp_path / "cache", extra_env=env)
+    assert put.returncode == 0, put.stderr.decode()
+    ls = run_deltafs(["ls", f"s3://{auth.bucket}/{prefix}"], endpoint=auth.url,
+                     cache_dir=tmp_path / "cache", extra_env=env)
+    assert ls.returncode == 0, ls.stderr.decode()
+    assert ls.stdout.decode().split() == ["f.bin"]
 
 
 # ------------------------------------------------------------------------ delete

@@ -7,7 +7,6 @@ import gzip
 import io
 import random
 import re
-import shutil
 import subprocess
 import tarfile
 import zipfile
@@ -19,13 +18,22 @@ import pytest
 
 from deltafs.api import make_engine
 from deltafs.store.s3 import S3Store
-from helpers import MiB, bucket_objects, cli_env, run_deltafs, sha256_file, write_file
+from helpers import (
+    MiB,
+    bucket_objects,
+    cli_env,
+    deltaglider_exe,
+    run_deltafs,
+    sha256_file,
+    write_file,
+)
 
-DELTAGLIDER = Path("/work/main/.venv/bin/deltaglider")
-if not DELTAGLIDER.exists():  # pragma: no cover - the venv always has it
-    DELTAGLIDER = Path(shutil.which("deltaglider") or "deltaglider")
 
-pytestmark = pytest.mark.skipif(not DELTAGLIDER.exists(), reason="deltaglider CLI not installed")
+@pytest.fixture(autouse=True)
+def _deltaglider_installed() -> None:
+    """Fail (never skip) before any work when the test extras are missing."""
+    deltaglider_exe()
+
 
 VERSIONS = 4
 _WORDS = [f"w{i:04d}" for i in range(3000)] + ["def", "return", "import", "class", "\n"]
@@ -106,7 +114,7 @@ def s3(moto_server: str) -> Any:
 def deltaglider(args: list[str], endpoint: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
     """Run the real deltaglider CLI against the moto server (AWS_ENDPOINT_URL)."""
     env = cli_env(endpoint, {"DG_LOG_LEVEL": "WARNING", "HOME": str(cwd)})
-    proc = subprocess.run([str(DELTAGLIDER), *args], env=env, capture_output=True, cwd=cwd,
+    proc = subprocess.run([str(deltaglider_exe()), *args], env=env, capture_output=True, cwd=cwd,
                           timeout=300)
     assert proc.returncode == 0, (args, proc.stdout.decode()[-2000:], proc.stderr.decode()[-2000:])
     return proc

@@ -1,7 +1,7 @@
 """Real-mount tests: ``deltafs mount`` of a moto bucket, driven with cp, rsync, tar,
 kill -9, deltaglider, and raw syscalls. Every comparison is by SHA-256.
 
-They need /dev/fuse and fusermount3 (root); they are skipped without them.
+They need root and /dev/fuse (skipped without) and fusermount3 (missing, they fail).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import errno
 import io
 import os
 import re
-import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -22,13 +22,15 @@ from pathlib import Path
 import boto3
 import pytest
 
-from helpers import cli_env, corrupt_object, free_port, wait_http
+from helpers import cli_env, corrupt_object, deltaglider_exe, free_port, run_deltafs, wait_http
 from helpers import sha256_bytes as sha_of_bytes
 from mountfixtures import (  # noqa: F401 - fixtures are used by name
+    PREFIX,
     Mount,
     diff_snapshots,
     logical_names,
     mounted,
+    mounted_any,
     release_versions,
     run,
     sha_of,
@@ -37,8 +39,8 @@ from mountfixtures import (  # noqa: F401 - fixtures are used by name
 
 pytestmark = [
     pytest.mark.mount,
-    pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-                       reason="needs /dev/fuse and fusermount3"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.usefixtures("fuse_tools"),  # a missing fusermount3 fails, with how to install
 ]
 
 KiB = 1 << 10
@@ -110,8 +112,8 @@ def assert_same_tree(want: Path, got: Path, what: str, m: Mount | None = None,
 # ----------------------------------------------------------------------------------------
 # 1. cp -a
 
-def test_cp_a_tree_roundtrip(mounted: Mount, tmp_path: Path) -> None:
-    m = mounted
+def test_cp_a_tree_roundtrip(mounted_any: Mount, tmp_path: Path) -> None:
+    m = mounted_any
     src = build_tree(tmp_path / "src")
     dst = m.mountpoint / "tree"
     run(["cp", "-a", str(src), str(dst)])
@@ -204,8 +206,8 @@ def check_bucket_layout(m: Mount, src: Path, prefix: str) -> None:
     assert not problems, "bucket layout:\n" + "\n".join(problems)
 
 
-def test_rsync_twice_transfers_nothing(mounted: Mount, tmp_path: Path) -> None:
-    m = mounted
+def test_rsync_twice_transfers_nothing(mounted_any: Mount, tmp_path: Path) -> None:
+    m = mounted_any
     src = build_rsync_tree(tmp_path / "src")
     dst = m.mountpoint / "dst"
     run(["rsync", "-a", f"{src}/", f"{dst}/"])
@@ -255,8 +257,8 @@ def build_small_tree(src: Path, seed: int = 5) -> Path:
 TAR_FIELDS = ("kind", "mode", "size", "sha256", "target")
 
 
-def test_tar_roundtrip(mounted: Mount, tmp_path: Path) -> None:
-    m = mounted
+def test_tar_roundtrip(mounted_any: Mount, tmp_path: Path) -> None:
+    m = mounted_any
     src = build_small_tree(tmp_path / "src")
     # tar -xf into the mount
     archive = tmp_path / "in.tar"
@@ -291,8 +293,8 @@ def test_tar_roundtrip(mounted: Mount, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------
 # 4. kill -9 right after cp
 
-def test_kill9_after_cp_replays(mounted: Mount, tmp_path: Path) -> None:
-    m = mounted
+def test_kill9_after_cp_replays(mounted_any: Mount, tmp_path: Path) -> None:
+    m = mounted_any
     src = tmp_path / "src"
     src.mkdir()
     versions = release_versions(20, 1536 * KiB, seed=99)
@@ -368,15 +370,14 @@ def make_tar(blob: bytes) -> bytes:
 
 def deltaglider(args: list[str], endpoint: str, timeout: float = 120
                 ) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).parent / "deltaglider"
-    res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+    res = subprocess.run([str(deltaglider_exe()), *args], capture_output=True, text=True, timeout=timeout,
                          env=cli_env(endpoint))
     assert res.returncode == 0, f"deltaglider {' '.join(args)} failed:\n{res.stderr[-3000:]}"
     return res
 
 
-def test_deltaglider_interop(mounted: Mount, tmp_path: Path) -> None:
-    m = mounted
+def test_deltaglider_interop(mounted_any: Mount, tmp_path: Path) -> None:
+    m = mounted_any
     # written through the mount, read with deltaglider
     blobs = release_versions(4, 600 * KiB, seed=3)
     written: dict[str, bytes] = {}
@@ -393,8 +394,8 @@ def test_deltaglider_interop(mounted: Mount, tmp_path: Path) -> None:
     out.mkdir()
     for key, data in written.items():
         dest = out / Path(key).name
-        deltaglider(["cp", f"s3://{m.bucket}/{key}", str(dest)], m.endpoint)
-        assert dest.exists(), f"deltaglider cp s3://{m.bucket}/{key} wrote nothing"
+        deltaglider(["cp", m.url(key), str(dest)], m.endpoint)
+        assert dest.exists(), f"deltaglider cp {m.url(key)} wrote nothing"
         assert sha_of(dest) == sha_of_bytes(data), f"deltaglider read {key} differently"
 
     # put with deltaglider, read through the mount
@@ -406,7 +407,7 @@ def test_deltaglider_interop(mounted: Mount, tmp_path: Path) -> None:
     for i, data in enumerate(versions):
         p = dg_src / f"tool-{i}.zip"
         p.write_bytes(data)
-        deltaglider(["cp", str(p), f"s3://{m.bucket}/dg/tool-{i}.zip"], m.endpoint)
+        deltaglider(["cp", str(p), m.url(f"dg/tool-{i}.zip")], m.endpoint)
     dg_keys = m.objects("dg/")
     assert "dg/reference.bin" in dg_keys and len(
         [k for k in dg_keys if k.endswith(".delta")]) == 4, f"deltaglider stored: {dg_keys}"
@@ -429,21 +430,79 @@ def test_deltaglider_interop(mounted: Mount, tmp_path: Path) -> None:
         assert sha_of(m.mountpoint / key) == sha_of_bytes(data), key
 
 
-def test_remount_sees_bucket_changes(mounted: Mount) -> None:
+def test_remount_sees_bucket_changes(mounted_any: Mount) -> None:
     """Objects another writer put while we were unmounted show after a remount that
     keeps the cache (the journal's listing time must not outlive the mount)."""
-    m = mounted
+    m = mounted_any
     (m.mountpoint / "d").mkdir()
     (m.mountpoint / "d" / "mine.txt").write_bytes(b"mine\n")
     assert sorted(os.listdir(m.mountpoint)) == ["d"]
     m.umount()
-    m.client.put_object(Bucket=m.bucket, Key="theirs.txt", Body=b"theirs\n")
-    m.client.put_object(Bucket=m.bucket, Key="d/theirs.txt", Body=b"theirs too\n")
+    m.put_object("theirs.txt", b"theirs\n")
+    m.put_object("d/theirs.txt", b"theirs too\n")
     m.mount()
     assert sorted(os.listdir(m.mountpoint)) == ["d", "theirs.txt"], \
         "a remount (cache kept) serves the previous mount's listing of / without LISTing"
     assert sorted(os.listdir(m.mountpoint / "d")) == ["mine.txt", "theirs.txt"]
     assert (m.mountpoint / "theirs.txt").read_bytes() == b"theirs\n"
+    # and from the bucket alone
+    m.remount(wipe_cache=True)
+    assert sorted(os.listdir(m.mountpoint)) == ["d", "theirs.txt"]
+    assert sorted(os.listdir(m.mountpoint / "d")) == ["mine.txt", "theirs.txt"]
+    assert (m.mountpoint / "d" / "mine.txt").read_bytes() == b"mine\n"
+
+
+def test_prefix_mount_with_a_new_cache_finds_its_tree(moto_server: str, bucket: str,
+                                                      tmp_path: Path, fuse_tools: None
+                                                      ) -> None:
+    """Issue 8: in 0.1 a mount of s3://bucket/PREFIX with a fresh cache showed an empty
+    root. A tree copied into a prefix mount is all there after a mount with a new, empty
+    cache directory, through ``deltafs get`` and through a mount of the bucket's root."""
+    src = build_small_tree(tmp_path / "w", seed=17)
+    fields, dir_fields = ("kind", "size", "sha256", "target"), ("kind",)  # cp -r: no modes
+    m = Mount(bucket, moto_server, tmp_path / "prefix-mount", prefix="p")
+    whole = Mount(bucket, moto_server, tmp_path / "root-mount")
+    try:
+        m.mount()
+        run(["cp", "-r", str(src), str(m.mountpoint / "w")])
+        assert_same_tree(src, m.mountpoint / "w", "cp -r into the prefix mount", m,
+                         fields=fields, dir_fields=dir_fields)
+        m.umount()
+        m.use_cache(tmp_path / "new-cache")  # not wiped: another, empty directory
+        m.mount()
+        assert run(["ls", str(m.mountpoint)]).stdout.split() == ["w"], \
+            f"ls of the prefix mount with a new cache\n{m.log_tail(30)}"
+        run(["stat", str(m.mountpoint / "w")])
+        assert stat.S_ISDIR(os.stat(m.mountpoint / "w").st_mode)
+        assert_same_tree(src, m.mountpoint / "w", "prefix mount, new cache", m,
+                         fields=fields, dir_fields=dir_fields)
+        m.umount()
+        assert all(k.startswith("p/w/") for k in m.all_objects()), sorted(m.all_objects())
+
+        # deltafs get of every file, by its key under p/
+        got = tmp_path / "got"
+        files = [p for p in src.rglob("*") if p.is_file() and not p.is_symlink()]
+        for f in files:
+            rel = f.relative_to(src).as_posix()
+            dest = got / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            res = run_deltafs(["get", f"s3://{bucket}/p/w/{rel}", str(dest)],
+                              endpoint=moto_server, cache_dir=tmp_path / "get-cache")
+            assert res.returncode == 0, (rel, res.stderr.decode())
+            assert sha_of(dest) == sha_of(f), f"deltafs get s3://{bucket}/p/w/{rel} differs"
+
+        # a mount of the bucket's root sees the same tree under p/
+        whole.mount()
+        assert sorted(os.listdir(whole.mountpoint)) == ["p"]
+        assert sorted(os.listdir(whole.mountpoint / "p")) == ["w"]
+        assert_same_tree(src, whole.mountpoint / "p" / "w", "bucket-root mount, under p/",
+                         whole, fields=fields, dir_fields=dir_fields)
+    finally:
+        for mount in (m, whole):
+            try:
+                mount.teardown()
+            finally:
+                mount.dump_logs()
 
 
 # ----------------------------------------------------------------------------------------
@@ -454,8 +513,8 @@ def walk_view(root: Path) -> dict[str, tuple[str, int | None, str | None]]:
             for rel, e in snapshot(root).items()}
 
 
-def test_mutations_survive_cache_wipe(mounted: Mount, tmp_path: Path) -> None:
-    m = mounted
+def test_mutations_survive_cache_wipe(mounted_any: Mount, tmp_path: Path) -> None:
+    m = mounted_any
     root = m.mountpoint
     vs = release_versions(4, 300 * KiB, seed=21)
     layout = {
@@ -517,8 +576,8 @@ def test_mutations_survive_cache_wipe(mounted: Mount, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------
 # 7. corruption and S3 outage
 
-def test_corrupt_delta_is_eio(mounted: Mount) -> None:
-    m = mounted
+def test_corrupt_delta_is_eio(mounted_any: Mount) -> None:
+    m = mounted_any
     vs = release_versions(3, 300 * KiB, seed=8)
     (m.mountpoint / "c").mkdir()
     # v0 first and alone, so that it seeds reference.bin (uploads run concurrently)
@@ -530,8 +589,8 @@ def test_corrupt_delta_is_eio(mounted: Mount) -> None:
     # real deltas (not the zero-diff one of the seeding file), so flipped bytes matter
     assert keys["c/v1.bin.delta"] > 1000 and keys["c/v2.bin.delta"] > 1000, keys
     m.umount()
-    corrupt_object(m.client, m.bucket, "c/v1.bin.delta", how="garbage")
-    corrupt_object(m.client, m.bucket, "c/v2.bin.delta", how="flip")
+    corrupt_object(m.client, m.bucket, m.key("c/v1.bin.delta"), how="garbage")
+    corrupt_object(m.client, m.bucket, m.key("c/v2.bin.delta"), how="flip")
     m.wipe_cache()
     m.mount()
     for name in ("v1.bin", "v2.bin"):
@@ -580,11 +639,13 @@ def own_moto(tmp_path: Path, aws_env: None):  # type: ignore[no-untyped-def]
         moto.stop()
 
 
-def test_s3_outage_writes_queue_and_replay(own_moto: MotoProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefix", ["", PREFIX], ids=["root", "prefix"])
+def test_s3_outage_writes_queue_and_replay(own_moto: MotoProcess, tmp_path: Path,
+                                           prefix: str) -> None:
     bucket = "outage-bucket"
     client = boto3.client("s3", endpoint_url=own_moto.url, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
-    m = Mount(bucket, own_moto.url, tmp_path / "deltafs")
+    m = Mount(bucket, own_moto.url, tmp_path / "deltafs", prefix=prefix)
     try:
         m.mount()
         cached = os.urandom(300 * KiB)
@@ -630,8 +691,8 @@ def test_s3_outage_writes_queue_and_replay(own_moto: MotoProcess, tmp_path: Path
 # ----------------------------------------------------------------------------------------
 # 8. ls -l of a known directory after a remount: no HEAD per file
 
-def test_ls_after_remount_does_not_head_each_file(mounted: Mount, tmp_path: Path) -> None:
-    m = mounted
+def test_ls_after_remount_does_not_head_each_file(mounted_any: Mount, tmp_path: Path) -> None:
+    m = mounted_any
     d = m.mountpoint / "many"
     d.mkdir()
     n = 2000
@@ -737,10 +798,10 @@ def test_fsync_waits_for_the_bucket(mounted: Mount) -> None:
     assert sha_of(path) == sha_of_bytes(data)
 
 
-def test_write_after_fsync_same_descriptor(mounted: Mount) -> None:
+def test_write_after_fsync_same_descriptor(mounted_any: Mount) -> None:
     """fsync, then more writes on the same descriptor, another fsync, close: the bucket
     ends up with all the bytes."""
-    m = mounted
+    m = mounted_any
     data = os.urandom(1 * MiB)
     path = m.mountpoint / "synced.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

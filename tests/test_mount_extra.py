@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mountfixtures import Mount, mounted  # noqa: F401 - fixture used by name
+from mountfixtures import Mount, mounted, mounted_any  # noqa: F401 - fixtures used by name
 
 MiB = 1 << 20
 
@@ -28,8 +28,8 @@ def test_xattrs_say_how_a_file_is_stored(mounted: Mount) -> None:
     assert os.getxattr(p, "user.deltafs.state") == b"clean"
     assert os.getxattr(p, "user.deltafs.reference") == b"reference.bin"
     stored = int(os.getxattr(p, "user.deltafs.stored_size"))
-    head = m.client.head_object(Bucket=m.bucket, Key="v2.bin.delta")
-    assert stored == head["ContentLength"] < 100_000
+    head = m.head("v2.bin.delta")
+    assert head is not None and stored == head["ContentLength"] < 100_000
     with pytest.raises(OSError) as ours:
         os.setxattr(p, "user.deltafs.kind", b"direct")
     assert ours.value.errno == errno.EPERM
@@ -38,8 +38,8 @@ def test_xattrs_say_how_a_file_is_stored(mounted: Mount) -> None:
     assert other.value.errno == errno.EOPNOTSUPP
 
 
-def test_read_only_mount_refuses_writes(mounted: Mount) -> None:
-    m = mounted
+def test_read_only_mount_refuses_writes(mounted_any: Mount) -> None:
+    m = mounted_any
     (m.mountpoint / "kept.txt").write_bytes(b"kept\n")
     m.umount()
     m.mount(["--read-only"])
@@ -50,6 +50,10 @@ def test_read_only_mount_refuses_writes(mounted: Mount) -> None:
         with pytest.raises(OSError) as exc:
             action()
         assert exc.value.errno == errno.EROFS
+    # read-only from the bucket alone
+    m.remount(wipe_cache=True, extra_args=["--read-only"])
+    assert os.listdir(m.mountpoint) == ["kept.txt"]
+    assert (m.mountpoint / "kept.txt").read_bytes() == b"kept\n"
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from helpers import free_port
+from helpers import WRONG_CREDENTIALS, AuthMoto, free_port
 
 from deltafs.errors import (
     AccessDenied,
@@ -367,8 +367,29 @@ def test_s3_no_credentials(moto_server: str, bucket: str, monkeypatch: pytest.Mo
     assert "testing" not in str(exc.value)
 
 
+@pytest.mark.parametrize("case", WRONG_CREDENTIALS)
+def test_s3_wrong_credentials(moto_auth_server: AuthMoto, case: str) -> None:
+    """A server that checks signatures (moto with INITIAL_NO_AUTH_ACTION_COUNT) refuses
+    the key pair: every operation is AccessDenied, the secret never shown;
+    the right key pair works on the same store."""
+    auth = moto_auth_server
+    key_id, secret = auth.wrong(case)
+    store = S3Store(auth.bucket, endpoint_url=auth.url, access_key=key_id,
+                    secret_key=secret)
+    for op in (store.check, lambda: store.get_bytes("k"), lambda: store.list(""),
+               lambda: store.put_bytes("k", b"x", {})):
+        with pytest.raises(AccessDenied, match="check the credentials") as exc:
+            op()
+        assert secret not in str(exc.value)
+    good = S3Store(auth.bucket, endpoint_url=auth.url, access_key=auth.allowed[0],
+                   secret_key=auth.allowed[1])
+    good.check()
+    good.put_bytes(f"store-{case}", b"x", {})
+    assert good.get_bytes(f"store-{case}")[0] == b"x"
+
+
 def test_s3_access_denied_mapping(s3store: S3Store) -> None:
-    """moto accepts any credentials, so the 403 answers are stubbed."""
+    """Each 403 code maps to AccessDenied, a 500 does not (stubbed answers)."""
     with Stubber(s3store._client) as stub:
         stub.add_client_error("head_bucket", "403", http_status_code=403)
         stub.add_client_error("get_object", "InvalidAccessKeyId", http_status_code=403)
