@@ -48,6 +48,8 @@ ORPHAN_PARENT = 0
 #: data writes stop while fewer bytes than this are free on the cache disk: the rest is
 #: for the journal and the cache's index, which must never meet a full disk
 LOW_WATER = 8 << 20
+#: how long a write waits for running uploads to free room before ENOSPC
+BACKPRESSURE_WAIT = 30.0
 #: the largest file: S3's object size limit
 MAX_FILE_SIZE = 5 << 40
 
@@ -64,6 +66,10 @@ class Working:
     dirty: bool = False  # written since it was last staged
     hasher: Any = None  # sha256 of bytes [0, hashed) while writes are sequential
     hashed: int = 0
+    #: the row's content fields before the first write since the last stage, restored
+    #: if a write fails (the working file then has a hole and must never be staged)
+    prev: dict[str, Any] | None = None
+    error: int = 0  # a write failed: every later write, flush and fsync fails with it
 
 
 @dataclass
@@ -126,6 +132,8 @@ class Contents:
         self._fetching: dict[str, tuple[trio.Lock, int]] = {}
         self.changed = trio.Event()  # set whenever an upload or stage finished
         self.on_change: Callable[[], None] = lambda: None
+        #: whether an upload is running now (it will free room on the cache disk)
+        self.uploads_running: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -180,13 +188,20 @@ class Contents:
         return st.f_bavail * st.f_frsize
 
     async def ensure_room(self, need: int, what: str) -> None:
-        """Back-pressure for a full cache disk: clean cache entries go first; if the
-        room is still not there, ENOSPC for this operation (logged), never a hole."""
+        """Back-pressure for a full cache disk: clean cache entries go first, then the
+        operation waits while running uploads free room (at most ``BACKPRESSURE_WAIT``);
+        if the room is still not there, ENOSPC for this operation (logged)."""
         if self.free_bytes() - need >= LOW_WATER:
             return
-        await trio.to_thread.run_sync(self.cache.shrink, need + 2 * LOW_WATER)
-        if self.free_bytes() - need >= LOW_WATER:
-            return
+        deadline = time.monotonic() + BACKPRESSURE_WAIT
+        while True:
+            await trio.to_thread.run_sync(self.cache.shrink, need + 2 * LOW_WATER)
+            if self.free_bytes() - need >= LOW_WATER:
+                return
+            if not self.uploads_running() or time.monotonic() > deadline:
+                break
+            with trio.move_on_after(1.0):
+                await self.changed.wait()
         log.error("cache disk full: %s needs %d bytes; %d free and the rest holds files not "
                   "yet uploaded (ENOSPC)", what, need, self.free_bytes())
         raise pyfuse3.FUSEError(errno.ENOSPC)
@@ -331,9 +346,31 @@ class Contents:
         w.dirty = True
         if node is None:
             return
-        if node.staged and node.staged != w.path:
-            self.drop_after_commit(node.staged)
+        w.prev = dict(staged=node.staged, sha256=node.sha256, size=node.size,
+                      content=bool(node.dirty & CONTENT))
         self.journal.update(ino, staged=w.path, sha256=None)
+
+    def _poison(self, ino: int, w: Working, code: int) -> None:
+        """A write to ``w`` failed: its content is no longer what was written (a hole
+        where the write failed; the kernel drops the pages of a failed writeback and
+        goes on with the next ones). It is never staged: the row goes back to the
+        content it had, and every later write, flush and fsync of it fails."""
+        w.error = code
+        w.hasher = None
+        node = self.journal.get(ino)
+        if node is None or node.staged != w.path or w.prev is None:
+            return
+        p = w.prev
+        if p["staged"] is None and p["sha256"] is None and node.remote_key is None:
+            # a new file: it stays, empty, rather than keep bytes nobody wrote
+            path = self._new_path(ino)
+            open(path, "wb").close()
+            self.journal.update(ino, staged=path, sha256=hashlib.sha256().hexdigest(), size=0)
+            self.journal.set_dirty(ino, CONTENT)
+            return
+        self.journal.update(ino, staged=p["staged"], sha256=p["sha256"], size=p["size"])
+        if not p["content"]:
+            self.journal.x("UPDATE nodes SET dirty = dirty & ~? WHERE ino = ?", (CONTENT, ino))
 
     async def _cow(self, ino: int, w: Working) -> None:
         """Copy a sealed working file to a new one before writing to it."""
@@ -363,21 +400,28 @@ class Contents:
             log.info("refused write past %d bytes to inode %d (EFBIG)", MAX_FILE_SIZE, ino)
             raise pyfuse3.FUSEError(errno.EFBIG)
         async with s.lock:
+            log.debug("write inode %d: %d bytes at %d", ino, len(buf), off)
+            if w.error:
+                raise pyfuse3.FUSEError(w.error)
             if w.sealed:
                 await self._cow(ino, w)
-            await self.ensure_room(len(buf), f"a write to inode {ino}")
             self._mark_dirty(ino, w)
+            try:
+                await self.ensure_room(len(buf), f"a write to inode {ino}")
+            except pyfuse3.FUSEError as exc:
+                self._poison(ino, w, exc.errno)
+                raise
             crash_point("write")
             done = 0
             try:
                 while done < len(buf):
                     done += os.pwrite(w.fd, buf[done:], off + done)
             except OSError as exc:
-                w.hasher = None  # the file may hold part of this write: hash it from disk
                 if exc.errno == errno.ENOSPC:
                     log.error("cache disk full: a write to inode %d fails (ENOSPC)", ino)
                 else:
                     log.error("write to the working file of inode %d failed: %s", ino, exc)
+                self._poison(ino, w, exc.errno or errno.EIO)
                 raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
             if w.hasher is not None:
                 if off == w.hashed:
@@ -427,6 +471,8 @@ class Contents:
         s = self.st(ino)
         async with s.lock:
             w = s.work
+            if w is not None and w.error:
+                raise pyfuse3.FUSEError(w.error)  # close() and fsync() report the failure
             if w is None or not w.dirty:
                 return
             node = self.journal.get(ino)
@@ -446,9 +492,18 @@ class Contents:
                 return sha256_file(Path(w.path))
 
             crash_point("stage-before-hash")
-            sha = await trio.to_thread.run_sync(finish)
+            try:
+                sha = await trio.to_thread.run_sync(finish)
+            except OSError as exc:
+                log.error("close of inode %d: the working file cannot be made durable: %s",
+                          ino, exc)
+                self._poison(ino, w, exc.errno or errno.EIO)
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
             self.journal.update(ino, sha256=sha, size=size, staged=w.path)
             self.journal.set_dirty(ino, CONTENT)
+            if w.prev is not None and w.prev["staged"] and w.prev["staged"] != w.path:
+                self.drop_after_commit(w.prev["staged"])  # superseded
+            w.prev = None
             w.dirty, w.sealed = False, True
             s.closed_at = time.monotonic()
             s.stage_seq += 1
@@ -465,8 +520,11 @@ class Contents:
         s.writers -= 1
         if s.writers > 0:
             return
-        if s.work is not None and s.work.dirty:
-            await self.stage(ino)
+        if s.work is not None and s.work.dirty and not s.work.error:
+            try:
+                await self.stage(ino)
+            except pyfuse3.FUSEError:
+                pass  # reported by flush already; release has nobody to tell
         w, s.work = s.work, None
         if w is not None:
             os.close(w.fd)

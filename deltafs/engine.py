@@ -230,11 +230,15 @@ class Engine:
         deltaspace, name = split_key(key)
         reason = self._delta_ineligible(src, size)
         result: PutResult | None = None
+        if not reason and not self._room_for_encode(size):
+            reason = "no local space for the delta encode"
+            log.warning("put %s: no room on the cache disk for the reference and the delta; "
+                        "storing it direct", key)
         if not reason:
             try:
                 result, reason = self._put_delta(src, key, size, sha, attrs, owned)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
+            except (OSError, StoreError) as exc:
+                if not _no_space(exc):
                     raise
                 # no room for the reference and the delta beside the file: a direct
                 # upload needs no scratch space at all
@@ -248,6 +252,17 @@ class Engine:
         log.info("put %s: %s, %d -> %d bytes%s", key, result.kind, size, result.stored_size,
                  f" ({reason})" if result.kind == "direct" and reason else "")
         return result
+
+    def _room_for_encode(self, size: int) -> bool:
+        """Whether the scratch disk can take a reference and a delta for a file of
+        ``size`` bytes (the reference is about the file's size) with room to spare:
+        a full cache disk must not keep staged files from uploading (they would wait
+        for room that only their upload can make)."""
+        try:
+            st = os.statvfs(self.tmp_dir)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= 2 * size + (16 << 20)
 
     def _delta_ineligible(self, src: Path, size: int) -> str:
         if size < self.policy.min_delta_size:
@@ -275,8 +290,8 @@ class Engine:
         except BaseException:
             try:
                 self._collect_reference(deltaspace)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                log.warning("could not clean up after a failed put of %s", key, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - the original error matters more
+                log.warning("could not clean up after a failed put of %s: %s", key, exc)
             raise
 
     def _put_delta_attempts(self, src: Path, key: str, size: int, sha: str,
@@ -723,6 +738,20 @@ class Engine:
                 if progress:
                     progress(f.logical_key, error)
         return results
+
+
+def _no_space(exc: BaseException) -> bool:
+    """A local ENOSPC, raised as such or wrapped by a store (a GET into a full disk)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _dir_prefix(prefix: str) -> str:

@@ -93,6 +93,7 @@ class Writeback:
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
         contents.on_change = self.kick
+        contents.uploads_running = lambda: bool(self._active)
 
     def kick(self) -> None:
         self.wakeup.set()
