@@ -31,13 +31,13 @@ import trio
 
 from .cache import ContentCache
 from .engine import Engine
-from .errors import DeltafsError, StoreError
+from .errors import DeltafsError
 from .format import DELTA_SUFFIX, MAX_KEY_BYTES, MAX_NAME_BYTES, REFERENCE_NAME, Kind
-from .index import (fetch_listing, key_of, known_etags, listing_snapshot, merge_listing,
-                    valid_name)
+from .index import (key_of, valid_name)
 from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, recover
 from .crashpoints import crash_point
 from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
+from .dirsync import DirSync
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,11 @@ class DeltaFS(pyfuse3.Operations):
         self.dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self.lookups: dict[int, int] = defaultdict(int)
-        self._listing_locks: dict[int, trio.Lock] = defaultdict(trio.Lock)
         self.started = time.time()
         files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.contents = Contents(journal, cache, engine, files_dir, settle=options.settle)
         self.writeback = Writeback(journal, engine, self.prefix, self.contents)
+        self.dirsync = DirSync(journal, engine, self.prefix, self.contents, options)
 
     # ------------------------------------------------------------------ helpers
 
@@ -209,53 +209,11 @@ class DeltaFS(pyfuse3.Operations):
     async def _commit(self) -> None:
         await self.contents.commit()
 
-    # ---------------------------------------------------------------- listing
-
     async def _ensure_listed(self, dir_ino: int, force: bool = False) -> None:
-        """Bring a directory's rows up to date with the bucket when its listing is
-        missing or older than the TTL. Network errors leave the known rows in place."""
-        node = self._node(dir_ino)
-        if not node.is_dir:
-            return
-        fresh = node.listed_at is not None and \
-            time.time() - node.listed_at < self.options.listing_ttl
-        if fresh and not force:
-            return
-        async with self._listing_locks[dir_ino]:
-            node = self._node(dir_ino)
-            if node.listed_at is not None and time.time() - node.listed_at < \
-                    self.options.listing_ttl and not force:
-                return
-            if node.dirty & CONTENT and node.remote_key is None and node.listed_at is None \
-                    and dir_ino != ROOT_INO:
-                # made here and never published: nothing to list
-                self.journal.update(dir_ino, listed_at=time.time())
-                return
-            key = self._key(dir_ino)
-            prefix = f"{key}/" if key else ""
-            known = known_etags(self.journal, dir_ino)
-            # what the rows looked like when the LIST went out: only rows still like
-            # that may take what the listing says (a row published meanwhile is newer)
-            snapshot = listing_snapshot(self.journal, dir_ino)
-            try:
-                listing = await trio.to_thread.run_sync(fetch_listing, self.engine, prefix, known)
-            except StoreError as exc:
-                if node.listed_at is None:
-                    log.warning("cannot list %s: %s", prefix or "/", exc)
-                    raise pyfuse3.FUSEError(errno.EIO) from None
-                log.warning("cannot refresh %s, serving what is known: %s", prefix or "/", exc)
-                # try again in 10 s, not on every operation while S3 is away
-                self.journal.update(dir_ino, listed_at=time.time() -
-                                    max(0.0, self.options.listing_ttl - 10))
-                return
-            merge_listing(self.journal, dir_ino, listing, self.contents.busy(),
-                          self.options.uid, self.options.gid, snapshot)
+        await self.dirsync.ensure_listed(dir_ino, force)
 
     async def _ensure_listed_tree(self, dir_ino: int) -> None:
-        await self._ensure_listed(dir_ino)
-        for child in self.journal.children(dir_ino):
-            if child.is_dir:
-                await self._ensure_listed_tree(child.ino)
+        await self.dirsync.ensure_listed_tree(dir_ino)
 
     # ----------------------------------------------------------------- lookup
 
@@ -753,35 +711,9 @@ class DeltaFS(pyfuse3.Operations):
 
     def status(self) -> dict[str, Any]:
         """What ``deltafs status`` prints."""
-        files, nbytes = self.journal.pending()
-        oldest = 0.0
-        for n in self.journal.dirty_nodes(limit=200):
-            if n.staged:
-                try:
-                    oldest = max(oldest, time.time() - os.stat(n.staged).st_mtime)
-                except OSError:
-                    pass
-        w = self.writeback.state
-        return {
-            "pid": os.getpid(),
-            "source": self.source,
-            "uptime": round(time.time() - self.started, 1),
-            "pending_files": files,
-            "pending_bytes": nbytes,
-            "oldest_pending_seconds": round(oldest, 1),
-            "uploading": len(self.writeback._active),  # noqa: SLF001
-            "uploaded_files": w.uploaded_files,
-            "uploaded_bytes": w.uploaded_bytes,
-            "cache_bytes": self.cache.volume(),
-            "logical_bytes": self.journal.logical_bytes(),
-            "stored_bytes": self.journal.stored_bytes(),
-            "requests": self.engine.store.stats(),
-            "failed_files": len(w.failed) + len(w.tomb_failed),
-            "failed": ([{"key": k, "error": w.failed[i]} for i, k in w.failed_keys.items()]
-                       + [{"key": k, "error": e} for k, e in w.tomb_failed.items()])[:50],
-            "last_error": w.last_error,
-            "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
-        }
+        from .status import mount_status
+
+        return mount_status(self)
 
     # ------------------------------------------------------------- lifecycle
 

@@ -1,0 +1,93 @@
+"""Listing sync: keeps each directory's rows in step with the bucket (LIST on first use
+and after the TTL), applying a listing only to rows that did not change while it ran."""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import pyfuse3
+import trio
+
+from .content import Contents
+from .engine import Engine
+from .errors import StoreError
+from .index import fetch_listing, key_of, known_etags, listing_snapshot, merge_listing
+from .journal import CONTENT, ROOT_INO, Journal
+
+if TYPE_CHECKING:
+    from .fs import Options
+
+log = logging.getLogger(__name__)
+
+
+class DirSync:
+    """LISTs directories when their rows are missing or stale, one listing at a time
+    per directory, in a worker thread; the merge runs on the trio thread."""
+
+    def __init__(self, journal: Journal, engine: Engine, prefix: str, contents: Contents,
+                 options: "Options") -> None:
+        self.journal = journal
+        self.engine = engine
+        self.prefix = prefix
+        self.contents = contents
+        self.options = options
+        self._locks: dict[int, trio.Lock] = defaultdict(trio.Lock)
+
+    def _fresh(self, listed_at: float | None) -> bool:
+        return listed_at is not None and time.time() - listed_at < self.options.listing_ttl
+
+    async def ensure_listed(self, dir_ino: int, force: bool = False) -> None:
+        """Bring a directory's rows up to date with the bucket when its listing is
+        missing or older than the TTL. Network errors leave the known rows in place."""
+        node = self.journal.get(dir_ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not node.is_dir or (self._fresh(node.listed_at) and not force):
+            return
+        lock = self._locks[dir_ino]
+        try:
+            async with lock:
+                await self._list(dir_ino, force)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(dir_ino, None)
+
+    async def _list(self, dir_ino: int, force: bool) -> None:
+        node = self.journal.get(dir_ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if self._fresh(node.listed_at) and not force:
+            return
+        if node.dirty & CONTENT and node.remote_key is None and node.listed_at is None \
+                and dir_ino != ROOT_INO:
+            # made here and never published: nothing to list
+            self.journal.update(dir_ino, listed_at=time.time())
+            return
+        key = key_of(self.journal, self.prefix, dir_ino)
+        prefix = f"{key}/" if key else ""
+        known = known_etags(self.journal, dir_ino)
+        # what the rows looked like when the LIST went out: only rows still like that
+        # may take what the listing says (a row published meanwhile is newer)
+        snapshot = listing_snapshot(self.journal, dir_ino)
+        try:
+            listing = await trio.to_thread.run_sync(fetch_listing, self.engine, prefix, known)
+        except StoreError as exc:
+            if node.listed_at is None:
+                log.warning("cannot list %s: %s", prefix or "/", exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            log.warning("cannot refresh %s, serving what is known: %s", prefix or "/", exc)
+            # try again in 10 s, not on every operation while S3 is away
+            self.journal.update(dir_ino, listed_at=time.time() -
+                                max(0.0, self.options.listing_ttl - 10))
+            return
+        merge_listing(self.journal, dir_ino, listing, self.contents.busy(),
+                      self.options.uid, self.options.gid, snapshot)
+
+    async def ensure_listed_tree(self, dir_ino: int) -> None:
+        await self.ensure_listed(dir_ino)
+        for child in self.journal.children(dir_ino):
+            if child.is_dir:
+                await self.ensure_listed_tree(child.ino)

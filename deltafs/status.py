@@ -1,0 +1,47 @@
+"""What ``deltafs status`` shows about a mount (the root's ``user.deltafs.status``)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fs import DeltaFS
+
+log = logging.getLogger(__name__)
+
+
+def mount_status(fs: "DeltaFS") -> dict[str, Any]:
+    files, nbytes = fs.journal.pending()
+    oldest = 0.0
+    for n in fs.journal.dirty_nodes(limit=200):
+        if n.staged:
+            try:
+                oldest = max(oldest, time.time() - os.stat(n.staged).st_mtime)
+            except OSError:
+                pass
+    w = fs.writeback.state
+    failed = ([{"key": k, "error": w.failed[i]} for i, k in w.failed_keys.items()]
+              + [{"key": k, "error": e} for k, e in w.tomb_failed.items()])
+    return {
+        "pid": os.getpid(),
+        "source": fs.source,
+        "uptime": round(time.time() - fs.started, 1),
+        "pending_files": files,
+        "pending_bytes": nbytes,
+        "oldest_pending_seconds": round(oldest, 1),
+        "uploading": len(fs.writeback._active),  # noqa: SLF001
+        "uploaded_files": w.uploaded_files,
+        "uploaded_bytes": w.uploaded_bytes,
+        "cache_bytes": fs.cache.volume(),
+        "logical_bytes": fs.journal.logical_bytes(),
+        "stored_bytes": fs.journal.stored_bytes(),
+        "requests": fs.engine.store.stats(),
+        # changes that failed for good (a key the server refuses) or keep failing on a
+        # bucket-wide cause (no bucket, refused credentials): umount does not wait for them
+        "failed_files": len(failed),
+        "failed": failed[:50],
+        "last_error": w.last_error,
+        "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
+    }
