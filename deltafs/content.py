@@ -145,7 +145,14 @@ class Contents:
 
     def forget_if_idle(self, ino: int) -> None:
         s = self.states.get(ino)
-        if s is not None and s.idle() and s.published_seq >= s.stage_seq:
+        if s is not None and s.idle():
+            del self.states[ino]
+
+    def row_deleted(self, ino: int) -> None:
+        """The row is gone (an unlinked file reaped): no state of it may outlive it and
+        be taken for another inode's."""
+        s = self.states.get(ino)
+        if s is not None and not (s.writers or s.readers or s.uploading or s.lock.locked()):
             del self.states[ino]
 
     def busy(self) -> set[int]:
@@ -542,7 +549,7 @@ class Contents:
             return True
         if s.work is not None and s.work.dirty and not s.flush:
             return False
-        if node.dirty & CONTENT and node.sha256 is None:
+        if node.is_file and node.dirty & CONTENT and node.sha256 is None:
             return False  # written but not staged: the close or fsync will stage it
         if s.flush:
             return True

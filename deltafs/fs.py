@@ -255,7 +255,7 @@ class DeltaFS(pyfuse3.Operations):
         if node.staged:
             self.contents.drop_after_commit(node.staged)
         self.journal.delete(ino)
-        self.contents.forget_if_idle(ino)
+        self.contents.row_deleted(ino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))

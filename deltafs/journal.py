@@ -137,6 +137,8 @@ class Journal:
             )
         if seen is None:
             self.set_meta("source", source)
+        top = self.x("SELECT coalesce(max(ino), 1) FROM nodes").fetchone()[0]
+        self._next_ino = max(int(self.get_meta("next_ino") or 0), int(top) + 1, ROOT_INO + 1)
         if self.get(ROOT_INO) is None:
             now = time.time_ns()
             self.x(
@@ -196,10 +198,17 @@ class Journal:
                       (parent, parent)).fetchone()[0]
 
     def insert(self, **fields: Any) -> int:
+        """A new row with an inode number never used before in this journal: the kernel
+        and other processes may still hold an old number (a reused one would hand them
+        another file's attributes and pages)."""
+        ino = self._next_ino
+        self._next_ino += 1
+        self.set_meta("next_ino", str(self._next_ino))
+        fields = {"ino": ino, **fields}
         names = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
-        cur = self.x(f"INSERT INTO nodes ({names}) VALUES ({marks})", tuple(fields.values()))
-        return int(cur.lastrowid)  # type: ignore[arg-type]
+        self.x(f"INSERT INTO nodes ({names}) VALUES ({marks})", tuple(fields.values()))
+        return ino
 
     def update(self, ino: int, **fields: Any) -> None:
         if not fields:

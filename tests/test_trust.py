@@ -507,3 +507,28 @@ def test_uploads_are_not_starved_by_held_back_rows(mounted: Mount) -> None:  # n
             f.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     m.wait_idle(120)
+
+
+# ----------------------------------------------------------------------------------------
+# pjdfstest found: a new inode that reused a reaped one's number inherited its state
+# (its directory marker never uploaded; umount hung). Numbers are never reused now.
+
+def test_inode_numbers_are_never_reused(mounted: Mount) -> None:  # noqa: F811
+    m = mounted
+    seen: set[int] = set()
+    for i in range(5):
+        f = m.mountpoint / f"f{i}"
+        f.write_bytes(b"hi\n")
+        seen.add(os.stat(f).st_ino)
+        os.unlink(f)
+        time.sleep(0.3)
+        d = m.mountpoint / f"d{i}"
+        d.mkdir()
+        ino = os.stat(d).st_ino
+        assert ino not in seen, "an inode number came back"
+        seen.add(ino)
+    m.wait_idle(20)
+    assert {f"d{i}/" for i in range(5)} <= set(m.objects())
+    m.remount()
+    (m.mountpoint / "after").write_bytes(b"x")
+    assert os.stat(m.mountpoint / "after").st_ino not in seen
