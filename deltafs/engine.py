@@ -285,17 +285,20 @@ class Engine:
         reference back out, unless another delta already uses it."""
         codec.xdelta3_path()  # fail before writing anything when the codec is missing
         deltaspace = split_key(key)[0]
+        seeded: list[bool] = []
         try:
-            return self._put_delta_attempts(src, key, size, sha, attrs, owned)
+            return self._put_delta_attempts(src, key, size, sha, attrs, owned, seeded)
         except BaseException:
-            try:
-                self._collect_reference(deltaspace)
-            except Exception as exc:  # noqa: BLE001 - the original error matters more
-                log.warning("could not clean up after a failed put of %s: %s", key, exc)
+            if seeded:  # only a reference this put created can need taking back
+                try:
+                    self._collect_reference(deltaspace)
+                except Exception as exc:  # noqa: BLE001 - the original error matters more
+                    log.warning("could not clean up after a failed put of %s: %s", key, exc)
             raise
 
     def _put_delta_attempts(self, src: Path, key: str, size: int, sha: str,
-                            attrs: Attrs, owned: bool) -> tuple[PutResult | None, str]:
+                            attrs: Attrs, owned: bool, seeded_out: list[bool]
+                            ) -> tuple[PutResult | None, str]:
         deltaspace, name = split_key(key)
         with self._scratch() as scratch:
             for attempt in range(4):
@@ -303,6 +306,8 @@ class Engine:
                 seeded = 0
                 if ref is None:
                     ref, seeded = self._seed_reference(src, deltaspace, name, sha, owned)
+                    if seeded:
+                        seeded_out.append(True)
                     if ref is None:
                         return None, "cannot be a reference (compressed stream)"
                 ref_path = scratch / f"ref{attempt}"
