@@ -1,0 +1,77 @@
+"""A listing describes the bucket when the LIST ran: it must never override rows that
+changed while it ran (issue 8: a just-uploaded file disappeared or took listing defaults),
+nor bring back objects with a pending delete or objects a pending rename still owns."""
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from deltafs.format import Kind, StoredFile
+from deltafs.index import DirListing, listing_snapshot, merge_listing
+from deltafs.journal import ROOT_INO, Journal
+
+
+def _journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "state.db", "s3://b/")
+
+
+def _file(name: str, etag: str, size: int = 10) -> StoredFile:
+    return StoredFile(name, name, Kind.DIRECT, size, etag, 1.0, {})
+
+
+def _row(j: Journal, name: str, **fields: object) -> int:
+    base = dict(parent=ROOT_INO, name=name, mode=stat.S_IFREG | 0o644, size=1)
+    base.update(fields)
+    return j.insert(**base)
+
+
+def test_a_row_published_during_the_listing_is_kept(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    ino = _row(j, "new.bin", remote_key="new.bin", remote_etag="e1", size=5)
+    snap = listing_snapshot(j, ROOT_INO)
+    # while the LIST ran, the file was published again (a new upload)
+    j.update(ino, remote_etag="e2", size=7, sha256="abc")
+    # the listing (older) does not have the new object at all
+    merge_listing(j, ROOT_INO, DirListing({}, set(), None), set(), 0, 0, snap)
+    row = j.get(ino)
+    assert row is not None and row.remote_etag == "e2" and row.size == 7
+    # nor does an older version of it override the row
+    merge_listing(j, ROOT_INO, DirListing({"new.bin": _file("new.bin", "e1", 5)}, set(), None),
+                  set(), 0, 0, snap)
+    row = j.get(ino)
+    assert row is not None and row.remote_etag == "e2" and row.size == 7
+
+
+def test_a_row_created_during_the_listing_is_kept(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    snap = listing_snapshot(j, ROOT_INO)
+    ino = _row(j, "fresh.bin", remote_key="fresh.bin", remote_etag="e9")
+    merge_listing(j, ROOT_INO, DirListing({}, set(), None), set(), 0, 0, snap)
+    assert j.get(ino) is not None
+
+
+def test_an_unchanged_row_follows_the_bucket(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    gone = _row(j, "gone.bin", remote_key="gone.bin", remote_etag="e1")
+    changed = _row(j, "changed.bin", remote_key="changed.bin", remote_etag="e1", size=1)
+    snap = listing_snapshot(j, ROOT_INO)
+    merge_listing(j, ROOT_INO, DirListing({"changed.bin": _file("changed.bin", "e2", 99)},
+                                          set(), None), set(), 0, 0, snap)
+    assert j.get(gone) is None  # deleted by another writer
+    row = j.get(changed)
+    assert row is not None and row.remote_etag == "e2" and row.size == 99
+
+
+def test_pending_deletes_and_renames_do_not_come_back(tmp_path: Path) -> None:
+    j = _journal(tmp_path)
+    j.add_tombstone("deleted.bin", Kind.DIRECT.value)
+    d = j.insert(parent=ROOT_INO, name="d", mode=stat.S_IFDIR | 0o755)
+    # renamed from /moved.bin to /d/moved.bin, the copy not done yet: the row keeps the
+    # old object as its remote_key
+    _row(j, "moved.bin", parent=d, remote_key="moved.bin", remote_etag="e1", dirty=4)
+    snap = listing_snapshot(j, ROOT_INO)
+    merge_listing(j, ROOT_INO, DirListing({"deleted.bin": _file("deleted.bin", "e1"),
+                                           "moved.bin": _file("moved.bin", "e1")},
+                                          {"d"}, None), set(), 0, 0, snap)
+    assert j.child(ROOT_INO, "deleted.bin") is None
+    assert j.child(ROOT_INO, "moved.bin") is None
