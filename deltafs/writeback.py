@@ -120,15 +120,25 @@ class Writeback:
         started = 0
         after = 0
         full = False
+        claimed: set[int] = set()  # directories whose first reference candidate is seen
         while not full:
             page = self.journal.dirty_nodes(limit=500, after_ino=after)
             if not page:
                 break
             for node in page:
                 after = node.ino
-                if node.ino in self._active or self.state.retry_at.get(node.ino, 0) > now:
-                    continue
                 if node.parent == ORPHAN_PARENT:
+                    continue
+                if self._seeds(node) and self.contents.upload_ready(node) and \
+                        node.ino not in self.state.failed:
+                    # Until a directory has its reference, its first candidate (lowest
+                    # inode: the first file written) owns the seeding, also while it
+                    # waits to retry: otherwise a later version becomes the reference
+                    # after an outage.
+                    if node.parent in claimed:
+                        continue
+                    claimed.add(node.parent)
+                if node.ino in self._active or self.state.retry_at.get(node.ino, 0) > now:
                     continue
                 if node.ino in self.state.failed and node.ino not in self.state.failed_retry:
                     if self.state.failed_sig.get(node.ino) == _signature(node):
@@ -277,7 +287,7 @@ class Writeback:
             self.state.failed_keys[ino] = where
             self.state.failed_retry.add(ino)
         if n & (n - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a line a second
-            log.warning("upload of %s failed (attempt %d, retry in %.0f s): %s",
+            log.warning("upload of %s failed (attempt %d, retry in %.1f s): %s",
                         where, n, delay, exc)
 
     async def _sync(self, node: Node, key: str) -> None:
@@ -477,7 +487,7 @@ class Writeback:
                 delay = _backoff(n)
                 self.state.tomb_retry_at[object_key] = time.monotonic() + delay
                 if n & (n - 1) == 0:  # attempts 1, 2, 4, 8, ...: not a line a second
-                    log.warning("delete of %s failed (attempt %d, retry in %.0f s): %s",
+                    log.warning("delete of %s failed (attempt %d, retry in %.1f s): %s",
                                 object_key, n, delay, exc)
         finally:
             if claimed:
