@@ -264,6 +264,34 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    loc = parse(args.url)
+    engine = engine_for(loc, args)
+    grace = parse_duration(args.grace)
+    removed = engine.gc(loc.key, grace=grace, dry_run=args.dry_run)
+    if args.json:
+        json.dump({"removed": removed, "dry_run": args.dry_run}, sys.stdout)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        verb = "would remove" if args.dry_run else "removed"
+        for key in removed:
+            print(f"{verb} {key}")
+        print(f"{verb} {len(removed)} unused references under {loc}")
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``1h``, ``2d`` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise UsageError(f"'{text}': not a duration (e.g. 90s, 15m, 1h, 2d)") from None
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     loc = parse(args.url)
     engine = engine_for(loc, args)
@@ -392,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("rm", cmd_rm, "remove a file, or a prefix with -r")
     sp.add_argument("-r", "--recursive", action="store_true")
     sp.add_argument("--force", action="store_true", help="allow rm -r of a whole store")
+    sp.add_argument("url", metavar="URL")
+
+    sp = add("gc", cmd_gc, "remove references no delta uses any more (after a grace period; "
+             "deltafs never removes them online, where another writer may be using one)",
+             True)
+    sp.add_argument("--grace", default="1h",
+                    help="only references older than this (default 1h; e.g. 0, 15m, 2d)")
+    sp.add_argument("--dry-run", action="store_true", help="list, remove nothing")
     sp.add_argument("url", metavar="URL")
 
     sp = add("stats", cmd_stats, "logical against stored bytes", True)

@@ -6,7 +6,7 @@ import errno
 import logging
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import pyfuse3
 import trio
@@ -35,6 +35,8 @@ class DirSync:
         self.contents = contents
         self.options = options
         self._locks: dict[int, trio.Lock] = defaultdict(trio.Lock)
+        #: called for each entry another writer replaced or removed (old inode, name)
+        self.on_replaced: Callable[[int, int, str], None] = lambda parent, ino, name: None
 
     def _fresh(self, listed_at: float | None) -> bool:
         return listed_at is not None and time.time() - listed_at < self.options.listing_ttl
@@ -83,8 +85,10 @@ class DirSync:
             self.journal.update(dir_ino, listed_at=time.time() -
                                 max(0.0, self.options.listing_ttl - 10))
             return
-        merge_listing(self.journal, dir_ino, listing, self.contents.busy(),
-                      self.options.uid, self.options.gid, snapshot)
+        gone = merge_listing(self.journal, dir_ino, listing, self.contents.busy(),
+                             self.options.uid, self.options.gid, snapshot)
+        for old_ino, name in gone:
+            self.on_replaced(dir_ino, old_ino, name)
 
     async def ensure_listed_tree(self, dir_ino: int) -> None:
         await self.ensure_listed(dir_ino)

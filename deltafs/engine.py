@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 from . import codec
 from .cache import ContentCache, digest_file
 from .crashpoints import crash_point
-from .errors import AlreadyExists, IntegrityError, NotFound, StoreError
+from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
 from .format import (
     Attrs,
     Kind,
@@ -281,20 +281,11 @@ class Engine:
     def _put_delta(self, src: Path, key: str, size: int, sha: str,
                    attrs: Attrs, owned: bool) -> tuple[PutResult | None, str]:
         """Store as a delta (seeding the reference if there is none); ``(None, reason)``
-        when the file is better stored direct. A failure after seeding takes the new
-        reference back out, unless another delta already uses it."""
+        when the file is better stored direct. A reference seeded by a put that then
+        failed stays: another writer may already have encoded against it (references
+        are only ever removed by :meth:`gc`)."""
         codec.xdelta3_path()  # fail before writing anything when the codec is missing
-        deltaspace = split_key(key)[0]
-        seeded: list[bool] = []
-        try:
-            return self._put_delta_attempts(src, key, size, sha, attrs, owned, seeded)
-        except BaseException:
-            if seeded:  # only a reference this put created can need taking back
-                try:
-                    self._collect_reference(deltaspace)
-                except Exception as exc:  # noqa: BLE001 - the original error matters more
-                    log.warning("could not clean up after a failed put of %s: %s", key, exc)
-            raise
+        return self._put_delta_attempts(src, key, size, sha, attrs, owned, [])
 
     def _put_delta_attempts(self, src: Path, key: str, size: int, sha: str,
                             attrs: Attrs, owned: bool, seeded_out: list[bool]
@@ -415,10 +406,14 @@ class Engine:
     def _drop_other_form(self, key: str, kind: str) -> None:
         """A file stored direct must not leave an older delta behind, and vice versa."""
         other = key if kind in ("delta", "reference") else delta_key(key)
-        if self.store.head(other) is not None:
-            self.store.delete(other)
+        info = self.store.head(other)
+        if info is not None:
+            try:
+                self.store.delete(other, if_match=info.etag or None)
+            except (NotFound, Changed):
+                return  # gone already, or replaced by another writer: theirs stays
             if other.endswith(".delta"):
-                self._collect_reference(split_key(key)[0])
+                self.collect_reference(split_key(key)[0])
 
     # ---------------------------------------------------------------------- get
 
@@ -522,7 +517,8 @@ class Engine:
         cheap, since deltas are small)."""
         meta = self._full_metadata(stored)
         meta.update(stored.attrs.merged(attrs).to_metadata())
-        info = self.store.copy(stored.object_key, stored.object_key, meta)
+        info = self.store.copy(stored.object_key, stored.object_key, meta,
+                               if_match=stored.etag or None)
         return classify(info.key, info.size, info.etag, info.mtime, meta) or stored
 
     def move(self, stored: StoredFile, new_key: str, attrs: Attrs | None = None) -> StoredFile:
@@ -544,14 +540,22 @@ class Engine:
         if stored.kind is Kind.DELTA:
             moved = self._move_delta(stored, new_key, meta)
         else:
-            info = self.store.copy(stored.object_key, new_key, meta)
+            info = self.store.copy(stored.object_key, new_key, meta,
+                                   if_match=stored.etag or None)
             moved = classify(info.key, info.size, info.etag, info.mtime, meta)
             self._drop_other_form(new_key, "direct")
         if moved.object_key != stored.object_key:
             crash_point("move-after-copy")
-            self.store.delete(stored.object_key)
-            if stored.kind is Kind.DELTA:
-                self._collect_reference(split_key(stored.logical_key)[0])
+            try:
+                self.store.delete(stored.object_key, if_match=stored.etag or None)
+            except NotFound:
+                pass
+            except Changed:
+                log.info("moved %s -> %s; another writer has written %s since: theirs stays",
+                         stored.object_key, moved.object_key, stored.object_key)
+            else:
+                if stored.kind is Kind.DELTA:
+                    self.collect_reference(split_key(stored.logical_key)[0])
         log.info("moved %s -> %s", stored.object_key, moved.object_key)
         return moved
 
@@ -571,7 +575,8 @@ class Engine:
                 del meta["dg-ref-key"]
             for legacy in ("dg_ref_key", "ref_key", "ref-key"):
                 meta.pop(legacy, None)
-            info = self.store.copy(stored.object_key, delta_key(new_key), meta)
+            info = self.store.copy(stored.object_key, delta_key(new_key), meta,
+                                   if_match=stored.etag or None)
             self._drop_other_form(new_key, "delta")
             return classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[return-value]
         # Different reference there: rebuild and store anew.
@@ -591,32 +596,111 @@ class Engine:
         return dict(info.metadata or {})
 
     def delete_stored(self, stored: StoredFile) -> None:
-        """Remove a file known by its object (no HEAD), collecting the reference."""
-        self.store.delete(stored.object_key)
-        if stored.kind is Kind.DELTA:
-            self._collect_reference(split_key(stored.logical_key)[0])
+        """Remove a file known by its object (no HEAD), guarded by the ETag it was known
+        by (:class:`Changed` when another writer replaced it). The reference stays."""
+        self.store.delete(stored.object_key, if_match=stored.etag or None)
         log.info("deleted %s", stored.object_key)
+        if stored.kind is Kind.DELTA:
+            self.collect_reference(split_key(stored.logical_key)[0])
 
     # ------------------------------------------------------------------- delete
 
     def delete(self, key: str) -> None:
-        """Remove the logical file ``key`` (its delta or direct object); the directory's
-        reference goes too once no delta there uses it."""
+        """Remove the logical file ``key`` (its delta or direct object). The directory's
+        reference stays, even when no delta uses it any more: removing it online could
+        orphan a delta another writer is storing right now; :meth:`gc` removes unused
+        references after a grace period."""
         stored = self.stat(key)
-        self.store.delete(stored.object_key)
-        if stored.kind is Kind.DELTA:
-            self._collect_reference(split_key(key)[0])
+        try:
+            self.store.delete(stored.object_key, if_match=stored.etag or None)
+        except Changed:
+            raise Changed(f"{self.store.name}/{key} was replaced by another writer while it "
+                          "was being deleted; the new version stays") from None
         log.info("deleted %s", key)
+        if stored.kind is Kind.DELTA:
+            self.collect_reference(split_key(key)[0])
 
-    def _collect_reference(self, deltaspace: str) -> None:
+    def collect_reference(self, deltaspace: str) -> bool:
+        """Remove ``deltaspace``'s reference once no delta there uses it (its last delta
+        was just deleted or moved), without ever leaving a delta without it.
+
+        Another writer may be storing a delta against this reference right now. The
+        protocol: LIST (no delta) -> keep a verified copy -> DELETE (If-Match) -> LIST
+        again -> if a delta appeared, PUT the reference back (If-None-Match). A writer
+        checks after its own delta PUT that the reference is still there and restores it
+        from its copy otherwise. Whichever of the two looks last sees the other's write
+        (S3 is strongly consistent), so one of them puts it back. Returns whether it was
+        removed. Failures are logged, never raised: an unused reference only costs
+        storage, and ``deltafs gc`` removes it later."""
+        try:
+            return self._collect(deltaspace, grace=0.0, now=None) is not None
+        except Exception as exc:  # noqa: BLE001 - best effort, see above
+            log.warning("could not check whether %s/reference.bin is still used: %s",
+                        deltaspace, exc)
+            return False
+
+    def _collect(self, deltaspace: str, grace: float, now: float | None) -> str | None:
+        import time as _time
+
         prefix = f"{deltaspace}/" if deltaspace else ""
         listing = self.store.list(prefix)
         if any(o.key.endswith(".delta") for o in listing.objects):
-            return
-        ref = reference_key(deltaspace)
-        if any(o.key == ref for o in listing.objects):
-            self.store.delete(ref)
-            log.info("deleted %s: no delta uses it any more", ref)
+            return None
+        ref_key = reference_key(deltaspace)
+        ref = next((o for o in listing.objects if o.key == ref_key), None)
+        if ref is None:
+            return None
+        if (_time.time() if now is None else now) - ref.mtime < grace:
+            return None
+        with self._scratch() as scratch:
+            keep = scratch / "ref"
+            info = self.store.get_file(ref_key, keep)
+            try:
+                self.store.delete(ref_key, if_match=ref.etag or None)
+            except (NotFound, Changed):
+                return None
+            again = self.store.list(prefix)
+            if any(o.key.endswith(".delta") for o in again.objects):
+                log.warning("a delta appeared in %s while its unused reference was removed; "
+                            "putting the reference back", deltaspace or "/")
+                try:
+                    self.store.put_file(ref_key, keep, dict(info.metadata or {}),
+                                        if_none_match=True)
+                except AlreadyExists:
+                    pass
+                return None
+        log.info("deleted %s: no delta uses it any more", ref_key)
+        return ref_key
+
+    def gc(self, prefix: str, grace: float = 3600.0, dry_run: bool = False,
+           now: float | None = None) -> list[str]:
+        """Remove the references under ``prefix`` that no delta uses and that are older
+        than ``grace`` seconds (git's prune expiry is the model): those left behind when a
+        removal failed or crashed half-way, or by tools that never remove them. Returns
+        their keys. Each goes by the protocol of :meth:`collect_reference`."""
+        import time as _time
+
+        now = _time.time() if now is None else now
+        prefix = _dir_prefix(prefix)
+        spaces: dict[str, ObjectInfo] = {}
+        used: set[str] = set()
+        for o in self.store.iter_objects(prefix):
+            space, name = split_key(o.key)
+            if name == "reference.bin":
+                spaces[space] = o
+            elif o.key.endswith(".delta"):
+                used.add(space)
+        removed: list[str] = []
+        for space, ref in sorted(spaces.items()):
+            if space in used or now - ref.mtime < grace:
+                continue
+            if dry_run:
+                removed.append(ref.key)
+                continue
+            done = self._collect(space, grace, now)
+            if done:
+                removed.append(done)
+        return removed
 
     def delete_tree(self, prefix: str, progress: Callable[[str], None] | None = None) -> int:
         """Remove every logical file below ``prefix`` (a directory), references and

@@ -63,6 +63,14 @@ class AlreadyExists(StoreError):
     errno = errno.EEXIST
 
 
+class Changed(StoreError):
+    """A guarded request found another object than the one expected: another writer
+    replaced or removed it (``If-Match`` failed). Retrying cannot help; the caller
+    decides whose version wins."""
+
+    permanent = True
+
+
 class BucketNotFound(StoreError):
     """The bucket (or local store directory) does not exist."""
 

@@ -133,6 +133,10 @@ class DeltaFS(pyfuse3.Operations):
         self.contents = Contents(journal, cache, engine, files_dir, settle=options.settle)
         self.writeback = Writeback(journal, engine, self.prefix, self.contents)
         self.dirsync = DirSync(journal, engine, self.prefix, self.contents, options)
+        self.dirsync.on_replaced = self._replaced
+        #: whether to tell the kernel about entries changed by other writers (off in
+        #: unit tests without a FUSE session)
+        self.notify_kernel = True
 
     # ------------------------------------------------------------------ helpers
 
@@ -243,6 +247,16 @@ class DeltaFS(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             self._maybe_reap(ino)
+
+    def _replaced(self, parent: int, old_ino: int, name: str) -> None:
+        """Another writer replaced or removed ``name``: the kernel forgets the entry (its
+        next lookup finds the new inode) and the old inode goes once it is forgotten."""
+        if self.notify_kernel:
+            try:
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+            except Exception as exc:  # noqa: BLE001 - only a cache hint
+                log.debug("invalidate_entry %s: %s", name, exc)
+        self._maybe_reap(old_ino)
 
     def _maybe_reap(self, ino: int) -> None:
         """An unlinked node goes once the kernel forgot it and no handle holds it."""
@@ -388,7 +402,7 @@ class DeltaFS(pyfuse3.Operations):
         if self.journal.count_children(node.ino):
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         if node.remote_key:
-            self.journal.add_tombstone(node.remote_key, Kind.MARKER.value)
+            self.journal.add_tombstone(node.remote_key, Kind.MARKER.value, node.remote_etag)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0)
         self._maybe_reap(node.ino)
         now = time.time_ns()
@@ -413,7 +427,7 @@ class DeltaFS(pyfuse3.Operations):
     def _remove(self, node: Node) -> None:
         """Take a file out of the namespace; its object goes in the background."""
         if node.remote_key:
-            self.journal.add_tombstone(node.remote_key, node.remote_kind)
+            self.journal.add_tombstone(node.remote_key, node.remote_kind, node.remote_etag)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0,
                             remote_key=None)
         st = self.contents.states.get(node.ino)
@@ -454,7 +468,8 @@ class DeltaFS(pyfuse3.Operations):
                 if self.journal.count_children(target.ino):
                     raise pyfuse3.FUSEError(errno.ENOTEMPTY)
                 if target.remote_key:
-                    self.journal.add_tombstone(target.remote_key, Kind.MARKER.value)
+                    self.journal.add_tombstone(target.remote_key, Kind.MARKER.value,
+                                               target.remote_etag)
                 self.journal.update(target.ino, parent=ORPHAN_PARENT, name=f"#{target.ino}",
                                     dirty=0, remote_key=None)
                 self._maybe_reap(target.ino)
@@ -487,7 +502,7 @@ class DeltaFS(pyfuse3.Operations):
     def _moved_dir(self, d: Node) -> None:
         """A directory whose key changed: its old marker goes, a new one is made."""
         if d.remote_key:
-            self.journal.add_tombstone(d.remote_key, Kind.MARKER.value)
+            self.journal.add_tombstone(d.remote_key, Kind.MARKER.value, d.remote_etag)
         self.journal.update(d.ino, remote_key=None, listed_at=time.time())
         self.journal.set_dirty(d.ino, CONTENT)
 
@@ -571,6 +586,12 @@ class DeltaFS(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
+        if node.parent != ORPHAN_PARENT and not node.is_dir:
+            # close-to-open across mounts: a listing older than the TTL is refreshed
+            # first; a file another writer replaced gets a new inode (this open still
+            # serves the version it was looked up as; the next lookup finds the new one)
+            await self._ensure_listed(node.parent)
+            node = self._node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         accmode = flags & os.O_ACCMODE

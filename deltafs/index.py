@@ -113,13 +113,19 @@ def listing_snapshot(journal: Journal, dir_ino: int) -> Snapshot:
 
 
 def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set[int],
-                  uid: int, gid: int, snapshot: Snapshot | None = None) -> None:
+                  uid: int, gid: int, snapshot: Snapshot | None = None) -> list[tuple[int, str]]:
     """Apply a listing to the rows under ``dir_ino``.
 
     A listing tells what the bucket held when the LIST ran, which may be older than a
     row: ``busy`` rows (open, or with content in flight), dirty rows and rows that changed
     since ``snapshot`` are left alone; objects with a pending delete, or that a live row
-    elsewhere owns (the source of a rename not yet carried out), do not come back."""
+    elsewhere owns (the source of a rename not yet carried out), do not come back.
+
+    A file whose object changed (another writer) gets a **new inode**: the old one is
+    unlinked (an open handle keeps reading the version it opened, and the kernel's
+    cached pages of it can never mix with the new content). Returns ``(old inode, name)``
+    of every entry replaced or removed, for the caller to invalidate in the kernel."""
+    gone: list[tuple[int, str]] = []
     now = time.time_ns()
     existing = {n.name: n for n in journal.children(dir_ino)}
     doomed = journal.tombstone_keys()
@@ -143,8 +149,13 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             journal.insert(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now, **fields)
         elif node.is_dir:
             continue  # a local directory of that name wins until it is gone
+        elif node.sha256 is not None and node.sha256 == f.sha256 and \
+                node.size == (f.size if f.size is not None else f.object_size):
+            journal.update(node.ino, **fields)  # same content (e.g. new attributes)
         else:
-            journal.update(node.ino, **fields)
+            _orphan(journal, node)
+            gone.append((node.ino, name))
+            journal.insert(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now, **fields)
     for name in listing.dirs:
         node = existing.pop(name, None)
         m = listing.dir_markers.get(name)
@@ -163,7 +174,8 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             continue
         if node.is_dir:
             continue
-        journal.delete(node.ino)
+        _orphan(journal, node)
+        gone.append((node.ino, name))
     ref = listing.reference
     journal.set_reference(dir_ino, ref.key if ref else None, ref.size if ref else 0)
     here = journal.get(dir_ino)
@@ -172,6 +184,13 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             and here.remote_etag != m.etag and m.metadata is not None:
         journal.update(dir_ino, **_marker_fields(m))
     journal.update(dir_ino, listed_at=time.time())
+    return gone
+
+
+def _orphan(journal: Journal, node: Node) -> None:
+    """Take a row out of the namespace as an unlink does (it goes once the kernel has
+    forgotten it); its object is not ours to delete."""
+    journal.update(node.ino, parent=0, name=f"#{node.ino}", dirty=0, remote_key=None)
 
 
 def _marker_fields(m: StoredFile) -> dict[str, object]:

@@ -61,7 +61,8 @@ CREATE INDEX IF NOT EXISTS nodes_remote ON nodes (remote_key);
 CREATE TABLE IF NOT EXISTS tombstones (
     object_key  TEXT PRIMARY KEY,
     kind        TEXT,
-    queued_at   REAL NOT NULL
+    queued_at   REAL NOT NULL,
+    etag        TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
 CREATE TABLE IF NOT EXISTS refs (
@@ -126,6 +127,9 @@ class Journal:
         self._lock = threading.Lock()
         with self._lock:
             self.db.executescript(SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(tombstones)")}
+            if "etag" not in cols:  # a journal of 0.1
+                self.db.execute("ALTER TABLE tombstones ADD COLUMN etag TEXT")
             self.db.commit()
         seen = self.get_meta("source")
         if seen is not None and seen != source:
@@ -273,16 +277,18 @@ class Journal:
 
     # -------------------------------------------------------------- tombstones
 
-    def add_tombstone(self, object_key: str, kind: str | None) -> None:
-        self.x("INSERT OR REPLACE INTO tombstones (object_key, kind, queued_at) VALUES (?, ?, ?)",
-               (object_key, kind, time.time()))
+    def add_tombstone(self, object_key: str, kind: str | None, etag: str | None = None) -> None:
+        """Queue the delete of ``object_key``, guarded by the ETag this mount last saw
+        (``None``: unguarded): a delete never removes what another writer put there."""
+        self.x("INSERT OR REPLACE INTO tombstones (object_key, kind, queued_at, etag) "
+               "VALUES (?, ?, ?, ?)", (object_key, kind, time.time(), etag))
 
     def drop_tombstone(self, object_key: str) -> None:
         self.x("DELETE FROM tombstones WHERE object_key=?", (object_key,))
 
-    def tombstones(self) -> list[tuple[str, str | None]]:
-        return [(r[0], r[1]) for r in
-                self.x("SELECT object_key, kind FROM tombstones ORDER BY queued_at").fetchall()]
+    def tombstones(self) -> list[tuple[str, str | None, str | None]]:
+        return [(r[0], r[1], r[2]) for r in self.x(
+            "SELECT object_key, kind, etag FROM tombstones ORDER BY queued_at").fetchall()]
 
     def remote_claimed(self, object_key: str, but: int = -1) -> bool:
         """Whether a live node (not unlinked, not ``but``) is published as ``object_key``

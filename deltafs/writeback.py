@@ -27,7 +27,7 @@ import trio
 from .content import ORPHAN_PARENT, Contents
 from .crashpoints import crash_point
 from .engine import Engine
-from .errors import AccessDenied, BucketNotFound, DeltafsError, NotFound
+from .errors import AccessDenied, BucketNotFound, Changed, DeltafsError, NotFound
 from .format import Attrs, Kind, StoredFile, delta_key, reference_key, split_key
 from .index import key_of, stored_of
 from .journal import ATTRS, CONTENT, MOVED, Journal, Node
@@ -162,12 +162,12 @@ class Writeback:
                 self._active.add(node.ino)
                 nursery.start_soon(self._sync_node, node.ino)
                 started += 1
-        for object_key, kind in self.journal.tombstones():
+        for object_key, kind, etag in self.journal.tombstones():
             if object_key in self._active_tombstones or object_key in self.state.tomb_failed \
                     or self.state.tomb_retry_at.get(object_key, 0) > now:
                 continue
             self._active_tombstones.add(object_key)
-            nursery.start_soon(self._sync_tombstone, object_key, kind)
+            nursery.start_soon(self._sync_tombstone, object_key, kind, etag)
             started += 1
         return started
 
@@ -316,7 +316,11 @@ class Writeback:
         if node.dirty & MOVED:
             try:
                 moved = await self._run(self.engine.move, old, key, attrs)
-            except NotFound:
+            except (NotFound, Changed) as exc:
+                if isinstance(exc, Changed):
+                    log.warning("rename to %s: another writer replaced %s since this mount "
+                                "saw it; theirs stays, ours goes to the new name from the "
+                                "cache", key, old.object_key)
                 moved = await self._replay_move(node, old, key, attrs)
             crash_point("move-before-publish")
             await self._published(node, moved.object_key, moved.kind.value, moved.object_size,
@@ -325,7 +329,14 @@ class Writeback:
             await self._commit()
             return
         if node.dirty & ATTRS:
-            updated = await self._run(self.engine.set_attrs, old, attrs)
+            try:
+                updated = await self._run(self.engine.set_attrs, old, attrs)
+            except (NotFound, Changed):
+                log.info("chmod/utimes of %s not stored: another writer replaced or removed "
+                         "it since this mount saw it (theirs stays)", old.object_key)
+                self.journal.x("UPDATE nodes SET dirty = dirty & ~? WHERE ino = ?",
+                               (ATTRS, node.ino))
+                return
             await self._published(node, updated.object_key, updated.kind.value,
                                   updated.object_size, updated.ref_key, node.sha256 or "",
                                   etag=updated.etag)
@@ -415,7 +426,7 @@ class Writeback:
             return  # same logical key: engine.put already dropped the other form
         if self.journal.remote_claimed(old.object_key):
             return  # another live row is published there now
-        self.journal.add_tombstone(old.object_key, old.kind.value)
+        self.journal.add_tombstone(old.object_key, old.kind.value, old.etag or None)
         await self._commit()
         self.kick()
 
@@ -429,7 +440,7 @@ class Writeback:
                       remote_etag=etag or None, remote_ref=ref)
         if now is None or now.parent == ORPHAN_PARENT:
             # Unlinked while uploading: what we just wrote must go.
-            self.journal.add_tombstone(object_key, kind)
+            self.journal.add_tombstone(object_key, kind, etag or None)
             return False
         if before.is_dir:
             # a directory's mtime moves with every file made in it; only an explicit
@@ -452,7 +463,8 @@ class Writeback:
         self.journal.update(before.ino, **fields)
         return unchanged
 
-    async def _sync_tombstone(self, object_key: str, kind: str | None) -> None:
+    async def _sync_tombstone(self, object_key: str, kind: str | None,
+                              etag: str | None = None) -> None:
         claimed = ""
         try:
             logical = _logical(object_key) if kind == Kind.DELTA.value else object_key
@@ -462,11 +474,16 @@ class Writeback:
                 if self.journal.remote_claimed(object_key):
                     self.journal.drop_tombstone(object_key)
                     return
-                if kind == Kind.DELTA.value:
-                    stored = StoredFile(logical, object_key, Kind.DELTA, 0, "", 0.0, None)
+                stored = StoredFile(logical, object_key,
+                                    Kind.DELTA if kind == Kind.DELTA.value else Kind.DIRECT,
+                                    0, etag or "", 0.0, None)
+                try:
                     await self._run(self.engine.delete_stored, stored)
-                else:
-                    await self._run(self.engine.store.delete, object_key)
+                except NotFound:
+                    pass  # gone already (another writer deleted it, or a replay)
+                except Changed:
+                    log.info("not deleting %s: another writer has replaced it since this "
+                             "mount saw it (theirs stays)", object_key)
                 crash_point("tombstone-after-delete")
                 self.journal.drop_tombstone(object_key)
                 self.state.tomb_failures.pop(object_key, None)

@@ -699,3 +699,50 @@ def test_empty_file_round_trip(any_engine: Engine, tmp_path: Path) -> None:
     any_engine.get("e/empty", out)
     assert out.read_bytes() == b""
     assert [(e.key, e.size) for e in any_engine.list("e/")] == [("e/empty", 0)]
+
+
+# ------------------------------------------------------------------ references (gc)
+
+
+def test_gc_removes_only_unused_references_past_the_grace(any_engine: Engine,
+                                                          tmp_path: Path) -> None:
+    v1, v2 = _two_versions(tmp_path)
+    any_engine.put(v1, "g/v1.bin")
+    any_engine.put(v2, "h/v2.bin")
+    # a reference left behind (a removal that crashed half-way, another tool)
+    any_engine.store.delete("g/v1.bin.delta")
+    assert any_engine.gc("", grace=3600) == []
+    assert any_engine.gc("", grace=0, dry_run=True) == ["g/reference.bin"]
+    assert "g/reference.bin" in keys_of(any_engine.store)
+    assert any_engine.gc("", grace=0) == ["g/reference.bin"]
+    assert set(keys_of(any_engine.store)) == {"h/reference.bin", "h/v2.bin.delta"}
+
+
+def test_reference_removal_puts_it_back_when_a_delta_appears(any_engine: Engine,
+                                                             tmp_path: Path) -> None:
+    """Another writer stores a delta between the LIST that found the reference unused
+    and its DELETE: the reference comes back, so that delta stays decodable."""
+    v1, v2 = _two_versions(tmp_path)
+    any_engine.put(v1, "r/v1.bin")
+    ref_before = any_engine.store.head("r/reference.bin")
+    assert ref_before is not None
+    real_delete = any_engine.store.delete
+    raced: list[str] = []
+
+    def racing_delete(key: str, **kw: object) -> None:
+        real_delete(key, **kw)  # type: ignore[arg-type]
+        if key == "r/reference.bin" and not raced:
+            raced.append(key)  # the other writer's delta lands right after the delete
+            any_engine.store.put_bytes("r/other.bin.delta", b"their delta", {})
+
+    any_engine.store.delete = racing_delete  # type: ignore[method-assign]
+    try:
+        any_engine.delete("r/v1.bin")
+    finally:
+        any_engine.store.delete = real_delete  # type: ignore[method-assign]
+    assert raced
+    after = any_engine.store.head("r/reference.bin")
+    assert after is not None and after.metadata == ref_before.metadata
+    out = tmp_path / "out"
+    any_engine.store.get_file("r/reference.bin", out)
+    assert sha256_file(out) == sha256_file(v1)

@@ -98,13 +98,17 @@ class ObjectStore(abc.ABC):
         """Upload a small in-memory body (directory markers, symlinks, tiny deltas)."""
 
     @abc.abstractmethod
-    def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str]) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str], *,
+             if_match: str | None = None) -> ObjectInfo:
         """Server-side copy with the metadata replaced (also used to change metadata in
-        place with ``src_key == dst_key``)."""
+        place with ``src_key == dst_key``). With ``if_match`` the source must still have
+        that ETag, else :class:`deltafs.errors.Changed` (another writer replaced it)."""
 
     @abc.abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove ``key``; deleting a missing key is not an error."""
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove ``key``; deleting a missing key is not an error. With ``if_match`` only
+        the object with that ETag is removed: another one raises
+        :class:`deltafs.errors.Changed`, a missing one :class:`deltafs.errors.NotFound`."""
 
     def delete_many(self, keys: list[str]) -> None:
         """Remove several keys (batched where the store can)."""

@@ -44,6 +44,7 @@ from deltafs.errors import (
     AccessDenied,
     AlreadyExists,
     BucketNotFound,
+    Changed,
     InvalidName,
     NotFound,
     StoreError,
@@ -581,24 +582,32 @@ class LocalStore(ObjectStore):
             etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
             return self._commit(key, tmp, len(data), etag, metadata, if_none_match)
 
-    def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str]) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str], *,
+             if_match: str | None = None) -> ObjectInfo:
         self._count("COPY")
         with self._errors("COPY", src_key):
             if src_key == dst_key:
-                return self._replace_metadata(src_key, metadata)
+                return self._replace_metadata(src_key, metadata, if_match)
             self._rel(dst_key)
             f, entry = self._open_consistent(src_key)
             with f:
+                if if_match is not None and str(entry["etag"]) != if_match:
+                    raise Changed(f"{self.name}: {src_key!r} is not the object expected "
+                                  "(another writer replaced it)")
                 tmp, size, etag = self._spool(f)
             return self._commit(dst_key, tmp, size, etag, metadata, False)
 
-    def _replace_metadata(self, key: str, metadata: Mapping[str, str]) -> ObjectInfo:
+    def _replace_metadata(self, key: str, metadata: Mapping[str, str],
+                          if_match: str | None = None) -> ObjectInfo:
         """Copy onto itself: only the sidecar entry changes (one atomic rename)."""
         data, meta = self._paths(key)
         with self._lock(key):
             f, entry = self._open_consistent(key)
             with f:
                 ino = str(os.fstat(f.fileno()).st_ino)
+            if if_match is not None and str(entry["etag"]) != if_match:
+                raise Changed(f"{self.name}: {key!r} is not the object expected "
+                              "(another writer replaced it)")
             entry = {
                 **entry,
                 "mtime": time.time(),
@@ -608,11 +617,17 @@ class LocalStore(ObjectStore):
             self._fsync_dir(meta.parent)
         return self._entry_info(key, entry, with_meta=True)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
         self._count("DELETE")
         with self._errors("DELETE", key):
             data, meta = self._paths(key)
             with self._lock(key):
+                if if_match is not None:
+                    f, entry = self._open_consistent(key)  # NotFound if it is gone
+                    f.close()
+                    if str(entry["etag"]) != if_match:
+                        raise Changed(f"{self.name}: {key!r} is not the object expected "
+                                      "(another writer replaced it)")
                 for path in (data, meta):
                     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                         path.unlink()

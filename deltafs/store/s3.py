@@ -26,6 +26,7 @@ from deltafs.errors import (
     AccessDenied,
     AlreadyExists,
     BucketNotFound,
+    Changed,
     ConfigError,
     IntegrityError,
     InvalidName,
@@ -246,6 +247,9 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.name = f"s3://{bucket}"
         self.multipart_threshold = max(multipart_threshold, 1)
+        #: whether the server takes ``If-Match`` on DeleteObject (AWS since 2024, moto);
+        #: switched off at the first 501/NotImplemented answer
+        self.conditional_deletes = True
         self.part_size = max(part_size, MIN_PART)
         self.copy_part_size = COPY_PART_SIZE
         self._counts: Counter[str] = Counter()
@@ -728,9 +732,12 @@ class S3Store(ObjectStore):
             key, len(data), _strip_etag(resp.get("ETag")), time.time(), _stored(metadata)
         )
 
-    def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str]) -> ObjectInfo:
+    def copy(self, src_key: str, dst_key: str, metadata: Mapping[str, str], *,
+             if_match: str | None = None) -> ObjectInfo:
         """HEAD the source (for its size, content type and ETag), then copy it guarded by
-        ``CopySourceIfMatch`` so a source replaced in between is detected and retried."""
+        ``CopySourceIfMatch`` so a source replaced in between is detected and retried.
+        With ``if_match`` (the ETag the caller last saw) a replaced source is not
+        retried: :class:`Changed` (another writer won)."""
         for attempt in range(CONFLICT_RETRIES + 1):
             with self._errors("COPY", src_key):
                 try:
@@ -739,12 +746,18 @@ class S3Store(ObjectStore):
                     if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                         raise NotFound(f"{self._path(src_key)} does not exist") from exc
                     raise
+            if if_match is not None and _strip_etag(src.get("ETag")) != _strip_etag(if_match):
+                raise Changed(f"S3 COPY {self._path(src_key)}: not the object expected "
+                              "(another writer replaced it)")
             size = int(src.get("ContentLength") or 0)
             try:
                 if size > MAX_SINGLE_COPY:
                     return self._copy_multipart(src_key, dst_key, src, metadata)
                 return self._copy_single(src_key, dst_key, src, metadata)
             except _SourceChanged:
+                if if_match is not None:
+                    raise Changed(f"S3 COPY {self._path(src_key)}: not the object expected "
+                                  "(another writer replaced it)") from None
                 # the source was replaced between our HEAD and the copy: look again
                 if attempt == CONFLICT_RETRIES:
                     raise StoreError(
@@ -822,7 +835,41 @@ class S3Store(ObjectStore):
             raise
         return ObjectInfo(dst_key, size, _strip_etag(resp.get("ETag")), time.time(), _stored(metadata))
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove ``key``. With ``if_match``, a conditional delete (``If-Match``): only
+        the object this mount last saw goes. A server that does not take the condition
+        (501/NotImplemented, or it is ignored: see :attr:`conditional_deletes`) gets a
+        HEAD and an ETag comparison first instead, which leaves a window of one round
+        trip in which another writer's new object can be deleted."""
+        if if_match is None:
+            with self._errors("DELETE", key):
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            return
+        if self.conditional_deletes:
+            with self._errors("DELETE", key):
+                try:
+                    self._client.delete_object(Bucket=self.bucket, Key=key,
+                                               IfMatch=f'"{_strip_etag(if_match)}"')
+                    return
+                except bce.ClientError as exc:
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    code = str(exc.response.get("Error", {}).get("Code") or "")
+                    if _is_precondition(exc):
+                        raise Changed(f"S3 DELETE {self._path(key)}: not the object expected "
+                                      "(another writer replaced it)") from exc
+                    if status == 404 or code in ("NoSuchKey", "NotFound"):
+                        raise NotFound(f"{self._path(key)} does not exist") from exc
+                    if status != 501 and code not in ("NotImplemented", "InvalidArgument"):
+                        raise
+                    log.warning("%s does not take conditional deletes (%s): comparing the "
+                                "ETag with a HEAD first from now on", self.name, code or status)
+                    self.conditional_deletes = False
+        info = self.head(key)
+        if info is None:
+            raise NotFound(f"{self._path(key)} does not exist")
+        if _strip_etag(info.etag) != _strip_etag(if_match):
+            raise Changed(f"S3 DELETE {self._path(key)}: not the object expected "
+                          "(another writer replaced it)")
         with self._errors("DELETE", key):
             self._client.delete_object(Bucket=self.bucket, Key=key)
 
