@@ -277,6 +277,16 @@ def test_deleted_file_does_not_come_back(moto_server: str, bucket: str,
         os.chmod(f, 0o600)
         time.sleep(1)
         os.unlink(f)
+        # unlinks that race the upload (it starts 0.5 s after close)
+        for i in range(24):
+            g = m.mountpoint / f"race{i}"
+            g.write_bytes(b"hi\n")
+            time.sleep(0.45 + 0.01 * i)
+            os.unlink(g)
+        for i in range(8):
+            (m.mountpoint / f"d{i}" / "sub").mkdir(parents=True)
+            time.sleep(0.1 * (i % 4))
+            subprocess.run(["rm", "-rf", str(m.mountpoint / f"d{i}")], check=True)
         # rsync-, editor- and restic-style temp files: write, rename, unlink
         rng = random.Random(5)
         for i in range(30):
@@ -305,7 +315,9 @@ def test_deleted_file_does_not_come_back(moto_server: str, bucket: str,
 # 6. fsync racing with mmap writeback never hangs the writer
 
 MMAP_RACE = r'''
-import mmap, os, sys, threading, time
+import ctypes, mmap, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+SYNC_FILE_RANGE_WRITE = 2
 path = sys.argv[1]
 with open(path, "wb") as f:
     f.write(os.urandom(1 << 20))
@@ -318,7 +330,11 @@ def dirty():
     while time.monotonic() < stop:
         page = (i * 4096) % (1 << 20)
         mm[page:page + 8] = i.to_bytes(8, "little")
-        mm.flush(page, 4096)  # msync: writeback of the dirty page
+        if i % 2:
+            mm.flush(page, 4096)  # msync: writeback of the dirty page
+        else:
+            libc.sync_file_range(fd, ctypes.c_longlong(page), ctypes.c_longlong(4096),
+                                 SYNC_FILE_RANGE_WRITE)
         i += 1
 def sync():
     while time.monotonic() < stop:
@@ -376,7 +392,7 @@ def test_fsync_racing_mmap_writeback_does_not_hang(store: str, moto_server: str,
 
 def _mmap_race(mnt: Path, m: Mount | None) -> None:
     try:
-        res = subprocess.run([sys.executable, "-c", MMAP_RACE, str(mnt / "mapped.bin"), "8"],
+        res = subprocess.run([sys.executable, "-c", MMAP_RACE, str(mnt / "mapped.bin"), "20"],
                              capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
         pytest.fail("the mmap writer hung (fsync racing with writeback)")
@@ -493,10 +509,9 @@ def test_uploads_are_not_starved_by_held_back_rows(mounted: Mount) -> None:  # n
         d = m.mountpoint / "held"
         d.mkdir()
         for i in range(1100):
-            f = open(d / f"h{i:04d}", "wb")
-            f.write(b"open")
-            f.flush()
-            held.append(f)
+            # closed (staged, dirty) and at once opened again for writing: held back
+            (d / f"h{i:04d}").write_bytes(b"staged")
+            held.append(open(d / f"h{i:04d}", "ab"))
         (m.mountpoint / "late.txt").write_bytes(b"behind 1,100 open files\n")
         deadline = time.monotonic() + 20
         while "late.txt" not in m.objects():
