@@ -28,6 +28,7 @@ import errno
 import hashlib
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,11 +97,18 @@ class Source:
     or the live working file of a writer."""
 
     def __init__(self, contents: "Contents", ino: int, fd: int | None,
-                 cached: CachedFile | None) -> None:
+                 cached: CachedFile | None, ident: tuple[str, ...] = ("none",)) -> None:
         self.contents = contents
         self.ino = ino
         self.fd = fd
         self.cached = cached
+        #: which content this source holds: ("work", path), ("staged", path),
+        #: ("cache", key) or ("empty",); a read re-resolves when the inode's content moved
+        self.ident = ident
+
+    def swap(self, other: "Source") -> None:
+        self.close()
+        self.fd, self.cached, self.ident = other.fd, other.cached, other.ident
 
     def pread(self, size: int, off: int) -> bytes:
         if self.cached is not None:
@@ -215,24 +223,35 @@ class Contents:
 
     # ------------------------------------------------------------------ reading
 
+    def _identity(self, node: Node) -> tuple[str, ...]:
+        if node.staged and node.dirty & CONTENT:
+            return ("staged", node.staged)
+        if node.remote_key:
+            return ("cache", self.cache_key(node))
+        return ("empty",)
+
     async def open_read(self, node: Node) -> Source:
         """A source of the verified (or our own, not yet uploaded) content of ``node``."""
         s = self.states.get(node.ino)
-        if s is not None and s.work is not None:
-            return Source(self, node.ino, os.open(s.work.path, os.O_RDONLY), None)
+        if s is not None and s.work is not None and not s.work.error:
+            return Source(self, node.ino, os.open(s.work.path, os.O_RDONLY), None,
+                          ("work", s.work.path))
         if node.staged and node.dirty & CONTENT:
             try:
-                return Source(self, node.ino, os.open(node.staged, os.O_RDONLY), None)
+                return Source(self, node.ino, os.open(node.staged, os.O_RDONLY), None,
+                              ("staged", node.staged))
             except FileNotFoundError:
                 pass
         if node.is_symlink:
             raise pyfuse3.FUSEError(errno.ELOOP)
         if not node.remote_key:
             if node.size == 0:
-                return Source(self, node.ino, os.open(os.devnull, os.O_RDONLY), None)
+                return Source(self, node.ino, os.open(os.devnull, os.O_RDONLY), None,
+                              ("empty",))
             log.error("inode %d has no content anywhere", node.ino)
             raise pyfuse3.FUSEError(errno.EIO)
-        return Source(self, node.ino, None, await self.fetch(node))
+        return Source(self, node.ino, None, await self.fetch(node),
+                      ("cache", self.cache_key(node)))
 
     def cache_key(self, node: Node) -> str:
         return node.sha256 or f"foreign:{node.remote_key}:{node.remote_etag}"
@@ -295,7 +314,15 @@ class Contents:
             tmp.unlink(missing_ok=True)
 
     async def read(self, src: Source, node: Node | None, size: int, off: int) -> bytes:
-        """A read; a damaged cache block drops the entry and fetches it again once."""
+        """A read of the inode's content as it is now (within one mount, a read sees
+        every completed write, through any handle); a damaged cache block drops the
+        entry and fetches it again once."""
+        if node is not None:
+            s = self.states.get(src.ino)
+            if s is not None and s.work is not None and not s.work.error:
+                return os.pread(s.work.fd, size, off)  # a writer is open: its file
+            if self._identity(node) != src.ident:
+                src.swap(await self.open_read(node))  # rewritten since this source opened
         try:
             return src.pread(size, off)
         except IntegrityError as exc:
@@ -312,36 +339,53 @@ class Contents:
                 log.error("inode %d: %s even after a fresh fetch", src.ino, exc2)
                 raise pyfuse3.FUSEError(errno.EIO) from None
 
+    def writer_source(self, ino: int) -> Source:
+        """What a write handle reads through (``O_RDWR``, and the kernel reading a page
+        before a partial-page write): the working file, re-resolved on every read."""
+        return Source(self, ino, None, None, ("work", ""))
+
     # ------------------------------------------------------------------ writing
 
     async def open_write(self, node: Node, truncate: bool) -> Working:
         """The working file of ``node`` (shared by its write handles), made now if needed:
         empty for a truncating open, else a copy of the current content."""
         s = self.st(node.ino)
-        async with s.lock:
-            if s.work is not None:
-                if truncate:
-                    await self._truncate_locked(node.ino, 0)
-                return s.work
-            path = self._new_path(node.ino)
+        try:
+            async with s.lock:
+                return await self._open_write_locked(node, truncate)
+        finally:
+            self.forget_if_idle(node.ino)
+
+    async def _open_write_locked(self, node: Node, truncate: bool) -> Working:
+        s = self.st(node.ino)
+        if s.work is not None and s.work.error:
             if truncate:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                s.work = Working(path, fd, hasher=hashlib.sha256())
-                self._mark_dirty(node.ino, s.work)
-                self.journal.update(node.ino, size=0, mtime_ns=time.time_ns())
-                return s.work
-            await self.ensure_room(node.size, f"a copy of inode {node.ino} to write to")
-            src = await self.open_read(node)
-            try:
-                await trio.to_thread.run_sync(_copy_to, src, path)
-            except BaseException:
-                Path(path).unlink(missing_ok=True)
-                raise
-            finally:
-                src.close()
-            fd = os.open(path, os.O_RDWR)
-            s.work = Working(path, fd)
+                self._detach(node.ino, s)  # a truncating open starts over from nothing
+            else:
+                raise pyfuse3.FUSEError(s.work.error)
+        if s.work is not None:
+            if truncate:
+                await self._truncate_locked(node.ino, 0)
             return s.work
+        path = self._new_path(node.ino)
+        if truncate:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            s.work = Working(path, fd, hasher=hashlib.sha256())
+            self._mark_dirty(node.ino, s.work)
+            self.journal.update(node.ino, size=0, mtime_ns=time.time_ns())
+            return s.work
+        await self.ensure_room(node.size, f"a copy of inode {node.ino} to write to")
+        src = await self.open_read(node)
+        try:
+            await trio.to_thread.run_sync(_copy_to, src, path)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+        finally:
+            src.close()
+        fd = os.open(path, os.O_RDWR)
+        s.work = Working(path, fd)
+        return s.work
 
     def _mark_dirty(self, ino: int, w: Working) -> None:
         """The first write after an open or a stage: the row now points to the working
@@ -410,26 +454,27 @@ class Contents:
             log.debug("write inode %d: %d bytes at %d", ino, len(buf), off)
             if w.error:
                 raise pyfuse3.FUSEError(w.error)
-            if w.sealed:
-                await self._cow(ino, w)
-            self._mark_dirty(ino, w)
             try:
+                if w.sealed:
+                    await self._cow(ino, w)
+                self._mark_dirty(ino, w)
                 await self.ensure_room(len(buf), f"a write to inode {ino}")
-            except pyfuse3.FUSEError as exc:
-                self._poison(ino, w, exc.errno)
-                raise
-            crash_point("write")
-            done = 0
-            try:
+                crash_point("write")
+                done = 0
                 while done < len(buf):
                     done += os.pwrite(w.fd, buf[done:], off + done)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    log.error("cache disk full: a write to inode %d fails (ENOSPC)", ino)
-                else:
+            except (OSError, pyfuse3.FUSEError, sqlite3.Error) as exc:
+                # the kernel drops the pages of a failed write and goes on with the next
+                # ones: the file now has a hole, so it must never be staged
+                code = getattr(exc, "errno", None) or errno.EIO
+                if isinstance(exc, OSError):
                     log.error("write to the working file of inode %d failed: %s", ino, exc)
-                self._poison(ino, w, exc.errno or errno.EIO)
-                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+                self._poison(ino, w, code)
+                try:
+                    await self.commit()  # a crash must not replay the holed file
+                except (OSError, sqlite3.Error) as cexc:
+                    log.error("journal commit after a failed write: %s", cexc)
+                raise pyfuse3.FUSEError(code) from None
             if w.hasher is not None:
                 if off == w.hashed:
                     w.hasher.update(buf)
@@ -477,47 +522,52 @@ class Contents:
         durably; the file is sealed from here on."""
         s = self.st(ino)
         async with s.lock:
-            w = s.work
-            if w is not None and w.error:
-                raise pyfuse3.FUSEError(w.error)  # close() and fsync() report the failure
-            if w is None or not w.dirty:
-                return
-            node = self.journal.get(ino)
-            if node is None or node.parent == ORPHAN_PARENT:
-                w.dirty = False
-                return  # unlinked: nothing to upload
-            size = os.fstat(w.fd).st_size
-            hasher = w.hasher if w.hasher is not None and w.hashed == size else None
-            fd = w.fd
+            done = await self._stage_locked(ino, s)
+        if done:
+            self.notify()
 
-            def finish() -> str:
-                os.fsync(fd)
-                if hasher is not None:
-                    return str(hasher.hexdigest())
-                from .codec import sha256_file
+    async def _stage_locked(self, ino: int, s: InodeState) -> bool:
+        w = s.work
+        if w is not None and w.error:
+            raise pyfuse3.FUSEError(w.error)  # close() and fsync() report the failure
+        if w is None or not w.dirty:
+            return False
+        node = self.journal.get(ino)
+        if node is None or node.parent == ORPHAN_PARENT:
+            w.dirty = False
+            return False  # unlinked: nothing to upload
+        size = os.fstat(w.fd).st_size
+        hasher = w.hasher if w.hasher is not None and w.hashed == size else None
+        fd = w.fd
 
-                return sha256_file(Path(w.path))
+        def finish() -> str:
+            os.fsync(fd)
+            if hasher is not None:
+                return str(hasher.hexdigest())
+            from .codec import sha256_file
 
-            crash_point("stage-before-hash")
-            try:
-                sha = await trio.to_thread.run_sync(finish)
-            except OSError as exc:
-                log.error("close of inode %d: the working file cannot be made durable: %s",
-                          ino, exc)
-                self._poison(ino, w, exc.errno or errno.EIO)
-                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-            self.journal.update(ino, sha256=sha, size=size, staged=w.path)
-            self.journal.set_dirty(ino, CONTENT)
-            if w.prev is not None and w.prev["staged"] and w.prev["staged"] != w.path:
-                self.drop_after_commit(w.prev["staged"])  # superseded
-            w.prev = None
-            w.dirty, w.sealed = False, True
-            s.closed_at = time.monotonic()
-            s.stage_seq += 1
-            crash_point("stage-before-commit")
-            await self.commit()
-            crash_point("stage-after-commit")
-        self.notify()
+            return sha256_file(Path(w.path))
+
+        crash_point("stage-before-hash")
+        try:
+            sha = await trio.to_thread.run_sync(finish)
+        except OSError as exc:
+            log.error("close of inode %d: the working file cannot be made durable: %s",
+                      ino, exc)
+            self._poison(ino, w, exc.errno or errno.EIO)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        self.journal.update(ino, sha256=sha, size=size, staged=w.path)
+        self.journal.set_dirty(ino, CONTENT)
+        if w.prev is not None and w.prev["staged"] and w.prev["staged"] != w.path:
+            self.drop_after_commit(w.prev["staged"])  # superseded
+        w.prev = None
+        w.dirty, w.sealed = False, True
+        s.closed_at = time.monotonic()
+        s.stage_seq += 1
+        crash_point("stage-before-commit")
+        await self.commit()
+        crash_point("stage-after-commit")
+        return True
 
     async def close_writer(self, ino: int) -> None:
         """The last write handle of ``ino`` is gone: its working file is closed; if the
@@ -527,18 +577,31 @@ class Contents:
         s.writers -= 1
         if s.writers > 0:
             return
-        if s.work is not None and s.work.dirty and not s.work.error:
-            try:
-                await self.stage(ino)
-            except pyfuse3.FUSEError:
-                pass  # reported by flush already; release has nobody to tell
-        w, s.work = s.work, None
-        if w is not None:
-            os.close(w.fd)
-            node = self.journal.get(ino)
-            if node is None or node.staged != w.path:
-                Path(w.path).unlink(missing_ok=True)
+        staged = False
+        async with s.lock:
+            if s.writers > 0:
+                return  # opened again while we waited: the working file stays
+            if s.work is not None and s.work.dirty and not s.work.error:
+                try:
+                    await self._stage_locked(ino, s)
+                    staged = True
+                except pyfuse3.FUSEError:
+                    pass  # reported by flush already; release has nobody to tell
+            if s.writers == 0:
+                self._detach(ino, s)
+        if staged:
+            self.notify()
         self.forget_if_idle(ino)
+
+    def _detach(self, ino: int, s: InodeState) -> None:
+        """Close the working file; if the row no longer points to it, it goes."""
+        w, s.work = s.work, None
+        if w is None:
+            return
+        os.close(w.fd)
+        node = self.journal.get(ino)
+        if node is None or node.staged != w.path:
+            Path(w.path).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ uploads
 

@@ -74,6 +74,7 @@ class DirSync:
         # what the rows looked like when the LIST went out: only rows still like that
         # may take what the listing says (a row published meanwhile is newer)
         snapshot = listing_snapshot(self.journal, dir_ino)
+        started = time.time()
         try:
             listing = await trio.to_thread.run_sync(fetch_listing, self.engine, prefix, known)
         except StoreError as exc:
@@ -86,7 +87,7 @@ class DirSync:
                                 max(0.0, self.options.listing_ttl - 10))
             return
         gone = merge_listing(self.journal, dir_ino, listing, self.contents.busy(),
-                             self.options.uid, self.options.gid, snapshot)
+                             self.options.uid, self.options.gid, snapshot, started)
         for old_ino, name in gone:
             self.on_replaced(dir_ino, old_ino, name)
 

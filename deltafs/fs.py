@@ -425,9 +425,15 @@ class DeltaFS(pyfuse3.Operations):
         self.writeback.kick()
 
     def _remove(self, node: Node) -> None:
-        """Take a file out of the namespace; its object goes in the background."""
+        """Take a file out of the namespace; its object goes in the background, and so
+        does anything an upload of it may have written without getting to record it."""
         if node.remote_key:
             self.journal.add_tombstone(node.remote_key, node.remote_kind, node.remote_etag)
+        for object_key, sha in self.writeback.unrecorded(node.ino):
+            if object_key != node.remote_key:
+                # deleted only if it still holds this file's content (its SHA-256)
+                self.journal.add_tombstone(object_key, None, f"sha256:{sha}")
+        self.writeback.forget(node.ino)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0,
                             remote_key=None)
         st = self.contents.states.get(node.ino)
@@ -568,7 +574,7 @@ class DeltaFS(pyfuse3.Operations):
         self.contents.st(ino).writers += 1
         self.journal.update(parent_inode, mtime_ns=now, ctime_ns=now)
         fh = self._fh()
-        self.handles[fh] = Handle(ino, True, work=work)
+        self.handles[fh] = Handle(ino, True, src=self.contents.writer_source(ino), work=work)
         self.lookups[ino] += 1
         return pyfuse3.FileInfo(fh=fh), self._attrs(self._node(ino))
 
@@ -608,7 +614,8 @@ class DeltaFS(pyfuse3.Operations):
         truncate = bool(flags & os.O_TRUNC)
         work = await self.contents.open_write(node, truncate)
         self.contents.st(inode).writers += 1
-        self.handles[fh] = Handle(inode, True, work=work)
+        self.handles[fh] = Handle(inode, True, src=self.contents.writer_source(inode),
+                                  work=work)
         return pyfuse3.FileInfo(fh=fh)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -652,8 +659,9 @@ class DeltaFS(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None:
             return
-        if h.writable:
-            await self.contents.stage(h.ino)
+        # POSIX fsync is per file, not per descriptor: a read-only descriptor's fsync
+        # makes what any writer of the file wrote durable too
+        await self.contents.stage(h.ino)
         st = self.contents.st(h.ino)
         node = self.journal.get(h.ino)
         if node is None or not node.dirty:

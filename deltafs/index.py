@@ -113,7 +113,8 @@ def listing_snapshot(journal: Journal, dir_ino: int) -> Snapshot:
 
 
 def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set[int],
-                  uid: int, gid: int, snapshot: Snapshot | None = None) -> list[tuple[int, str]]:
+                  uid: int, gid: int, snapshot: Snapshot | None = None,
+                  started: float = 0.0) -> list[tuple[int, str]]:
     """Apply a listing to the rows under ``dir_ino``.
 
     A listing tells what the bucket held when the LIST ran, which may be older than a
@@ -140,8 +141,8 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             continue
         if node is not None and node.remote_etag == f.etag and node.remote_key == f.object_key:
             continue
-        if f.object_key in doomed:
-            continue
+        if f.object_key in doomed or (started and journal.gone_since(f.object_key, started)):
+            continue  # being deleted, or deleted by this mount after the LIST ran
         fields = _file_fields(f, uid, gid)
         if node is None:
             if journal.remote_claimed(f.object_key):

@@ -125,6 +125,7 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self._lock = threading.Lock()
+        self.gone: dict[str, float] = {}
         with self._lock:
             self.db.executescript(SCHEMA)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(tombstones)")}
@@ -295,6 +296,23 @@ class Journal:
         (then a tombstone for it is stale, and an upload to it must wait)."""
         return self.x("SELECT 1 FROM nodes WHERE remote_key=? AND parent != 0 AND ino != ? "
                       "LIMIT 1", (object_key, but)).fetchone() is not None
+
+    def claimers(self, key: str, but: int = -1) -> list[Node]:
+        """Live rows published as ``key`` or ``key.delta`` (other than ``but``)."""
+        rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE remote_key IN (?, ?) AND "
+                      "parent != 0 AND ino != ?", (key, key + ".delta", but)).fetchall()
+        return [Node(*r) for r in rows]
+
+    def note_gone(self, object_key: str) -> None:
+        """This mount just removed ``object_key`` from the bucket: a listing that started
+        before must not bring it back (in memory; pruned after ten minutes)."""
+        now = time.time()
+        self.gone[object_key] = now
+        if len(self.gone) > 10_000 or (self.gone and next(iter(self.gone.values())) < now - 600):
+            self.gone = {k: t for k, t in self.gone.items() if t > now - 600}
+
+    def gone_since(self, object_key: str, since: float) -> bool:
+        return self.gone.get(object_key, 0.0) >= since
 
     def tombstone_keys(self) -> set[str]:
         return {r[0] for r in self.x("SELECT object_key FROM tombstones").fetchall()}

@@ -21,6 +21,7 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
                 oldest = max(oldest, time.time() - os.stat(n.staged).st_mtime)
             except OSError:
                 pass
+    fs.writeback.pending_failed()  # forgets failures of files gone since
     w = fs.writeback.state
     failed = ([{"key": k, "error": w.failed[i]} for i, k in w.failed_keys.items()]
               + [{"key": k, "error": e} for k, e in w.tomb_failed.items()])

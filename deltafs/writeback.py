@@ -92,6 +92,11 @@ class Writeback:
         self._seeding: set[int] = set()  # directories whose seeding upload is running
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
+        #: object keys an upload may have written without recording them (it failed
+        #: after its PUT): if the file is unlinked, they get tombstones
+        self._attempts: dict[int, set[tuple[str, str]]] = {}
+        self._prefetching: set[int] = set()
+        self._nursery: trio.Nursery | None = None
         contents.on_change = self.kick
         contents.uploads_running = lambda: bool(self._active)
 
@@ -101,6 +106,7 @@ class Writeback:
     async def run(self) -> None:
         """Loop until cancelled: pick ready work, run it, wait for more."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while True:
                 started = self._schedule(nursery)
                 if not started:
@@ -172,17 +178,49 @@ class Writeback:
         return started
 
     def _blocked(self, node: Node) -> bool:
-        """New content for a key whose old object another row must still move away (a
-        rename of a file published there, not yet carried out) waits for that move:
-        uploading first would overwrite what the move is about to copy."""
-        if not node.dirty & CONTENT or node.is_dir:
+        """New content for a key, or a rename onto it, whose old object another row must
+        still move away (a rename not yet carried out) waits for that move: going first
+        would overwrite what the move is about to copy. Two renames waiting for each
+        other (a swap) go ahead once this row's content is in the cache, from where a
+        move whose source was overwritten is completed."""
+        if node.is_dir or not node.dirty & (CONTENT | MOVED):
             return False
         try:
             key = key_of(self.journal, self.prefix, node.ino)
         except KeyError:
             return True
-        return (self.journal.remote_claimed(key, but=node.ino)
-                or self.journal.remote_claimed(delta_key(key), but=node.ino))
+        blockers = [b for b in self.journal.claimers(key, but=node.ino)
+                    if b.dirty & MOVED and b.parent != ORPHAN_PARENT]
+        if not blockers:
+            return False
+        if node.dirty & CONTENT or not node.remote_key:
+            return True
+        ours = _logical(node.remote_key)
+        for b in blockers:
+            try:
+                if key_of(self.journal, self.prefix, b.ino) != ours:
+                    return True  # a chain: the other move goes first
+            except KeyError:
+                return True
+        # a cycle: make sure our content survives being overwritten, then go
+        if node.sha256 and node.sha256 in self.engine.cache:
+            return False
+        if node.ino not in self._prefetching and self._nursery is not None:
+            self._prefetching.add(node.ino)
+            self._nursery.start_soon(self._prefetch, node.ino)
+        return True
+
+    async def _prefetch(self, ino: int) -> None:
+        try:
+            node = self.journal.get(ino)
+            if node is not None and node.remote_key:
+                src = await self.contents.fetch(node)
+                src.close()
+        except Exception as exc:  # noqa: BLE001 - retried by the next schedule
+            log.warning("cannot cache inode %d before a swap of names: %s", ino, exc)
+        finally:
+            self._prefetching.discard(ino)
+            self.kick()
 
     def _seeds(self, node: Node) -> bool:
         """Whether uploading ``node`` may create its directory's reference."""
@@ -193,8 +231,27 @@ class Writeback:
         return bool(self._active or self._active_keys or self._active_tombstones)
 
     def pending_failed(self) -> int:
-        """Pending changes that failed for good (not waited for by drain/umount)."""
-        return len(self.state.failed) + len(self.state.tomb_failed)
+        """Pending changes that failed (not waited for by drain/umount): rows still
+        live and dirty, and tombstones."""
+        live = 0
+        for ino in list(self.state.failed):
+            node = self.journal.get(ino)
+            if node is None or node.parent == ORPHAN_PARENT or not node.dirty:
+                self._forget_failure(ino)
+            else:
+                live += 1
+        return live + len(self.state.tomb_failed)
+
+    def unrecorded(self, ino: int) -> list[tuple[str, str]]:
+        """(object key, SHA-256) an upload of ``ino`` may have left unrecorded."""
+        return sorted(self._attempts.get(ino, ()))
+
+    def forget(self, ino: int) -> None:
+        """``ino`` left the namespace: its upload state goes with it."""
+        self._forget_failure(ino)
+        self._attempts.pop(ino, None)
+        self.state.failures.pop(ino, None)
+        self.state.retry_at.pop(ino, None)
 
     async def _claim(self, keys: list[str]) -> None:
         """Wait until no other work runs on any of the logical ``keys``, then take them.
@@ -295,14 +352,14 @@ class Writeback:
         if node.is_dir:
             self.touched.discard(node.ino)
             info = await self._run(self.engine.put_marker, key, attrs)
-            await self._published(node, key + "/", "marker", 0, None, None, etag=info.etag)
+            await self._published(node, key, key + "/", "marker", 0, None, None, etag=info.etag)
             await self._commit()
             return
         old = stored_of(node) if node.remote_key else None
         if node.is_symlink:
             target = (node.target or b"").decode("utf-8", "surrogateescape")
             res = await self._run(self.engine.put_symlink, key, target, attrs)
-            await self._published(node, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
+            await self._published(node, key, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
                                   etag=res.etag)
             await self._commit()
             await self._drop_old(old, key)
@@ -322,8 +379,10 @@ class Writeback:
                                 "saw it; theirs stays, ours goes to the new name from the "
                                 "cache", key, old.object_key)
                 moved = await self._replay_move(node, old, key, attrs)
+            if moved.object_key != old.object_key:
+                self.journal.note_gone(old.object_key)
             crash_point("move-before-publish")
-            await self._published(node, moved.object_key, moved.kind.value, moved.object_size,
+            await self._published(node, key, moved.object_key, moved.kind.value, moved.object_size,
                                   moved.ref_key, node.sha256 or moved.sha256 or "",
                                   etag=moved.etag)
             await self._commit()
@@ -337,7 +396,7 @@ class Writeback:
                 self.journal.x("UPDATE nodes SET dirty = dirty & ~? WHERE ino = ?",
                                (ATTRS, node.ino))
                 return
-            await self._published(node, updated.object_key, updated.kind.value,
+            await self._published(node, key, updated.object_key, updated.kind.value,
                                   updated.object_size, updated.ref_key, node.sha256 or "",
                                   etag=updated.etag)
 
@@ -363,6 +422,9 @@ class Writeback:
             # the index gives a remote_key) can have an older object in the other form
             check_other = old is not None
             crash_point("upload-before-put")
+            if node.sha256:
+                self._attempts.setdefault(node.ino, set()).update(
+                    {(key, node.sha256), (delta_key(key), node.sha256)})
             res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
                                   check_other)
             crash_point("upload-after-put")
@@ -374,9 +436,10 @@ class Writeback:
             kind = Kind.DELTA.value if res.kind in ("delta", "reference") else Kind.DIRECT.value
             ref = reference_key(space) if kind == Kind.DELTA.value else None
             recorded = await self._published(
-                node, object_key, kind,
+                node, key, object_key, kind,
                 res.stored_size - (res.original_size if res.kind == "reference" else 0),
                 ref, res.sha256, etag=res.etag)
+            self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
             if recorded:
                 self.state.uploaded_files += 1
                 self.state.uploaded_bytes += res.original_size
@@ -430,17 +493,30 @@ class Writeback:
         await self._commit()
         self.kick()
 
-    async def _published(self, before: Node, object_key: str, kind: str, stored_size: int,
-                         ref: str | None, sha256: str | None, etag: str = "") -> bool:
-        """Record a finished upload, unless the row changed while it ran (then it stays
-        dirty and the next round publishes the newer state). Returns whether recorded.
-        Every object this mount writes ends up in a live row or in a tombstone."""
+    async def _published(self, before: Node, key: str, object_key: str, kind: str,
+                         stored_size: int, ref: str | None, sha256: str | None,
+                         etag: str = "") -> bool:
+        """Record a finished upload of ``before`` to ``key``, unless the row changed while
+        it ran (then it stays dirty and the next round publishes the newer state).
+        Returns whether recorded. Every object this mount writes ends up in a live row
+        or in a tombstone."""
         now = self.journal.get(before.ino)
         fields = dict(remote_key=object_key, remote_kind=kind, remote_size=stored_size,
                       remote_etag=etag or None, remote_ref=ref)
-        if now is None or now.parent == ORPHAN_PARENT:
+        try:
+            now_key = key_of(self.journal, self.prefix, before.ino) if now is not None \
+                and now.parent != ORPHAN_PARENT else None
+        except KeyError:
+            now_key = None  # below a directory unlinked meanwhile
+        if now is None or now_key is None:
             # Unlinked while uploading: what we just wrote must go.
             self.journal.add_tombstone(object_key, kind, etag or None)
+            return False
+        if before.is_dir and now_key != key:
+            # renamed (or a parent was) while its marker went up: the marker at the old
+            # key goes, a new one is made under the new key
+            self.journal.add_tombstone(object_key, kind, etag or None)
+            self.journal.set_dirty(before.ino, CONTENT)
             return False
         if before.is_dir:
             # a directory's mtime moves with every file made in it; only an explicit
@@ -449,7 +525,8 @@ class Writeback:
                          and now.mode == before.mode and now.uid == before.uid
                          and now.gid == before.gid and before.ino not in self.touched)
         else:
-            unchanged = (now.sha256 == before.sha256 and now.parent == before.parent
+            unchanged = (now_key == key and now.sha256 == before.sha256
+                         and now.parent == before.parent
                          and now.name == before.name and now.mode == before.mode
                          and now.uid == before.uid and now.gid == before.gid
                          and now.mtime_ns == before.mtime_ns and now.staged == before.staged
@@ -474,6 +551,14 @@ class Writeback:
                 if self.journal.remote_claimed(object_key):
                     self.journal.drop_tombstone(object_key)
                     return
+                if etag and etag.startswith("sha256:"):
+                    # written by an upload that never got to record it: it goes only
+                    # while it still holds that file's content
+                    etag = await self._run(self._etag_if_content, object_key, etag[7:])
+                    if etag is None:
+                        self.journal.drop_tombstone(object_key)
+                        return
+                    kind = Kind.DELTA.value if object_key.endswith(".delta") else None
                 stored = StoredFile(logical, object_key,
                                     Kind.DELTA if kind == Kind.DELTA.value else Kind.DIRECT,
                                     0, etag or "", 0.0, None)
@@ -485,6 +570,7 @@ class Writeback:
                     log.info("not deleting %s: another writer has replaced it since this "
                              "mount saw it (theirs stays)", object_key)
                 crash_point("tombstone-after-delete")
+                self.journal.note_gone(object_key)
                 self.journal.drop_tombstone(object_key)
                 self.state.tomb_failures.pop(object_key, None)
                 self.state.tomb_retry_at.pop(object_key, None)
@@ -511,6 +597,15 @@ class Writeback:
                 self._active_keys.discard(claimed)
             self._active_tombstones.discard(object_key)
             self._notify()
+
+    def _etag_if_content(self, object_key: str, sha256: str) -> str | None:
+        """The ETag of ``object_key`` if it holds the content ``sha256``, else None."""
+        from .format import meta_get
+
+        info = self.engine.store.head(object_key)
+        if info is None or meta_get(info.metadata, "file_sha256") != sha256:
+            return None
+        return info.etag or None
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args)
