@@ -55,11 +55,18 @@ def test_an_unchanged_row_follows_the_bucket(tmp_path: Path) -> None:
     gone = _row(j, "gone.bin", remote_key="gone.bin", remote_etag="e1")
     changed = _row(j, "changed.bin", remote_key="changed.bin", remote_etag="e1", size=1)
     snap = listing_snapshot(j, ROOT_INO)
-    merge_listing(j, ROOT_INO, DirListing({"changed.bin": _file("changed.bin", "e2", 99)},
-                                          set(), None), set(), 0, 0, snap)
-    assert j.get(gone) is None  # deleted by another writer
-    row = j.get(changed)
+    replaced = merge_listing(j, ROOT_INO, DirListing(
+        {"changed.bin": _file("changed.bin", "e2", 99)}, set(), None), set(), 0, 0, snap)
+    assert j.child(ROOT_INO, "gone.bin") is None  # deleted by another writer
+    row = j.child(ROOT_INO, "changed.bin")
     assert row is not None and row.remote_etag == "e2" and row.size == 99
+    # another writer's new content is a new inode: the kernel's pages of the old one
+    # can never be served for it; the old one is unlinked until the kernel forgets it
+    assert row.ino != changed
+    for old in (gone, changed):
+        orphan = j.get(old)
+        assert orphan is not None and orphan.parent == 0
+    assert sorted(replaced) == sorted([(gone, "gone.bin"), (changed, "changed.bin")])
 
 
 def test_pending_deletes_and_renames_do_not_come_back(tmp_path: Path) -> None:
