@@ -321,8 +321,10 @@ class Contents:
             s = self.states.get(src.ino)
             if s is not None and s.work is not None and not s.work.error:
                 return os.pread(s.work.fd, size, off)  # a writer is open: its file
-            if self._identity(node) != src.ident:
-                src.swap(await self.open_read(node))  # rewritten since this source opened
+            if node.parent != ORPHAN_PARENT and self._identity(node) != src.ident:
+                # rewritten since this source opened (an unlinked file keeps what its
+                # handles hold: its row no longer says where its content is)
+                src.swap(await self.open_read(node))
         try:
             return src.pread(size, off)
         except IntegrityError as exc:
