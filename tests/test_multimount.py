@@ -248,11 +248,13 @@ def test_a_pending_delete_never_removes_a_newer_object(
         b.wait_idle(30)
         fault_proxy.clear()  # A is back: its delete runs, guarded by the old ETag
         a.wait_idle(60)
-        assert fault_proxy.seen(method="DELETE") >= 1
         time.sleep(TTL + 0.2)
         assert (b.mountpoint / "k.bin").read_bytes() == new
         assert (a.mountpoint / "k.bin").read_bytes() == new
-        assert "another writer has replaced it" in a.log_text()
+        # either the guarded DELETE was refused (412), or A had listed B's object first
+        # and dropped its stale tombstone; never an unguarded delete of B's object
+        assert "another writer has replaced it" in a.log_text() or \
+            fault_proxy.seen(method="DELETE") == 0, a.log_tail()
     finally:
         for m in (a, b):
             if m is not None:

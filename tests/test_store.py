@@ -479,3 +479,23 @@ def test_local_conditional_create_race_across_processes(localstore: LocalStore) 
         assert len(won) == 1, (key, won)
         data, info = localstore.get_bytes(key)
         assert data == f"worker {won[0]}".encode() and info.metadata == {"w": str(won[0])}
+
+
+def test_guarded_delete_and_copy_keep_another_writers_object(store: ObjectStore) -> None:
+    """Deletes and copies carry the ETag the caller last saw: another writer's newer
+    object is never removed or taken (issue 9)."""
+    from deltafs.errors import Changed, NotFound
+
+    old = store.put_bytes("k", b"old", {})
+    new = store.put_bytes("k", b"new!", {})
+    assert old.etag != new.etag
+    with pytest.raises(Changed):
+        store.delete("k", if_match=old.etag)
+    with pytest.raises(Changed):
+        store.copy("k", "k2", {}, if_match=old.etag)
+    assert store.head("k2") is None
+    store.copy("k", "k2", {}, if_match=new.etag)
+    store.delete("k", if_match=new.etag)
+    assert store.head("k") is None
+    with pytest.raises(NotFound):
+        store.delete("k", if_match=new.etag)
