@@ -1098,26 +1098,45 @@ def model_mount(moto_server: str, bucket: str, tmp_path: Path,
             m.dump_logs()
 
 
-def test_model(model_mount: tuple[Mount, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_model(model_mount: tuple[Mount, Any], capsys: pytest.CaptureFixture[str],
+               request: pytest.FixtureRequest) -> None:
     m, proxy = model_mount
     ctx = Ctx(m, proxy, mounts=1, trace_file=m.base / "model-trace.log")
     started = time.monotonic()
+
+    def report(extra: str) -> None:
+        """The counts, to quote: on the terminal with -s, in the report with -rA (and
+        as the test's user property ``model_summary``)."""
+        text = (f"[test_model] {'soak' if SOAK else 'ci'} profile: {ctx.examples} examples, "
+                f"{ctx.steps} steps ({ctx.steps / max(1, ctx.examples):.1f}/example) in "
+                f"{time.monotonic() - started:.0f} s; {ctx.mounts} mounts{extra}\n"
+                "[test_model] rules (count, seconds): " + ", ".join(
+                    f"{k} {v} {ctx.rule_secs[k]:.0f}s"
+                    for k, v in sorted(ctx.rules.items(), key=lambda kv: -kv[1])))
+        request.node.user_properties.append(("model_summary", text))
+        print(text)  # in the captured output (-rA, or a failure's report)
+        if request.config.getoption("capture") != "no":
+            with capsys.disabled():  # and on the terminal at once
+                print("\n" + text)
 
     class Machine(FsMachine):
         pass
 
     Machine.ctx = ctx
     Machine.__name__ = Machine.__qualname__ = "FsMachine"
-    run_state_machine_as_test(Machine, settings=settings(
-        max_examples=EXAMPLES,
-        stateful_step_count=STEPS,
-        deadline=None,
-        database=None,
-        print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                               HealthCheck.filter_too_much, HealthCheck.data_too_large],
-    ))
-    ran = time.monotonic() - started
+    try:
+        run_state_machine_as_test(Machine, settings=settings(
+            max_examples=EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            database=None,
+            print_blob=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                   HealthCheck.filter_too_much, HealthCheck.data_too_large],
+        ))
+    except BaseException:
+        report(" (a failure: see below)")
+        raise
 
     # every example's final tree once more, from the bucket alone
     ctx.ensure_alive()
@@ -1135,15 +1154,8 @@ def test_model(model_mount: tuple[Mount, Any], capsys: pytest.CaptureFixture[str
     keys = m.objects()
     deltas = sum(1 for k in keys if k.endswith(".delta"))
     refs = sum(1 for k in keys if k.endswith("reference.bin"))
-    stored = sum(keys.values())
-    with capsys.disabled():
-        print(f"\n[test_model] {'soak' if SOAK else 'ci'} profile: {ctx.examples} examples, "
-              f"{ctx.steps} steps ({ctx.steps / max(1, ctx.examples):.1f}/example) in "
-              f"{ran:.0f} s; {ctx.mounts} mounts; bucket: {len(keys)} objects, {deltas} "
-              f"deltas, {refs} references, {stored} bytes stored")
-        print("[test_model] rules (count, seconds): " + ", ".join(
-            f"{k} {v} {ctx.rule_secs[k]:.0f}s"
-            for k, v in sorted(ctx.rules.items(), key=lambda kv: -kv[1])))
+    report(f"; bucket: {len(keys)} objects, {deltas} deltas, {refs} references, "
+           f"{sum(keys.values())} bytes stored")
     assert not problems, ("after a final wiped-cache remount:\n  " + "\n  ".join(problems)
                           + f"\n--- daemon log tail ---\n{m.log_tail(60)}")
     assert deltas > 0, "no file was stored as a delta: the test does not exercise deltas"
