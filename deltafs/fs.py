@@ -403,6 +403,12 @@ class DeltaFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         if node.remote_key:
             self.journal.add_tombstone(node.remote_key, Kind.MARKER.value, node.remote_etag)
+        for object_key, _ in self.writeback.unrecorded(node.ino):
+            if object_key != node.remote_key:
+                # a marker whose PUT is in flight (or ended unrecorded): it goes too,
+                # also if the daemon dies before that PUT is recorded
+                self.journal.add_tombstone(object_key, Kind.MARKER.value, None)
+        self.writeback.forget(node.ino)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0)
         self._maybe_reap(node.ino)
         now = time.time_ns()

@@ -284,8 +284,19 @@ class Journal:
         self.x("INSERT OR REPLACE INTO tombstones (object_key, kind, queued_at, etag) "
                "VALUES (?, ?, ?, ?)", (object_key, kind, time.time(), etag))
 
-    def drop_tombstone(self, object_key: str) -> None:
-        self.x("DELETE FROM tombstones WHERE object_key=?", (object_key,))
+    def drop_tombstone(self, object_key: str, etag: str | None | bool = True) -> None:
+        """Forget the tombstone of ``object_key``; with ``etag`` only if it still is the
+        one processed (a newer one, queued meanwhile for a newer object, stays)."""
+        if etag is True:
+            self.x("DELETE FROM tombstones WHERE object_key=?", (object_key,))
+        else:
+            self.x("DELETE FROM tombstones WHERE object_key=? AND etag IS ?", (object_key, etag))
+
+    def tombstone(self, object_key: str) -> tuple[str | None, str | None] | None:
+        """(kind, etag) of the tombstone of ``object_key``, or None."""
+        row = self.x("SELECT kind, etag FROM tombstones WHERE object_key=?",
+                     (object_key,)).fetchone()
+        return (row[0], row[1]) if row else None
 
     def tombstones(self) -> list[tuple[str, str | None, str | None]]:
         return [(r[0], r[1], r[2]) for r in self.x(

@@ -351,8 +351,10 @@ class Writeback:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
         if node.is_dir:
             self.touched.discard(node.ino)
+            self._attempts.setdefault(node.ino, set()).add((key + "/", ""))
             info = await self._run(self.engine.put_marker, key, attrs)
             await self._published(node, key, key + "/", "marker", 0, None, None, etag=info.etag)
+            self._attempts.pop(node.ino, None)
             await self._commit()
             return
         old = stored_of(node) if node.remote_key else None
@@ -544,19 +546,29 @@ class Writeback:
                               etag: str | None = None) -> None:
         claimed = ""
         try:
-            logical = _logical(object_key) if kind == Kind.DELTA.value else object_key
+            if object_key.endswith("/"):
+                logical = object_key.rstrip("/")  # a marker: the directory's own key
+            else:
+                logical = _logical(object_key) if kind == Kind.DELTA.value else object_key
             await self._claim([logical])
             claimed = logical
             async with self.limiter:
+                # as it is now, after the wait: an upload that held the key may have
+                # queued a newer tombstone for the object it just wrote
+                current = self.journal.tombstone(object_key)
+                if current is None:
+                    return
+                kind, etag = current
+                queued = etag
                 if self.journal.remote_claimed(object_key):
-                    self.journal.drop_tombstone(object_key)
+                    self.journal.drop_tombstone(object_key, queued)
                     return
                 if etag and etag.startswith("sha256:"):
                     # written by an upload that never got to record it: it goes only
                     # while it still holds that file's content
                     etag = await self._run(self._etag_if_content, object_key, etag[7:])
                     if etag is None:
-                        self.journal.drop_tombstone(object_key)
+                        self.journal.drop_tombstone(object_key, queued)
                         return
                     kind = Kind.DELTA.value if object_key.endswith(".delta") else None
                 stored = StoredFile(logical, object_key,
@@ -571,7 +583,7 @@ class Writeback:
                              "mount saw it (theirs stays)", object_key)
                 crash_point("tombstone-after-delete")
                 self.journal.note_gone(object_key)
-                self.journal.drop_tombstone(object_key)
+                self.journal.drop_tombstone(object_key, queued)
                 self.state.tomb_failures.pop(object_key, None)
                 self.state.tomb_retry_at.pop(object_key, None)
         except Exception as exc:  # noqa: BLE001 - retried; a bug must not end all uploads

@@ -460,3 +460,58 @@ def test_failed_entry_outlives_unlink_and_umount_skips_pending(
     assert proc.returncode == 0, err
     assert "good" in m.objects(), "umount left 'good' behind"
     m.pid = None
+
+
+# ---------------------------------------------------------------------------------------
+# found by the Hypothesis soak (tests/test_model.py), made deterministic with latency
+
+
+def test_unlink_during_the_upload_of_a_new_version(pm: Mount, fault_proxy: FaultProxy) -> None:
+    """v1 published, v2's PUT in flight, unlink: the tombstone queued for v1 waits for the
+    key, the upload then queues one for v2; the first must not drop the second."""
+    m = pm
+    f = m.mountpoint / "f"
+    f.write_bytes(os.urandom(30 * 1024))
+    m.wait_idle(30)
+    fault_proxy.set("hang", method="PUT", seconds=1.5)
+    f.write_bytes(os.urandom(30 * 1024))
+    time.sleep(0.8)  # past the settle delay: v2's PUT is held by the proxy
+    os.unlink(f)
+    time.sleep(1.5)
+    fault_proxy.clear()
+    m.wait_idle(30)
+    assert not [k for k in m.objects() if k.startswith("f")], m.objects()
+    m.remount(wipe_cache=True)
+    assert not (m.mountpoint / "f").exists()
+
+
+def test_rmdir_mkdir_while_the_old_marker_is_deleted(pm: Mount, fault_proxy: FaultProxy) -> None:
+    m = pm
+    fault_proxy.set("hang", method="PUT", seconds=0.5)
+    fault_proxy.add("hang", method="DELETE", seconds=1.5)
+    (m.mountpoint / "a").mkdir()
+    time.sleep(0.2)
+    (m.mountpoint / "a").rmdir()
+    (m.mountpoint / "a").mkdir()
+    m.wait_idle(30)
+    fault_proxy.clear()
+    assert "a/" in m.objects(), m.objects()
+    m.remount(wipe_cache=True)
+    assert (m.mountpoint / "a").is_dir()
+
+
+def test_rmdir_then_crash_while_the_marker_uploads(pm: Mount, fault_proxy: FaultProxy) -> None:
+    m = pm
+    fault_proxy.set("hang", method="PUT", seconds=1.0)
+    (m.mountpoint / "b").mkdir()
+    time.sleep(0.2)
+    (m.mountpoint / "b").rmdir()
+    time.sleep(0.5)  # the marker PUT is in flight
+    m.kill9()
+    m.force_unmount()
+    time.sleep(1.0)
+    fault_proxy.clear()
+    m.mount()
+    m.wait_idle(30)
+    assert "b" not in os.listdir(m.mountpoint)
+    assert "b/" not in m.objects(), m.objects()
