@@ -14,25 +14,11 @@ import boto3
 import pytest
 from faultproxy import FaultProxy, fault_proxy  # noqa: F401
 from mountfixtures import Mount, mounted  # noqa: F401
+from test_mount_faults import pm  # noqa: F401  (the proxied mount fixture)
 
 MiB = 1 << 20
 
 
-@pytest.fixture
-def pm(fault_proxy: FaultProxy, moto_server: str, bucket: str, tmp_path: Path,
-       fuse_tools: None):  # type: ignore[no-untyped-def]
-    """A mount whose endpoint is the fault proxy (as in test_mount_faults.py)."""
-    m = Mount(bucket, fault_proxy.url, tmp_path / "deltafs")
-    m.client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    try:
-        m.mount()
-        yield m
-    finally:
-        fault_proxy.clear()
-        try:
-            m.teardown()
-        finally:
-            m.dump_logs()
 
 
 def _drop_pages(path: Path) -> None:

@@ -17,19 +17,9 @@ import boto3
 import pytest
 
 from mountfixtures import Mount, deltafs_exe, mounted, pid_alive, release_versions, sha_of  # noqa: F401
-from test_mount import MotoProcess
+from test_mount import MotoProcess, own_moto  # noqa: F401  (the fixture)
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture
-def own_moto(tmp_path: Path, aws_env: None):  # type: ignore[no-untyped-def]
-    moto = MotoProcess(tmp_path)
-    moto.start()
-    try:
-        yield moto
-    finally:
-        moto.stop()
 
 
 def _key_names(m: Mount, prefix: str = "") -> set[str]:
