@@ -600,10 +600,18 @@ class DeltaFS(pyfuse3.Operations):
         node = self._node(inode)
         if node.parent != ORPHAN_PARENT and not node.is_dir:
             # close-to-open across mounts: a listing older than the TTL is refreshed
-            # first; a file another writer replaced gets a new inode (this open still
-            # serves the version it was looked up as; the next lookup finds the new one)
+            # first; a file another writer replaced gets a new inode and this one is
+            # orphaned (see below)
             await self._ensure_listed(node.parent)
             node = self._node(inode)
+        if node.parent == ORPHAN_PARENT and not node.remote_key and node.size \
+                and not (node.staged and node.dirty & CONTENT) \
+                and self.contents.states.get(inode) is None:
+            # replaced by another writer (a listing orphaned it) after the kernel looked
+            # it up: ESTALE makes the kernel walk the path again and open the new inode
+            log.info("open of inode %d: replaced in the bucket since it was looked up "
+                     "(ESTALE; the kernel looks the name up again)", inode)
+            raise pyfuse3.FUSEError(errno.ESTALE)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         accmode = flags & os.O_ACCMODE

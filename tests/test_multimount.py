@@ -82,6 +82,38 @@ def test_overwrite_is_seen_whole_within_the_ttl(two: tuple[Mount, Mount]) -> Non
         assert (b.mountpoint / "f.bin").read_bytes() == new
 
 
+def test_open_of_a_name_replaced_behind_a_cached_lookup_opens_the_new_file(
+        moto_server: str, bucket: str, tmp_path: Path) -> None:
+    """The kernel still holds B's lookup of the name (entry timeout 1 s) when the open
+    relists the directory and finds the object replaced: that open must give the new
+    version, never EIO (the old inode was orphaned with no content)."""
+    from deltafs.api import DeltaService
+
+    b = Mount(bucket, moto_server, tmp_path / "b", extra_args=["--listing-ttl", "0.1"])
+    svc = DeltaService(bucket, endpoint_url=moto_server, cache_dir=tmp_path / "svc")
+    src = tmp_path / "src"
+    src.mkdir()
+    try:
+        b.mount()
+        for i in range(5):
+            old, new = os.urandom(20 * KiB), os.urandom(20 * KiB)
+            name = f"r{i}.bin"
+            (src / name).write_bytes(old)
+            svc.put(src / name, name)
+            time.sleep(0.2)
+            assert (b.mountpoint / name).read_bytes() == old  # cached lookup, cached file
+            ino = os.stat(b.mountpoint / name).st_ino  # the dentry is fresh for ~1 s
+            (src / name).write_bytes(new)
+            svc.put(src / name, name)  # another writer replaces it
+            time.sleep(0.15)  # B's listing is stale, its dentry is not
+            assert (b.mountpoint / name).read_bytes() == new
+            assert os.stat(b.mountpoint / name).st_ino != ino
+        assert "has no content anywhere" not in b.log_text()
+    finally:
+        b.teardown()
+        b.dump_logs()
+
+
 def test_an_open_reader_keeps_its_version(two: tuple[Mount, Mount]) -> None:
     a, b = two
     old, new = release_versions(2, 2 << 20, seed=3)
