@@ -88,6 +88,15 @@ def _rows(title: str, rows: list[tuple[str, Getter, str, bool]],
 
 
 def tables(doc: dict[str, Any]) -> str:
+    parts = []
+    if doc.get("series") or doc["results"].get("metadata") is not None:
+        parts.append(series_tables(doc))
+    if doc.get("scale"):
+        parts.append(scale_tables(doc["scale"]))
+    return "\n\n".join(parts)
+
+
+def series_tables(doc: dict[str, Any]) -> str:
     systems = [s["name"] for s in doc["systems"]]
     labels = {s["name"]: s["label"] for s in doc["systems"]}
     head = "| series | metric | " + " | ".join(labels[s] for s in systems) + " |"
@@ -114,4 +123,117 @@ def tables(doc: dict[str, Any]) -> str:
                 text = ", ".join(f"{k} {v['count']}" for k, v in
                                  sorted(counts.items(), key=lambda kv: -kv[1]["count"])) or "none"
                 lines.append(f"| {sname} | {s} | {phase} | {text} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- scale
+
+SCALE_PARTS = [("deltafs_mount", "deltafs, written through the mount"),
+               ("deltafs_foreign", "deltafs, foreign objects (boto3)"),
+               ("local", "local directory")]
+SCALE_STEPS = [("ls_cold", "ls -l, cold"), ("ls_warm", "ls -l, warm"),
+               ("find", "find MNT \\| wc -l"), ("rsync", "rsync -a --dry-run"),
+               ("rm", "rm of {rm} files (xargs -0 rm)")]
+
+
+def _num(v: Any, fmt: str) -> str:
+    return NA if v is None else fmt.format(v)
+
+
+def _scale_row(part: str, step: str, r: dict[str, Any], files: int) -> str:
+    secs = _num(r.get("seconds"), "{:.2f}")
+    if r.get("write_seconds") is not None:
+        secs += f" (loop {r['write_seconds']:.2f})"
+    elif r.get("rm_seconds") is not None:
+        secs += f" (rm {r['rm_seconds']:.2f})"
+    if r.get("ok") is False or r.get("bucket_ok") is False:
+        secs += f" ✗ {r.get('entries')} of {r.get('expected')}"
+    total = r.get("requests_total")
+    per = NA if total is None or not files else f"{total / files:.2f}"
+    stall = r.get("max_loop_stall_ms")
+    cells = [secs, _num(total, "{:,}"), per, _num(r.get("peak_rss_mb"), "{:.0f}"),
+             _num(stall, "{:.0f}")]
+    return f"| {part} | {step} | " + " | ".join(cells) + " |"
+
+
+def scale_tables(sc: dict[str, Any]) -> str:
+    cfg = sc["config"]
+    n, rm = cfg["files"], cfg["rm"]
+    lines: list[str] = []
+    if n:
+        lines += [f"| scale: {n:,} files in one directory | step | seconds | S3 requests | "
+                  "requests per file | peak RSS, MB | loop stall, ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, label in SCALE_PARTS:
+            r = sc.get(key)
+            if r is None:
+                continue
+            if r.get("error"):
+                lines.append(f"| {label} | failed: {r['error'][:200]} | | | | | |")
+                continue
+            c = r.get("create") or {}
+            what = ("create (Python loop), until in bucket" if key == "deltafs_mount" else
+                    "put_object × 16 threads (not deltafs)" if key == "deltafs_foreign" else
+                    "create (Python loop), then sync -f")
+            if key == "deltafs_foreign":
+                c = {k: v for k, v in c.items() if k not in ("requests_total",)}
+            lines.append(_scale_row(label, what, c, n))
+            for step, slabel in SCALE_STEPS:
+                s = (r.get("steps") or {}).get(step)
+                if s is not None:
+                    lines.append(_scale_row(label, slabel.format(rm=f"{rm:,}"), s,
+                                            rm if step == "rm" else n))
+        lines += ["", "Seconds: wall time of the step (create and rm: until nothing is "
+                  "pending, for the local directory until `sync -f` returned; in parentheses "
+                  "the Python loop, or the `rm` itself). "
+                  "Requests: every S3 request of the step (moto's counter); per file: "
+                  f"divided by {n:,} ({rm:,} for rm). Peak RSS: the daemon and its children "
+                  "during the step. Loop stall: the largest `recent_loop_stall_ms` of "
+                  "`deltafs status` (worst event-loop stall of the last 10 s), polled once "
+                  "a second during the step; —: not reported by this deltafs.", "",
+                  "| scale | system | step | S3 requests by type |", "|---|---|---|---|"]
+        for key, label in SCALE_PARTS[:2]:
+            r = sc.get(key) or {}
+            steps = {"create": r.get("create") or {}, **(r.get("steps") or {})}
+            for step, s in steps.items():
+                counts = s.get("requests")
+                if counts is None or (key == "deltafs_foreign" and step == "create"):
+                    continue
+                text = ", ".join(f"{k} {v['count']}" for k, v in
+                                 sorted(counts.items(), key=lambda kv: -kv[1]["count"])) or "none"
+                lines.append(f"| {n:,} files | {label} | {step} | {text} |")
+    j = sc.get("journal")
+    if j is not None:
+        if lines:
+            lines.append("")
+        if j.get("error"):
+            lines.append(f"journal of {cfg['journal_rows']:,} rows: failed: {j['error']}")
+            return "\n".join(lines)
+        ops = j.get("ops") or {}
+        lines += [f"| journal: {j['rows_total']:,} rows ({cfg['journal_rows']:,} files in "
+                  f"{j['directories']:,} directories) | median, ms | first, ms | max, ms | "
+                  "target |", "|---|---|---|---|---|"]
+        labels = [("statfs", "statfs (os.statvfs of the mountpoint)"),
+                  ("status_xattr", "status: read the xattr user.deltafs.status"),
+                  ("status_cli", "status: `deltafs status --json` (CLI, with Python's start)"),
+                  ("create", "create a file (open O_CREAT + close) in the 100-entry directory"),
+                  ("listdir_stat_100", "os.listdir + os.stat of each of the 100 entries")]
+        for key, label in labels:
+            o = ops.get(key)
+            if not o:
+                continue
+            tgt = NA
+            if o.get("target_ms") is not None:
+                tgt = f"< {o['target_ms']:.0f} ms " + ("✓" if o.get("ok") else "✗")
+            elif o.get("ok") is False:
+                tgt = f"✗ {o.get('entries')} entries"
+            lines.append(f"| {label} | {o['median_ms']:.2f} | {o['first_ms']:.2f} | "
+                         f"{o['max_ms']:.2f} | {tgt} |")
+        loop = ops.get("loop") or {}
+        lines += ["", f"Journal: filled in {j['populate_seconds']:.1f} s "
+                  f"(state.db {j['state_db_mb']:.0f} MB); mount {j['mount_seconds']:.2f} s, "
+                  f"unmount {_num(j.get('unmount_seconds'), '{:.2f}')} s; daemon RSS "
+                  f"{_num(j.get('daemon_rss_mb'), '{:.0f}')} MB; worst loop stall since mount "
+                  f"{_num(loop.get('max_loop_stall_ms'), '{:.0f}')} ms. Median of "
+                  f"{cfg['tries']} tries after a first one."]
     return "\n".join(lines)

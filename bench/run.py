@@ -22,7 +22,7 @@ from typing import Any, Callable
 import boto3
 from botocore.config import Config
 
-from . import data, report
+from . import data, report, scale
 from .measure import RssSampler, drop_page_cache, fsync_all, read_files, timed
 from .motoserver import DRIVER_AGENT
 from .systems import ROOT, Ctx, DeltaGlider, Deltafs, Local, System, make_systems, tail
@@ -405,11 +405,13 @@ class Bench:
             series.append(data.synthetic_series(int(count), int(mb) * 1_000_000))
         doc: dict[str, Any] = {
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "mode": "quick" if a.quick else "full",
+            "mode": "scale" if a.scale else "quick" if a.quick else "full",
             "machine": machine(),
             "note": a.note,
             "config": {"wheels": a.wheels, "tars": a.tars, "synthetic": a.synthetic,
-                       "small_files": a.small_files, "moto": self.moto.url,
+                       "small_files": a.small_files, "scale_files": a.scale_files,
+                       "scale_rm": a.scale_rm, "journal_rows": a.journal_rows,
+                       "moto": self.moto.url,
                        "rclone": "--vfs-cache-mode writes (default --vfs-write-back 5s)",
                        "s3fs": "defaults (no use_cache)", "deltafs": "defaults"},
             "systems": [{"name": s.name, "label": s.label,
@@ -427,6 +429,9 @@ class Bench:
             self.run_series(ser)
         if a.small_files:
             self.run_metadata()
+        if a.scale_files or a.journal_rows:
+            doc["scale"] = scale.Scale(self, a.scale_files, a.scale_rm, a.journal_rows,
+                                       local="local" in a.systems).run()
         doc["machine"]["loadavg_end"] = os.getloadavg()
         doc["seconds"] = time.monotonic() - t0
         return doc
@@ -447,25 +452,45 @@ class Bench:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
-                   help="small series (3 wheels, 2 tars, 3 × 8 MB synthetic, 200 small files)")
+                   help="small series (3 wheels, 2 tars, 3 × 8 MB synthetic, 200 small files; "
+                        "scale: 2000 files, rm 200, a journal of 20000 rows)")
     p.add_argument("--wheels", type=int, help="botocore wheels to copy (full: 20)")
     p.add_argument("--tars", type=int, help="botocore tars to copy (full: 20)")
     p.add_argument("--synthetic", help="COUNTxMB synthetic versions (full: 10x200)")
     p.add_argument("--small-files", type=int, help="files for the metadata tests (full: 2000)")
-    p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+    p.add_argument("--scale", action="store_true",
+                   help="only the scale benchmark (deltafs and a local directory): many small "
+                        "files in one directory, and a journal of many rows")
+    p.add_argument("--scale-files", type=int, metavar="N",
+                   help="files in the directory of the scale benchmark (full: 100000, "
+                        "--quick: 2000; 0 skips that part)")
+    p.add_argument("--scale-rm", type=int, metavar="N",
+                   help="of those, how many the scale benchmark removes (full: 10000, "
+                        "--quick: 200)")
+    p.add_argument("--journal-rows", type=int, metavar="N",
+                   help="file rows of the journal the scale benchmark mounts (full: "
+                        "1000000, --quick: 20000; 0 skips that part)")
+    p.add_argument("--systems", default=None,
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
     p.add_argument("--out", help="results JSON (default bench-results/<date>.json; "
-                                 "--quick: bench-results/<date>-quick.json.tmp)")
+                                 "--quick: bench-results/<date>-quick.json.tmp; --scale: "
+                                 "bench-results/<date>-scale.json, with .tmp appended "
+                                 "below the full sizes)")
     p.add_argument("--workdir", default=None, help="where mounts and caches go (default /tmp)")
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("--note", default="", help="free text stored with the results")
     p.add_argument("--render", metavar="JSON", help="print the tables of an earlier run and exit")
     a = p.parse_args(argv)
     q = a.quick
+    if a.scale:  # only the scale part
+        a.wheels = a.tars = a.small_files = 0
+        a.synthetic = ""
     for name, full, quick in (("wheels", 20, 3), ("tars", 20, 2), ("synthetic", "10x200", "3x8"),
-                              ("small_files", 2000, 200)):
+                              ("small_files", 2000, 200), *SCALE_SIZES):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)
+    if a.systems is None:
+        a.systems = "deltafs,local" if a.scale else ",".join(ALL_SYSTEMS)
     a.systems = [s for s in a.systems.split(",") if s]
     bad = set(a.systems) - set(ALL_SYSTEMS)
     if bad:
@@ -473,6 +498,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "deltafs" not in a.systems:
         a.systems.insert(0, "deltafs")
     return a
+
+
+#: (option, full run, --quick) of the scale benchmark
+SCALE_SIZES = (("scale_files", 100_000, 2000), ("scale_rm", 10_000, 200),
+               ("journal_rows", 1_000_000, 20_000))
 
 
 def summary(doc: dict[str, Any]) -> str:
@@ -489,6 +519,11 @@ def summary(doc: dict[str, Any]) -> str:
     for ser in doc["series"]:
         lines.append(f"- series {ser['name']}: {ser['files']} files, "
                      f"{ser['logical_bytes'] / 1e6:.0f} MB ({ser['names'][0]} …)")
+    sc = (doc.get("scale") or {}).get("config")
+    if sc:
+        lines.append(f"- scale: {sc['files']:,} files of 200–2,000 bytes "
+                     f"({sc['logical_bytes'] / 1e6:.0f} MB) in one directory, rm of "
+                     f"{sc['rm']:,}; a journal of {sc['journal_rows']:,} file rows")
     return "\n".join(lines)
 
 
@@ -502,8 +537,12 @@ def main(argv: list[str] | None = None) -> int:
         print("scripts/bench: needs root (FUSE mounts of three systems)", file=sys.stderr)
         return 2
     date = dt.date.today().isoformat()
-    out = Path(args.out) if args.out else ROOT / "bench-results" / (
-        f"{date}-quick.json.tmp" if args.quick else f"{date}.json")
+    if args.scale:
+        small = any(getattr(args, k) < full for k, full, _ in SCALE_SIZES)
+        name = f"{date}-scale.json" + (".tmp" if small else "")
+    else:
+        name = f"{date}-quick.json.tmp" if args.quick else f"{date}.json"
+    out = Path(args.out) if args.out else ROOT / "bench-results" / name
     bench = Bench(args)
     try:
         doc = bench.run()
@@ -524,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                for ser, per in doc["results"].items() if ser != "metadata"
                for r in [per.get("deltafs") or {}] for ph in ("read_cold", "read_warm")
                if ph in r and r[ph]["identical"] != r[ph]["files"]]
+    failed += scale.failures(doc.get("scale") or {})
     if failed:
         print(f"failed: {', '.join(failed)} (see the JSON)", file=sys.stderr)
         return 1

@@ -428,6 +428,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs.writeback.run)
         nursery.start_soon(fs.committer)
+        nursery.start_soon(fs.loop_stall.run)
         nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd, fs, stop)
         nursery.start_soon(_signals, fs, cfg, stop, nursery)
         nursery.start_soon(_report_status, fs, stop)

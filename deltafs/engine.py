@@ -521,7 +521,8 @@ class Engine:
                                if_match=stored.etag or None)
         return classify(info.key, info.size, info.etag, info.mtime, meta) or stored
 
-    def move(self, stored: StoredFile, new_key: str, attrs: Attrs | None = None) -> StoredFile:
+    def move(self, stored: StoredFile, new_key: str, attrs: Attrs | None = None,
+             collect: bool = True) -> StoredFile:
         """Give a published file a new logical key without re-uploading it when possible.
 
         Direct objects and deltas whose new directory shares their reference are copied
@@ -554,7 +555,7 @@ class Engine:
                 log.info("moved %s -> %s; another writer has written %s since: theirs stays",
                          stored.object_key, moved.object_key, stored.object_key)
             else:
-                if stored.kind is Kind.DELTA:
+                if stored.kind is Kind.DELTA and collect:
                     self.collect_reference(split_key(stored.logical_key)[0])
         log.info("moved %s -> %s", stored.object_key, moved.object_key)
         return moved
@@ -595,12 +596,15 @@ class Engine:
             raise NotFound(f"{self.store.name}/{stored.object_key}: no such object")
         return dict(info.metadata or {})
 
-    def delete_stored(self, stored: StoredFile) -> None:
+    def delete_stored(self, stored: StoredFile, collect: bool = True) -> None:
         """Remove a file known by its object (no HEAD), guarded by the ETag it was known
-        by (:class:`Changed` when another writer replaced it). The reference stays."""
+        by (:class:`Changed` when another writer replaced it). With ``collect``, a delta's
+        reference goes too once no delta uses it; the mount passes False and collects
+        once per directory after a burst of deletes (``rm -r``: one LIST, not one per
+        file)."""
         self.store.delete(stored.object_key, if_match=stored.etag or None)
         log.info("deleted %s", stored.object_key)
-        if stored.kind is Kind.DELTA:
+        if stored.kind is Kind.DELTA and collect:
             self.collect_reference(split_key(stored.logical_key)[0])
 
     # ------------------------------------------------------------------- delete
@@ -643,11 +647,13 @@ class Engine:
         import time as _time
 
         prefix = f"{deltaspace}/" if deltaspace else ""
-        listing = self.store.list(prefix)
-        if any(o.key.endswith(".delta") for o in listing.objects):
-            return None
         ref_key = reference_key(deltaspace)
-        ref = next((o for o in listing.objects if o.key == ref_key), None)
+        ref: ObjectInfo | None = None
+        for o in self.store.iter_level(prefix):  # stops at the first delta: one page
+            if o.key.endswith(".delta"):
+                return None
+            if o.key == ref_key:
+                ref = o
         if ref is None:
             return None
         if (_time.time() if now is None else now) - ref.mtime < grace:
@@ -659,8 +665,7 @@ class Engine:
                 self.store.delete(ref_key, if_match=ref.etag or None)
             except (NotFound, Changed):
                 return None
-            again = self.store.list(prefix)
-            if any(o.key.endswith(".delta") for o in again.objects):
+            if any(o.key.endswith(".delta") for o in self.store.iter_level(prefix)):
                 log.warning("a delta appeared in %s while its unused reference was removed; "
                             "putting the reference back", deltaspace or "/")
                 try:

@@ -37,12 +37,15 @@ from .index import (key_of, valid_name)
 from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, recover
 from .crashpoints import crash_point
 from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
+from .loopstall import LoopStall
 from .dirsync import DirSync
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
 XATTR_PREFIX = "user.deltafs."
+#: rows read per query in readdir (a kernel buffer takes ~20-100 entries)
+READDIR_PAGE = 128
 
 
 @dataclass
@@ -129,6 +132,13 @@ class DeltaFS(pyfuse3.Operations):
         self._next_fh = 1
         self.lookups: dict[int, int] = defaultdict(int)
         self.started = time.time()
+        self.loop_stall = LoopStall()
+        #: (logical, stored) bytes: full-table sums, so computed by the committer in a
+        #: worker thread when statfs or status asked for them (see :meth:`totals`)
+        self._totals: tuple[int, int] = (0, 0)
+        self._totals_at = 0.0
+        self._totals_wanted = True
+        self._budget_checked: tuple[float, int] = (0.0, 0)
         files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.contents = Contents(journal, cache, engine, files_dir, settle=options.settle)
         self.writeback = Writeback(journal, engine, self.prefix, self.contents)
@@ -340,12 +350,21 @@ class DeltaFS(pyfuse3.Operations):
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """One kernel buffer's worth of entries, read a page at a time from the
+        ``(parent, ino)`` index: a call costs what it returns, not the directory's size.
+        The offset is the last inode returned (see :meth:`Journal.children`)."""
         ino = self.dir_handles[fh]
-        for child in self.journal.children(ino, after_ino=start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), self._attrs(child),
-                                         child.ino):
+        after = start_id
+        while True:
+            page = self.journal.children(ino, after_ino=after, limit=READDIR_PAGE)
+            for child in page:
+                if not pyfuse3.readdir_reply(token, os.fsencode(child.name),
+                                             self._attrs(child), child.ino):
+                    return
+                self.lookups[child.ino] += 1
+                after = child.ino
+            if len(page) < READDIR_PAGE:
                 return
-            self.lookups[child.ino] += 1
 
     async def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
@@ -587,9 +606,14 @@ class DeltaFS(pyfuse3.Operations):
     async def _wait_for_budget(self) -> None:
         """Writers wait for uploads rather than fill the disk with dirty data."""
         while True:
-            _, dirty = self.journal.pending()
+            # the sum over dirty rows is O(dirty): at most once a second, not per create
+            at, dirty = self._budget_checked
+            if time.monotonic() - at > 1.0:
+                dirty = self.journal.pending()[1]
+                self._budget_checked = (time.monotonic(), dirty)
             if dirty < self.options.dirty_budget:
                 return
+            self._budget_checked = (0.0, dirty)
             log.info("dirty data at %d bytes (budget %d): waiting for uploads",
                      dirty, self.options.dirty_budget)
             self.writeback.kick()
@@ -698,7 +722,7 @@ class DeltaFS(pyfuse3.Operations):
         s.f_bsize = 128 * 1024
         s.f_frsize = 4096
         total = 1 << 50
-        used = self.journal.logical_bytes()
+        used = self.totals()[0]
         s.f_blocks = total // s.f_frsize
         s.f_bfree = s.f_bavail = (total - used) // s.f_frsize
         s.f_files = 1 << 32
@@ -752,6 +776,17 @@ class DeltaFS(pyfuse3.Operations):
             out[p + "sha256"] = node.sha256
         return out
 
+    def totals(self) -> tuple[int, int]:
+        """(logical, stored) bytes as of the last refresh (at most ~2 s old while someone
+        asks): a sum over every row must not run on the trio thread."""
+        self._totals_wanted = True
+        return self._totals
+
+    async def refresh_totals(self) -> None:
+        self._totals_wanted = False
+        self._totals = await trio.to_thread.run_sync(self.journal.totals)
+        self._totals_at = time.monotonic()
+
     def status(self) -> dict[str, Any]:
         """What ``deltafs status`` prints."""
         from .status import mount_status
@@ -767,6 +802,11 @@ class DeltaFS(pyfuse3.Operations):
         failing = False
         while True:
             await trio.sleep(1.0)
+            if self._totals_wanted and time.monotonic() - self._totals_at > 2.0:
+                try:
+                    await self.refresh_totals()
+                except sqlite3.Error as exc:
+                    log.debug("totals: %s", exc)
             if not self.journal.db.in_transaction and not self.contents._after_commit:  # noqa: SLF001
                 continue
             try:

@@ -58,12 +58,14 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 CREATE INDEX IF NOT EXISTS nodes_dirty ON nodes (dirty) WHERE dirty != 0;
 CREATE INDEX IF NOT EXISTS nodes_remote ON nodes (remote_key);
+CREATE INDEX IF NOT EXISTS nodes_parent_ino ON nodes (parent, ino);
 CREATE TABLE IF NOT EXISTS tombstones (
     object_key  TEXT PRIMARY KEY,
     kind        TEXT,
     queued_at   REAL NOT NULL,
     etag        TEXT
 );
+CREATE INDEX IF NOT EXISTS tombstones_queued ON tombstones (queued_at);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
 CREATE TABLE IF NOT EXISTS refs (
     dir_ino     INTEGER PRIMARY KEY,
@@ -125,6 +127,8 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self._lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
         self.gone: dict[str, float] = {}
         with self._lock:
             self.db.executescript(SCHEMA)
@@ -165,6 +169,29 @@ class Journal:
         with self._lock:
             self.db.commit()
             self.db.close()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A query over the *committed* state on a second connection (WAL readers never
+        wait for the writer): for scans a worker thread runs (totals, listing diffs,
+        manifests) without holding the lock every handler on the trio thread needs."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True,
+                                               check_same_thread=False)
+            return self._reader.execute(sql, args).fetchall()
+
+    def totals(self) -> tuple[int, int]:
+        """(logical bytes of all files, bytes stored for them and their references), from
+        the committed state: a full scan, so blocking (worker thread)."""
+        logical, objects = self.read(
+            "SELECT coalesce(sum(CASE WHEN mode & ? = ? THEN size ELSE 0 END), 0), "
+            "coalesce(sum(remote_size), 0) FROM nodes", (0o170000, stat.S_IFREG))[0]
+        refs = self.read("SELECT coalesce(sum(size), 0) FROM refs")[0][0]
+        return int(logical), int(objects) + int(refs)
 
     def x(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -189,9 +216,12 @@ class Journal:
         return self._node(self.x(f"SELECT {_COLUMNS} FROM nodes WHERE parent=? AND name=? "
                                  "AND ino != parent", (parent, name)).fetchone())
 
-    def children(self, parent: int, after_ino: int = 0) -> list[Node]:
+    def children(self, parent: int, after_ino: int = 0, limit: int = -1) -> list[Node]:
+        """The entries of a directory in inode order, from ``after_ino`` on: a resumable
+        position (new entries always get higher numbers, so a listing in progress never
+        skips an unchanged entry or returns one twice), served by ``(parent, ino)``."""
         rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE parent=? AND ino > ? AND ino != ? "
-                      "ORDER BY ino", (parent, after_ino, parent)).fetchall()
+                      "ORDER BY ino LIMIT ?", (parent, after_ino, parent, limit)).fetchall()
         return [Node(*r) for r in rows]
 
     def count_subdirs(self, parent: int) -> int:
@@ -258,16 +288,6 @@ class Journal:
         tomb = self.x("SELECT count(*) FROM tombstones").fetchone()[0]
         return int(row[0]) + int(tomb), int(row[1])
 
-    def logical_bytes(self) -> int:
-        return int(self.x("SELECT coalesce(sum(size), 0) FROM nodes WHERE mode & ? = ?",
-                          (0o170000, stat.S_IFREG)).fetchone()[0])
-
-    def stored_bytes(self) -> int:
-        """Bytes in the bucket for what this mount knows: objects plus references."""
-        objects = self.x("SELECT coalesce(sum(remote_size), 0) FROM nodes").fetchone()[0]
-        refs = self.x("SELECT coalesce(sum(size), 0) FROM refs").fetchone()[0]
-        return int(objects) + int(refs)
-
     def set_reference(self, dir_ino: int, key: str | None, size: int = 0) -> None:
         """Record (or, with ``key=None``, forget) the reference of a directory."""
         if key is None:
@@ -298,9 +318,11 @@ class Journal:
                      (object_key,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    def tombstones(self) -> list[tuple[str, str | None, str | None]]:
+    def tombstones(self, limit: int = -1) -> list[tuple[str, str | None, str | None]]:
+        """Queued deletes, oldest first."""
         return [(r[0], r[1], r[2]) for r in self.x(
-            "SELECT object_key, kind, etag FROM tombstones ORDER BY queued_at").fetchall()]
+            "SELECT object_key, kind, etag FROM tombstones ORDER BY queued_at LIMIT ?",
+            (limit,)).fetchall()]
 
     def remote_claimed(self, object_key: str, but: int = -1) -> bool:
         """Whether a live node (not unlinked, not ``but``) is published as ``object_key``

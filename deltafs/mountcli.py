@@ -181,6 +181,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  logical:  {human(s['logical_bytes'])}, stored {human(s['stored_bytes'])}")
     reqs = ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items())) or "none"
     print(f"  requests: {reqs}")
+    if "max_loop_stall_ms" in s:
+        print(f"  loop:     worst stall {s['max_loop_stall_ms']:.0f} ms since mount, "
+              f"{s['recent_loop_stall_ms']:.0f} ms in the last 10 s")
     if s.get("last_error"):
         print(f"  last error ({s['last_error_age']:.0f} s ago): {s['last_error']}")
     return 0

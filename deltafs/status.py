@@ -32,17 +32,22 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         "pending_files": files,
         "pending_bytes": nbytes,
         "oldest_pending_seconds": round(oldest, 1),
-        "uploading": len(fs.writeback._active),  # noqa: SLF001
+        # uploads running, plus reference checks due after deletes (umount waits for both)
+        "uploading": len(fs.writeback._active) + fs.writeback.collects_due(),  # noqa: SLF001
         "uploaded_files": w.uploaded_files,
         "uploaded_bytes": w.uploaded_bytes,
         "cache_bytes": fs.cache.volume(),
-        "logical_bytes": fs.journal.logical_bytes(),
-        "stored_bytes": fs.journal.stored_bytes(),
+        # committed state, refreshed in the background at most every ~2 s
+        "logical_bytes": fs.totals()[0],
+        "stored_bytes": fs.totals()[1],
         "requests": fs.engine.store.stats(),
         # changes that failed for good (a key the server refuses) or keep failing on a
         # bucket-wide cause (no bucket, refused credentials): umount does not wait for them
         "failed_files": len(failed),
         "failed": failed[:50],
         "last_error": w.last_error,
+        # how late a 10 ms timer fired: anything blocking the event loop shows here
+        "max_loop_stall_ms": round(fs.loop_stall.max_ms, 1),
+        "recent_loop_stall_ms": round(fs.loop_stall.recent_ms(), 1),
         "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
     }

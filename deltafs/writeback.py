@@ -40,6 +40,18 @@ MAX_BACKOFF = 60.0
 BUCKET_WIDE_ATTEMPTS = 3
 
 
+#: dirty rows read per query by the scheduler
+SCHEDULE_PAGE = 500
+#: deletes in flight at once (each waits for an upload slot), and how many queued
+#: tombstones one scheduling pass looks at
+MAX_TOMBSTONES = 32
+MAX_TOMBSTONE_SCAN = 2000
+
+
+#: a directory's reference is checked this long after its last delta went
+COLLECT_QUIET = 1.0
+
+
 def _backoff(attempt: int) -> float:
     return min(MAX_BACKOFF, 0.5 * math.pow(2, min(attempt - 1, 8)))
 
@@ -96,6 +108,10 @@ class Writeback:
         #: after its PUT): if the file is unlinked, they get tombstones
         self._attempts: dict[int, set[tuple[str, str]]] = {}
         self._prefetching: set[int] = set()
+        #: directories (deltaspaces) that lost a delta: is their reference still used?
+        #: asked once per burst of deletes (time of the last one), not once per delete
+        self._collect_wanted: dict[str, float] = {}
+        self._collecting: set[str] = set()
         self._nursery: trio.Nursery | None = None
         contents.on_change = self.kick
         contents.uploads_running = lambda: bool(self._active)
@@ -108,7 +124,7 @@ class Writeback:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
-                started = self._schedule(nursery)
+                started = await self._schedule(nursery)
                 if not started:
                     with trio.move_on_after(1.0):
                         await self.wakeup.wait()
@@ -119,7 +135,10 @@ class Writeback:
                         await self.wakeup.wait()
                     self.wakeup = trio.Event()
 
-    def _schedule(self, nursery: trio.Nursery) -> int:
+    async def _schedule(self, nursery: trio.Nursery) -> int:
+        """Start the work that is ready, in inode order. Dirty rows are read a page at a
+        time with a checkpoint between pages (100,000 dirty rows must not stall the loop);
+        tombstones are started up to ``MAX_TOMBSTONES`` at a time."""
         if self.stopping:
             return 0
         now = time.monotonic()
@@ -128,7 +147,9 @@ class Writeback:
         full = False
         claimed: set[int] = set()  # directories whose first reference candidate is seen
         while not full:
-            page = self.journal.dirty_nodes(limit=500, after_ino=after)
+            if after:
+                await trio.sleep(0)
+            page = self.journal.dirty_nodes(limit=SCHEDULE_PAGE, after_ino=after)
             if not page:
                 break
             for node in page:
@@ -168,14 +189,40 @@ class Writeback:
                 self._active.add(node.ino)
                 nursery.start_soon(self._sync_node, node.ino)
                 started += 1
-        for object_key, kind, etag in self.journal.tombstones():
+        for object_key, kind, etag in self.journal.tombstones(limit=MAX_TOMBSTONE_SCAN):
+            if len(self._active_tombstones) >= MAX_TOMBSTONES:
+                break
             if object_key in self._active_tombstones or object_key in self.state.tomb_failed \
                     or self.state.tomb_retry_at.get(object_key, 0) > now:
                 continue
             self._active_tombstones.add(object_key)
             nursery.start_soon(self._sync_tombstone, object_key, kind, etag)
             started += 1
+        for space, last in list(self._collect_wanted.items()):
+            if space in self._collecting or now - last < COLLECT_QUIET or any(
+                    split_key(_logical(k))[0] == space for k in self._active_tombstones):
+                continue
+            del self._collect_wanted[space]
+            self._collecting.add(space)
+            nursery.start_soon(self._collect, space)
+            started += 1
         return started
+
+    def collects_due(self) -> int:
+        return len(self._collect_wanted) + len(self._collecting)
+
+    def _want_collect(self, space: str) -> None:
+        self._collect_wanted[space] = time.monotonic()
+
+    async def _collect(self, space: str) -> None:
+        """Remove ``space``'s reference if no delta uses it any more (never raises: an
+        unused reference only costs storage, and ``deltafs gc`` finds it later)."""
+        try:
+            async with self.limiter:
+                await self._run(self.engine.collect_reference, space)
+        finally:
+            self._collecting.discard(space)
+            self._notify()
 
     def _blocked(self, node: Node) -> bool:
         """New content for a key, or a rename onto it, whose old object another row must
@@ -228,7 +275,8 @@ class Writeback:
                 and node.size >= self.engine.policy.min_delta_size)
 
     def busy(self) -> bool:
-        return bool(self._active or self._active_keys or self._active_tombstones)
+        return bool(self._active or self._active_keys or self._active_tombstones
+                     or self._collect_wanted or self._collecting)
 
     def pending_failed(self) -> int:
         """Pending changes that failed (not waited for by drain/umount): rows still
@@ -374,7 +422,9 @@ class Writeback:
             return
         if node.dirty & MOVED:
             try:
-                moved = await self._run(self.engine.move, old, key, attrs)
+                moved = await self._run(self.engine.move, old, key, attrs, False)
+                if old.kind is Kind.DELTA and moved.object_key != old.object_key:
+                    self._want_collect(split_key(old.logical_key)[0])
             except (NotFound, Changed) as exc:
                 if isinstance(exc, Changed):
                     log.warning("rename to %s: another writer replaced %s since this mount "
@@ -575,7 +625,9 @@ class Writeback:
                                     Kind.DELTA if kind == Kind.DELTA.value else Kind.DIRECT,
                                     0, etag or "", 0.0, None)
                 try:
-                    await self._run(self.engine.delete_stored, stored)
+                    await self._run(self.engine.delete_stored, stored, False)
+                    if stored.kind is Kind.DELTA:
+                        self._want_collect(split_key(logical)[0])
                 except NotFound:
                     pass  # gone already (another writer deleted it, or a replay)
                 except Changed:

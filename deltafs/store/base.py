@@ -62,6 +62,11 @@ class ObjectStore(abc.ABC):
         """Every object below ``prefix`` recursively; may stream page by page."""
         yield from self.list(prefix, delimiter=None).objects
 
+    def iter_level(self, prefix: str) -> Iterator[ObjectInfo]:
+        """The objects directly under ``prefix`` (one level), page by page: a caller
+        that stops early pays only for the pages it read."""
+        yield from self.list(prefix).objects
+
     @abc.abstractmethod
     def get_file(self, key: str, dest: Path) -> ObjectInfo:
         """Stream ``key`` into the file ``dest`` (created or truncated) without holding

@@ -468,6 +468,11 @@ class S3Store(ObjectStore):
             for item in page.get("Contents", ()):
                 yield self._listed(item)
 
+    def iter_level(self, prefix: str) -> Iterator[ObjectInfo]:
+        for page in self._pages(prefix, "/"):
+            for item in page.get("Contents", ()):
+                yield self._listed(item)
+
     def get_file(self, key: str, dest: Path) -> ObjectInfo:
         with self._errors("GET", key):
             out = open(dest, "wb")
