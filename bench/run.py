@@ -453,7 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help="small series (3 wheels, 2 tars, 3 × 8 MB synthetic, 200 small files; "
-                        "scale: 2000 files, rm 200, a journal of 20000 rows)")
+                        "scale: 500 files, rm 50, a journal of 20000 rows)")
     p.add_argument("--wheels", type=int, help="botocore wheels to copy (full: 20)")
     p.add_argument("--tars", type=int, help="botocore tars to copy (full: 20)")
     p.add_argument("--synthetic", help="COUNTxMB synthetic versions (full: 10x200)")
@@ -463,10 +463,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "files in one directory, and a journal of many rows")
     p.add_argument("--scale-files", type=int, metavar="N",
                    help="files in the directory of the scale benchmark (full: 100000, "
-                        "--quick: 2000; 0 skips that part)")
+                        "--quick: 500; 0 skips that part)")
     p.add_argument("--scale-rm", type=int, metavar="N",
                    help="of those, how many the scale benchmark removes (full: 10000, "
-                        "--quick: 200)")
+                        "--quick: 50)")
     p.add_argument("--journal-rows", type=int, metavar="N",
                    help="file rows of the journal the scale benchmark mounts (full: "
                         "1000000, --quick: 20000; 0 skips that part)")
@@ -501,7 +501,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 #: (option, full run, --quick) of the scale benchmark
-SCALE_SIZES = (("scale_files", 100_000, 2000), ("scale_rm", 10_000, 200),
+SCALE_SIZES = (("scale_files", 100_000, 500), ("scale_rm", 10_000, 50),
                ("journal_rows", 1_000_000, 20_000))
 
 

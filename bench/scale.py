@@ -248,6 +248,8 @@ class Scale:
         self.work = bench.work / "scale"
         self.work.mkdir(parents=True, exist_ok=True)
         self.df = ScaleDeltafs(bench.ctx)
+        #: the files' keys (the bucket may also hold deltafs's own objects)
+        self.keys = {f"{DIR}/{name(i)}" for i in range(self.n)}
 
     # ---------------------------------------------------------------- plumbing
     def step(self, fn: Callable[[], dict[str, Any] | None], df: Deltafs | None = None,
@@ -357,7 +359,8 @@ class Scale:
         out = self.work / "ls.out"
         for phase in ("ls_cold", "ls_warm"):
             steps[phase] = self.step(lambda: cmd(["ls", "-l", str(d)], stdout=out), df, s3)
-            lines = sum(1 for _ in open(out, "rb")) - 1  # "total N"
+            with open(out, "rb") as f:
+                lines = sum(1 for _ in f) - 1  # "total N"
             steps[phase].update(entries=lines, expected=self.n, ok=lines == self.n)
         got: dict[str, Any] = {}
         steps["find"] = self.step(
@@ -415,7 +418,7 @@ class Scale:
             objs = self.b.ctx.objects(bucket)
             r["objects"] = len(objs)
             r["stored_bytes"] = sum(objs.values())
-            r["files_in_bucket"] = sum(1 for k in objs if k.startswith(f"{DIR}/f"))
+            r["files_in_bucket"] = sum(1 for k in objs if k in self.keys)
             r["create"]["ok"] = r["files_in_bucket"] == self.n
             df.wipe_cache()
             t0 = time.perf_counter()
@@ -426,7 +429,7 @@ class Scale:
             r["status_at_end"] = {k: v for k, v in st.items() if k != "failed"}
             r["log"] = log_findings(df.cache / "deltafs.log")
             df.unmount()
-            left = self.b.ctx.objects(bucket, f"{DIR}/f")
+            left = [k for k in self.b.ctx.objects(bucket, f"{DIR}/") if k in self.keys]
             r["files_in_bucket_after_rm"] = len(left)
             r["steps"]["rm"]["bucket_ok"] = len(left) == self.n - self.rm
         finally:

@@ -429,6 +429,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
         nursery.start_soon(fs.writeback.run)
         nursery.start_soon(fs.committer)
         nursery.start_soon(fs.loop_stall.run)
+        nursery.start_soon(fs.manifests.run)
         nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd, fs, stop)
         nursery.start_soon(_signals, fs, cfg, stop, nursery)
         nursery.start_soon(_report_status, fs, stop)
@@ -446,6 +447,12 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
 
             notify("STOPPING=1")
         done = await _drain(fs, stop)
+        if done and not fs.writeback.stopping:
+            # the directories changed since their manifest was written: a fresh mount
+            # elsewhere lists them without a HEAD per file
+            with trio.move_on_after(max(1.0, stop.remaining())):
+                await fs.contents.commit()
+                await fs.manifests.flush()
         if not done:
             fs.writeback.stopping = True
             files, nbytes = fs.journal.pending()

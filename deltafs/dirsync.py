@@ -14,13 +14,17 @@ import trio
 from .content import Contents
 from .engine import Engine
 from .errors import StoreError
-from .index import fetch_listing, key_of, known_etags, listing_snapshot, merge_listing
+from .index import (DirListing, ListingEnd, Resolver, Snapshot, key_of, merge_listing,
+                    stream_listing)
 from .journal import CONTENT, ROOT_INO, Journal
 
 if TYPE_CHECKING:
     from .fs import Options
 
 log = logging.getLogger(__name__)
+
+#: names merged per step on the trio thread (a checkpoint between steps)
+MERGE_SLICE = 200
 
 
 class DirSync:
@@ -37,6 +41,10 @@ class DirSync:
         self._locks: dict[int, trio.Lock] = defaultdict(trio.Lock)
         #: called for each entry another writer replaced or removed (old inode, name)
         self.on_replaced: Callable[[int, int, str], None] = lambda parent, ino, name: None
+        #: called after a directory was listed (what the listing found besides entries)
+        self.on_listed: Callable[[int, ListingEnd], None] = lambda dir_ino, end: None
+        #: resolves objects from a directory's manifest (None: HEAD every new object)
+        self.resolve: Resolver | None = None
 
     def _fresh(self, listed_at: float | None) -> bool:
         return listed_at is not None and time.time() - listed_at < self.options.listing_ttl
@@ -70,13 +78,19 @@ class DirSync:
             return
         key = key_of(self.journal, self.prefix, dir_ino)
         prefix = f"{key}/" if key else ""
-        known = known_etags(self.journal, dir_ino)
-        # what the rows looked like when the LIST went out: only rows still like that
-        # may take what the listing says (a row published meanwhile is newer)
-        snapshot = listing_snapshot(self.journal, dir_ino)
+        if self.journal.db.in_transaction:
+            # the listing reads the committed rows: commit first, or rows this mount
+            # changed a moment ago would look "changed since" and keep stale values
+            await self.contents.commit()
         started = time.time()
+
+        def emit(part: DirListing, snap: Snapshot) -> None:  # in the worker thread
+            trio.from_thread.run(self._apply, dir_ino, part, snap, started)
+
         try:
-            listing = await trio.to_thread.run_sync(fetch_listing, self.engine, prefix, known)
+            end = await trio.to_thread.run_sync(
+                stream_listing, self.engine, self.journal, dir_ino, prefix, emit,
+                self.resolve)
         except StoreError as exc:
             if node.listed_at is None:
                 log.warning("cannot list %s: %s", prefix or "/", exc)
@@ -86,8 +100,39 @@ class DirSync:
             self.journal.update(dir_ino, listed_at=time.time() -
                                 max(0.0, self.options.listing_ttl - 10))
             return
-        gone = merge_listing(self.journal, dir_ino, listing, self.contents.busy(),
-                             self.options.uid, self.options.gid, snapshot, started)
+        # rows whose object is gone, then the directory's own facts, in slices
+        names = end.removals
+        for i in range(0, max(len(names), 1), MERGE_SLICE):
+            last = i + MERGE_SLICE >= len(names)
+            done = DirListing({}, set(), end.marker, end.reference) if last \
+                else DirListing({}, set(), None)
+            gone = merge_listing(self.journal, dir_ino, done, self.contents.busy(),
+                                 self.options.uid, self.options.gid, end.removal_snapshot,
+                                 started, names=names[i:i + MERGE_SLICE], final=last)
+            self._replaced(dir_ino, gone)
+            await trio.sleep(0)
+        self.on_listed(dir_ino, end)
+        if end.heads > 50:
+            log.info("listed %s: %d HEAD requests (%d entries from its manifest)",
+                     prefix or "/", end.heads, end.manifest_hits)
+
+    async def _apply(self, dir_ino: int, part: DirListing, snap: Snapshot,
+                     started: float) -> None:
+        """Merge one LIST page, ``MERGE_SLICE`` names at a time with a checkpoint between
+        slices: a 1,000-entry page never holds the loop for long."""
+        names = [*part.files, *part.dirs]
+        for i in range(0, len(names), MERGE_SLICE):
+            chunk = names[i:i + MERGE_SLICE]
+            sub = DirListing({n: part.files[n] for n in chunk if n in part.files},
+                             {n for n in chunk if n in part.dirs}, None, None,
+                             {n: part.dir_markers[n] for n in chunk if n in part.dir_markers})
+            gone = merge_listing(self.journal, dir_ino, sub, self.contents.busy(),
+                                 self.options.uid, self.options.gid, snap, started,
+                                 names=chunk, final=False)
+            self._replaced(dir_ino, gone)
+            await trio.sleep(0)
+
+    def _replaced(self, dir_ino: int, gone: list[tuple[int, str]]) -> None:
         for old_ino, name in gone:
             self.on_replaced(dir_ino, old_ino, name)
 

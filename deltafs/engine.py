@@ -25,6 +25,7 @@ from .crashpoints import crash_point
 from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
 from .format import (
     Attrs,
+    MANIFEST_NAME,
     Kind,
     StoredFile,
     check_logical_key,
@@ -712,12 +713,14 @@ class Engine:
         directory markers included. Returns the number of files removed."""
         prefix = _dir_prefix(prefix)
         objects = list(self.store.iter_objects(prefix))
-        files = [o for o in objects if not _is_reference(o.key) and not o.key.endswith("/")]
+        files = [o for o in objects if not _is_reference(o.key) and not _is_manifest(o.key)
+                 and not o.key.endswith("/")]
         self.store.delete_many([o.key for o in files])
         if progress:
             for o in files:
                 progress(o.key)
-        rest = [o.key for o in objects if _is_reference(o.key) or o.key.endswith("/")]
+        rest = [o.key for o in objects if _is_reference(o.key) or _is_manifest(o.key)
+                or o.key.endswith("/")]
         self.store.delete_many(rest)
         return len(files)
 
@@ -753,7 +756,7 @@ class Engine:
         files: dict[str, StoredFile] = {}
         for o in objects:
             f = classify(o.key, o.size, o.etag, o.mtime, o.metadata)
-            if f is None:
+            if f is None or _is_manifest(o.key):
                 continue
             old = files.get(f.logical_key)
             if old is None or f.mtime > old.mtime:
@@ -855,6 +858,11 @@ def _dir_prefix(prefix: str) -> str:
 
 def _is_reference(key: str) -> bool:
     return split_key(key)[1] == "reference.bin"
+
+
+def _is_manifest(key: str) -> bool:
+    """A mount's listing manifest: bucket bookkeeping, not a file (see dirmanifest.py)."""
+    return split_key(key)[1] == MANIFEST_NAME
 
 
 def _entry(f: StoredFile) -> Entry:

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 REFERENCE_NAME = "reference.bin"
 DELTA_SUFFIX = ".delta"
+#: a directory's listing manifest (deltafs.manifest); the one definition of the name
+MANIFEST_NAME = ".deltafs-manifest"
 TOOL = f"deltafs/{__version__}"
 NOTE_REFERENCE = "reference"
 NOTE_ZERO_DIFF = "zero-diff (reference identical)"
@@ -116,6 +118,11 @@ def check_logical_key(key: str) -> None:
         raise ReservedName(
             f"'{key}': names ending in '.delta' are reserved by the bucket format "
             "(they hold deltas); rename the file"
+        )
+    if name == MANIFEST_NAME:
+        raise ReservedName(
+            f"'{key}': the name '{MANIFEST_NAME}' is reserved (it holds a mount's listing "
+            "manifest of the directory)"
         )
 
 

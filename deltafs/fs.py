@@ -38,7 +38,9 @@ from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, re
 from .crashpoints import crash_point
 from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
 from .loopstall import LoopStall
+from .dirmanifest import DirManifests
 from .dirsync import DirSync
+from .manifest import MANIFEST_NAME, manifest_key
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class Options:
     read_only: bool = False
     settle: float = 0.5  # a closed file waits this long before upload (rsync renames first)
     dirty_budget: int = 8 << 30
+    #: read and write per-directory listing manifests (``.deltafs-manifest``)
+    manifests: bool = True
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -144,6 +148,12 @@ class DeltaFS(pyfuse3.Operations):
         self.writeback = Writeback(journal, engine, self.prefix, self.contents)
         self.dirsync = DirSync(journal, engine, self.prefix, self.contents, options)
         self.dirsync.on_replaced = self._replaced
+        self.manifests = DirManifests(journal, engine, self.prefix,
+                                      writable=options.manifests and not options.read_only)
+        if options.manifests:
+            self.dirsync.resolve = self.manifests.resolve
+        self.dirsync.on_listed = self._listed
+        self.writeback.on_bucket_change = self.manifests.touch
         #: whether to tell the kernel about entries changed by other writers (off in
         #: unit tests without a FUSE session)
         self.notify_kernel = True
@@ -194,9 +204,10 @@ class DeltaFS(pyfuse3.Operations):
         if not valid_name(name):
             log.info("refused name %r: not storable", name)
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX):
-            log.warning("refused name %r: reserved by the bucket format "
-                        "(reference.bin and *.delta hold references and deltas)", name)
+        if name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX) or name == MANIFEST_NAME:
+            log.warning("refused name %r: reserved by the bucket format (reference.bin, "
+                        "*.delta and .deltafs-manifest hold references, deltas and "
+                        "listing manifests)", name)
             raise pyfuse3.FUSEError(errno.EPERM)
         parent_key = self._key(parent)
         full = f"{parent_key}/{name}" if parent_key else name
@@ -267,6 +278,23 @@ class DeltaFS(pyfuse3.Operations):
             except Exception as exc:  # noqa: BLE001 - only a cache hint
                 log.debug("invalidate_entry %s: %s", name, exc)
         self._maybe_reap(old_ino)
+
+    def _listed(self, dir_ino: int, end: Any) -> None:
+        """A directory was listed: remember whether it has a manifest (it must go with
+        the directory), and refresh one that missed many objects (HEADed instead)."""
+        self.journal.set_manifest(dir_ino, end.manifest.etag if end.manifest else None)
+        self.manifests.forget_cached()
+        if end.manifest is not None and end.heads > 50 and self.manifests.writable:
+            self.manifests.touch(end.manifest.key)
+
+    def _drop_manifest(self, ino: int, dir_key: str) -> None:
+        """The directory at ``dir_key`` goes (rmdir) or moves (rename): its manifest too."""
+        etag = self.journal.manifest_etag(ino)
+        if etag is False:
+            return
+        self.journal.add_tombstone(manifest_key(f"{dir_key}/" if dir_key else ""), None,
+                                   etag or None)
+        self.journal.set_manifest(ino, None)
 
     def _maybe_reap(self, ino: int) -> None:
         """An unlinked node goes once the kernel forgot it and no handle holds it."""
@@ -427,6 +455,7 @@ class DeltaFS(pyfuse3.Operations):
                 # a marker whose PUT is in flight (or ended unrecorded): it goes too,
                 # also if the daemon dies before that PUT is recorded
                 self.journal.add_tombstone(object_key, Kind.MARKER.value, None)
+        self._drop_manifest(node.ino, self._key(node.ino))
         self.writeback.forget(node.ino)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0)
         self._maybe_reap(node.ino)
@@ -513,6 +542,12 @@ class DeltaFS(pyfuse3.Operations):
             # yet listed would stay behind under the old name
             await self._ensure_listed_tree(node.ino)
         now = time.time_ns()
+        if node.is_dir:
+            old_key = self._key(node.ino)
+            self._drop_manifest(node.ino, old_key)
+            for d in self.journal.descendants(node.ino):
+                if d.is_dir:
+                    self._drop_manifest(d.ino, self._key(d.ino))
         self.journal.update(node.ino, parent=parent_inode_new, name=new, ctime_ns=now)
         if node.is_dir:
             self._moved_dir(node)

@@ -15,10 +15,13 @@ import logging
 import stat
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from .engine import Engine
-from .format import MAX_NAME_BYTES, Kind, StoredFile, classify, join_key, split_key
+from .format import (DELTA_SUFFIX, MAX_NAME_BYTES, Kind, StoredFile, classify, join_key,
+                     split_key)
 from .journal import Journal, Node
+from .manifest import MANIFEST_NAME
 from .store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -52,58 +55,10 @@ def valid_name(name: str) -> bool:
             and len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES)
 
 
-def fetch_listing(engine: Engine, prefix: str, known: dict[str, str | None]) -> DirListing:
-    """LIST ``prefix`` (a directory key ending in "/" or "" for the root) and HEAD the
-    objects whose ETag differs from ``known`` (object key -> etag). Blocking: run in a
-    worker thread."""
-    listing = engine.store.list(prefix)
-    files: dict[str, StoredFile] = {}
-    dirs: set[str] = set()
-    marker: StoredFile | None = None
-    reference: ObjectInfo | None = None
-    for p in listing.prefixes:
-        name = p[len(prefix):].rstrip("/")
-        if not valid_name(name):
-            _warn_once(p, "not a valid file name")
-            continue
-        dirs.add(name)
-    for o in listing.objects:
-        if o.key == prefix:
-            marker = classify(o.key, o.size, o.etag, o.mtime)
-            continue
-        f = classify(o.key, o.size, o.etag, o.mtime)
-        if f is None:
-            reference = o
-            continue
-        name = split_key(f.logical_key)[1]
-        if not valid_name(name):
-            _warn_once(o.key, "not a valid file name")
-            continue
-        old = files.get(name)
-        if old is None or f.mtime > old.mtime:
-            files[name] = f
-    for name in list(files):
-        if name in dirs:
-            _warn_once(files[name].object_key, "a directory of the same name hides it")
-            del files[name]
-    need = [f.object_key for f in files.values() if known.get(f.object_key) != f.etag]
-    if marker is not None and prefix and known.get(marker.object_key) != marker.etag:
-        need.append(marker.object_key)
-    # A sub-directory seen for the first time: its marker (if any) holds its attributes,
-    # which rsync and tar compare before they ever open it. One HEAD per new directory.
-    need += [f"{prefix}{d}/" for d in sorted(dirs) if f"{prefix}{d}/" not in known]
-    dir_markers: dict[str, StoredFile] = {}
-    for key, f in engine.head_many(need).items():
-        if key == prefix:
-            marker = f
-        elif f.kind is Kind.MARKER:
-            dir_markers[key[len(prefix):-1]] = f
-        else:
-            files[split_key(f.logical_key)[1]] = f
-    return DirListing(files, dirs, marker, reference, dir_markers)
-
-
 Snapshot = dict[int, tuple[str, str | None, str | None]]
+
+#: plain objects HEADed to tell a deltafs/DeltaGlider directory from another tool's
+SAMPLE = 4
 
 
 def listing_snapshot(journal: Journal, dir_ino: int) -> Snapshot:
@@ -112,9 +67,139 @@ def listing_snapshot(journal: Journal, dir_ino: int) -> Snapshot:
     return {n.ino: (n.name, n.remote_key, n.remote_etag) for n in journal.children(dir_ino)}
 
 
+@dataclass
+class ListingEnd:
+    """What a streamed listing learned besides its pages (see :func:`stream_listing`)."""
+
+    marker: StoredFile | None = None
+    reference: ObjectInfo | None = None
+    manifest: ObjectInfo | None = None
+    #: rows (as committed when the listing began) whose object is not in the bucket
+    removals: list[str] = field(default_factory=list)
+    removal_snapshot: Snapshot = field(default_factory=dict)
+    heads: int = 0
+    manifest_hits: int = 0
+
+
+#: resolves listed objects from the directory's manifest: (object keys needing
+#: metadata, the manifest object as listed) -> {object key: StoredFile}
+Resolver = Callable[[list[ObjectInfo], ObjectInfo], dict[str, StoredFile]]
+
+
+def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
+                   emit: Callable[[DirListing, Snapshot], None],
+                   resolve: Resolver | None = None) -> ListingEnd:
+    """LIST ``prefix`` a page at a time and hand each page, with the metadata its new or
+    changed objects need, to ``emit`` (which applies it): memory stays bounded by a page
+    and the trio thread only ever merges a page. Blocking: runs in a worker thread.
+
+    What the journal knew comes from its *committed* state on the read connection (the
+    trio thread's lock is never held for the scan); it only decides which objects need a
+    HEAD and which rows may have gone. Every change is decided again, row by row, when
+    it is applied (:func:`merge_listing`), so a stale view costs a HEAD, never a wrong
+    row. Objects a manifest describes (same ETag and size) need no HEAD."""
+    rows = journal.read("SELECT ino, name, remote_key, remote_etag FROM nodes "
+                        "WHERE parent=? AND ino != ?", (dir_ino, dir_ino))
+    here = journal.read("SELECT remote_key, remote_etag FROM nodes WHERE ino=?", (dir_ino,))
+    snapshot: Snapshot = {r[0]: (r[1], r[2], r[3]) for r in rows}
+    by_name = {r[1]: r[0] for r in rows}
+    known: dict[str, str | None] = {r[2]: r[3] for r in rows if r[2]}
+    del rows
+    if here and here[0][0]:
+        known[here[0][0]] = here[0][1]
+    end = ListingEnd()
+    seen: set[str] = set()
+    saw_delta = False
+    direct_head: bool | None = None  # HEAD unknown plain objects? decided once
+    for page in engine.store.iter_pages(prefix):
+        files: dict[str, StoredFile] = {}
+        dirs: set[str] = set()
+        listed: dict[str, ObjectInfo] = {}
+        for p in page.prefixes:
+            name = p[len(prefix):].rstrip("/")
+            if not valid_name(name):
+                _warn_once(p, "not a valid file name")
+                continue
+            dirs.add(name)
+        need: list[str] = []
+        for o in page.objects:
+            if o.key == prefix:
+                end.marker = classify(o.key, o.size, o.etag, o.mtime)
+                if prefix and known.get(o.key) != o.etag:
+                    need.append(o.key)
+                continue
+            if o.key[len(prefix):] == MANIFEST_NAME:
+                end.manifest = o
+                continue
+            f = classify(o.key, o.size, o.etag, o.mtime)
+            if f is None:
+                end.reference = o
+                continue
+            name = split_key(f.logical_key)[1]
+            if not valid_name(name):
+                _warn_once(o.key, "not a valid file name")
+                continue
+            old = files.get(name)
+            if old is None or f.mtime > old.mtime:
+                files[name] = f
+                listed[o.key] = o
+        for name in list(files):
+            if name in dirs:
+                _warn_once(files[name].object_key, "a directory of the same name hides it")
+                del files[name]
+        unknown = [listed[f.object_key] for f in files.values()
+                   if known.get(f.object_key) != f.etag]
+        if unknown and resolve is not None and end.manifest is not None:
+            resolved = resolve(unknown, end.manifest)
+            for f in resolved.values():
+                files[split_key(f.logical_key)[1]] = f
+            end.manifest_hits += len(resolved)
+            unknown = [o for o in unknown if o.key not in resolved]
+        saw_delta = saw_delta or any(f.kind is Kind.DELTA for f in files.values())
+        if direct_head is None and any(not o.key.endswith(DELTA_SUFFIX) for o in unknown):
+            if end.manifest is not None or end.reference is not None or saw_delta:
+                direct_head = True
+            else:
+                # No sign of deltafs or DeltaGlider here: sample a few plain objects. If
+                # none carries their metadata, this is another tool's directory and the
+                # LIST says all there is (size, mtime): no HEAD per file.
+                sample = [o.key for o in unknown if not o.key.endswith(DELTA_SUFFIX)][:SAMPLE]
+                end.heads += len(sample)
+                got = engine.head_many(sample)
+                for f in got.values():
+                    files[split_key(f.logical_key)[1]] = f
+                direct_head = any(f.kind is not Kind.FOREIGN for f in got.values())
+                unknown = [o for o in unknown if o.key not in got]
+        if not direct_head:
+            unknown = [o for o in unknown if o.key.endswith(DELTA_SUFFIX)]
+        need += [o.key for o in unknown]
+        # A sub-directory seen for the first time: its marker (if any) holds its
+        # attributes, which rsync and tar compare before they ever open it.
+        need += [f"{prefix}{d}/" for d in sorted(dirs) if f"{prefix}{d}/" not in known]
+        dir_markers: dict[str, StoredFile] = {}
+        end.heads += len(need)
+        for key, f in engine.head_many(need).items():
+            if key == prefix:
+                end.marker = f
+            elif f.kind is Kind.MARKER:
+                dir_markers[key[len(prefix):-1]] = f
+            else:
+                files[split_key(f.logical_key)[1]] = f
+        seen.update(files)
+        seen.update(dirs)
+        part_snap = {by_name[n]: snapshot[by_name[n]] for n in (*files, *dirs) if n in by_name}
+        emit(DirListing(files, dirs, None, None, dir_markers), part_snap)
+    for name, ino in by_name.items():
+        if name not in seen and snapshot[ino][1]:
+            end.removals.append(name)
+            end.removal_snapshot[ino] = snapshot[ino]
+    return end
+
+
 def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set[int],
                   uid: int, gid: int, snapshot: Snapshot | None = None,
-                  started: float = 0.0) -> list[tuple[int, str]]:
+                  started: float = 0.0, names: Iterable[str] | None = None,
+                  final: bool = True) -> list[tuple[int, str]]:
     """Apply a listing to the rows under ``dir_ino``.
 
     A listing tells what the bucket held when the LIST ran, which may be older than a
@@ -128,8 +213,15 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
     of every entry replaced or removed, for the caller to invalidate in the kernel."""
     gone: list[tuple[int, str]] = []
     now = time.time_ns()
-    existing = {n.name: n for n in journal.children(dir_ino)}
-    doomed = journal.tombstone_keys()
+    if names is None:
+        existing = {n.name: n for n in journal.children(dir_ino)}
+    else:
+        # a slice of a streamed listing: only these names are decided now
+        existing = {}
+        for name in names:
+            row = journal.child(dir_ino, name)
+            if row is not None:
+                existing[name] = row
 
     def unchanged(node: Node) -> bool:
         return snapshot is None or snapshot.get(node.ino) == (
@@ -141,7 +233,8 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             continue
         if node is not None and node.remote_etag == f.etag and node.remote_key == f.object_key:
             continue
-        if f.object_key in doomed or (started and journal.gone_since(f.object_key, started)):
+        if journal.tombstone(f.object_key) is not None or \
+                (started and journal.gone_since(f.object_key, started)):
             continue  # being deleted, or deleted by this mount after the LIST ran
         fields = _file_fields(f, uid, gid)
         if node is None:
@@ -177,6 +270,8 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             continue
         _orphan(journal, node)
         gone.append((node.ino, name))
+    if not final:
+        return gone
     ref = listing.reference
     journal.set_reference(dir_ino, ref.key if ref else None, ref.size if ref else 0)
     here = journal.get(dir_ino)
@@ -212,7 +307,7 @@ def _marker_fields(m: StoredFile) -> dict[str, object]:
 
 def _file_fields(f: StoredFile, uid: int, gid: int) -> dict[str, object]:
     attrs = f.attrs
-    if f.kind is Kind.DIRECT and attrs.is_symlink:
+    if f.kind in (Kind.DIRECT, Kind.FOREIGN) and attrs.is_symlink:
         mode = attrs.mode
     else:
         mode = stat.S_IFREG | (stat.S_IMODE(attrs.mode) if attrs.mode is not None
@@ -254,13 +349,5 @@ def key_of(journal: Journal, prefix: str, ino: int) -> str:
     return join_key(prefix, path) if path else prefix
 
 
-def known_etags(journal: Journal, dir_ino: int) -> dict[str, str | None]:
-    known = {n.remote_key: n.remote_etag for n in journal.children(dir_ino) if n.remote_key}
-    here = journal.get(dir_ino)
-    if here is not None and here.remote_key:
-        known[here.remote_key] = here.remote_etag
-    return known
-
-
-__all__ = ["fetch_listing", "merge_listing", "listing_snapshot", "stored_of", "key_of", "known_etags",
-           "ObjectInfo"]
+__all__ = ["stream_listing", "merge_listing", "listing_snapshot", "stored_of", "key_of",
+           "ObjectInfo", "ListingEnd"]

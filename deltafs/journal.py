@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     UNIQUE (parent, name)
 );
 CREATE INDEX IF NOT EXISTS nodes_dirty ON nodes (dirty) WHERE dirty != 0;
+CREATE INDEX IF NOT EXISTS nodes_dirty_ino ON nodes (ino) WHERE dirty != 0;
 CREATE INDEX IF NOT EXISTS nodes_remote ON nodes (remote_key);
 CREATE INDEX IF NOT EXISTS nodes_parent_ino ON nodes (parent, ino);
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -67,6 +68,10 @@ CREATE TABLE IF NOT EXISTS tombstones (
 );
 CREATE INDEX IF NOT EXISTS tombstones_queued ON tombstones (queued_at);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
+CREATE TABLE IF NOT EXISTS manifests (
+    dir_ino     INTEGER PRIMARY KEY,
+    etag        TEXT
+);
 CREATE TABLE IF NOT EXISTS refs (
     dir_ino     INTEGER PRIMARY KEY,
     key         TEXT NOT NULL,
@@ -277,8 +282,11 @@ class Journal:
             yield Node(*r)
 
     def dirty_nodes(self, limit: int = 1000, after_ino: int = 0) -> list[Node]:
-        rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE dirty != 0 AND ino > ? "
-                      "ORDER BY ino LIMIT ?", (after_ino, limit)).fetchall()
+        # nodes_dirty_ino: without it SQLite walks the whole table by rowid when few
+        # rows are dirty (measured: 18-38 ms at 200,000 rows; 0.05 ms with it)
+        rows = self.x(f"SELECT {_COLUMNS} FROM nodes INDEXED BY nodes_dirty_ino "
+                      "WHERE dirty != 0 AND ino > ? ORDER BY ino LIMIT ?",
+                      (after_ino, limit)).fetchall()
         return [Node(*r) for r in rows]
 
     def pending(self) -> tuple[int, int]:
@@ -295,6 +303,20 @@ class Journal:
         else:
             self.x("INSERT OR REPLACE INTO refs (dir_ino, key, size) VALUES (?, ?, ?)",
                    (dir_ino, key, size))
+
+    def set_manifest(self, dir_ino: int, etag: str | None) -> None:
+        """Record (``etag``) or forget (None) the listing manifest of a directory: its
+        object must go with the directory (rmdir, rename), or the prefix stays alive."""
+        if etag is None:
+            self.x("DELETE FROM manifests WHERE dir_ino=?", (dir_ino,))
+        else:
+            self.x("INSERT OR REPLACE INTO manifests (dir_ino, etag) VALUES (?, ?)",
+                   (dir_ino, etag))
+
+    def manifest_etag(self, dir_ino: int) -> str | None | bool:
+        """The ETag of the directory's manifest as last seen; False when it has none."""
+        row = self.x("SELECT etag FROM manifests WHERE dir_ino=?", (dir_ino,)).fetchone()
+        return row[0] if row else False
 
     # -------------------------------------------------------------- tombstones
 

@@ -8,12 +8,18 @@ size in the LIST are the ones the entry was made from; anything else is HEADed a
 So a manifest that is stale, damaged, hostile, copied from another directory or written
 by another version can cost requests, never correctness: every doubt means "not used".
 
+One change the check cannot see: a metadata-only rewrite (``chmod``/``utimes`` are
+in-place copies) keeps the content, so the object size and, for a single-part object,
+the ETag (the MD5 of the content). Whoever rewrites an object's metadata must rewrite or
+delete its directory's manifest. (A mount's own listing refresh has the same blind spot:
+it HEADs only objects whose ETag changed.)
+
 Body: gzip of UTF-8 JSON lines. The first line is a header
 (``{"format": "deltafs-manifest", "version": 1, "dir": ..., "writer": ...,
 "written_at": ..., "count": N}``), then one compact object per entry with short keys
-(:data:`_WIRE`). Lines are split on the byte ``\\n`` only; JSON escapes every control
-character, so no name can break a line (``str.splitlines`` would split on U+2028 and
-``\\x85``, which JSON leaves as they are: never use it here).
+(:data:`_WIRE`, written by :func:`_line`). Lines are split on the byte ``\\n`` only:
+JSON escapes every control character, so no name can break a line (``str.splitlines``
+would split on U+2028 and ``\\x85``, which JSON leaves as they are: never use it here).
 
 Versioning: readers dispatch on the header's ``version`` (:data:`_READERS`). A later
 version that changes the entries adds a reader and keeps this one, so it still reads v1
@@ -29,11 +35,13 @@ import re
 import stat
 import time
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from .format import (
     DELTA_SUFFIX,
+    MANIFEST_NAME,
     MAX_KEY_BYTES,
     REFERENCE_NAME,
     Attrs,
@@ -45,7 +53,6 @@ from .format import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = ".deltafs-manifest"
 FORMAT_NAME = "deltafs-manifest"
 FORMAT_VERSION = 1
 #: Decompressed bytes a manifest may have (~1.5 million typical entries): a small
@@ -54,9 +61,9 @@ MAX_DECOMPRESSED = 512 * 1024 * 1024
 #: Entries a manifest may have. With the byte cap, this bounds the CPU a hostile but
 #: well-formed body can cost (a few seconds); a directory this large is HEADed instead.
 MAX_ENTRIES = 2_000_000
-#: Longest line accepted. A real entry line stays below ~14 KiB (a 1,024-byte name and
-#: reference key, every byte escaped as \u00XX); this stops a line without newlines
-#: from growing a buffer until the cap.
+#: Longest line accepted. A real entry line stays below ~20 KiB (a 1,024-byte name,
+#: reference key and ETag, every byte escaped as \u00XX); this stops a line without
+#: newlines from growing a buffer until the cap.
 MAX_LINE = 64 * 1024
 COMPRESS_LEVEL = 6
 _INFLATE_CHUNK = 1024 * 1024
@@ -282,29 +289,34 @@ def entry_of(stored: StoredFile) -> ManifestEntry | None:
 # ------------------------------------------------------------------------------ encode
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_quote = json.encoder.encode_basestring  # C: quotes and escapes like json.dumps
 
 
-def _wire(e: ManifestEntry) -> dict[str, Any]:
-    """An entry as its JSON object: short keys, ``None`` and ``False`` left out."""
-    d: dict[str, Any] = {"n": e.name, "e": e.etag, "o": e.object_size, "k": e.kind,
-                         "s": e.size}
+def _line(e: ManifestEntry) -> str:
+    """An entry as its compact JSON object: short keys, ``None`` and ``False`` left out.
+
+    Built by hand, ~3x faster than a dict through ``json``: every free-form string goes
+    through JSON's own escaping, and the rest is already checked by the constructor
+    (ints are ints, ``kind`` is one of two words, hashes are hex)."""
+    s = (f'{{"n":{_quote(e.name)},"e":{_quote(e.etag)},"o":{e.object_size},'
+         f'"k":"{e.kind}","s":{e.size}')
     if e.mode is not None:
-        d["m"] = e.mode
+        s += f',"m":{e.mode}'
     if e.uid is not None:
-        d["u"] = e.uid
+        s += f',"u":{e.uid}'
     if e.gid is not None:
-        d["g"] = e.gid
+        s += f',"g":{e.gid}'
     if e.mtime_ns is not None:
-        d["t"] = e.mtime_ns
+        s += f',"t":{e.mtime_ns}'
     if e.sha256 is not None:
-        d["h"] = e.sha256
+        s += f',"h":"{e.sha256}"'
     if e.ref_key is not None:
-        d["r"] = e.ref_key
+        s += f',"r":{_quote(e.ref_key)}'
     if e.ref_sha256 is not None:
-        d["rh"] = e.ref_sha256
+        s += f',"rh":"{e.ref_sha256}"'
     if e.symlink:
-        d["l"] = True
-    return d
+        s += ',"l":true'
+    return s + "}"
 
 
 def encode(dir_prefix: str, entries: Iterable[ManifestEntry], writer: str) -> bytes:
@@ -326,9 +338,8 @@ def encode(dir_prefix: str, entries: Iterable[ManifestEntry], writer: str) -> by
     raw = _ENCODER.encode(header).encode("utf-8") + b"\n"
     total = len(raw)
     out = [comp.compress(raw)]
-    dumps = _ENCODER.encode
     for start in range(0, len(items), _ENCODE_BATCH):
-        lines = [dumps(_wire(e)) for e in items[start:start + _ENCODE_BATCH]]
+        lines = [_line(e) for e in items[start:start + _ENCODE_BATCH]]
         lines.append("")
         raw = "\n".join(lines).encode("utf-8")
         total += len(raw)
@@ -395,7 +406,7 @@ def _lines(body: bytes, limit: int) -> Iterator[bytes]:
     for chunk in _inflate(body, limit):
         parts = (rest + chunk).split(b"\n")
         rest = parts.pop()
-        if len(rest) > MAX_LINE:
+        if len(rest) > MAX_LINE or (parts and max(map(len, parts)) > MAX_LINE):
             raise _Unusable(f"a line longer than {MAX_LINE} bytes")
         yield from parts
     if rest:
@@ -441,12 +452,10 @@ def _read_v1(dir_prefix: str, header: dict[str, Any], lines: Iterator[bytes],
         if isinstance(ref_sha256, str):
             ref_sha256 = shared.setdefault(ref_sha256, ref_sha256)
         try:
-            entry = ManifestEntry(
-                name=obj["n"], etag=obj["e"], object_size=obj["o"], kind=kind,
-                size=obj["s"], mode=obj.get("m"), uid=obj.get("u"), gid=obj.get("g"),
-                mtime_ns=obj.get("t"), sha256=obj.get("h"), ref_key=ref_key,
-                symlink=obj.get("l", False), ref_sha256=ref_sha256,
-            )
+            get = obj.get
+            entry = ManifestEntry(  # positional, in field order: measurably faster
+                obj["n"], obj["e"], obj["o"], kind, obj["s"], get("m"), get("u"),
+                get("g"), get("t"), get("h"), ref_key, get("l", False), ref_sha256)
             if entry.name in entries:
                 raise ValueError(f"{entry.name!r}: a second entry with this name")
         except (KeyError, ValueError, TypeError) as exc:

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 
@@ -30,6 +31,7 @@ from .engine import Engine
 from .errors import AccessDenied, BucketNotFound, Changed, DeltafsError, NotFound
 from .format import Attrs, Kind, StoredFile, delta_key, reference_key, split_key
 from .index import key_of, stored_of
+from .manifest import MANIFEST_NAME
 from .journal import ATTRS, CONTENT, MOVED, Journal, Node
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,8 @@ class Writeback:
         self._collecting: set[str] = set()
         self._nursery: trio.Nursery | None = None
         contents.on_change = self.kick
+        #: called with each object key this mount wrote, moved or deleted
+        self.on_bucket_change: Callable[[str], None] = lambda key: None
         contents.uploads_running = lambda: bool(self._active)
 
     def kick(self) -> None:
@@ -425,6 +429,7 @@ class Writeback:
                 moved = await self._run(self.engine.move, old, key, attrs, False)
                 if old.kind is Kind.DELTA and moved.object_key != old.object_key:
                     self._want_collect(split_key(old.logical_key)[0])
+                self.on_bucket_change(old.object_key)
             except (NotFound, Changed) as exc:
                 if isinstance(exc, Changed):
                     log.warning("rename to %s: another writer replaced %s since this mount "
@@ -552,6 +557,7 @@ class Writeback:
         it ran (then it stays dirty and the next round publishes the newer state).
         Returns whether recorded. Every object this mount writes ends up in a live row
         or in a tombstone."""
+        self.on_bucket_change(object_key)
         now = self.journal.get(before.ino)
         fields = dict(remote_key=object_key, remote_kind=kind, remote_size=stored_size,
                       remote_etag=etag or None, remote_ref=ref)
@@ -628,6 +634,8 @@ class Writeback:
                     await self._run(self.engine.delete_stored, stored, False)
                     if stored.kind is Kind.DELTA:
                         self._want_collect(split_key(logical)[0])
+                    if split_key(object_key)[1] != MANIFEST_NAME:
+                        self.on_bucket_change(object_key)
                 except NotFound:
                     pass  # gone already (another writer deleted it, or a replay)
                 except Changed:

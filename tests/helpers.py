@@ -200,12 +200,18 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
     return lines[0]
 
 
-def bucket_objects(client, bucket: str, prefix: str = "") -> dict[str, int]:  # type: ignore[no-untyped-def]
-    """key -> size of every object under ``prefix`` (boto3 listing)."""
+MANIFEST = ".deltafs-manifest"
+
+
+def bucket_objects(client, bucket: str, prefix: str = "",  # type: ignore[no-untyped-def]
+                   manifests: bool = False) -> dict[str, int]:
+    """key -> size of every object under ``prefix`` (boto3 listing); directories' listing
+    manifests (bookkeeping, tests/test_scale.py) only with ``manifests=True``."""
     out: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", ()):
-            out[item["Key"]] = int(item["Size"])
+            if manifests or not item["Key"].rsplit("/", 1)[-1] == MANIFEST:
+                out[item["Key"]] = int(item["Size"])
     return out
 
 

@@ -299,14 +299,15 @@ class Mount:
 
     # -------------------------------------------------------------- bucket
 
-    def objects(self, prefix: str = "") -> dict[str, int]:
+    def objects(self, prefix: str = "", manifests: bool = False) -> dict[str, int]:
         """key -> size of every object under the mount's root whose key, relative to that
         root, starts with ``prefix`` (paginated list_objects_v2). Keys are relative to the
         root: on a bucket-root mount the bucket's keys, on a prefix mount without the
         mount's ``prefix/``."""
         base = self.key("")
         return {k[len(base):]: size
-                for k, size in bucket_objects(self.client, self.bucket, base + prefix).items()}
+                for k, size in bucket_objects(self.client, self.bucket, base + prefix,
+                                              manifests).items()}
 
     def all_objects(self) -> dict[str, int]:
         """Full key -> size of every object in the bucket, inside the prefix or not."""

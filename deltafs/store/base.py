@@ -62,6 +62,11 @@ class ObjectStore(abc.ABC):
         """Every object below ``prefix`` recursively; may stream page by page."""
         yield from self.list(prefix, delimiter=None).objects
 
+    def iter_pages(self, prefix: str) -> Iterator[Listing]:
+        """One level under ``prefix`` (objects and sub-prefixes), a LIST page at a time:
+        a directory of any size is processed in bounded memory."""
+        yield self.list(prefix)
+
     def iter_level(self, prefix: str) -> Iterator[ObjectInfo]:
         """The objects directly under ``prefix`` (one level), page by page: a caller
         that stops early pays only for the pages it read."""

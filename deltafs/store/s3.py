@@ -468,6 +468,11 @@ class S3Store(ObjectStore):
             for item in page.get("Contents", ()):
                 yield self._listed(item)
 
+    def iter_pages(self, prefix: str) -> Iterator[Listing]:
+        for page in self._pages(prefix, "/"):
+            yield Listing([self._listed(item) for item in page.get("Contents", ())],
+                          [p["Prefix"] for p in page.get("CommonPrefixes", ())])
+
     def iter_level(self, prefix: str) -> Iterator[ObjectInfo]:
         for page in self._pages(prefix, "/"):
             for item in page.get("Contents", ()):

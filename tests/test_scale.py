@@ -1,0 +1,221 @@
+"""Issue 11: directory reads that cost what they return, listing manifests (a fresh mount
+lists deltafs-written files without a HEAD per file), foreign directories listed from the
+LIST alone, and deletes that cost about one request per file. Real mounts, real moto.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import boto3
+import pytest
+
+from helpers import MANIFEST
+from mountfixtures import Mount, release_versions
+
+KiB = 1 << 10
+
+
+@pytest.fixture
+def m(moto_server: str, bucket: str, tmp_path: Path, fuse_tools: None) -> Iterator[Mount]:
+    mount = Mount(bucket, moto_server, tmp_path / "deltafs")
+    try:
+        mount.mount()
+        yield mount
+    finally:
+        try:
+            mount.teardown()
+        finally:
+            mount.dump_logs()
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after
+            if after.get(k, 0) != before.get(k, 0)}
+
+
+def _tree(root: Path, n_small: int, n_big: int, seed: int = 1) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    files = {f"small-{i:04d}.txt": rng.randbytes(rng.randint(10, 3000)) for i in range(n_small)}
+    for i, data in enumerate(release_versions(n_big, 80 * KiB, seed=seed)):
+        files[f"rel-{i}.bin"] = data
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        os.chmod(root / name, 0o640 if len(data) % 2 else 0o604)
+        os.utime(root / name, ns=(1_600_000_000_000_000_000 + len(data),) * 2)
+    return files
+
+
+def _ls_l(path: Path) -> None:
+    subprocess.run(["ls", "-l", str(path)], check=True, stdout=subprocess.DEVNULL)
+
+
+def _same_attrs(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        a, b = p.stat(), (dst / p.name).stat()
+        assert (b.st_size, b.st_mode, b.st_mtime_ns) == (a.st_size, a.st_mode, a.st_mtime_ns), \
+            p.name
+
+
+def test_fresh_mount_lists_deltafs_files_from_the_manifest(m: Mount, tmp_path: Path) -> None:
+    """The README's second machine: a fresh cache dir lists a deltafs-written directory
+    with LIST requests and one GET, not a HEAD per file; sizes, modes and mtimes exact."""
+    src = tmp_path / "src"
+    files = _tree(src, n_small=150, n_big=4)
+    subprocess.run(["cp", "-a", f"{src}/.", str(m.mountpoint / "d")], check=True)
+    m.wait_idle(60)
+    m.remount(wipe_cache=True)  # unmount writes the manifests
+    assert MANIFEST in {k.rsplit("/", 1)[-1] for k in m.objects("d/", manifests=True)}
+    os.listdir(m.mountpoint)  # the root (and d's marker, one HEAD) is not what is measured
+    before = m.requests()
+    _ls_l(m.mountpoint / "d")
+    used = _delta(before, m.requests())
+    assert used.get("HEAD", 0) == 0, used
+    assert used.get("GET", 0) <= 1, used
+    _same_attrs(src, m.mountpoint / "d")
+    for name in ("rel-3.bin", "small-0007.txt"):
+        assert (m.mountpoint / "d" / name).read_bytes() == files[name]
+
+
+def test_a_stale_manifest_costs_a_head_only_for_what_changed(
+        m: Mount, tmp_path: Path, moto_server: str, bucket: str) -> None:
+    from deltafs.api import DeltaService
+
+    src = tmp_path / "src"
+    _tree(src, n_small=60, n_big=3)
+    subprocess.run(["cp", "-a", f"{src}/.", str(m.mountpoint / "d")], check=True)
+    m.wait_idle(60)
+    m.umount()
+    # another writer changes one file and adds one, after the manifest was written
+    svc = DeltaService(bucket, endpoint_url=moto_server, cache_dir=tmp_path / "svc")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "small-0003.txt").write_bytes(b"changed by another writer\n")
+    (other / "new.txt").write_bytes(b"new from another writer\n")
+    svc.put(other / "small-0003.txt", "d/small-0003.txt")
+    svc.put(other / "new.txt", "d/new.txt")
+    m.wipe_cache()
+    m.mount()
+    os.listdir(m.mountpoint)
+    before = m.requests()
+    _ls_l(m.mountpoint / "d")
+    used = _delta(before, m.requests())
+    assert used.get("HEAD", 0) == 2, used
+    assert (m.mountpoint / "d" / "small-0003.txt").read_bytes() == b"changed by another writer\n"
+    assert (m.mountpoint / "d" / "new.txt").read_bytes() == b"new from another writer\n"
+    assert (m.mountpoint / "d" / "rel-2.bin").stat().st_size == 80 * KiB
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-dir"])
+def test_a_damaged_manifest_is_ignored(m: Mount, tmp_path: Path, damage: str) -> None:
+    src = tmp_path / "src"
+    _tree(src, n_small=30, n_big=3)
+    subprocess.run(["cp", "-a", f"{src}/.", str(m.mountpoint / "d")], check=True)
+    subprocess.run(["cp", "-a", f"{src}/.", str(m.mountpoint / "e")], check=True)
+    m.wait_idle(60)
+    m.umount()
+    key = m.key("d/" + MANIFEST)
+    body = m.client.get_object(Bucket=m.bucket, Key=key)["Body"].read()
+    if damage == "garbage":
+        body = os.urandom(len(body))
+    elif damage == "truncated":
+        body = body[: len(body) // 2]
+    else:  # a manifest copied from another directory describes other objects
+        body = m.client.get_object(Bucket=m.bucket, Key=m.key("e/" + MANIFEST))["Body"].read()
+    m.client.put_object(Bucket=m.bucket, Key=key, Body=body)
+    m.wipe_cache()
+    m.mount()
+    os.listdir(m.mountpoint)
+    before = m.requests()
+    _ls_l(m.mountpoint / "d")
+    used = _delta(before, m.requests())
+    assert used.get("HEAD", 0) >= 33, used  # every file HEADed, as without a manifest
+    _same_attrs(src, m.mountpoint / "d")
+    assert "manifest" in m.log_text()
+
+
+def test_a_foreign_directory_is_listed_without_a_head_per_file(m: Mount) -> None:
+    """Objects another tool wrote (no metadata): the LIST says all there is."""
+    for i in range(120):
+        m.client.put_object(Bucket=m.bucket, Key=m.key(f"plain/obj-{i:03d}"),
+                            Body=b"x" * (i + 1))
+    os.listdir(m.mountpoint)
+    before = m.requests()
+    _ls_l(m.mountpoint / "plain")
+    used = _delta(before, m.requests())
+    assert used.get("HEAD", 0) <= 4, used
+    assert (m.mountpoint / "plain" / "obj-041").stat().st_size == 42
+    assert (m.mountpoint / "plain" / "obj-041").read_bytes() == b"x" * 42
+
+
+def test_rm_r_costs_about_one_request_per_file(m: Mount) -> None:
+    rng = random.Random(5)
+    base = rng.randbytes(100 * KiB)
+    d = m.mountpoint / "rel"
+    d.mkdir()
+    for i in range(40):  # builds of one release: each a small change from the first
+        at = rng.randrange(len(base) - 64)
+        (d / f"v{i:02d}.bin").write_bytes(base[:at] + rng.randbytes(64) + base[at + 64:])
+    m.wait_idle(120)
+    assert sum(k.endswith(".delta") for k in m.objects("rel/")) == 40
+    before = m.requests()
+    subprocess.run(["rm", "-r", str(d)], check=True)
+    m.wait_idle(60)
+    used = _delta(before, m.requests())
+    # one DELETE per file, then per directory a constant: the reference check (LIST,
+    # GET of a kept copy, DELETE, LIST again) and the marker; never a LIST per file
+    assert used.get("LIST", 0) <= 2, used
+    assert sum(used.values()) <= 40 + 6, used
+    # the reference and the manifest went too: the prefix is gone from the bucket
+    assert m.objects("rel/", manifests=True) == {}
+
+
+def test_removing_or_renaming_a_directory_takes_its_manifest(m: Mount, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src, n_small=5, n_big=0)
+    for d in ("gone", "moved"):
+        subprocess.run(["cp", "-a", f"{src}/.", str(m.mountpoint / d)], check=True)
+    m.remount()  # manifests written at unmount; the new mount learns of them by listing
+    assert MANIFEST in {k.rsplit("/", 1)[-1] for k in m.objects("gone/", manifests=True)}
+    subprocess.run(["rm", "-r", str(m.mountpoint / "gone")], check=True)
+    os.rename(m.mountpoint / "moved", m.mountpoint / "there")
+    m.wait_idle(60)
+    m.remount(wipe_cache=True)
+    assert m.objects("gone/", manifests=True) == {}
+    assert m.objects("moved/", manifests=True) == {}
+    assert sorted(os.listdir(m.mountpoint)) == ["there"]
+    _same_attrs(src, m.mountpoint / "there")
+
+
+def test_readdir_pages_through_changes_without_duplicates_or_skips(m: Mount) -> None:
+    """A listing in progress while entries are added and removed: every entry present
+    from start to end is returned once; nothing is returned twice."""
+    d = m.mountpoint / "many"
+    d.mkdir()
+    names = [f"f{i:04d}" for i in range(1500)]
+    for n in names:
+        (d / n).write_bytes(b"")
+    seen: list[str] = []
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as it:
+            for i, entry in enumerate(it):
+                seen.append(entry.name)
+                if i == 200:
+                    # remove some read and some not yet read; add new ones
+                    for n in names[100:150] + names[1000:1050]:
+                        os.unlink(d / n)
+                    for j in range(60):
+                        (d / f"new{j:03d}").write_bytes(b"")
+    finally:
+        os.close(fd)
+    assert len(seen) == len(set(seen)), "an entry was returned twice"
+    removed = set(names[100:150] + names[1000:1050])
+    stayed = set(names) - removed
+    assert stayed <= set(seen), f"skipped: {sorted(stayed - set(seen))[:10]}"
+    assert not (set(seen) & set(names[1000:1050])), "returned entries removed before"
+    assert sorted(os.listdir(d)) == sorted(stayed | {f"new{j:03d}" for j in range(60)})
