@@ -666,17 +666,52 @@ class Engine:
                 self.store.delete(ref_key, if_match=ref.etag or None)
             except (NotFound, Changed):
                 return None
-            if any(o.key.endswith(".delta") for o in self.store.iter_level(prefix)):
+            appeared = [o for o in self.store.iter_level(prefix) if o.key.endswith(".delta")]
+            if appeared:
                 log.warning("a delta appeared in %s while its unused reference was removed; "
                             "putting the reference back", deltaspace or "/")
                 try:
                     self.store.put_file(ref_key, keep, dict(info.metadata or {}),
                                         if_none_match=True)
                 except AlreadyExists:
-                    pass
+                    # a writer seeded a new reference in between: deltas encoded against
+                    # the one removed would be orphaned; store them again from our copy
+                    self._reencode_orphans(appeared, meta_get(info.metadata, "file_sha256"),
+                                           keep)
                 return None
         log.info("deleted %s: no delta uses it any more", ref_key)
         return ref_key
+
+    def _reencode_orphans(self, deltas: list[ObjectInfo], old_sha: str | None,
+                          old_ref: Path) -> None:
+        """Deltas encoded against a reference that another writer's new one replaced
+        (collector and seeder raced): rebuild each from the kept copy of the old reference
+        (SHA-256 checked by the decode) and put it again, against the new reference."""
+        if not old_sha:
+            return
+        current = self._head_reference(split_key(deltas[0].key)[0])
+        if current is not None and current.sha256 == old_sha:
+            return  # the same content came back: nothing is orphaned
+        for o in deltas:
+            info = self.store.head(o.key)
+            if info is None:
+                continue
+            stored = classify(info.key, info.size, info.etag, info.mtime, info.metadata)
+            if stored is None or stored.ref_sha256 != old_sha:
+                continue
+            log.warning("%s was encoded against the reference just replaced; storing it "
+                        "again against the new one", o.key)
+            with self._scratch() as scratch:
+                delta = scratch / "delta"
+                out = scratch / "content"
+                self.store.get_file(o.key, delta)
+                try:
+                    codec.decode(old_ref, delta, out, stored.sha256 or "")
+                except IntegrityError as exc:
+                    log.error("%s: cannot rebuild it from the old reference (%s); left as "
+                              "it is", o.key, exc)
+                    continue
+                self.put(out, stored.logical_key, stored.attrs, sha256=stored.sha256)
 
     def gc(self, prefix: str, grace: float = 3600.0, dry_run: bool = False,
            now: float | None = None) -> list[str]:

@@ -718,6 +718,46 @@ def test_gc_removes_only_unused_references_past_the_grace(any_engine: Engine,
     assert set(keys_of(any_engine.store)) == {"h/reference.bin", "h/v2.bin.delta"}
 
 
+def test_reference_replaced_by_a_new_seed_during_removal_orphans_no_delta(
+        any_engine: Engine, tmp_path: Path) -> None:
+    """Seen in CI with two mounts: a collector removes the unused reference; a writer's
+    delta (encoded against it, its own check done before the DELETE) lands, and another
+    upload seeds a *different* reference before the collector puts the old one back. The
+    collector's restore then fails; the delta must be stored again, not orphaned."""
+    from deltafs.format import reference_metadata
+
+    v1, v2 = _two_versions(tmp_path)
+    v3 = write_file(tmp_path / "src" / "v3.bin", random.Random(99).randbytes(MiB))
+    any_engine.put(v1, "s/v1.bin")  # s/: the same reference content, to borrow a delta
+    any_engine.put(v2, "s/v2.bin")
+    any_engine.put(v1, "r/v1.bin")
+    real_delete = any_engine.store.delete
+    raced: list[str] = []
+
+    def racing_delete(key: str, **kw: object) -> None:
+        real_delete(key, **kw)  # type: ignore[arg-type]
+        if key == "r/reference.bin" and not raced:
+            raced.append(key)
+            info = any_engine.store.head("s/v2.bin.delta")
+            assert info is not None
+            meta = dict(info.metadata or {})
+            meta["dg-ref-key"] = "r/reference.bin"
+            any_engine.store.copy("s/v2.bin.delta", "r/v2.bin.delta", meta)
+            any_engine.store.put_file("r/reference.bin", v3,
+                                      reference_metadata("v3.bin", sha256_file(v3)),
+                                      if_none_match=True)
+
+    any_engine.store.delete = racing_delete  # type: ignore[method-assign]
+    try:
+        any_engine.delete("r/v1.bin")
+    finally:
+        any_engine.store.delete = real_delete  # type: ignore[method-assign]
+    assert raced
+    out = tmp_path / "out.bin"
+    make_engine(any_engine.store, tmp_path / "fresh").get("r/v2.bin", out)
+    assert sha256_file(out) == sha256_file(v2)
+
+
 def test_reference_removal_puts_it_back_when_a_delta_appears(any_engine: Engine,
                                                              tmp_path: Path) -> None:
     """Another writer stores a delta between the LIST that found the reference unused
