@@ -45,7 +45,7 @@ from botocore.config import Config
 
 from .measure import RssSampler
 from .motoserver import DRIVER_AGENT
-from .systems import Deltafs, tail, wait_for
+from .systems import Deltafs, wait_for
 
 if TYPE_CHECKING:
     from .run import Bench
@@ -224,15 +224,7 @@ class JournalDeltafs(Deltafs):
     name = label = "deltafs-journal"
 
     def mount_local(self, store: Path, ttl: float) -> None:
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        argv = [self.exe, "mount", str(store), str(self.mnt), "--cache-dir", str(self.cache),
-                "--listing-ttl", str(ttl)]
-        res = subprocess.run(argv, capture_output=True, text=True, env=self.ctx.env,
-                             timeout=1800)
-        if res.returncode != 0:
-            raise RuntimeError(f"deltafs mount failed ({res.returncode}): "
-                               f"{res.stderr.strip()}\n{tail(self.cache / 'deltafs.log')}")
-        self.pid = int(self.status()["pid"])
+        self.mount_source(str(store), ["--listing-ttl", str(ttl)], timeout=1800)
 
 
 # --------------------------------------------------------------------- the benchmark

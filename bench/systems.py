@@ -125,11 +125,15 @@ class Deltafs(System):
 
     def mount(self, bucket: str) -> None:
         self.bucket = bucket
+        self.mount_source(f"s3://{bucket}", ["--endpoint-url", self.ctx.endpoint])
+
+    def mount_source(self, source: str, options: list[str], timeout: float = 120) -> None:
+        """``deltafs mount SOURCE`` on this system's mountpoint and cache dir."""
         self.mnt.mkdir(parents=True, exist_ok=True)
-        argv = [self.exe, "mount", f"s3://{bucket}", str(self.mnt), "--cache-dir",
-                str(self.cache), "--endpoint-url", self.ctx.endpoint]
+        argv = [self.exe, "mount", source, str(self.mnt), "--cache-dir", str(self.cache),
+                *options]
         res = subprocess.run(argv, capture_output=True, text=True, env=self.ctx.env,
-                             timeout=120)
+                             timeout=timeout)
         if res.returncode != 0:
             raise RuntimeError(f"deltafs mount failed ({res.returncode}): "
                                f"{res.stderr.strip()}\n{tail(self.cache / 'deltafs.log')}")

@@ -2,6 +2,7 @@
 concurrency, corruption, errors, delete, list, stats, verify and the reference cache."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import random
@@ -10,7 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import boto3
 import pytest
@@ -718,6 +719,26 @@ def test_gc_removes_only_unused_references_past_the_grace(any_engine: Engine,
     assert set(keys_of(any_engine.store)) == {"h/reference.bin", "h/v2.bin.delta"}
 
 
+@contextlib.contextmanager
+def _after_reference_delete(engine: Engine, then: Callable[[], None]) -> Iterator[list[str]]:
+    """Run ``then`` (another writer's step) right after the engine's first DELETE of
+    ``r/reference.bin``; yields the list that records that it ran."""
+    real_delete = engine.store.delete
+    raced: list[str] = []
+
+    def racing_delete(key: str, **kw: object) -> None:
+        real_delete(key, **kw)  # type: ignore[arg-type]
+        if key == "r/reference.bin" and not raced:
+            raced.append(key)
+            then()
+
+    engine.store.delete = racing_delete  # type: ignore[method-assign]
+    try:
+        yield raced
+    finally:
+        engine.store.delete = real_delete  # type: ignore[method-assign]
+
+
 def test_reference_replaced_by_a_new_seed_during_removal_orphans_no_delta(
         any_engine: Engine, tmp_path: Path) -> None:
     """Seen in CI with two mounts: a collector removes the unused reference; a writer's
@@ -731,27 +752,18 @@ def test_reference_replaced_by_a_new_seed_during_removal_orphans_no_delta(
     any_engine.put(v1, "s/v1.bin")  # s/: the same reference content, to borrow a delta
     any_engine.put(v2, "s/v2.bin")
     any_engine.put(v1, "r/v1.bin")
-    real_delete = any_engine.store.delete
-    raced: list[str] = []
+    def their_delta_and_new_seed() -> None:
+        info = any_engine.store.head("s/v2.bin.delta")
+        assert info is not None
+        meta = dict(info.metadata or {})
+        meta["dg-ref-key"] = "r/reference.bin"
+        any_engine.store.copy("s/v2.bin.delta", "r/v2.bin.delta", meta)
+        any_engine.store.put_file("r/reference.bin", v3,
+                                  reference_metadata("v3.bin", sha256_file(v3)),
+                                  if_none_match=True)
 
-    def racing_delete(key: str, **kw: object) -> None:
-        real_delete(key, **kw)  # type: ignore[arg-type]
-        if key == "r/reference.bin" and not raced:
-            raced.append(key)
-            info = any_engine.store.head("s/v2.bin.delta")
-            assert info is not None
-            meta = dict(info.metadata or {})
-            meta["dg-ref-key"] = "r/reference.bin"
-            any_engine.store.copy("s/v2.bin.delta", "r/v2.bin.delta", meta)
-            any_engine.store.put_file("r/reference.bin", v3,
-                                      reference_metadata("v3.bin", sha256_file(v3)),
-                                      if_none_match=True)
-
-    any_engine.store.delete = racing_delete  # type: ignore[method-assign]
-    try:
+    with _after_reference_delete(any_engine, their_delta_and_new_seed) as raced:
         any_engine.delete("r/v1.bin")
-    finally:
-        any_engine.store.delete = real_delete  # type: ignore[method-assign]
     assert raced
     out = tmp_path / "out.bin"
     make_engine(any_engine.store, tmp_path / "fresh").get("r/v2.bin", out)
@@ -766,20 +778,10 @@ def test_reference_removal_puts_it_back_when_a_delta_appears(any_engine: Engine,
     any_engine.put(v1, "r/v1.bin")
     ref_before = any_engine.store.head("r/reference.bin")
     assert ref_before is not None
-    real_delete = any_engine.store.delete
-    raced: list[str] = []
-
-    def racing_delete(key: str, **kw: object) -> None:
-        real_delete(key, **kw)  # type: ignore[arg-type]
-        if key == "r/reference.bin" and not raced:
-            raced.append(key)  # the other writer's delta lands right after the delete
-            any_engine.store.put_bytes("r/other.bin.delta", b"their delta", {})
-
-    any_engine.store.delete = racing_delete  # type: ignore[method-assign]
-    try:
+    # the other writer's delta lands right after the delete
+    with _after_reference_delete(any_engine, lambda: any_engine.store.put_bytes(
+            "r/other.bin.delta", b"their delta", {})) as raced:
         any_engine.delete("r/v1.bin")
-    finally:
-        any_engine.store.delete = real_delete  # type: ignore[method-assign]
     assert raced
     after = any_engine.store.head("r/reference.bin")
     assert after is not None and after.metadata == ref_before.metadata

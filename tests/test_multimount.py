@@ -26,6 +26,15 @@ def _mount(bucket: str, endpoint: str, base: Path) -> Mount:
     return m
 
 
+def _teardown(*mounts: Mount | None) -> None:
+    for m in mounts:
+        if m is not None:
+            try:
+                m.teardown()
+            finally:
+                m.dump_logs()
+
+
 @pytest.fixture
 def two(moto_server: str, bucket: str, tmp_path: Path) -> Iterator[tuple[Mount, Mount]]:
     a = b = None
@@ -34,12 +43,7 @@ def two(moto_server: str, bucket: str, tmp_path: Path) -> Iterator[tuple[Mount, 
         b = _mount(bucket, moto_server, tmp_path / "b")
         yield a, b
     finally:
-        for m in (a, b):
-            if m is not None:
-                try:
-                    m.teardown()
-                finally:
-                    m.dump_logs()
+        _teardown(a, b)
 
 
 def _fresh(bucket: str, endpoint: str, base: Path) -> Mount:
@@ -110,8 +114,7 @@ def test_open_of_a_name_replaced_behind_a_cached_lookup_opens_the_new_file(
             assert os.stat(b.mountpoint / name).st_ino != ino
         assert "has no content anywhere" not in b.log_text()
     finally:
-        b.teardown()
-        b.dump_logs()
+        _teardown(b)
 
 
 def test_an_open_reader_keeps_its_version(two: tuple[Mount, Mount]) -> None:
@@ -288,9 +291,4 @@ def test_a_pending_delete_never_removes_a_newer_object(
         assert "another writer has replaced it" in a.log_text() or \
             fault_proxy.seen(method="DELETE") == 0, a.log_tail()
     finally:
-        for m in (a, b):
-            if m is not None:
-                try:
-                    m.teardown()
-                finally:
-                    m.dump_logs()
+        _teardown(a, b)

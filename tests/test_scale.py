@@ -8,28 +8,18 @@ import os
 import random
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
-import boto3
 import pytest
 
 from helpers import MANIFEST
-from mountfixtures import Mount, release_versions
+from mountfixtures import Mount, mounted, release_versions  # noqa: F401 - a fixture
 
 KiB = 1 << 10
 
 
 @pytest.fixture
-def m(moto_server: str, bucket: str, tmp_path: Path, fuse_tools: None) -> Iterator[Mount]:
-    mount = Mount(bucket, moto_server, tmp_path / "deltafs")
-    try:
-        mount.mount()
-        yield mount
-    finally:
-        try:
-            mount.teardown()
-        finally:
-            mount.dump_logs()
+def m(mounted: Mount) -> Mount:  # noqa: F811 - the shared fixture, by a short name
+    return mounted
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -50,8 +40,15 @@ def _tree(root: Path, n_small: int, n_big: int, seed: int = 1) -> dict[str, byte
     return files
 
 
-def _ls_l(path: Path) -> None:
-    subprocess.run(["ls", "-l", str(path)], check=True, stdout=subprocess.DEVNULL)
+def _ls_l_requests(m: Mount, name: str) -> dict[str, int]:
+    """S3 requests of ``ls -l`` of the directory ``name`` at the root, by type. The root
+    is listed first (its listing, and the HEAD of the directory's marker, are not what is
+    measured)."""
+    os.listdir(m.mountpoint)
+    before = m.requests()
+    subprocess.run(["ls", "-l", str(m.mountpoint / name)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return _delta(before, m.requests())
 
 
 def _same_attrs(src: Path, dst: Path) -> None:
@@ -70,10 +67,7 @@ def test_fresh_mount_lists_deltafs_files_from_the_manifest(m: Mount, tmp_path: P
     m.wait_idle(60)
     m.remount(wipe_cache=True)  # unmount writes the manifests
     assert MANIFEST in {k.rsplit("/", 1)[-1] for k in m.objects("d/", manifests=True)}
-    os.listdir(m.mountpoint)  # the root (and d's marker, one HEAD) is not what is measured
-    before = m.requests()
-    _ls_l(m.mountpoint / "d")
-    used = _delta(before, m.requests())
+    used = _ls_l_requests(m, "d")
     assert used.get("HEAD", 0) == 0, used
     assert used.get("GET", 0) <= 1, used
     _same_attrs(src, m.mountpoint / "d")
@@ -100,10 +94,7 @@ def test_a_stale_manifest_costs_a_head_only_for_what_changed(
     svc.put(other / "new.txt", "d/new.txt")
     m.wipe_cache()
     m.mount()
-    os.listdir(m.mountpoint)
-    before = m.requests()
-    _ls_l(m.mountpoint / "d")
-    used = _delta(before, m.requests())
+    used = _ls_l_requests(m, "d")
     assert used.get("HEAD", 0) == 2, used
     assert (m.mountpoint / "d" / "small-0003.txt").read_bytes() == b"changed by another writer\n"
     assert (m.mountpoint / "d" / "new.txt").read_bytes() == b"new from another writer\n"
@@ -129,10 +120,7 @@ def test_a_damaged_manifest_is_ignored(m: Mount, tmp_path: Path, damage: str) ->
     m.client.put_object(Bucket=m.bucket, Key=key, Body=body)
     m.wipe_cache()
     m.mount()
-    os.listdir(m.mountpoint)
-    before = m.requests()
-    _ls_l(m.mountpoint / "d")
-    used = _delta(before, m.requests())
+    used = _ls_l_requests(m, "d")
     assert used.get("HEAD", 0) >= 33, used  # every file HEADed, as without a manifest
     _same_attrs(src, m.mountpoint / "d")
     assert "manifest" in m.log_text()
@@ -143,10 +131,7 @@ def test_a_foreign_directory_is_listed_without_a_head_per_file(m: Mount) -> None
     for i in range(120):
         m.client.put_object(Bucket=m.bucket, Key=m.key(f"plain/obj-{i:03d}"),
                             Body=b"x" * (i + 1))
-    os.listdir(m.mountpoint)
-    before = m.requests()
-    _ls_l(m.mountpoint / "plain")
-    used = _delta(before, m.requests())
+    used = _ls_l_requests(m, "plain")
     assert used.get("HEAD", 0) <= 4, used
     assert (m.mountpoint / "plain" / "obj-041").stat().st_size == 42
     assert (m.mountpoint / "plain" / "obj-041").read_bytes() == b"x" * 42
