@@ -17,7 +17,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -40,6 +40,12 @@ ENTRIES_PER_SECOND = 2000
 #: rather than GETting the whole manifest
 GET_ABOVE = 8
 SMALL_MANIFEST = 256 << 10
+#: decoded manifests kept at once (one per listing in progress)
+MAX_CACHED = 4
+
+
+async def _nothing() -> None:
+    return None
 
 
 def interval(entries: int) -> float:
@@ -55,16 +61,18 @@ class DirManifests:
         self.engine = engine
         self.prefix = prefix.strip("/")
         self.writable = writable
-        self._lock = threading.Lock()  # the decoded-manifest cache (worker threads)
-        self._cached: tuple[str, str, dict[str, ManifestEntry] | None] | None = None
+        #: decoded manifests by key (the listings running now), ETag as listed; owned by
+        #: this object, used from listing worker threads under ``_lock``
+        self._lock = threading.Lock()
+        self._cached: dict[str, tuple[str, dict[str, ManifestEntry] | None]] = {}
         #: deltaspace (bucket key of a directory) -> when it first changed since written
         self._due: dict[str, float] = {}
         self._written: dict[str, float] = {}
         self._size: dict[str, int] = {}
         self.wakeup = trio.Event()
         self.writer = f"{__version__} {socket.gethostname()} pid {os.getpid()}"
-        #: called after a manifest was written or removed (for tests and status)
-        self.on_written: Callable[[str], None] = lambda key: None
+        #: makes the journal durable (so the read connection sees every row)
+        self.commit: Callable[[], Awaitable[None]] = _nothing
 
     # ------------------------------------------------------------------ reading
 
@@ -86,11 +94,11 @@ class DirManifests:
 
     def _entries(self, dir_prefix: str, listed: ObjectInfo) -> dict[str, ManifestEntry] | None:
         with self._lock:
-            c = self._cached
-            if c is not None and c[0] == listed.key and c[1] == listed.etag:
-                return c[2]
+            c = self._cached.get(listed.key)
+            if c is not None and c[0] == listed.etag:
+                return c[1]
         try:
-            body, info = self.engine.store.get_bytes(listed.key)
+            body, _ = self.engine.store.get_bytes(listed.key)
         except NotFound:
             return None
         except DeltafsError as exc:
@@ -99,29 +107,27 @@ class DirManifests:
         entries = decode(dir_prefix, body)
         del body
         with self._lock:
-            self._cached = (listed.key, info.etag or listed.etag, entries)
+            # under the listed ETag: the next pages of this listing ask for that one
+            # (each entry is still checked against each object's own ETag)
+            self._cached[listed.key] = (listed.etag, entries)
+            while len(self._cached) > MAX_CACHED:  # listings that failed half-way
+                del self._cached[next(iter(self._cached))]
         return entries
 
-    def forget_cached(self) -> None:
-        """Listing done: a 100,000-entry manifest is tens of MB; do not keep it."""
+    def forget_cached(self, key: str) -> None:
+        """That directory's listing is done: a 100,000-entry manifest is tens of MB."""
         with self._lock:
-            self._cached = None
+            self._cached.pop(key, None)
 
     # ------------------------------------------------------------------ writing
 
-    def space_of(self, object_key: str) -> str:
-        return split_key(object_key)[0]
-
     def touch(self, object_key: str) -> None:
         """An object in this directory was written, moved or deleted by this mount."""
-        if not self.writable:
-            return
-        space = self.space_of(object_key)
+        if not self.writable or object_key.endswith("/"):
+            return  # a marker belongs to its parent's listing, which has no entry for it
+        space = split_key(object_key)[0]
         self._due.setdefault(space, time.monotonic())
         self.wakeup.set()
-
-    def pending(self) -> int:
-        return len(self._due)
 
     async def run(self) -> None:
         """Write the manifests that are due, one at a time, until cancelled."""
@@ -145,6 +151,9 @@ class DirManifests:
         self._due.pop(space, None)
         self._written[space] = time.monotonic()
         try:
+            # the manifest is built from committed rows: make the ones whose change
+            # made it due (recorded a moment ago) committed first
+            await self.commit()
             n, ino, etag = await trio.to_thread.run_sync(self._write, space)
             self._size[space] = n
             if ino is None:
@@ -202,8 +211,13 @@ class DirManifests:
                  ref) in self.journal.read(
                     "SELECT name, remote_key, remote_etag, remote_size, remote_kind, size, "
                     "mode, uid, gid, mtime_ns, sha256, remote_ref FROM nodes WHERE parent=? "
-                    "AND ino != parent AND dirty = 0 AND remote_key IS NOT NULL AND "
-                    "remote_etag IS NOT NULL AND remote_kind != 'marker'", (ino,)):
+                    # exactly the object as published: not being rewritten (a working
+                    # file makes size and mtime local), nothing pending, and its metadata
+                    # known (a row taken from a LIST alone would turn defaults into
+                    # "metadata" for every other mount)
+                    "AND ino != parent AND dirty = 0 AND staged IS NULL AND sha256 IS NOT "
+                    "NULL AND remote_key IS NOT NULL AND remote_etag IS NOT NULL AND "
+                    "remote_kind != 'marker' ORDER BY ino DESC", (ino,)):
                 if not rkey.startswith(dir_prefix) or "/" in rkey[len(dir_prefix):]:
                     continue
                 try:
@@ -214,18 +228,20 @@ class DirManifests:
                         ref if rkind == "delta" else None, symlink=stat.S_ISLNK(mode)))
                 except ValueError as exc:
                     log.debug("not in the manifest: %s", exc)
-        known = self.journal.read("SELECT etag FROM manifests WHERE dir_ino=?", (ino,)) \
-            if ino is not None else []
         if not entries:
-            if known or ino is None:
-                try:
-                    self.engine.store.delete(key, if_match=known[0][0] if known else None)
-                except (NotFound, Changed):
-                    pass
-                self.on_written(key)
+            # a cache: removed unconditionally (another mount's newer one costs nothing
+            # but HEADs), and it must not keep an emptied prefix alive
+            try:
+                self.engine.store.delete(key)
+            except NotFound:
+                pass
+            return 0, ino, None
+        if self.engine.store.head(dir_prefix + entries[0].name) is None:
+            # our newest object is gone: another writer is removing this directory, and
+            # a manifest written now (from rows it has not seen go) would bring it back
+            log.info("not writing %s: %s is gone from the bucket", key, entries[0].name)
             return 0, ino, None
         body = encode(dir_prefix, entries, self.writer)
         info = self.engine.store.put_bytes(key, body, {})
         log.debug("wrote %s: %d entries, %d bytes", key, len(entries), len(body))
-        self.on_written(key)
         return len(entries), ino, info.etag

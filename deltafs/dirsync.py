@@ -104,8 +104,7 @@ class DirSync:
         names = end.removals
         for i in range(0, max(len(names), 1), MERGE_SLICE):
             last = i + MERGE_SLICE >= len(names)
-            done = DirListing({}, set(), end.marker, end.reference) if last \
-                else DirListing({}, set(), None)
+            done = DirListing({}, set(), end.marker, end.reference)  # used when last
             gone = merge_listing(self.journal, dir_ino, done, self.contents.busy(),
                                  self.options.uid, self.options.gid, end.removal_snapshot,
                                  started, names=names[i:i + MERGE_SLICE], final=last)

@@ -711,6 +711,9 @@ class Engine:
                     log.error("%s: cannot rebuild it from the old reference (%s); left as "
                               "it is", o.key, exc)
                     continue
+                again = self.store.head(o.key)
+                if again is None or again.etag != info.etag:
+                    continue  # rewritten or removed meanwhile: theirs stands
                 self.put(out, stored.logical_key, stored.attrs, sha256=stored.sha256)
 
     def gc(self, prefix: str, grace: float = 3600.0, dry_run: bool = False,

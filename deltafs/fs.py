@@ -32,7 +32,7 @@ import trio
 from .cache import ContentCache
 from .engine import Engine
 from .errors import DeltafsError
-from .format import DELTA_SUFFIX, MAX_KEY_BYTES, MAX_NAME_BYTES, REFERENCE_NAME, Kind
+from .format import DELTA_SUFFIX, MAX_KEY_BYTES, MAX_NAME_BYTES, REFERENCE_NAME, Kind, split_key
 from .index import (key_of, valid_name)
 from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, recover
 from .crashpoints import crash_point
@@ -154,6 +154,7 @@ class DeltaFS(pyfuse3.Operations):
             self.dirsync.resolve = self.manifests.resolve
         self.dirsync.on_listed = self._listed
         self.writeback.on_bucket_change = self.manifests.touch
+        self.manifests.commit = self.contents.commit
         #: whether to tell the kernel about entries changed by other writers (off in
         #: unit tests without a FUSE session)
         self.notify_kernel = True
@@ -282,18 +283,27 @@ class DeltaFS(pyfuse3.Operations):
     def _listed(self, dir_ino: int, end: Any) -> None:
         """A directory was listed: remember whether it has a manifest (it must go with
         the directory), and refresh one that missed many objects (HEADed instead)."""
-        self.journal.set_manifest(dir_ino, end.manifest.etag if end.manifest else None)
-        self.manifests.forget_cached()
+        if end.manifest is not None:
+            # recorded when seen, never forgotten by a listing (one that went out before
+            # this mount wrote the manifest would lose it): an extra delete of a manifest
+            # that is gone costs a request, a forgotten one keeps a prefix alive
+            self.journal.set_manifest(dir_ino, end.manifest.etag)
+            self.manifests.forget_cached(end.manifest.key)
         if end.manifest is not None and end.heads > 50 and self.manifests.writable:
             self.manifests.touch(end.manifest.key)
+        if end.reference is not None and not end.saw_delta and not self.options.read_only:
+            # a reference no delta uses: its removal was cut short (a crash or a drain
+            # bound between the last delete and the check) and would keep the prefix
+            # alive; the check is derived from the bucket again, not remembered
+            self.writeback.want_collect(split_key(end.reference.key)[0])
 
     def _drop_manifest(self, ino: int, dir_key: str) -> None:
         """The directory at ``dir_key`` goes (rmdir) or moves (rename): its manifest too."""
         etag = self.journal.manifest_etag(ino)
         if etag is False:
             return
-        self.journal.add_tombstone(manifest_key(f"{dir_key}/" if dir_key else ""), None,
-                                   etag or None)
+        # unconditional: a cache, and it must go with the directory whoever wrote it last
+        self.journal.add_tombstone(manifest_key(f"{dir_key}/" if dir_key else ""), None, None)
         self.journal.set_manifest(ino, None)
 
     def _maybe_reap(self, ino: int) -> None:

@@ -11,6 +11,7 @@ skipped and logged once; a name that is both a file and a prefix shows as the di
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import stat
 import time
@@ -22,7 +23,7 @@ from .format import (DELTA_SUFFIX, MAX_NAME_BYTES, Kind, StoredFile, classify, j
                      split_key)
 from .journal import Journal, Node
 from .manifest import MANIFEST_NAME
-from .store.base import ObjectInfo
+from .store.base import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class ListingEnd:
     removal_snapshot: Snapshot = field(default_factory=dict)
     heads: int = 0
     manifest_hits: int = 0
+    saw_delta: bool = False
 
 
 #: resolves listed objects from the directory's manifest: (object keys needing
@@ -111,10 +113,17 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
     seen: set[str] = set()
     saw_delta = False
     direct_head: bool | None = None  # HEAD unknown plain objects? decided once
-    for page in engine.store.iter_pages(prefix):
-        files: dict[str, StoredFile] = {}
+    held: dict[str, StoredFile] = {}  # names that may go on in the next page
+    held_listed: dict[str, ObjectInfo] = {}
+    for page in itertools.chain(engine.store.iter_pages(prefix), [None]):
+        files: dict[str, StoredFile] = held
+        listed: dict[str, ObjectInfo] = held_listed
+        held, held_listed = {}, {}
         dirs: set[str] = set()
-        listed: dict[str, ObjectInfo] = {}
+        if page is None:  # the end: what was held back
+            if not files:
+                break
+            page = Listing()
         for p in page.prefixes:
             name = p[len(prefix):].rstrip("/")
             if not valid_name(name):
@@ -147,6 +156,15 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
             if name in dirs:
                 _warn_once(files[name].object_key, "a directory of the same name hides it")
                 del files[name]
+        # Keys sort as "a" < "a-1" < "a.delta" < "a/": when the page ends in a key that
+        # starts with a name, that name's other form (or a directory of that name) may be
+        # on the next page. Decide it there, with both in view.
+        ends = [k for k in (page.objects[-1].key if page.objects else "",
+                            page.prefixes[-1] if page.prefixes else "") if k]
+        tail = max(ends)[len(prefix):] if ends else ""
+        for name in [n for n in files if tail.startswith(n)]:
+            f = held[name] = files.pop(name)
+            held_listed[f.object_key] = listed[f.object_key]
         unknown = [listed[f.object_key] for f in files.values()
                    if known.get(f.object_key) != f.etag]
         if unknown and resolve is not None and end.manifest is not None:
@@ -189,6 +207,7 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
         seen.update(dirs)
         part_snap = {by_name[n]: snapshot[by_name[n]] for n in (*files, *dirs) if n in by_name}
         emit(DirListing(files, dirs, None, None, dir_markers), part_snap)
+    end.saw_delta = saw_delta
     for name, ino in by_name.items():
         if name not in seen and snapshot[ino][1]:
             end.removals.append(name)
@@ -259,7 +278,7 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
             if m is not None:
                 fields.update(_marker_fields(m))
             journal.insert(parent=dir_ino, name=name, **fields)
-        elif m is not None and not node.dirty and node.ino not in busy:
+        elif m is not None and node.is_dir and not node.dirty and node.ino not in busy:
             journal.update(node.ino, **_marker_fields(m))
     for name, node in existing.items():
         # In the journal but not in the bucket: keep what is ours and not yet uploaded;

@@ -19,6 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -134,6 +135,7 @@ class Journal:
         self._lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
+        self._closed = False
         self.gone: dict[str, float] = {}
         with self._lock:
             self.db.executescript(SCHEMA)
@@ -175,6 +177,7 @@ class Journal:
             self.db.commit()
             self.db.close()
         with self._reader_lock:
+            self._closed = True
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
@@ -184,9 +187,12 @@ class Journal:
         wait for the writer): for scans a worker thread runs (totals, listing diffs,
         manifests) without holding the lock every handler on the trio thread needs."""
         with self._reader_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the journal is closed")
             if self._reader is None:
-                self._reader = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True,
-                                               check_same_thread=False)
+                # quoted: a cache dir may contain "#" or "?"
+                uri = f"file:{urllib.parse.quote(str(self.db_path))}?mode=ro"
+                self._reader = sqlite3.connect(uri, uri=True, check_same_thread=False)
             return self._reader.execute(sql, args).fetchall()
 
     def totals(self) -> tuple[int, int]:
@@ -340,11 +346,13 @@ class Journal:
                      (object_key,)).fetchone()
         return (row[0], row[1]) if row else None
 
-    def tombstones(self, limit: int = -1) -> list[tuple[str, str | None, str | None]]:
-        """Queued deletes, oldest first."""
-        return [(r[0], r[1], r[2]) for r in self.x(
-            "SELECT object_key, kind, etag FROM tombstones ORDER BY queued_at LIMIT ?",
-            (limit,)).fetchall()]
+    def tombstones(self, limit: int = -1, after: float = -1.0
+                   ) -> list[tuple[str, str | None, str | None, float]]:
+        """Queued deletes queued after ``after``, oldest first (with their time, to go on
+        from)."""
+        return [(r[0], r[1], r[2], r[3]) for r in self.x(
+            "SELECT object_key, kind, etag, queued_at FROM tombstones WHERE queued_at > ? "
+            "ORDER BY queued_at LIMIT ?", (after, limit)).fetchall()]
 
     def remote_claimed(self, object_key: str, but: int = -1) -> bool:
         """Whether a live node (not unlinked, not ``but``) is published as ``object_key``

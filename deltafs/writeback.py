@@ -114,6 +114,7 @@ class Writeback:
         #: asked once per burst of deletes (time of the last one), not once per delete
         self._collect_wanted: dict[str, float] = {}
         self._collecting: set[str] = set()
+        self._tomb_after = -1.0  # where the next scheduling pass reads the tombstones
         self._nursery: trio.Nursery | None = None
         contents.on_change = self.kick
         #: called with each object key this mount wrote, moved or deleted
@@ -193,7 +194,11 @@ class Writeback:
                 self._active.add(node.ino)
                 nursery.start_soon(self._sync_node, node.ino)
                 started += 1
-        for object_key, kind, etag in self.journal.tombstones(limit=MAX_TOMBSTONE_SCAN):
+        # a window of the queue that moves on each pass: deletes failed for good or
+        # backing off at its head must not starve the ones behind them
+        window = self.journal.tombstones(limit=MAX_TOMBSTONE_SCAN, after=self._tomb_after)
+        self._tomb_after = window[-1][3] if len(window) == MAX_TOMBSTONE_SCAN else -1.0
+        for object_key, kind, etag, _ in window:
             if len(self._active_tombstones) >= MAX_TOMBSTONES:
                 break
             if object_key in self._active_tombstones or object_key in self.state.tomb_failed \
@@ -203,8 +208,9 @@ class Writeback:
             nursery.start_soon(self._sync_tombstone, object_key, kind, etag)
             started += 1
         for space, last in list(self._collect_wanted.items()):
+            # not while an upload or a delete in that directory runs (both claim keys)
             if space in self._collecting or now - last < COLLECT_QUIET or any(
-                    split_key(_logical(k))[0] == space for k in self._active_tombstones):
+                    split_key(k)[0] == space for k in self._active_keys):
                 continue
             del self._collect_wanted[space]
             self._collecting.add(space)
@@ -215,7 +221,7 @@ class Writeback:
     def collects_due(self) -> int:
         return len(self._collect_wanted) + len(self._collecting)
 
-    def _want_collect(self, space: str) -> None:
+    def want_collect(self, space: str) -> None:
         self._collect_wanted[space] = time.monotonic()
 
     async def _collect(self, space: str) -> None:
@@ -428,7 +434,7 @@ class Writeback:
             try:
                 moved = await self._run(self.engine.move, old, key, attrs, False)
                 if old.kind is Kind.DELTA and moved.object_key != old.object_key:
-                    self._want_collect(split_key(old.logical_key)[0])
+                    self.want_collect(split_key(old.logical_key)[0])
                 self.on_bucket_change(old.object_key)
             except (NotFound, Changed) as exc:
                 if isinstance(exc, Changed):
@@ -633,7 +639,7 @@ class Writeback:
                 try:
                     await self._run(self.engine.delete_stored, stored, False)
                     if stored.kind is Kind.DELTA:
-                        self._want_collect(split_key(logical)[0])
+                        self.want_collect(split_key(logical)[0])
                     if split_key(object_key)[1] != MANIFEST_NAME:
                         self.on_bucket_change(object_key)
                 except NotFound:

@@ -11,6 +11,8 @@ from typing import Any
 
 import boto3
 
+from deltafs.format import MANIFEST_NAME as MANIFEST
+
 log = logging.getLogger(__name__)
 
 
@@ -200,7 +202,6 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
     return lines[0]
 
 
-MANIFEST = ".deltafs-manifest"
 
 
 def bucket_objects(client, bucket: str, prefix: str = "",  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,118 @@ def test_readdir_pages_through_changes_without_duplicates_or_skips(m: Mount) -> 
     assert stayed <= set(seen), f"skipped: {sorted(stayed - set(seen))[:10]}"
     assert not (set(seen) & set(names[1000:1050])), "returned entries removed before"
     assert sorted(os.listdir(d)) == sorted(stayed | {f"new{j:03d}" for j in range(60)})
+
+
+def test_a_listing_across_pages_keeps_the_newest_form_of_a_name(
+        m: Mount, tmp_path: Path, moto_server: str, bucket: str) -> None:
+    """S3 pages at 1,000 keys and sorts "a" < "a-0000" … < "a.delta" < "a/": an old direct
+    `a` on the first page and its newer delta on the second are one file, the delta."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltafs.api import DeltaService
+
+    svc = DeltaService(bucket, endpoint_url=moto_server, cache_dir=tmp_path / "svc")
+    rng = random.Random(3)
+    base = rng.randbytes(100 * KiB)
+    new = base[:500] + b"new" + base[503:]
+    (tmp_path / "v1").write_bytes(base)
+    (tmp_path / "a").write_bytes(new)
+    svc.put(tmp_path / "v1", "s/v1.bin")
+    svc.put(tmp_path / "a", "s/a")  # s/a.delta, against s/reference.bin (= v1)
+    m.client.put_object(Bucket=m.bucket, Key=m.key("d/a"), Body=b"old direct form")
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: m.client.put_object(
+            Bucket=m.bucket, Key=m.key(f"d/a-{i:04d}"), Body=b"f"), range(1000)))
+    m.client.copy_object(Bucket=m.bucket, Key=m.key("d/reference.bin"),
+                         CopySource={"Bucket": m.bucket, "Key": m.key("s/reference.bin")})
+    info = m.client.head_object(Bucket=m.bucket, Key=m.key("s/a.delta"))
+    meta = dict(info["Metadata"], **{"dg-ref-key": m.key("d/reference.bin")})
+    m.client.copy_object(Bucket=m.bucket, Key=m.key("d/a.delta"), Metadata=meta,
+                         MetadataDirective="REPLACE",
+                         CopySource={"Bucket": m.bucket, "Key": m.key("s/a.delta")})
+    names = os.listdir(m.mountpoint / "d")
+    assert len(names) == 1001 and names.count("a") == 1
+    assert (m.mountpoint / "d" / "a").stat().st_size == len(new)
+    assert (m.mountpoint / "d" / "a").read_bytes() == new
+
+
+def test_a_file_being_rewritten_is_not_described_by_the_manifest(
+        m: Mount, moto_server: str, bucket: str, tmp_path: Path) -> None:
+    """While a published file is open for writing, its row holds the local size and
+    mtime but the old object's ETag: a manifest written then must not pair the two, or
+    another mount would show the old object with the new size."""
+    d = m.mountpoint / "d"
+    d.mkdir()
+    published = random.Random(4).randbytes(100 * KiB)  # a delta: its size is metadata
+    (d / "f").write_bytes(published)
+    (d / "g").write_bytes(b"g\n")
+    m.wait_idle(30)
+    time.sleep(2)  # d's first manifest
+    key = m.key("d/" + MANIFEST)
+    first = m.client.head_object(Bucket=m.bucket, Key=key)["ETag"]
+    with open(d / "f", "wb") as f:  # O_TRUNC: the row has the working file from now on
+        f.write(b"x" * 5000)
+        f.flush()
+        (d / "h").write_bytes(b"h\n")  # a change in d: its manifest is due again
+        deadline = time.monotonic() + 30
+        while "d/h" not in m.objects("d/"):  # (f, open for writing, stays pending)
+            assert time.monotonic() < deadline, m.log_tail()
+            time.sleep(0.2)
+        time.sleep(7)  # past the manifest's rewrite interval
+        assert m.client.head_object(Bucket=m.bucket, Key=key)["ETag"] != first, \
+            "the manifest was not written while f was open for writing"
+        other = Mount(bucket, moto_server, tmp_path / "other")
+        try:
+            other.mount()
+            assert (other.mountpoint / "d" / "h").exists()
+            assert (other.mountpoint / "d" / "f").stat().st_size == len(published)
+            assert (other.mountpoint / "d" / "f").read_bytes() == published
+        finally:
+            other.teardown()
+            other.dump_logs()
+
+
+def test_a_manifest_due_on_one_mount_does_not_bring_back_a_directory_another_removed(
+        m: Mount, moto_server: str, bucket: str, tmp_path: Path) -> None:
+    d = m.mountpoint / "d"
+    d.mkdir()
+    (d / "x").write_bytes(b"x\n")
+    m.wait_idle(30)
+    time.sleep(2)  # the first manifest of d is written
+    (d / "y").write_bytes(b"y\n")  # due again, held by the rewrite interval
+    m.wait_idle(30)
+    other = Mount(bucket, moto_server, tmp_path / "other")
+    try:
+        other.mount()
+        subprocess.run(["rm", "-r", str(other.mountpoint / "d")], check=True)
+        other.wait_idle(30)
+    finally:
+        other.teardown()
+        other.dump_logs()
+    m.umount()  # writes the manifests that are due
+    assert m.objects("d/", manifests=True) == {}
+
+
+def test_a_reference_left_by_a_crash_before_its_check_goes_at_the_next_listing(
+        m: Mount) -> None:
+    rng = random.Random(8)
+    base = rng.randbytes(100 * KiB)
+    d = m.mountpoint / "rel"
+    d.mkdir()
+    for i in range(3):
+        (d / f"v{i}.bin").write_bytes(base[:i] + b"!" + base[i + 1:])
+    m.wait_idle(60)
+    for i in range(3):
+        os.unlink(d / f"v{i}.bin")
+    # kill as soon as the deletes are done: the reference check waits for a quiet second
+    deadline = time.monotonic() + 30
+    while m.status()["pending_files"]:
+        assert time.monotonic() < deadline, m.log_tail()
+        time.sleep(0.05)
+    m.kill9()
+    assert "rel/reference.bin" in m.objects("rel/")
+    m.force_unmount()
+    m.mount()
+    assert os.listdir(d) == []  # lists rel: a reference and no delta
+    m.wait_idle(30)
+    assert "rel/reference.bin" not in m.objects("rel/")

@@ -70,7 +70,8 @@ class ObjectStore(abc.ABC):
     def iter_level(self, prefix: str) -> Iterator[ObjectInfo]:
         """The objects directly under ``prefix`` (one level), page by page: a caller
         that stops early pays only for the pages it read."""
-        yield from self.list(prefix).objects
+        for page in self.iter_pages(prefix):
+            yield from page.objects
 
     @abc.abstractmethod
     def get_file(self, key: str, dest: Path) -> ObjectInfo:

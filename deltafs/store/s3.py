@@ -473,10 +473,6 @@ class S3Store(ObjectStore):
             yield Listing([self._listed(item) for item in page.get("Contents", ())],
                           [p["Prefix"] for p in page.get("CommonPrefixes", ())])
 
-    def iter_level(self, prefix: str) -> Iterator[ObjectInfo]:
-        for page in self._pages(prefix, "/"):
-            for item in page.get("Contents", ()):
-                yield self._listed(item)
 
     def get_file(self, key: str, dest: Path) -> ObjectInfo:
         with self._errors("GET", key):
