@@ -808,12 +808,7 @@ class FsMachine(RuleBasedStateMachine):
         self.log(f"kill -9 the daemon ({len(self.handles)} descriptors open), "
                  "fusermount3 -u, mount with the same cache")
         self.m.kill9()
-        for hd in self.handles:
-            try:
-                os.close(hd.fd)
-            except OSError:
-                pass
-        self.handles = []
+        self._close_handles()
         self.m.force_unmount()
         self.m.mount()
         self.ctx.mounts += 1
@@ -950,14 +945,18 @@ class FsMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ end of example
 
+    def _close_handles(self) -> None:
+        """Drop every descriptor the model holds (their mount is going away)."""
+        for hd in self.handles:
+            try:
+                os.close(hd.fd)
+            except OSError:
+                pass
+        self.handles = []
+
     def teardown(self) -> None:
         if not self.clean:  # the example failed: leave a usable mount, check nothing
-            for hd in self.handles:
-                try:
-                    os.close(hd.fd)
-                except OSError:
-                    pass
-            self.handles = []
+            self._close_handles()
             self.ctx.reset()
             return
         if self.faulty:
