@@ -45,6 +45,10 @@ class DirSync:
         self.on_listed: Callable[[int, ListingEnd], None] = lambda dir_ino, end: None
         #: resolves objects from a directory's manifest (None: HEAD every new object)
         self.resolve: Resolver | None = None
+        #: whether a deltaspace is waiting for this mount's check of its reference (it
+        #: lost its last delta here): a prefix holding only that reference is no
+        #: directory, so the listing of its parent does not make one of it
+        self.collect_pending: Callable[[str], bool] = lambda space: False
 
     def _fresh(self, listed_at: float | None) -> bool:
         return listed_at is not None and time.time() - listed_at < self.options.listing_ttl
@@ -85,7 +89,7 @@ class DirSync:
         started = time.time()
 
         def emit(part: DirListing, snap: Snapshot) -> None:  # in the worker thread
-            trio.from_thread.run(self._apply, dir_ino, part, snap, started)
+            trio.from_thread.run(self._apply, dir_ino, prefix, part, snap, started)
 
         try:
             end = await trio.to_thread.run_sync(
@@ -115,10 +119,17 @@ class DirSync:
             log.info("listed %s: %d HEAD requests (%d entries from its manifest)",
                      prefix or "/", end.heads, end.manifest_hits)
 
-    async def _apply(self, dir_ino: int, part: DirListing, snap: Snapshot,
+    async def _apply(self, dir_ino: int, prefix: str, part: DirListing, snap: Snapshot,
                      started: float) -> None:
         """Merge one LIST page, ``MERGE_SLICE`` names at a time with a checkpoint between
         slices: a 1,000-entry page never holds the loop for long."""
+        hidden = {n for n in part.dirs if self.collect_pending(f"{prefix}{n}")
+                  and self.journal.child(dir_ino, n) is None}
+        if hidden:
+            log.debug("listing %s: not showing %s yet (its reference is being checked)",
+                      prefix or "/", sorted(hidden))
+            part = DirListing(part.files, part.dirs - hidden, part.marker, part.reference,
+                              part.dir_markers)
         names = [*part.files, *part.dirs]
         for i in range(0, len(names), MERGE_SLICE):
             chunk = names[i:i + MERGE_SLICE]

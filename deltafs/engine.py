@@ -625,7 +625,7 @@ class Engine:
         if stored.kind is Kind.DELTA:
             self.collect_reference(split_key(key)[0])
 
-    def collect_reference(self, deltaspace: str) -> bool:
+    def collect_reference(self, deltaspace: str, quiet: bool = True) -> bool:
         """Remove ``deltaspace``'s reference once no delta there uses it (its last delta
         was just deleted or moved), without ever leaving a delta without it.
 
@@ -636,10 +636,13 @@ class Engine:
         from its copy otherwise. Whichever of the two looks last sees the other's write
         (S3 is strongly consistent), so one of them puts it back. Returns whether it was
         removed. Failures are logged, never raised: an unused reference only costs
-        storage, and ``deltafs gc`` removes it later."""
+        storage, and ``deltafs gc`` removes it later. ``quiet=False`` raises them instead
+        (the mount keeps the check queued and tries again)."""
         try:
             return self._collect(deltaspace, grace=0.0, now=None) is not None
         except Exception as exc:  # noqa: BLE001 - best effort, see above
+            if not quiet:
+                raise
             log.warning("could not check whether %s/reference.bin is still used: %s",
                         deltaspace, exc)
             return False

@@ -154,6 +154,8 @@ class DeltaFS(pyfuse3.Operations):
             self.dirsync.resolve = self.manifests.resolve
         self.dirsync.on_listed = self._listed
         self.writeback.on_bucket_change = self.manifests.touch
+        self.dirsync.collect_pending = self.writeback.collect_pending
+        self.writeback.on_collected = self._collected
         self.manifests.commit = self.contents.commit
         #: whether to tell the kernel about entries changed by other writers (off in
         #: unit tests without a FUSE session)
@@ -296,6 +298,22 @@ class DeltaFS(pyfuse3.Operations):
             # bound between the last delete and the check) and would keep the prefix
             # alive; the check is derived from the bucket again, not remembered
             self.writeback.want_collect(split_key(end.reference.key)[0])
+
+    def _collected(self, space: str) -> None:
+        """The check of ``space``'s reference is done: its parent's listing may have left
+        it out (see ``DirSync.collect_pending``), so the next access lists it again."""
+        rel = space[len(self.prefix):].strip("/") if self.prefix else space
+        if self.prefix and not (space == self.prefix or space.startswith(self.prefix + "/")):
+            return
+        ino = ROOT_INO
+        parts = rel.split("/") if rel else []
+        for name in parts[:-1]:
+            node = self.journal.child(ino, name)
+            if node is None or not node.is_dir:
+                return
+            ino = node.ino
+        if parts:
+            self.journal.update(ino, listed_at=None)
 
     def _drop_manifest(self, ino: int, dir_key: str) -> None:
         """The directory at ``dir_key`` goes (rmdir) or moves (rename): its manifest too."""

@@ -73,6 +73,9 @@ CREATE TABLE IF NOT EXISTS manifests (
     dir_ino     INTEGER PRIMARY KEY,
     etag        TEXT
 );
+CREATE TABLE IF NOT EXISTS collects (
+    space       TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS refs (
     dir_ino     INTEGER PRIMARY KEY,
     key         TEXT NOT NULL,
@@ -323,6 +326,21 @@ class Journal:
         """The ETag of the directory's manifest as last seen; False when it has none."""
         row = self.x("SELECT etag FROM manifests WHERE dir_ino=?", (dir_ino,)).fetchone()
         return row[0] if row else False
+
+    # ----------------------------------------------------------- reference checks
+
+    def want_collect(self, space: str) -> None:
+        """Record that ``space`` lost a delta, so its reference may be unused now. Written
+        before the change that removes the evidence (the tombstone, the MOVED bit) is
+        committed, in the same or an earlier transaction: a crash between the delete and
+        the check can no longer leave an unused reference (and a ghost directory)."""
+        self.x("INSERT OR IGNORE INTO collects (space) VALUES (?)", (space,))
+
+    def collect_done(self, space: str) -> None:
+        self.x("DELETE FROM collects WHERE space=?", (space,))
+
+    def collects(self) -> list[str]:
+        return [r[0] for r in self.x("SELECT space FROM collects").fetchall()]
 
     # -------------------------------------------------------------- tombstones
 

@@ -52,6 +52,8 @@ MAX_TOMBSTONE_SCAN = 2000
 
 #: a directory's reference is checked this long after its last delta went
 COLLECT_QUIET = 1.0
+#: after a failed reference check (S3 away), wait this long before the next
+COLLECT_RETRY = 30
 
 
 def _backoff(attempt: int) -> float:
@@ -112,13 +114,17 @@ class Writeback:
         self._prefetching: set[int] = set()
         #: directories (deltaspaces) that lost a delta: is their reference still used?
         #: asked once per burst of deletes (time of the last one), not once per delete
-        self._collect_wanted: dict[str, float] = {}
+        #: (durable in the journal's ``collects`` table until the check is done)
+        self._collect_wanted: dict[str, float] = dict.fromkeys(journal.collects(),
+                                                               time.monotonic())
         self._collecting: set[str] = set()
         self._tomb_after = -1.0  # where the next scheduling pass reads the tombstones
         self._nursery: trio.Nursery | None = None
         contents.on_change = self.kick
         #: called with each object key this mount wrote, moved or deleted
         self.on_bucket_change: Callable[[str], None] = lambda key: None
+        #: called with each deltaspace whose reference check finished
+        self.on_collected: Callable[[str], None] = lambda space: None
         contents.uploads_running = lambda: bool(self._active)
 
     def kick(self) -> None:
@@ -219,17 +225,33 @@ class Writeback:
         return started
 
     def collects_due(self) -> int:
-        return len(self._collect_wanted) + len(self._collecting)
+        """Reference checks queued or running (not those backing off after an error)."""
+        now = time.monotonic()
+        return sum(t <= now for t in self._collect_wanted.values()) + len(self._collecting)
 
     def want_collect(self, space: str) -> None:
+        """Queue the check of ``space``'s reference. Called *before* the delete or move
+        of a delta, so the journal row commits no later than the end of its evidence."""
+        self.journal.want_collect(space)
         self._collect_wanted[space] = time.monotonic()
 
+    def collect_pending(self, space: str) -> bool:
+        return space in self._collect_wanted or space in self._collecting
+
     async def _collect(self, space: str) -> None:
-        """Remove ``space``'s reference if no delta uses it any more (never raises: an
-        unused reference only costs storage, and ``deltafs gc`` finds it later)."""
+        """Remove ``space``'s reference if no delta uses it any more. On a store error
+        the check stays queued (durably) and runs again later; it never raises."""
         try:
             async with self.limiter:
-                await self._run(self.engine.collect_reference, space)
+                await self._run(self.engine.collect_reference, space, False)
+        except Exception as exc:  # noqa: BLE001 - retried; an unused reference only costs storage
+            log.warning("could not check whether %s/reference.bin is still used (will try "
+                        "again in %d s): %s", space, COLLECT_RETRY, exc)
+            self._collect_wanted.setdefault(space, time.monotonic() + COLLECT_RETRY)
+        else:
+            if space not in self._collect_wanted:  # not wanted again meanwhile
+                self.journal.collect_done(space)
+            self.on_collected(space)
         finally:
             self._collecting.discard(space)
             self._notify()
@@ -285,8 +307,10 @@ class Writeback:
                 and node.size >= self.engine.policy.min_delta_size)
 
     def busy(self) -> bool:
+        # a reference check backing off after a store error does not hold a drain: it
+        # stays queued in the journal for the next mount
         return bool(self._active or self._active_keys or self._active_tombstones
-                     or self._collect_wanted or self._collecting)
+                    or self.collects_due())
 
     def pending_failed(self) -> int:
         """Pending changes that failed (not waited for by drain/umount): rows still
@@ -431,10 +455,11 @@ class Writeback:
             self.journal.update(node.ino, dirty=0)
             return
         if node.dirty & MOVED:
+            if old.kind is Kind.DELTA:
+                # queued first: a crash after the move must not forget the check
+                self.want_collect(split_key(old.logical_key)[0])
             try:
                 moved = await self._run(self.engine.move, old, key, attrs, False)
-                if old.kind is Kind.DELTA and moved.object_key != old.object_key:
-                    self.want_collect(split_key(old.logical_key)[0])
                 self.on_bucket_change(old.object_key)
             except (NotFound, Changed) as exc:
                 if isinstance(exc, Changed):
@@ -636,10 +661,11 @@ class Writeback:
                 stored = StoredFile(logical, object_key,
                                     Kind.DELTA if kind == Kind.DELTA.value else Kind.DIRECT,
                                     0, etag or "", 0.0, None)
+                if stored.kind is Kind.DELTA:
+                    # queued first: a crash after the delete must not forget the check
+                    self.want_collect(split_key(logical)[0])
                 try:
                     await self._run(self.engine.delete_stored, stored, False)
-                    if stored.kind is Kind.DELTA:
-                        self.want_collect(split_key(logical)[0])
                     if split_key(object_key)[1] != MANIFEST_NAME:
                         self.on_bucket_change(object_key)
                 except NotFound:

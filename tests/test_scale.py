@@ -320,3 +320,41 @@ def test_a_reference_left_by_a_crash_before_its_check_goes_at_the_next_listing(
     assert os.listdir(d) == []  # lists rel: a reference and no delta
     m.wait_idle(30)
     assert "rel/reference.bin" not in m.objects("rel/")
+
+
+@pytest.mark.parametrize("how", ["rename", "rm -r"])
+def test_a_directory_emptied_just_before_a_crash_does_not_come_back(
+        m: Mount, how: str) -> None:
+    """Found by the model test: a directory renamed (or emptied and removed) right before
+    a kill -9 came back under its old name, as a prefix holding only its reference. The
+    reference check is queued in the journal before the delete it follows, so the next
+    mount finishes it, and the parent's listing does not make a directory of that prefix
+    meanwhile."""
+    rng = random.Random(9)
+    base = rng.randbytes(100 * KiB)
+    d = m.mountpoint / "old"
+    d.mkdir()
+    for i in range(2):
+        (d / f"v{i}.bin").write_bytes(base[:i] + b"!" + base[i + 1:])
+    m.wait_idle(60)
+    assert "old/v1.bin.delta" in m.objects("old/")
+    if how == "rename":
+        os.rename(d, m.mountpoint / "new")
+    else:
+        subprocess.run(["rm", "-r", str(d)], check=True)
+    # kill as soon as the moves or deletes are done: the check waits for a quiet second
+    deadline = time.monotonic() + 30
+    while m.status()["pending_files"]:
+        assert time.monotonic() < deadline, m.log_tail()
+        time.sleep(0.05)
+    m.kill9()
+    assert "old/reference.bin" in m.objects("old/"), "killed too late: the check ran"
+    m.force_unmount()
+    m.mount()
+    assert sorted(os.listdir(m.mountpoint)) == (["new"] if how == "rename" else [])
+    m.wait_idle(30)
+    assert m.objects("old/") == {}
+    assert sorted(os.listdir(m.mountpoint)) == (["new"] if how == "rename" else [])
+    if how == "rename":
+        assert sorted(os.listdir(m.mountpoint / "new")) == ["v0.bin", "v1.bin"]
+        assert (m.mountpoint / "new" / "v1.bin").read_bytes()[:2] == base[:1] + b"!"
