@@ -142,6 +142,8 @@ class Contents:
         self.on_change: Callable[[], None] = lambda: None
         #: whether an upload is running now (it will free room on the cache disk)
         self.uploads_running: Callable[[], bool] = lambda: False
+        #: whether uploads run or can be started now (see ``Writeback.may_free_room``)
+        self.may_free_room: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -213,8 +215,11 @@ class Contents:
             await trio.to_thread.run_sync(self.cache.shrink, need + 2 * LOW_WATER)
             if self.free_bytes() - need >= LOW_WATER:
                 return
-            if not self.uploads_running() or time.monotonic() > deadline:
+            if time.monotonic() > deadline or not self.may_free_room():
                 break
+            if not self.uploads_running():
+                await trio.sleep(0.05)  # started just now: the scheduler picks them up
+                continue
             with trio.move_on_after(1.0):
                 await self.changed.wait()
         log.error("cache disk full: %s needs %d bytes; %d free and the rest holds files not "

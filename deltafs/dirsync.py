@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import TYPE_CHECKING, Callable
 
 import pyfuse3
@@ -16,7 +16,7 @@ from .engine import Engine
 from .errors import StoreError
 from .index import (DirListing, ListingEnd, Resolver, Snapshot, key_of, merge_listing,
                     stream_listing)
-from .journal import CONTENT, ROOT_INO, Journal
+from .journal import CONTENT, ROOT_INO, Journal, Node
 
 if TYPE_CHECKING:
     from .fs import Options
@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 
 #: names merged per step on the trio thread (a checkpoint between steps)
 MERGE_SLICE = 200
+#: one-name listings (a LIST of ``dir/name``) a stale directory gets per TTL before a
+#: full listing is cheaper: at least this many, or as many as its last full listing
+#: had LIST pages (so a walk over every name costs at most twice the full listings)
+NAME_LISTINGS = 4
+#: one-name listings remembered (per-name freshness); more costs only a LIST again
+MAX_NAMES = 4096
 
 
 class DirSync:
@@ -49,6 +55,12 @@ class DirSync:
         #: lost its last delta here): a prefix holding only that reference is no
         #: directory, so the listing of its parent does not make one of it
         self.collect_pending: Callable[[str], bool] = lambda space: False
+        #: (dir, name) -> when a one-name listing of it began
+        self._names: OrderedDict[tuple[int, str], float] = OrderedDict()
+        #: dir -> (start of its current TTL window, one-name listings in it)
+        self._name_window: dict[int, tuple[float, int]] = {}
+        #: dir -> LIST pages of its last full listing
+        self._pages: dict[int, int] = {}
 
     def _fresh(self, listed_at: float | None) -> bool:
         return listed_at is not None and time.time() - listed_at < self.options.listing_ttl
@@ -69,16 +81,68 @@ class DirSync:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(dir_ino, None)
 
-    async def _list(self, dir_ino: int, force: bool) -> None:
+    async def ensure_name(self, dir_ino: int, name: str) -> None:
+        """Bring the row of one name up to date before an operation on it (lookup, open,
+        create, unlink, rename) when the directory's listing is stale or missing: one
+        LIST of ``dir/name`` instead of the whole directory. A directory that gets many
+        such calls in one TTL is listed whole instead (it is cheaper by then), and so is
+        one never listed."""
+        node = self.journal.get(dir_ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if not node.is_dir or self._fresh(node.listed_at) or self._unpublished(node):
+            return
+        if node.listed_at is None:
+            # never listed: list it whole (its rows are what serves the names while S3
+            # is away, and a readdir follows most first lookups anyway)
+            await self.ensure_listed(dir_ino)
+            return
+        now = time.time()
+        checked = self._names.get((dir_ino, name))
+        if checked is not None and now - checked < self.options.listing_ttl:
+            return
+        start, count = self._name_window.get(dir_ino, (now, 0))
+        if now - start >= self.options.listing_ttl:
+            start, count = now, 0
+        if count >= max(NAME_LISTINGS, self._pages.get(dir_ino, 0)):
+            await self.ensure_listed(dir_ino)
+            return
+        if len(self._name_window) >= MAX_NAMES:
+            self._name_window.clear()
+        self._name_window[dir_ino] = (start, count + 1)
+        lock = self._locks[dir_ino]
+        try:
+            async with lock:
+                node = self.journal.get(dir_ino)
+                checked = self._names.get((dir_ino, name))
+                if node is None or self._fresh(node.listed_at) or (
+                        checked is not None and time.time() - checked < self.options.listing_ttl):
+                    return
+                await self._list(dir_ino, False, only=name)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(dir_ino, None)
+
+    def _unpublished(self, node: Node) -> bool:
+        """A directory made here and never published: there is nothing to list."""
+        return bool(node.dirty & CONTENT) and node.remote_key is None \
+            and node.listed_at is None and node.ino != ROOT_INO
+
+    def _name_listed(self, dir_ino: int, name: str, at: float) -> None:
+        self._names[(dir_ino, name)] = at
+        self._names.move_to_end((dir_ino, name))
+        while len(self._names) > MAX_NAMES:
+            self._names.popitem(last=False)
+
+    async def _list(self, dir_ino: int, force: bool, only: str | None = None) -> None:
         node = self.journal.get(dir_ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if self._fresh(node.listed_at) and not force:
             return
-        if node.dirty & CONTENT and node.remote_key is None and node.listed_at is None \
-                and dir_ino != ROOT_INO:
-            # made here and never published: nothing to list
-            self.journal.update(dir_ino, listed_at=time.time())
+        if self._unpublished(node):
+            if only is None:
+                self.journal.update(dir_ino, listed_at=time.time())
             return
         key = key_of(self.journal, self.prefix, dir_ino)
         prefix = f"{key}/" if key else ""
@@ -94,16 +158,35 @@ class DirSync:
         try:
             end = await trio.to_thread.run_sync(
                 stream_listing, self.engine, self.journal, dir_ino, prefix, emit,
-                self.resolve)
+                self.resolve if only is None else None, only)
         except StoreError as exc:
-            if node.listed_at is None:
-                log.warning("cannot list %s: %s", prefix or "/", exc)
+            what = prefix + (only or "") or "/"
+            if node.listed_at is None and (only is None or self.journal.child(
+                    dir_ino, only) is None):
+                log.warning("cannot list %s: %s", what, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            log.warning("cannot refresh %s, serving what is known: %s", prefix or "/", exc)
+            log.warning("cannot refresh %s, serving what is known: %s", what, exc)
+            if only is not None:  # again in 10 s, not on every operation
+                self._name_listed(dir_ino, only,
+                                  time.time() - max(0.0, self.options.listing_ttl - 10))
+                return
             # try again in 10 s, not on every operation while S3 is away
             self.journal.update(dir_ino, listed_at=time.time() -
                                 max(0.0, self.options.listing_ttl - 10))
             return
+        if only is not None:
+            if end.removals:
+                gone = merge_listing(self.journal, dir_ino, DirListing({}, set(), None, None),
+                                     self.contents.busy(), self.options.uid,
+                                     self.options.gid, end.removal_snapshot, started,
+                                     names=end.removals, final=False)
+                self._replaced(dir_ino, gone)
+            self._name_listed(dir_ino, only, started)
+            return
+        if len(self._pages) >= MAX_NAMES:
+            self._pages.clear()
+        self._pages[dir_ino] = end.pages
+        self._name_window.pop(dir_ino, None)
         # rows whose object is gone, then the directory's own facts, in slices
         names = end.removals
         for i in range(0, max(len(names), 1), MERGE_SLICE):

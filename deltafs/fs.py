@@ -255,7 +255,7 @@ class DeltaFS(pyfuse3.Operations):
         elif n == "..":
             node = self._node(self._node(parent_inode).parent)
         else:
-            await self._ensure_listed(parent_inode)
+            await self.dirsync.ensure_name(parent_inode, n)
             found = self.journal.child(parent_inode, n)
             if found is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -440,7 +440,7 @@ class DeltaFS(pyfuse3.Operations):
         if not self._node(parent_inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._check_name(parent_inode, n)
-        await self._ensure_listed(parent_inode)
+        await self.dirsync.ensure_name(parent_inode, n)
         return n, self.journal.child(parent_inode, n)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -463,7 +463,7 @@ class DeltaFS(pyfuse3.Operations):
         """The checks every removal shares: a writable mount and an existing name."""
         self._writable()
         n = self._name(raw)
-        await self._ensure_listed(parent_inode)
+        await self.dirsync.ensure_name(parent_inode, n)
         node = self.journal.child(parent_inode, n)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -531,8 +531,8 @@ class DeltaFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         old, new = self._name(name_old), self._name(name_new, creating=True)
         self._check_name(parent_inode_new, new)
-        await self._ensure_listed(parent_inode_old)
-        await self._ensure_listed(parent_inode_new)
+        await self.dirsync.ensure_name(parent_inode_old, old)
+        await self.dirsync.ensure_name(parent_inode_new, new)
         node = self.journal.child(parent_inode_old, old)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -689,7 +689,7 @@ class DeltaFS(pyfuse3.Operations):
             # close-to-open across mounts: a listing older than the TTL is refreshed
             # first; a file another writer replaced gets a new inode and this one is
             # orphaned (see below)
-            await self._ensure_listed(node.parent)
+            await self.dirsync.ensure_name(node.parent, node.name)
             node = self._node(inode)
         if node.parent == ORPHAN_PARENT and not node.remote_key and node.size \
                 and not (node.staged and node.dirty & CONTENT) \

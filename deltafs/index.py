@@ -16,7 +16,7 @@ import logging
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .engine import Engine
 from .format import (DELTA_SUFFIX, MAX_NAME_BYTES, Kind, StoredFile, classify, join_key,
@@ -79,6 +79,7 @@ class ListingEnd:
     removals: list[str] = field(default_factory=list)
     removal_snapshot: Snapshot = field(default_factory=dict)
     heads: int = 0
+    pages: int = 0  # LIST requests
     manifest_hits: int = 0
     saw_delta: bool = False
 
@@ -90,7 +91,7 @@ Resolver = Callable[[list[ObjectInfo], ObjectInfo], dict[str, StoredFile]]
 
 def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
                    emit: Callable[[DirListing, Snapshot], None],
-                   resolve: Resolver | None = None) -> ListingEnd:
+                   resolve: Resolver | None = None, only: str | None = None) -> ListingEnd:
     """LIST ``prefix`` a page at a time and hand each page, with the metadata its new or
     changed objects need, to ``emit`` (which applies it): memory stays bounded by a page
     and the trio thread only ever merges a page. Blocking: runs in a worker thread.
@@ -99,9 +100,20 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
     trio thread's lock is never held for the scan); it only decides which objects need a
     HEAD and which rows may have gone. Every change is decided again, row by row, when
     it is applied (:func:`merge_listing`), so a stale view costs a HEAD, never a wrong
-    row. Objects a manifest describes (same ETag and size) need no HEAD."""
-    rows = journal.read("SELECT ino, name, remote_key, remote_etag FROM nodes "
-                        "WHERE parent=? AND ino != ?", (dir_ino, dir_ino))
+    row. Objects a manifest describes (same ETag and size) need no HEAD.
+
+    ``only``: the listing of one name (a lookup after the TTL): LIST ``prefix + only``,
+    which holds ``only``, ``only.delta`` and ``only/`` near its start (keys sort as
+    "a" < "a-1" < "a.delta" < "a/" < "a0"), and stop at the first page past them. Only
+    that name's row is decided; the directory's own facts are not touched."""
+    cols = "ino, name, remote_key, remote_etag, mode & 61440 = 16384"  # (S_IFMT, S_IFDIR)
+    if only is None:
+        rows = journal.read(f"SELECT {cols} FROM nodes WHERE parent=? AND ino != ?",
+                            (dir_ino, dir_ino))
+    else:
+        rows = journal.read(f"SELECT {cols} FROM nodes WHERE parent=? AND name=? AND ino != ?",
+                            (dir_ino, only, dir_ino))
+    known_dirs = {r[1] for r in rows if r[4]}
     here = journal.read("SELECT remote_key, remote_etag FROM nodes WHERE ino=?", (dir_ino,))
     snapshot: Snapshot = {r[0]: (r[1], r[2], r[3]) for r in rows}
     by_name = {r[1]: r[0] for r in rows}
@@ -112,10 +124,26 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
     end = ListingEnd()
     seen: set[str] = set()
     saw_delta = False
-    direct_head: bool | None = None  # HEAD unknown plain objects? decided once
+    # HEAD unknown plain objects? decided once (for one name: yes, it is one HEAD)
+    direct_head: bool | None = True if only is not None else None
     held: dict[str, StoredFile] = {}  # names that may go on in the next page
     held_listed: dict[str, ObjectInfo] = {}
-    for page in itertools.chain(engine.store.iter_pages(prefix), [None]):
+
+    def pages() -> Iterator[Listing]:
+        if only is None:
+            for page in engine.store.iter_pages(prefix):
+                end.pages += 1
+                yield page
+            return
+        last = f"{prefix}{only}/"
+        for page in engine.store.iter_pages(prefix + only):
+            end.pages += 1
+            yield page
+            keys = [*(o.key for o in page.objects[-1:]), *page.prefixes[-1:]]
+            if keys and max(keys) >= last:
+                return  # past the name's every form
+
+    for page in itertools.chain(pages(), [None]):
         files: dict[str, StoredFile] = held
         listed: dict[str, ObjectInfo] = held_listed
         held, held_listed = {}, {}
@@ -152,6 +180,10 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
             if old is None or f.mtime > old.mtime:
                 files[name] = f
                 listed[o.key] = o
+        if only is not None:
+            files = {n: f for n, f in files.items() if n == only}
+            listed = {f.object_key: listed[f.object_key] for f in files.values()}
+            dirs = dirs & {only}
         for name in list(files):
             if name in dirs:
                 _warn_once(files[name].object_key, "a directory of the same name hides it")
@@ -193,7 +225,9 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
         need += [o.key for o in unknown]
         # A sub-directory seen for the first time: its marker (if any) holds its
         # attributes, which rsync and tar compare before they ever open it.
-        need += [f"{prefix}{d}/" for d in sorted(dirs) if f"{prefix}{d}/" not in known]
+        # (a directory already known keeps its row; its own listing reads its marker)
+        need += [f"{prefix}{d}/" for d in sorted(dirs)
+                 if f"{prefix}{d}/" not in known and d not in known_dirs]
         dir_markers: dict[str, StoredFile] = {}
         end.heads += len(need)
         for key, f in engine.head_many(need).items():

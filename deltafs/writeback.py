@@ -54,6 +54,8 @@ MAX_TOMBSTONE_SCAN = 2000
 COLLECT_QUIET = 1.0
 #: after a failed reference check (S3 away), wait this long before the next
 COLLECT_RETRY = 30
+#: a full cache disk starts backing-off uploads early at most this often (seconds)
+FORCED_RETRY = 5.0
 
 
 def _backoff(attempt: int) -> float:
@@ -126,6 +128,9 @@ class Writeback:
         #: called with each deltaspace whose reference check finished
         self.on_collected: Callable[[str], None] = lambda space: None
         contents.uploads_running = lambda: bool(self._active)
+        contents.may_free_room = self.may_free_room
+        self._forced_retry = 0.0
+        self._last_ok = self._last_fail = 0.0  # monotonic times of the last upload outcomes
 
     def kick(self) -> None:
         self.wakeup.set()
@@ -228,6 +233,24 @@ class Writeback:
         """Reference checks queued or running (not those backing off after an error)."""
         now = time.monotonic()
         return sum(t <= now for t in self._collect_wanted.values()) + len(self._collecting)
+
+    def may_free_room(self) -> bool:
+        """Whether waiting can make room on a full cache disk: uploads are running, or
+        some back off after an error and may go now. Those are started at once when the
+        last upload succeeded (S3 answers again), else at most once every
+        ``FORCED_RETRY`` seconds: while S3 stays away, a full disk answers ENOSPC after
+        one quick try instead of waiting out every write."""
+        if self._active:
+            return True
+        if not self.state.retry_at:
+            return False
+        now = time.monotonic()
+        if self._last_ok <= self._last_fail and now - self._forced_retry < FORCED_RETRY:
+            return False
+        self._forced_retry = now
+        self.state.retry_at.clear()
+        self.kick()
+        return True
 
     def want_collect(self, space: str) -> None:
         """Queue the check of ``space``'s reference. Called *before* the delete or move
@@ -365,6 +388,7 @@ class Writeback:
                         key_of(self.journal, self.prefix, ino) != key:
                     return
                 await self._sync(node, key)
+            self._last_ok = time.monotonic()
             self.state.failures.pop(ino, None)
             self.state.retry_at.pop(ino, None)
             self._forget_failure(ino)
@@ -404,6 +428,7 @@ class Writeback:
             pass
         self.state.last_error = f"{where}: {type(exc).__name__}: {exc}"
         self.state.last_error_at = time.time()
+        self._last_fail = time.monotonic()
         bucket_wide = isinstance(exc, (AccessDenied, BucketNotFound))
         if getattr(exc, "permanent", False) and node is not None and not bucket_wide:
             self.state.failed[ino] = f"{type(exc).__name__}: {exc}"

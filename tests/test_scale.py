@@ -358,3 +358,41 @@ def test_a_directory_emptied_just_before_a_crash_does_not_come_back(
     if how == "rename":
         assert sorted(os.listdir(m.mountpoint / "new")) == ["v0.bin", "v1.bin"]
         assert (m.mountpoint / "new" / "v1.bin").read_bytes()[:2] == base[:1] + b"!"
+
+
+def test_a_lookup_after_the_ttl_lists_one_name_not_the_directory(
+        m: Mount, moto_server: str, bucket: str, tmp_path: Path) -> None:
+    """``stat dir/name`` on a stale directory of 1,500 objects costs one LIST of
+    ``dir/name``, not the directory's two pages, and still sees another writer's change
+    to that name; a walk over many names in one TTL falls back to one listing of the
+    whole directory."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    for i in range(1500):
+        s3.put_object(Bucket=bucket, Key=f"big/f{i:04d}", Body=b"x" * (i % 7))
+    m.umount()
+    m.wipe_cache()
+    m.mount(["--listing-ttl", "2"])
+    big = m.mountpoint / "big"
+    os.listdir(m.mountpoint)
+    before = m.requests()
+    assert len(os.listdir(big)) == 1500  # the whole directory: two pages
+    assert _delta(before, m.requests()).get("LIST") == 2
+    s3.put_object(Bucket=bucket, Key="big/f0010", Body=b"changed")
+    s3.put_object(Bucket=bucket, Key="big/f0011", Body=b"also changed")
+    time.sleep(2.2)  # past the TTL (and the kernel's entry timeout)
+    before = m.requests()
+    assert (big / "f0010").read_bytes() == b"changed"
+    got = _delta(before, m.requests())
+    assert got.get("LIST") == 2, got  # one name per path component: "big", "f0010"
+    with pytest.raises(FileNotFoundError):
+        (big / "nothing-here").stat()
+    # a walk over many names: after a few one-name listings, one full listing
+    before = m.requests()
+    for i in range(20, 40):
+        (big / f"f{i:04d}").stat()
+    lists = _delta(before, m.requests()).get("LIST", 0)
+    assert lists <= 4 + 2, lists  # at most 4 one-name listings, then the directory's 2 pages
+    assert (big / "f0011").stat().st_size == len(b"also changed")  # the full listing saw it
