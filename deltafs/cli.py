@@ -7,12 +7,14 @@ only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
 from .api import DEFAULT_CACHE_SIZE, default_cache_dir, make_engine
@@ -212,31 +214,53 @@ def _get_stdout(engine: Engine, key: str) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     loc = parse(args.url)
     engine = engine_for(loc, args)
-    entries = engine.list(loc.key, recursive=args.recursive, sizes=args.long or args.json)
-    if not entries and loc.key and not loc.key.endswith("/"):
+    # streamed: a tree of any size is printed as it is listed (a LIST page and a batch
+    # of HEADs in memory); sorted within each batch, nearly sorted overall
+    stream = _batches(engine.iter_entries(loc.key, recursive=args.recursive,
+                                          sizes=args.long or args.json))
+    first = next(stream, [])
+    if not first and loc.key and not loc.key.endswith("/"):
         try:
             f = engine.stat(loc.key)
-            entries = [e for e in engine.list(split_key(loc.key)[0]) if e.key == f.logical_key]
+            first = [e for e in engine.list(split_key(loc.key)[0]) if e.key == f.logical_key]
         except NotFound:
             raise NotFound(f"{loc}: no such file or prefix") from None
-
-    def text() -> None:
-        base = loc.key if loc.key.endswith("/") or not loc.key else loc.key + "/"
-        for e in entries:
-            shown = e.key[len(base):] if e.key.startswith(base) else e.key
-            if args.long:
-                if e.is_dir:
-                    print(f"{'DIR':>12}  {'':16}  {'':9}  {shown}")
-                else:
-                    import time
-
-                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
-                    print(f"{e.size:>12}  {when:16}  {e.kind:9}  {shown}")
+    base = loc.key if loc.key.endswith("/") or not loc.key else loc.key + "/"
+    n = 0
+    if args.json:
+        sys.stdout.write("[")
+    for batch in itertools.chain([first], stream):
+        for e in batch:
+            if args.json:
+                sys.stdout.write(("," if n else "") + "\n  " + json.dumps(_entry_json(e)))
             else:
-                print(shown)
-
-    _emit(args, [_entry_json(e) for e in entries], text)
+                _print_entry(e, base, args.long)
+            n += 1
+    if args.json:
+        sys.stdout.write("\n]\n" if n else "]\n")
     return 0
+
+
+def _batches(entries: Iterator[Entry], size: int = 1000) -> Iterator[list[Entry]]:
+    batch: list[Entry] = []
+    for e in entries:
+        batch.append(e)
+        if len(batch) >= size:
+            yield sorted(batch, key=lambda x: x.key)
+            batch = []
+    if batch:
+        yield sorted(batch, key=lambda x: x.key)
+
+
+def _print_entry(e: Entry, base: str, long: bool) -> None:
+    shown = e.key[len(base):] if e.key.startswith(base) else e.key
+    if not long:
+        print(shown)
+    elif e.is_dir:
+        print(f"{'DIR':>12}  {'':16}  {'':9}  {shown}")
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime_ns / 1e9))
+        print(f"{e.size:>12}  {when:16}  {e.kind:9}  {shown}")
 
 
 def _entry_json(e: Entry) -> dict[str, Any]:
@@ -322,16 +346,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     def each(key: str, error: str | None) -> None:
         progress(f"{'FAILED' if error else 'ok'}  {key}")
 
-    results = engine.verify(loc.key, each)
-    bad = [(k, e) for k, e in results if e]
+    # streamed: only the failures are kept for the summary
+    bad: list[tuple[str, str]] = []
+    total = 0
+    for k, e in engine.iter_verify(loc.key):
+        each(k, e)
+        if args.json:
+            sys.stdout.write(("," if total else "[") + "\n  " +
+                             json.dumps({"key": k, "ok": e is None, "error": e}))
+        if e:
+            bad.append((k, e))
+        total += 1
     if args.json:
-        json.dump([{"key": k, "ok": e is None, "error": e} for k, e in results],
-                  sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write("\n]\n")  # (nothing to verify raised before any output)
     else:
         for k, e in bad:
             print(f"FAILED {k}: {e}")
-        print(f"{len(results) - len(bad)} of {len(results)} files verified"
+        print(f"{total - len(bad)} of {total} files verified"
               + (f", {len(bad)} FAILED" if bad else ""))
     return 1 if bad else 0
 

@@ -9,6 +9,7 @@ are both safe across threads and processes.
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import tempfile
@@ -24,6 +25,7 @@ from .cache import ContentCache, digest_file
 from .crashpoints import crash_point
 from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
 from .format import (
+    DELTA_SUFFIX,
     Attrs,
     MANIFEST_NAME,
     Kind,
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: wide-window encodes cost ~1.6x the reference size in RAM: never two at once
 _WIDE_ENCODES = threading.Lock()
+#: bulk commands (ls -R, stats, verify, rm -r) work in batches of this many keys
+BULK_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -751,45 +755,118 @@ class Engine:
 
     def delete_tree(self, prefix: str, progress: Callable[[str], None] | None = None) -> int:
         """Remove every logical file below ``prefix`` (a directory), references and
-        directory markers included. Returns the number of files removed."""
+        directory markers included. Returns the number of files removed.
+
+        Streams: files go 1,000 keys per request as the listing reads them; references,
+        manifests and markers (one per directory) are kept aside and go last, so no
+        delta ever loses its reference while it still exists."""
         prefix = _dir_prefix(prefix)
-        objects = list(self.store.iter_objects(prefix))
-        files = [o for o in objects if not _is_reference(o.key) and not _is_manifest(o.key)
-                 and not o.key.endswith("/")]
-        self.store.delete_many([o.key for o in files])
-        if progress:
-            for o in files:
-                progress(o.key)
-        rest = [o.key for o in objects if _is_reference(o.key) or _is_manifest(o.key)
-                or o.key.endswith("/")]
+        batch: list[str] = []
+        rest: list[str] = []
+        n = 0
+
+        def flush() -> None:
+            self.store.delete_many(batch)
+            if progress:
+                for k in batch:
+                    progress(k)
+            batch.clear()
+
+        for o in self.store.iter_objects(prefix):
+            if _is_reference(o.key) or _is_manifest(o.key) or o.key.endswith("/"):
+                rest.append(o.key)
+                continue
+            batch.append(o.key)
+            n += 1
+            if len(batch) >= BULK_BATCH:
+                flush()
+        flush()
         self.store.delete_many(rest)
-        return len(files)
+        return n
 
     # --------------------------------------------------------------------- list
 
     def list(self, prefix: str, recursive: bool = False, sizes: bool = True) -> list[Entry]:
-        """Logical files (true sizes) and directories under the directory ``prefix``.
+        """Logical files (true sizes) and directories under the directory ``prefix``,
+        sorted (all in memory: for big trees use :meth:`iter_entries`).
 
         Deltas carry their file size in metadata only, so each is HEADed (concurrently);
         ``sizes=False`` skips that and reports ``size=-1`` for them.
         """
+        return sorted(self.iter_entries(prefix, recursive, sizes), key=lambda e: e.key)
+
+    def iter_entries(self, prefix: str, recursive: bool = False,
+                     sizes: bool = True) -> Iterator[Entry]:
+        """Like :meth:`list`, streamed: memory bounded by a LIST page and a HEAD batch,
+        whatever the size of the tree. Nearly in key order: a plain object whose
+        ``.delta`` form may still come later in the listing is held until the listing
+        has passed that key (``a`` comes after ``a-1``, which sorts before ``a.delta``)."""
         prefix = _dir_prefix(prefix)
+        dirs: list[str] = []  # sub-prefixes of the pages read so far (one level)
         if recursive:
-            listing_objects = list(self.store.iter_objects(prefix))
-            prefixes: list[str] = []
+            objects: Iterator[ObjectInfo] = self.store.iter_objects(prefix)
         else:
-            listing = self.store.list(prefix)
-            listing_objects, prefixes = listing.objects, listing.prefixes
-        files = self._logical(listing_objects)
-        if sizes:
-            files = self._with_metadata(files)
-        entries = [Entry(p, True) for p in prefixes]
-        for f in files.values():
-            if f.kind is Kind.MARKER:
+            def level() -> Iterator[ObjectInfo]:
+                for page in self.store.iter_pages(prefix):
+                    dirs.extend(page.prefixes)
+                    yield from page.objects
+            objects = level()
+        for f in self.iter_files(objects, sizes):
+            while dirs:
+                yield Entry(dirs.pop(), True)
+            if f.kind is not Kind.MARKER:
+                yield _entry(f)
+        for d in dirs:
+            yield Entry(d, True)
+
+    def iter_files(self, objects: Iterator[ObjectInfo], sizes: bool = True
+                   ) -> Iterator[StoredFile]:
+        """Objects (in key order) -> logical files, streamed. Of a delta and a plain
+        object with one name the newer wins (a writer that switched forms and crashed
+        before cleaning up); since ``name`` < ``name.delta`` in key order, a plain
+        object is held until the stream passes ``name.delta``. With ``sizes``, deltas
+        are HEADed for their metadata in concurrent batches."""
+        held: dict[str, StoredFile] = {}  # logical key -> plain object waiting
+        release: list[tuple[str, str]] = []  # heap of (key of its .delta form, logical)
+        out: list[StoredFile] = []
+
+        def emit(f: StoredFile) -> Iterator[StoredFile]:
+            out.append(f)
+            if len(out) >= BULK_BATCH:
+                yield from drain()
+
+        def drain() -> Iterator[StoredFile]:
+            if sizes:
+                need = [f.object_key for f in out if f.kind is Kind.DELTA and f.metadata is None]
+                got = self.head_many(need)
+                batch = [got.get(f.object_key, f) for f in out]
+            else:
+                batch = list(out)
+            out.clear()
+            yield from batch
+
+        for o in objects:
+            while release and release[0][0] < o.key:
+                _, logical = heapq.heappop(release)
+                f = held.pop(logical, None)
+                if f is not None:
+                    yield from emit(f)
+            f = classify(o.key, o.size, o.etag, o.mtime, o.metadata)
+            if f is None or _is_manifest(o.key):
                 continue
-            entries.append(_entry(f))
-        entries.sort(key=lambda e: e.key)
-        return entries
+            if f.kind is Kind.DELTA:
+                plain = held.pop(f.logical_key, None)
+                if plain is not None and plain.mtime > f.mtime:
+                    f = plain
+                yield from emit(f)
+            elif f.kind is Kind.MARKER:
+                yield from emit(f)
+            else:
+                held[f.logical_key] = f
+                heapq.heappush(release, (f.logical_key + DELTA_SUFFIX, f.logical_key))
+        for logical in list(held):
+            yield from emit(held.pop(logical))
+        yield from drain()
 
     def _logical(self, objects: list[ObjectInfo]) -> dict[str, StoredFile]:
         """Objects -> logical files; of a delta and a direct object with one name, the
@@ -828,16 +905,20 @@ class Engine:
         return files
 
     def stats(self, prefix: str) -> Stats:
-        """Logical bytes (true sizes) against every byte stored under ``prefix``."""
+        """Logical bytes (true sizes) against every byte stored under ``prefix``;
+        streamed (a LIST page and a HEAD batch in memory at a time)."""
         prefix = _dir_prefix(prefix)
-        objects = list(self.store.iter_objects(prefix))
-        result = Stats(stored_bytes=sum(o.size for o in objects))
-        for o in objects:
-            if _is_reference(o.key):
-                result.references += 1
-                result.reference_bytes += o.size
-        files = self._with_metadata(self._logical(objects))
-        for f in files.values():
+        result = Stats()
+
+        def counted() -> Iterator[ObjectInfo]:
+            for o in self.store.iter_objects(prefix):
+                result.stored_bytes += o.size
+                if _is_reference(o.key):
+                    result.references += 1
+                    result.reference_bytes += o.size
+                yield o
+
+        for f in self.iter_files(counted()):
             if f.kind is Kind.MARKER:
                 continue
             result.files += 1
@@ -851,19 +932,30 @@ class Engine:
                progress: Callable[[str, str | None], None] | None = None) -> list[tuple[str, str | None]]:
         """Rebuild every file under a prefix (or one file) and check its SHA-256.
         Returns ``(key, error or None)`` for each; nothing is written anywhere."""
+        results = []
+        for key, error in self.iter_verify(prefix_or_key):
+            results.append((key, error))
+            if progress:
+                progress(key, error)
+        return results
+
+    def iter_verify(self, prefix_or_key: str) -> Iterator[tuple[str, str | None]]:
+        """:meth:`verify`, streamed: ``(key, error or None)`` as each file is checked."""
         try:
-            targets = [self.stat(prefix_or_key)] if prefix_or_key and not prefix_or_key.endswith("/") else []
+            one = self.stat(prefix_or_key) \
+                if prefix_or_key and not prefix_or_key.endswith("/") else None
         except NotFound:
-            targets = []
-        if not targets:
+            one = None
+        if one is not None:
+            targets: Iterator[StoredFile] = iter([one])
+        else:
             prefix = _dir_prefix(prefix_or_key)
-            targets = [f for f in self._logical(list(self.store.iter_objects(prefix))).values()
-                       if f.kind is not Kind.MARKER]
-            if not targets:
-                raise NotFound(f"{self.store.name}/{prefix_or_key}: nothing to verify")
-        results: list[tuple[str, str | None]] = []
+            targets = (f for f in self.iter_files(self.store.iter_objects(prefix), sizes=False)
+                       if f.kind is not Kind.MARKER)
+        seen = False
         with self._scratch() as scratch:
-            for f in sorted(targets, key=lambda t: t.logical_key):
+            for f in targets:
+                seen = True
                 out = scratch / "out"
                 error: str | None = None
                 try:
@@ -872,10 +964,9 @@ class Engine:
                     error = str(exc)
                 finally:
                     out.unlink(missing_ok=True)
-                results.append((f.logical_key, error))
-                if progress:
-                    progress(f.logical_key, error)
-        return results
+                yield f.logical_key, error
+        if not seen:
+            raise NotFound(f"{self.store.name}/{prefix_or_key}: nothing to verify")
 
 
 def _no_space(exc: BaseException) -> bool:
