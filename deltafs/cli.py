@@ -453,8 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="allow rm -r of a whole store")
     sp.add_argument("url", metavar="URL")
 
-    sp = add("gc", cmd_gc, "remove references no delta uses any more (after a grace period; "
-             "deltafs never removes them online, where another writer may be using one)",
+    sp = add("gc", cmd_gc, "remove references no delta uses any more, older than a grace "
+             "period (left by a crash, a failed check or another tool; a mount removes "
+             "its own unused references as it goes)",
              True)
     sp.add_argument("--grace", default="1h",
                     help="only references older than this (default 1h; e.g. 0, 15m, 2d)")

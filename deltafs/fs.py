@@ -797,6 +797,10 @@ class DeltaFS(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         n = self._name(name)
+        if not n.startswith(XATTR_PREFIX):
+            # ls -l asks every file for security.selinux and system.posix_acl_access:
+            # answered without a journal read (deltafs stores no other attributes)
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self._node(inode)
         values = self._xattrs(node)
         if n not in values:
