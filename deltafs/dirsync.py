@@ -61,6 +61,9 @@ class DirSync:
         self._name_window: dict[int, tuple[float, int]] = {}
         #: dir -> LIST pages of its last full listing
         self._pages: dict[int, int] = {}
+        #: sub-prefixes a listing left out (see ``_going``): their parent is listed
+        #: again once their reference check is done
+        self.hidden_spaces: set[str] = set()
 
     def _fresh(self, listed_at: float | None) -> bool:
         return listed_at is not None and time.time() - listed_at < self.options.listing_ttl
@@ -182,6 +185,9 @@ class DirSync:
                                      names=end.removals, final=False)
                 self._replaced(dir_ino, gone)
             self._name_listed(dir_ino, only, started)
+            if end.pages > 1:  # a name many others start with: count what it cost
+                start, count = self._name_window.get(dir_ino, (started, 0))
+                self._name_window[dir_ino] = (start, count + end.pages - 1)
             return
         if len(self._pages) >= MAX_NAMES:
             self._pages.clear()
@@ -206,11 +212,12 @@ class DirSync:
                      started: float) -> None:
         """Merge one LIST page, ``MERGE_SLICE`` names at a time with a checkpoint between
         slices: a 1,000-entry page never holds the loop for long."""
-        hidden = {n for n in part.dirs if self.collect_pending(f"{prefix}{n}")
-                  and self.journal.child(dir_ino, n) is None}
+        hidden = {n for n in part.dirs if self.journal.child(dir_ino, n) is None
+                  and self._going(f"{prefix}{n}")}
         if hidden:
-            log.debug("listing %s: not showing %s yet (its reference is being checked)",
-                      prefix or "/", sorted(hidden))
+            log.debug("listing %s: not showing %s (this mount is removing or checking "
+                      "what is left under it)", prefix or "/", sorted(hidden))
+            self.hidden_spaces.update(f"{prefix}{n}" for n in hidden)
             part = DirListing(part.files, part.dirs - hidden, part.marker, part.reference,
                               part.dir_markers)
         names = [*part.files, *part.dirs]
@@ -224,6 +231,20 @@ class DirSync:
                                  names=chunk, final=False)
             self._replaced(dir_ino, gone)
             await trio.sleep(0)
+
+    def _going(self, space: str) -> bool:
+        """Whether a sub-prefix with no row here is on its way out because of this mount:
+        its reference check is pending, or a queued delete or a live row's published
+        object (a rename not yet carried out) lies under it. A listing must not make a
+        directory of it (no listing ever removes a directory row, so it would stay)."""
+        if self.collect_pending(space):
+            return True
+        lo, hi = f"{space}/", f"{space}0"  # "0" sorts right after "/"
+        return self.journal.x(
+            "SELECT 1 FROM tombstones WHERE object_key >= ? AND object_key < ? LIMIT 1",
+            (lo, hi)).fetchone() is not None or self.journal.x(
+            "SELECT 1 FROM nodes WHERE remote_key >= ? AND remote_key < ? AND parent != 0 "
+            "LIMIT 1", (lo, hi)).fetchone() is not None
 
     def _replaced(self, dir_ino: int, gone: list[tuple[int, str]]) -> None:
         for old_ino, name in gone:

@@ -856,7 +856,7 @@ class Engine:
                 continue
             if f.kind is Kind.DELTA:
                 plain = held.pop(f.logical_key, None)
-                if plain is not None and plain.mtime > f.mtime:
+                if plain is not None and plain.mtime >= f.mtime:  # a tie: the plain one, as the mount
                     f = plain
                 yield from emit(f)
             elif f.kind is Kind.MARKER:

@@ -302,6 +302,9 @@ class DeltaFS(pyfuse3.Operations):
     def _collected(self, space: str) -> None:
         """The check of ``space``'s reference is done: its parent's listing may have left
         it out (see ``DirSync.collect_pending``), so the next access lists it again."""
+        if space not in self.dirsync.hidden_spaces:
+            return  # no listing left it out
+        self.dirsync.hidden_spaces.discard(space)
         rel = space[len(self.prefix):].strip("/") if self.prefix else space
         if self.prefix and not (space == self.prefix or space.startswith(self.prefix + "/")):
             return
@@ -312,8 +315,10 @@ class DeltaFS(pyfuse3.Operations):
             if node is None or not node.is_dir:
                 return
             ino = node.ino
-        if parts:
-            self.journal.update(ino, listed_at=None)
+        node = self.journal.get(ino)
+        if parts and node is not None and node.listed_at is not None:
+            # stale, not "never listed": while S3 is away it is still served from its rows
+            self.journal.update(ino, listed_at=0.0)
 
     def _drop_manifest(self, ino: int, dir_key: str) -> None:
         """The directory at ``dir_key`` goes (rmdir) or moves (rename): its manifest too."""

@@ -268,9 +268,17 @@ class Writeback:
             async with self.limiter:
                 await self._run(self.engine.collect_reference, space, False)
         except Exception as exc:  # noqa: BLE001 - retried; an unused reference only costs storage
-            log.warning("could not check whether %s/reference.bin is still used (will try "
-                        "again in %d s): %s", space, COLLECT_RETRY, exc)
-            self._collect_wanted.setdefault(space, time.monotonic() + COLLECT_RETRY)
+            if getattr(exc, "permanent", False):
+                # refused for good (access, an archived object): `deltafs gc` is the way
+                log.error("cannot check whether %s/reference.bin is still used, not trying "
+                          "again (`deltafs gc` removes it if unused): %s", space, exc)
+                if space not in self._collect_wanted:
+                    self.journal.collect_done(space)
+                self.on_collected(space)
+            else:
+                log.warning("could not check whether %s/reference.bin is still used (will "
+                            "try again in %d s): %s", space, COLLECT_RETRY, exc)
+                self._collect_wanted.setdefault(space, time.monotonic() + COLLECT_RETRY)
         else:
             if space not in self._collect_wanted:  # not wanted again meanwhile
                 self.journal.collect_done(space)
@@ -534,6 +542,10 @@ class Writeback:
             # only a file that was ever published (or the bucket's own objects, which
             # the index gives a remote_key) can have an older object in the other form
             check_other = old is not None
+            if old is not None and old.kind is Kind.DELTA:
+                # a delta stored again direct (now too small, or incompressible) leaves
+                # its reference perhaps unused: queued first, as for a delete
+                self.want_collect(split_key(old.logical_key)[0])
             crash_point("upload-before-put")
             if node.sha256:
                 self._attempts.setdefault(node.ino, set()).update(
