@@ -9,9 +9,11 @@ import random
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from faultproxy import fault_proxy  # noqa: F401 - a fixture
 from helpers import MANIFEST
 from mountfixtures import Mount, mounted, release_versions  # noqa: F401 - a fixture
 
@@ -396,3 +398,68 @@ def test_a_lookup_after_the_ttl_lists_one_name_not_the_directory(
     lists = _delta(before, m.requests()).get("LIST", 0)
     assert lists <= 4 + 2, lists  # at most 4 one-name listings, then the directory's 2 pages
     assert (big / "f0011").stat().st_size == len(b"also changed")  # the full listing saw it
+
+
+@pytest.mark.parametrize("how", ["rm -r", "rename"])
+def test_a_directory_on_its_way_out_is_not_listed_back(
+        fault_proxy: Any, bucket: str, tmp_path: Path, how: str) -> None:
+    """While this mount's deletes (or the copies of a rename) of a directory's objects
+    back off (503 SlowDown), a listing of the parent still sees the old prefix: it must
+    not make a directory of it (no listing removes a directory row, so it would stay)."""
+    m = Mount(bucket, fault_proxy.url, tmp_path / "m", extra_args=["--listing-ttl", "1"])
+    try:
+        m.mount()
+        d = m.mountpoint / "d"
+        d.mkdir()
+        for i in range(3):
+            (d / f"f{i}").write_bytes(b"x" * (100 + i))
+        m.wait_idle(30)
+        fault_proxy.set("slowdown", kind={"DeleteObject", "CopyObject"})
+        if how == "rm -r":
+            subprocess.run(["rm", "-r", str(d)], check=True)
+        else:
+            os.rename(d, m.mountpoint / "e")
+        time.sleep(1.5)  # the root's listing is stale; the objects are still under d/
+        assert "d/f0" in m.objects("d/")
+        assert sorted(os.listdir(m.mountpoint)) == ([] if how == "rm -r" else ["e"])
+        fault_proxy.clear()
+        m.wait_idle(60)
+        time.sleep(1.2)
+        assert sorted(os.listdir(m.mountpoint)) == ([] if how == "rm -r" else ["e"])
+        assert m.objects("d/", manifests=True) == {}
+    finally:
+        try:
+            m.teardown()
+        finally:
+            m.dump_logs()
+
+
+def test_a_directory_stays_served_while_s3_is_away_after_a_reference_check(
+        fault_proxy: Any, bucket: str, tmp_path: Path) -> None:
+    """A reference check (after a delta's delete) used to mark the parent "never
+    listed", which answers EIO when S3 cannot be reached; a known directory is served
+    from its rows instead."""
+    m = Mount(bucket, fault_proxy.url, tmp_path / "m", extra_args=["--listing-ttl", "1"])
+    try:
+        m.mount()
+        rng = random.Random(5)
+        base = rng.randbytes(100 * KiB)
+        top = m.mountpoint / "top"
+        top.mkdir()
+        for i in range(3):
+            (top / f"v{i}.bin").write_bytes(base[:i] + b"!" + base[i + 1:])
+        (m.mountpoint / "other").write_bytes(b"keep")
+        m.wait_idle(60)
+        os.unlink(top / "v2.bin")  # a delta: its directory's reference is checked
+        m.wait_idle(60)
+        fault_proxy.set("refuse")
+        time.sleep(1.5)  # every listing is stale now
+        assert sorted(os.listdir(m.mountpoint)) == ["other", "top"]
+        assert sorted(os.listdir(top)) == ["v0.bin", "v1.bin"]
+        assert (m.mountpoint / "other").read_bytes() == b"keep"
+    finally:
+        fault_proxy.clear()
+        try:
+            m.teardown()
+        finally:
+            m.dump_logs()
