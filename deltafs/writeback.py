@@ -478,8 +478,9 @@ class Writeback:
             res = await self._run(self.engine.put_symlink, key, target, attrs)
             await self._published(node, key, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
                                   etag=res.etag)
+            self._drop_old(old, key)  # in the publish's transaction (see _drop_old)
             await self._commit()
-            await self._drop_old(old, key)
+            self.kick()
             return
         if node.dirty & CONTENT:
             await self._upload(node, key, attrs, old)
@@ -565,6 +566,7 @@ class Writeback:
                 res.stored_size - (res.original_size if res.kind == "reference" else 0),
                 ref, res.sha256, etag=res.etag)
             self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
+            self._drop_old(old, object_key)  # in the publish's transaction (see _drop_old)
             if recorded:
                 self.state.uploaded_files += 1
                 self.state.uploaded_bytes += res.original_size
@@ -575,7 +577,7 @@ class Writeback:
                                            recorded)
         crash_point("publish-after-commit")
         if object_key:
-            await self._drop_old(old, object_key)
+            self.kick()  # the old object's tombstone
 
     async def _replay_move(self, node: Node, old: StoredFile, key: str, attrs: Attrs
                            ) -> StoredFile:
@@ -605,8 +607,13 @@ class Writeback:
         except NotFound:
             return None
 
-    async def _drop_old(self, old: StoredFile | None, new_object_key: str) -> None:
-        """After publishing under a new key, the object under the old key goes."""
+    def _drop_old(self, old: StoredFile | None, new_object_key: str) -> None:
+        """After publishing under a new key, the object under the old key goes. Queued in
+        the same transaction as the publish, with no checkpoint in between: once the row
+        no longer claims the old object, a listing merged in between (or the next mount,
+        after a crash between two commits) would find it unclaimed and with no tombstone,
+        and bring it back as a file (found by the model test: a renamed file came back
+        under its old name, with the delta's object size)."""
         if old is None or old.object_key == new_object_key:
             return
         if old.object_key in (new_object_key, new_object_key + ".delta") or \
@@ -615,8 +622,6 @@ class Writeback:
         if self.journal.remote_claimed(old.object_key):
             return  # another live row is published there now
         self.journal.add_tombstone(old.object_key, old.kind.value, old.etag or None)
-        await self._commit()
-        self.kick()
 
     async def _published(self, before: Node, key: str, object_key: str, kind: str,
                          stored_size: int, ref: str | None, sha256: str | None,
