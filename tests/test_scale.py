@@ -9,7 +9,7 @@ import random
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -52,6 +52,33 @@ def _ls_l_requests(m: Mount, name: str) -> dict[str, int]:
     subprocess.run(["ls", "-l", str(m.mountpoint / name)], check=True,
                    stdout=subprocess.DEVNULL)
     return _delta(before, m.requests())
+
+
+def _versions_dir(m: Mount, name: str, n: int, seed: int) -> tuple[Path, bytes]:
+    """A directory of ``n`` near-identical 100 KiB files (a reference and deltas), in the
+    bucket; returns it and the base content."""
+    base = random.Random(seed).randbytes(100 * KiB)
+    d = m.mountpoint / name
+    d.mkdir()
+    for i in range(n):
+        (d / f"v{i}.bin").write_bytes(base[:i] + b"!" + base[i + 1:])
+    m.wait_idle(60)
+    return d, base
+
+
+@pytest.fixture
+def proxied(fault_proxy: Any, bucket: str, tmp_path: Path) -> Iterator[Mount]:
+    """A mount through the fault proxy (``fault_proxy``), listing TTL 1 s."""
+    m = Mount(bucket, fault_proxy.url, tmp_path / "m", extra_args=["--listing-ttl", "1"])
+    try:
+        m.mount()
+        yield m
+    finally:
+        fault_proxy.clear()
+        try:
+            m.teardown()
+        finally:
+            m.dump_logs()
 
 
 def _same_attrs(src: Path, dst: Path) -> None:
@@ -301,13 +328,7 @@ def test_a_manifest_due_on_one_mount_does_not_bring_back_a_directory_another_rem
 
 def test_a_reference_left_by_a_crash_before_its_check_goes_at_the_next_listing(
         m: Mount) -> None:
-    rng = random.Random(8)
-    base = rng.randbytes(100 * KiB)
-    d = m.mountpoint / "rel"
-    d.mkdir()
-    for i in range(3):
-        (d / f"v{i}.bin").write_bytes(base[:i] + b"!" + base[i + 1:])
-    m.wait_idle(60)
+    d, _ = _versions_dir(m, "rel", 3, seed=8)
     for i in range(3):
         os.unlink(d / f"v{i}.bin")
     # kill as soon as the deletes are done: the reference check waits for a quiet second
@@ -332,13 +353,7 @@ def test_a_directory_emptied_just_before_a_crash_does_not_come_back(
     reference check is queued in the journal before the delete it follows, so the next
     mount finishes it, and the parent's listing does not make a directory of that prefix
     meanwhile."""
-    rng = random.Random(9)
-    base = rng.randbytes(100 * KiB)
-    d = m.mountpoint / "old"
-    d.mkdir()
-    for i in range(2):
-        (d / f"v{i}.bin").write_bytes(base[:i] + b"!" + base[i + 1:])
-    m.wait_idle(60)
+    d, base = _versions_dir(m, "old", 2, seed=9)
     assert "old/v1.bin.delta" in m.objects("old/")
     if how == "rename":
         os.rename(d, m.mountpoint / "new")
@@ -402,64 +417,44 @@ def test_a_lookup_after_the_ttl_lists_one_name_not_the_directory(
 
 @pytest.mark.parametrize("how", ["rm -r", "rename"])
 def test_a_directory_on_its_way_out_is_not_listed_back(
-        fault_proxy: Any, bucket: str, tmp_path: Path, how: str) -> None:
+        proxied: Mount, fault_proxy: Any, how: str) -> None:
     """While this mount's deletes (or the copies of a rename) of a directory's objects
     back off (503 SlowDown), a listing of the parent still sees the old prefix: it must
     not make a directory of it (no listing removes a directory row, so it would stay)."""
-    m = Mount(bucket, fault_proxy.url, tmp_path / "m", extra_args=["--listing-ttl", "1"])
-    try:
-        m.mount()
-        d = m.mountpoint / "d"
-        d.mkdir()
-        for i in range(3):
-            (d / f"f{i}").write_bytes(b"x" * (100 + i))
-        m.wait_idle(30)
-        fault_proxy.set("slowdown", kind={"DeleteObject", "CopyObject"})
-        if how == "rm -r":
-            subprocess.run(["rm", "-r", str(d)], check=True)
-        else:
-            os.rename(d, m.mountpoint / "e")
-        time.sleep(1.5)  # the root's listing is stale; the objects are still under d/
-        assert "d/f0" in m.objects("d/")
-        assert sorted(os.listdir(m.mountpoint)) == ([] if how == "rm -r" else ["e"])
-        fault_proxy.clear()
-        m.wait_idle(60)
-        time.sleep(1.2)
-        assert sorted(os.listdir(m.mountpoint)) == ([] if how == "rm -r" else ["e"])
-        assert m.objects("d/", manifests=True) == {}
-    finally:
-        try:
-            m.teardown()
-        finally:
-            m.dump_logs()
+    m = proxied
+    d = m.mountpoint / "d"
+    d.mkdir()
+    for i in range(3):
+        (d / f"f{i}").write_bytes(b"x" * (100 + i))
+    m.wait_idle(30)
+    fault_proxy.set("slowdown", kind={"DeleteObject", "CopyObject"})
+    if how == "rm -r":
+        subprocess.run(["rm", "-r", str(d)], check=True)
+    else:
+        os.rename(d, m.mountpoint / "e")
+    time.sleep(1.5)  # the root's listing is stale; the objects are still under d/
+    assert "d/f0" in m.objects("d/")
+    assert sorted(os.listdir(m.mountpoint)) == ([] if how == "rm -r" else ["e"])
+    fault_proxy.clear()
+    m.wait_idle(60)
+    time.sleep(1.2)
+    assert sorted(os.listdir(m.mountpoint)) == ([] if how == "rm -r" else ["e"])
+    assert m.objects("d/", manifests=True) == {}
 
 
 def test_a_directory_stays_served_while_s3_is_away_after_a_reference_check(
-        fault_proxy: Any, bucket: str, tmp_path: Path) -> None:
+        proxied: Mount, fault_proxy: Any) -> None:
     """A reference check (after a delta's delete) used to mark the parent "never
     listed", which answers EIO when S3 cannot be reached; a known directory is served
     from its rows instead."""
-    m = Mount(bucket, fault_proxy.url, tmp_path / "m", extra_args=["--listing-ttl", "1"])
-    try:
-        m.mount()
-        rng = random.Random(5)
-        base = rng.randbytes(100 * KiB)
-        top = m.mountpoint / "top"
-        top.mkdir()
-        for i in range(3):
-            (top / f"v{i}.bin").write_bytes(base[:i] + b"!" + base[i + 1:])
-        (m.mountpoint / "other").write_bytes(b"keep")
-        m.wait_idle(60)
-        os.unlink(top / "v2.bin")  # a delta: its directory's reference is checked
-        m.wait_idle(60)
-        fault_proxy.set("refuse")
-        time.sleep(1.5)  # every listing is stale now
-        assert sorted(os.listdir(m.mountpoint)) == ["other", "top"]
-        assert sorted(os.listdir(top)) == ["v0.bin", "v1.bin"]
-        assert (m.mountpoint / "other").read_bytes() == b"keep"
-    finally:
-        fault_proxy.clear()
-        try:
-            m.teardown()
-        finally:
-            m.dump_logs()
+    m = proxied
+    top, _ = _versions_dir(m, "top", 3, seed=5)
+    (m.mountpoint / "other").write_bytes(b"keep")
+    m.wait_idle(60)
+    os.unlink(top / "v2.bin")  # a delta: its directory's reference is checked
+    m.wait_idle(60)
+    fault_proxy.set("refuse")
+    time.sleep(1.5)  # every listing is stale now
+    assert sorted(os.listdir(m.mountpoint)) == ["other", "top"]
+    assert sorted(os.listdir(top)) == ["v0.bin", "v1.bin"]
+    assert (m.mountpoint / "other").read_bytes() == b"keep"
