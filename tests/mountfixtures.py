@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import boto3
 import pytest
@@ -333,9 +333,10 @@ class Mount:
         self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=body, **kw)
 
 
-def _live(m: Mount) -> Iterator[Mount]:
-    """Mount ``m``, yield it; then unmount, reap and print the logs, and check that a
-    prefix mount left the objects outside its prefix as they were."""
+def _live(m: Mount, before_teardown: Callable[[], None] | None = None) -> Iterator[Mount]:
+    """Mount ``m``, yield it; then unmount (after ``before_teardown``, e.g. clearing a
+    fault proxy), reap and print the logs, and check that a prefix mount left the
+    objects outside its prefix as they were."""
     if m.prefix:
         for key, body in DECOYS.items():
             m.client.put_object(Bucket=m.bucket, Key=key, Body=body)
@@ -344,6 +345,8 @@ def _live(m: Mount) -> Iterator[Mount]:
         yield m
     finally:
         try:
+            if before_teardown is not None:
+                before_teardown()
             m.teardown()
         finally:
             m.dump_logs()

@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import pytest
 from faultproxy import FaultProxy, fault_proxy  # noqa: F401
-from mountfixtures import Mount, mounted  # noqa: F401
+from mountfixtures import Mount, _live, mounted  # noqa: F401
 from test_mount_faults import pm  # noqa: F401  (the proxied mount fixture)
 
 MiB = 1 << 20
@@ -201,15 +201,7 @@ def pm_ttl(fault_proxy: FaultProxy, moto_server: str, bucket: str, tmp_path: Pat
            fuse_tools: None):  # type: ignore[no-untyped-def]
     m = Mount(bucket, fault_proxy.url, tmp_path / "deltafs", extra_args=["--listing-ttl", "2"])
     m.client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
-    try:
-        m.mount()
-        yield m
-    finally:
-        fault_proxy.clear()
-        try:
-            m.teardown()
-        finally:
-            m.dump_logs()
+    yield from _live(m, before_teardown=fault_proxy.clear)
 
 
 def test_listing_brings_back_deleted_file(pm_ttl: Mount, fault_proxy: FaultProxy) -> None:

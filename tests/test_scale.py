@@ -15,7 +15,7 @@ import pytest
 
 from faultproxy import fault_proxy  # noqa: F401 - a fixture
 from helpers import MANIFEST
-from mountfixtures import Mount, mounted, release_versions  # noqa: F401 - a fixture
+from mountfixtures import Mount, _live, mounted, release_versions  # noqa: F401 - a fixture
 
 KiB = 1 << 10
 
@@ -70,15 +70,7 @@ def _versions_dir(m: Mount, name: str, n: int, seed: int) -> tuple[Path, bytes]:
 def proxied(fault_proxy: Any, bucket: str, tmp_path: Path) -> Iterator[Mount]:
     """A mount through the fault proxy (``fault_proxy``), listing TTL 1 s."""
     m = Mount(bucket, fault_proxy.url, tmp_path / "m", extra_args=["--listing-ttl", "1"])
-    try:
-        m.mount()
-        yield m
-    finally:
-        fault_proxy.clear()
-        try:
-            m.teardown()
-        finally:
-            m.dump_logs()
+    yield from _live(m, before_teardown=fault_proxy.clear)
 
 
 def _same_attrs(src: Path, dst: Path) -> None:
