@@ -408,6 +408,10 @@ class Scale:
             else:
                 r["create"] = self.step(lambda: self.put_foreign(bucket))
             objs = self.b.ctx.objects(bucket)
+            t0 = time.perf_counter()
+            pages = sum(1 for _ in self.b.ctx.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{DIR}/", Delimiter="/"))
+            r["raw_list"] = {"seconds": time.perf_counter() - t0, "pages": pages}
             r["objects"] = len(objs)
             r["stored_bytes"] = sum(objs.values())
             r["files_in_bucket"] = sum(1 for k in objs if k in self.keys)

@@ -35,6 +35,7 @@ from .content import recover
 from .fs import DeltaFS, Options
 from .journal import Journal
 from .locations import Location
+from .loopstall import SlowSteps
 from .store.base import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     stop = _Stop(cfg.mountpoint, journal)
     code = 0
     try:
-        trio.run(_main, fs, cfg, ready_fd, stop)
+        trio.run(_main, fs, cfg, ready_fd, stop, instruments=SlowSteps.from_env())
     except BaseException:
         log.exception("the filesystem loop failed")
         code = 1

@@ -8,8 +8,11 @@ the last ``WINDOW`` seconds (what the scale benchmark samples step by step).
 from __future__ import annotations
 
 import collections
+import gc
 import logging
+import os
 import time
+from typing import Any
 
 import trio
 
@@ -19,6 +22,9 @@ INTERVAL = 0.010
 WINDOW = 10.0
 #: a stall this long is logged (with the time, to be matched with other log lines)
 LOG_ABOVE_MS = 250.0
+#: set to a number of milliseconds to log every task step and garbage collection that
+#: holds the loop at least that long, naming the task (finds what a stall was)
+SLOW_STEP_ENV = "DELTAFS_SLOW_STEP_MS"
 
 
 class LoopStall:
@@ -53,3 +59,50 @@ class LoopStall:
         while self._recent and self._recent[0][0] < now - WINDOW:
             self._recent.popleft()
         return self._recent[0][1] if self._recent else 0.0
+
+
+class SlowSteps(trio.abc.Instrument):
+    """Names what holds the loop: every task step, and every garbage collection, longer
+    than ``limit_ms`` is logged. Off unless ``DELTAFS_SLOW_STEP_MS`` is set: it costs two
+    clock reads per task step."""
+
+    def __init__(self, limit_ms: float) -> None:
+        self.limit = limit_ms / 1000.0
+        self._t0 = 0.0
+        self._gc0 = 0.0
+
+    @classmethod
+    def from_env(cls) -> list[trio.abc.Instrument]:
+        raw = os.environ.get(SLOW_STEP_ENV, "")
+        try:
+            limit = float(raw) if raw else 0.0
+        except ValueError:
+            log.warning("%s=%r is not a number of milliseconds: ignored", SLOW_STEP_ENV, raw)
+            return []
+        if limit <= 0:
+            return []
+        inst = cls(limit)
+        gc.callbacks.append(inst._gc)
+        log.info("logging task steps and collections longer than %.0f ms", limit)
+        return [inst]
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._t0 = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        took = time.perf_counter() - self._t0
+        if took >= self.limit:
+            frame = task.coro.cr_frame
+            where = (f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+                     if frame is not None else "finished")
+            log.warning("slow task step: %.0f ms in %s (now at %s)", took * 1000.0,
+                        task.name, where)
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc0 = time.perf_counter()
+            return
+        took = time.perf_counter() - self._gc0
+        if took >= self.limit:
+            log.warning("slow garbage collection: %.0f ms (generation %s, %s collected)",
+                        took * 1000.0, info.get("generation"), info.get("collected"))

@@ -36,6 +36,29 @@ def test_xattrs_say_how_a_file_is_stored(mounted: Mount) -> None:
     with pytest.raises(OSError) as other:
         os.setxattr(p, "user.comment", b"x")
     assert other.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as absent:
+        os.getxattr(p, "user.comment")
+    assert absent.value.errno == errno.ENODATA
+
+
+def test_other_xattr_namespaces_are_unsupported_so_ls_asks_once(mounted: Mount) -> None:
+    """security.* and system.* (ACLs) answer ENOTSUP, not ENODATA: `ls -l` then stops
+    asking the device for them after the first file, instead of two round trips per file;
+    `cp -a` out of the mount treats ENOTSUP as "no ACL" and copies fine."""
+    m = mounted
+    p = m.mountpoint / "f.txt"
+    p.write_bytes(b"x\n")
+    for target in (p, m.mountpoint):
+        for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+            with pytest.raises(OSError) as exc:
+                os.getxattr(target, name)
+            assert exc.value.errno == errno.EOPNOTSUPP, name
+    listing = subprocess.run(["ls", "-l", str(m.mountpoint)], check=True,
+                             capture_output=True, text=True).stdout
+    assert listing.splitlines()[1].startswith("-rw-r--r-- 1 ")  # no ACL '+' or context '.'
+    out = m.mountpoint.parent / "copied-out"
+    subprocess.run(["cp", "-a", str(p), str(out)], check=True, capture_output=True)
+    assert out.read_bytes() == b"x\n"
 
 
 def test_read_only_mount_refuses_writes(mounted_any: Mount) -> None:
