@@ -57,6 +57,7 @@ class DeltaService:
         max_ratio: float = 0.75,
         min_delta_size: int = 64 << 10,
         level: int | None = None,
+        format: str | None = None,
         store: ObjectStore | None = None,
     ) -> None:
         if store is None:
@@ -72,7 +73,7 @@ class DeltaService:
 
                 store = LocalStore(Path(local_dir), create=create)  # type: ignore[arg-type]
         self.store = store
-        policy = Policy.create(min_delta_size, max_ratio, level)
+        policy = Policy.create(min_delta_size, max_ratio, level, format)
         self.engine = make_engine(store, Path(cache_dir) if cache_dir else None, cache_size,
                                   policy)
 

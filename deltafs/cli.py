@@ -95,7 +95,7 @@ def open_store(loc: Location, args: argparse.Namespace, create: bool = False) ->
 
 def engine_for(loc: Location, args: argparse.Namespace) -> Engine:
     store = open_store(loc, args)
-    policy = Policy.create(args.min_delta_size, args.max_ratio, args.level)
+    policy = Policy.create(args.min_delta_size, args.max_ratio, args.level, args.format)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     return make_engine(store, cache_dir, args.cache_size, policy)
 
@@ -410,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smaller files are stored whole (default 64K)")
     g.add_argument("--level", type=_level, default=None,
                    help="xdelta3 level 0-9 (default 6; 9 stores ~0.2%% less, twice as slow)")
+    g.add_argument("--format", choices=("auto", "deltafs", "deltaglider"), default=None,
+                   help="bucket format for new directories: auto (deltafs's extensions in new "
+                        "directories, DeltaGlider's where DeltaGlider wrote), deltaglider (only "
+                        "what the deltaglider CLI reads), deltafs (default auto)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("-v", "--verbose", action="count", default=0)
     g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")

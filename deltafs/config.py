@@ -12,6 +12,7 @@ option ``config=NAME``) holds flat ``key = value`` settings::
     cache_size = "20G"
     upload_concurrency = 8
     max_ratio = 0.75
+    format = "auto"              # or "deltaglider" (what its CLI reads), "deltafs"
     log_file = "syslog"          # a path, "stderr", or "syslog"/"journal"
 
 Secrets never go in the file or on a command line (both are visible: ``ps`` shows option
@@ -137,6 +138,13 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"not true/false: {value!r}")
 
 
+def _format(value: Any) -> str:
+    text = _text(value)
+    if text not in ("auto", "deltafs", "deltaglider"):
+        raise ValueError(f"must be auto, deltafs or deltaglider, not {value!r}")
+    return text
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool) or value == "":
         raise ValueError(f"expected a non-empty string, not {value!r}")
@@ -184,6 +192,7 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "upload_concurrency": _int_pos,
     "max_ratio": _ratio,
     "level": _int_pos,
+    "format": _format,
     "min_delta_size": _size,
     "listing_ttl": _seconds,
     "drain_timeout": _seconds,
@@ -472,7 +481,8 @@ def build_mount_config(settings: Mapping[str, Any], *, foreground: bool = False,
     )
     simple = ("endpoint_url", "region", "profile", "credentials_file", "cache_size",
               "allow_other", "read_only", "log_file", "debug", "upload_concurrency",
-              "max_ratio", "level", "min_delta_size", "listing_ttl", "drain_timeout")
+              "max_ratio", "level", "format", "min_delta_size", "listing_ttl",
+              "drain_timeout")
     for name in simple:
         if s.get(name) is not None:
             setattr(cfg, name, s[name])

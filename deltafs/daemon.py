@@ -94,6 +94,7 @@ class MountConfig:
     upload_concurrency: int = 4
     max_ratio: float = 0.75
     level: int | None = None
+    format: str = "auto"
     min_delta_size: int = 64 << 10
     listing_ttl: float = 30.0
     drain_timeout: float = 60.0
@@ -285,7 +286,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     log.info("pid %d; `kill -USR1 %d` dumps every stack to %s", os.getpid(), os.getpid(),
              getattr(stacks, "name", "the log"))
     store = open_store(cfg)
-    policy = Policy.create(cfg.min_delta_size, cfg.max_ratio, cfg.level)
+    policy = Policy.create(cfg.min_delta_size, cfg.max_ratio, cfg.level, cfg.format)
     engine = make_engine(store, cache_dir, cfg.cache_size, policy)
     journal = Journal(cache_dir / "state.db", str(cfg.source))
     files_dir = cache_dir / "files"

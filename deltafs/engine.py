@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import codec
+from . import codec, extension, gzrecipe
 from .cache import ContentCache, digest_file
 from .crashpoints import crash_point
 from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
 from .format import (
     DELTA_SUFFIX,
+    FORM_KEY,
+    FORMAT_DELTAFS,
+    FORMAT_KEY,
     Attrs,
     MANIFEST_NAME,
     Kind,
@@ -51,6 +54,9 @@ _WIDE_ENCODES = threading.Lock()
 BULK_BATCH = 1000
 
 
+FORMATS = ("auto", "deltafs", "deltaglider")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Which files get a delta, and when a delta is worth keeping.
@@ -64,6 +70,11 @@ class Policy:
 
     min_delta_size: int = 64 << 10
     max_ratio: float = 0.75
+    #: ``auto``: new directories in deltafs's format (extension objects), directories
+    #: whose reference another writer (or strict mode) made stay DeltaGlider's;
+    #: ``deltaglider``: only what the deltaglider CLI reads; ``deltafs``: extensions in
+    #: every directory this writer seeds or finds seeded in deltafs's format
+    format: str = "auto"
     #: a delta above this share of the file, against a reference larger than xdelta3's
     #: default window, is tried again with a window over the whole reference
     retry_ratio: float = 0.05
@@ -76,11 +87,15 @@ class Policy:
 
     @classmethod
     def create(cls, min_delta_size: int | None = None, max_ratio: float | None = None,
-               level: int | None = None) -> "Policy":
+               level: int | None = None, format: str | None = None) -> "Policy":
         """A policy from user settings; ``None`` keeps the default."""
         from dataclasses import replace
 
         policy = cls()
+        if format is not None:
+            if format not in FORMATS:
+                raise ValueError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+            policy = replace(policy, format=format)
         if min_delta_size is not None:
             policy = replace(policy, min_delta_size=min_delta_size)
         if max_ratio is not None:
@@ -149,6 +164,8 @@ class Reference:
     sha256: str
     size: int
     etag: str
+    #: seeded in deltafs's format: extension objects may be written against it
+    extended: bool = False
 
 
 class Engine:
@@ -192,7 +209,8 @@ class Engine:
                 f"{self.store.name}/{info.key} has no dg-file-sha256: not a reference "
                 "any DeltaGlider-format writer made"
             )
-        return Reference(info.key, sha, info.size, info.etag)
+        return Reference(info.key, sha, info.size, info.etag,
+                         (info.metadata or {}).get(FORMAT_KEY) == FORMAT_DELTAFS)
 
     def _fetch_reference(self, ref_key: str, sha256: str, dest: Path) -> None:
         """Put the verified reference with ``sha256`` at ``dest``: from the cache when it
@@ -273,9 +291,17 @@ class Engine:
         if size < self.policy.min_delta_size:
             return f"smaller than {self.policy.min_delta_size} bytes"
         with open(src, "rb") as f:
-            if is_compressed_stream(f.read(8)):
-                return "a compressed stream gains nothing from a delta"
+            head = f.read(8)
+        if is_compressed_stream(head) and not (
+                gzrecipe.is_gzip(head) and self.policy.format != "deltaglider"):
+            return "a compressed stream gains nothing from a delta"
         return ""
+
+    def _extended(self, ref: Reference) -> bool:
+        """Whether extension objects may be written against ``ref``: by default only
+        in a directory seeded in deltafs's format (one DeltaGlider or strict mode made
+        stays readable by DeltaGlider); ``--format`` overrides either way."""
+        return self.policy.format == "deltafs" or (ref.extended and self.policy.format == "auto")
 
     def _put_direct(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
                     reason: str) -> PutResult:
@@ -307,16 +333,37 @@ class Engine:
                     if ref is None:
                         return None, "cannot be a reference (compressed stream)"
                 ref_path = scratch / f"ref{attempt}"
+                extended = self._extended(ref)
+                with open(src, "rb") as f:
+                    target_head = f.read(8)
+                if is_compressed_stream(target_head) and not extended:
+                    return None, "a compressed stream gains nothing from a delta here " \
+                                 "(its directory is in DeltaGlider's format)"
                 if seeded:
                     ref_path = src
                 else:
                     self._fetch_reference(ref.key, ref.sha256, ref_path)
-                    with open(ref_path, "rb") as f:
-                        if is_compressed_stream(f.read(8)):
-                            return None, "the directory's reference is a compressed stream"
+                with open(ref_path, "rb") as f:
+                    ref_head = f.read(8)
+                if is_compressed_stream(ref_head) and not extended:
+                    return None, "the directory's reference is a compressed stream"
                 delta_path = scratch / "delta"
                 zero_diff = ref.sha256 == sha
-                result = self._encode(ref_path, ref.size, src, size, delta_path, zero_diff)
+                form = ""
+                if not zero_diff and extended and extension.wanted(ref_head, target_head):
+                    ext = extension.encode(
+                        ref_path, src, size, delta_path, scratch,
+                        self.policy.codec_limits(),
+                        lambda s_, t_, o_, lim: self._encode(
+                            s_, s_.stat().st_size, t_, t_.stat().st_size, o_, False, lim))
+                    if isinstance(ext, str):
+                        return None, ext
+                    result = codec.EncodeResult(ext.size, ext.command)
+                    form = extension.FORM_GZIP
+                    log.debug("put %s: extension delta, %s", key, ext.detail)
+                else:
+                    result = self._encode(ref_path, ref.size, src, size, delta_path,
+                                          zero_diff)
                 if result.delta_size is None:
                     return None, result.reason
                 meta = delta_metadata(
@@ -324,6 +371,8 @@ class Engine:
                     delta_size=result.delta_size, delta_cmd=result.command,
                     zero_diff=zero_diff, attrs=attrs,
                 )
+                if form:
+                    meta[FORM_KEY] = form
                 info = self.store.put_file(delta_key(key), delta_path, meta)
                 # The reference may have gone (a concurrent delete of its last delta) or
                 # been replaced (a writer without conditional puts) while we encoded.
@@ -340,7 +389,8 @@ class Engine:
                         try:
                             self.store.put_file(
                                 ref.key, restore,
-                                reference_metadata(name, ref.sha256), if_none_match=True)
+                                reference_metadata(name, ref.sha256, ref.extended),
+                                if_none_match=True)
                         except AlreadyExists:
                             pass
                         now = self._head_reference(deltaspace)
@@ -352,14 +402,14 @@ class Engine:
         return None, "the directory's reference kept changing"
 
     def _encode(self, ref_path: Path, ref_size: int, src: Path, size: int, out: Path,
-                zero_diff: bool) -> codec.EncodeResult:
+                zero_diff: bool, limits: codec.Limits | None = None) -> codec.EncodeResult:
         """Encode in xdelta3's default 64 MiB source window first: enough whenever the
         changes stay roughly in place, and it keeps xdelta3 near 120 MB of RAM. Only when
         the reference is larger than that window and the delta came out poor, encode again
         with a window covering the whole reference (bounded by ``max_window``): that finds
         blocks that moved far, at ~1.6x the window in RAM. The wider encode is stopped as
         soon as it cannot beat the first."""
-        limits = self.policy.codec_limits()
+        limits = limits or self.policy.codec_limits()
         first = codec.encode(ref_path, src, out, limits=limits, full_window=False)
         if zero_diff or ref_size <= codec.DEFAULT_SOURCE_WINDOW:
             return first
@@ -387,12 +437,14 @@ class Engine:
         Returns ``(reference, bytes uploaded)``: if another writer won the race, their
         reference and 0. ``(None, 0)`` when ``src`` cannot serve as a reference.
         """
+        extended = self.policy.format != "deltaglider"
         with open(src, "rb") as f:
-            if is_compressed_stream(f.read(8)):
-                return None, 0
+            head = f.read(8)
+        if is_compressed_stream(head) and not (extended and gzrecipe.is_gzip(head)):
+            return None, 0
         key = reference_key(deltaspace)
         try:
-            info = self.store.put_file(key, src, reference_metadata(name, sha),
+            info = self.store.put_file(key, src, reference_metadata(name, sha, extended),
                                        if_none_match=True)
         except AlreadyExists:
             log.info("another writer created %s first; encoding against theirs", key)
@@ -491,12 +543,22 @@ class Engine:
             delta_path = scratch / "delta"
             self.store.get_file(stored.object_key, delta_path)
             try:
-                codec.decode(ref_path, delta_path, out, sha)
+                self._rebuild(ref_path, delta_path, out, sha, scratch)
             except IntegrityError as exc:
                 raise IntegrityError(
                     f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
                 ) from None
         return sha
+
+    @staticmethod
+    def _rebuild(ref_path: Path, delta_path: Path, out: Path, sha: str,
+                 scratch: Path) -> None:
+        """Apply a delta object (plain VCDIFF or a deltafs extension object) to its
+        reference; ``out`` holds the file only if its SHA-256 is ``sha``."""
+        if extension.is_extension(delta_path):
+            extension.decode(ref_path, delta_path, out, sha, scratch)
+        else:
+            codec.decode(ref_path, delta_path, out, sha)
 
     # ----------------------------------------------------- namespace changes (mount)
 
@@ -713,7 +775,7 @@ class Engine:
                 out = scratch / "content"
                 self.store.get_file(o.key, delta)
                 try:
-                    codec.decode(old_ref, delta, out, stored.sha256 or "")
+                    self._rebuild(old_ref, delta, out, stored.sha256 or "", scratch)
                 except IntegrityError as exc:
                     log.error("%s: cannot rebuild it from the old reference (%s); left as "
                               "it is", o.key, exc)

@@ -189,14 +189,25 @@ class Attrs:
 # -------------------------------------------------------------------------- metadata
 
 
-def reference_metadata(source_name: str, sha256: str) -> dict[str, str]:
-    return {
+#: on a reference: its directory is in deltafs's format (extension objects allowed)
+FORMAT_KEY = "deltafs-format"
+FORMAT_DELTAFS = "deltafs"
+#: on an extension delta: which extension form its body is
+FORM_KEY = "deltafs-form"
+
+
+def reference_metadata(source_name: str, sha256: str, extended: bool = False
+                       ) -> dict[str, str]:
+    meta = {
         "dg-tool": TOOL,
         "dg-source-name": _meta_safe(source_name),
         "dg-file-sha256": sha256,
         "dg-created-at": utc_now_iso(),
         "dg-note": NOTE_REFERENCE,
     }
+    if extended:
+        meta[FORMAT_KEY] = FORMAT_DELTAFS
+    return meta
 
 
 def delta_metadata(

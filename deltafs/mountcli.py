@@ -60,7 +60,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "allow_other": args.allow_other or None, "read_only": args.read_only or None,
         "log_file": args.log_file, "debug": args.debug or None,
         "upload_concurrency": args.upload_concurrency, "max_ratio": args.max_ratio,
-        "level": args.level,
+        "level": args.level, "format": args.format,
         "min_delta_size": args.min_delta_size, "listing_ttl": args.listing_ttl,
         "drain_timeout": args.drain_timeout,
     }
@@ -235,6 +235,10 @@ def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="smaller files are stored whole (default 64K)")
     g.add_argument("--level", type=int, choices=range(10), default=None, metavar="0-9",
                    help="xdelta3 level (default 6)")
+    g.add_argument("--format", choices=("auto", "deltafs", "deltaglider"), default=None,
+                   help="bucket format for new directories: auto (deltafs's extensions in new "
+                        "directories, DeltaGlider's where DeltaGlider wrote), deltaglider (only "
+                        "what the deltaglider CLI reads), deltafs (default auto)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("-v", "--verbose", action="count", default=0)
     g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")

@@ -17,7 +17,7 @@ import boto3
 import pytest
 
 from deltafs.api import DeltaService, make_engine
-from deltafs.engine import Engine
+from deltafs.engine import Engine, Policy
 from deltafs.errors import IntegrityError, NotFound, ReservedName
 from deltafs.store.base import ObjectStore
 from deltafs.store.s3 import S3Store
@@ -176,7 +176,11 @@ def test_acceptance4_unrelated_file_stored_direct(any_engine: Engine, tmp_path: 
     assert sha256_file(out) == sha256_bytes(other_data)
 
 
-def test_compressed_file_never_becomes_reference(engine: Engine, tmp_path: Path) -> None:
+def test_compressed_file_never_becomes_reference_in_deltaglider_format(
+        s3store: S3Store, tmp_path: Path) -> None:
+    """In strict mode (what the deltaglider CLI reads) a gzip file is stored whole and
+    never seeds a reference; the default format takes them apart (tests/test_gzip.py)."""
+    engine = make_engine(s3store, tmp_path / "cache", policy=Policy.create(format="deltaglider"))
     rng = random.Random(44)
     gz = write_file(tmp_path / "a.tar.gz", gzip.compress(rng.randbytes(MiB), 1))
     r = engine.put(gz, "g/a.tar.gz")

@@ -131,12 +131,16 @@ def build(kind: str, out_dir: Path) -> dict[str, Path]:
 # ------------------------------------------------------------- deltafs -> deltaglider
 
 
-@pytest.mark.parametrize("kind", ["zip", "tar", "tgz"])
+@pytest.mark.parametrize("kind,fmt", [("zip", "deltaglider"), ("tar", "deltaglider"),
+                                      ("tgz", "deltaglider"), ("zip", "auto"), ("tar", "auto")])
 def test_deltafs_written_read_by_deltaglider(moto_server: str, bucket: str, s3: Any,
-                                             tmp_path: Path, kind: str) -> None:
+                                             tmp_path: Path, kind: str, fmt: str) -> None:
+    """Strict mode writes only what DeltaGlider reads; so does the default for anything
+    but compressed streams (their extension objects are the next test)."""
     files = build(kind, tmp_path / "src")
     prefix = f"rel/{kind}/"
-    proc = run_deltafs(["put", "--json", *map(str, files.values()), f"s3://{bucket}/{prefix}"],
+    proc = run_deltafs(["put", "--json", "--format", fmt, *map(str, files.values()),
+                        f"s3://{bucket}/{prefix}"],
                        endpoint=moto_server, cache_dir=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr.decode()
     import json
@@ -160,6 +164,51 @@ def test_deltafs_written_read_by_deltaglider(moto_server: str, bucket: str, s3: 
         target = out / name
         deltaglider(["cp", f"s3://{bucket}/{prefix}{name}", str(target)], moto_server, tmp_path)
         assert sha256_file(target) == sha256_file(path), name
+    ref = s3.head_object(Bucket=bucket, Key=prefix + "reference.bin")["Metadata"] \
+        if prefix + "reference.bin" in objects else {}
+    assert ("deltafs-format" in ref) == (fmt == "auto"), ref
+
+
+def test_extension_objects_make_deltaglider_fail_never_return_wrong_bytes(
+        moto_server: str, bucket: str, s3: Any, tmp_path: Path) -> None:
+    """In a new directory deltafs stores .tar.gz files as deltas of their contents (an
+    extension DeltaGlider cannot read): the real deltaglider 6.2.0 CLI must fail on them
+    with an error, never hand back other bytes; deltafs reads them back exactly."""
+    files = build("tgz", tmp_path / "src")
+    prefix = "ext/tgz/"
+    proc = run_deltafs(["put", "--json", *map(str, files.values()), f"s3://{bucket}/{prefix}"],
+                       endpoint=moto_server, cache_dir=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr.decode()
+    import json
+
+    results = {r["key"]: r for r in json.loads(proc.stdout)}
+    assert [results[prefix + n]["kind"] for n in files] == \
+        ["reference"] + ["delta"] * (VERSIONS - 1)
+    objects = bucket_objects(s3, bucket, prefix)
+    logical = sum(p.stat().st_size for p in files.values())
+    assert sum(objects.values()) < 0.5 * logical, objects
+    out = tmp_path / "dg-out"
+    out.mkdir()
+    failed = 0
+    for name, path in files.items():
+        target = out / name
+        env = cli_env(moto_server, {"DG_LOG_LEVEL": "WARNING", "HOME": str(tmp_path)})
+        res = subprocess.run([str(deltaglider_exe()), "cp", f"s3://{bucket}/{prefix}{name}",
+                              str(target)], env=env, capture_output=True, cwd=tmp_path,
+                             timeout=300)
+        if res.returncode == 0:
+            assert sha256_file(target) == sha256_file(path), name  # right bytes, or none
+        else:
+            failed += 1
+            assert not target.exists() or sha256_file(target) == sha256_file(path), name
+    assert failed >= VERSIONS - 1  # every extension object is refused
+    back = tmp_path / "back"
+    back.mkdir()
+    for name, path in files.items():
+        proc = run_deltafs(["get", f"s3://{bucket}/{prefix}{name}", str(back)],
+                           endpoint=moto_server, cache_dir=tmp_path / "fresh-cache")
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert (back / name).read_bytes() == path.read_bytes(), name
 
 
 # ------------------------------------------------------------- deltaglider -> deltafs
