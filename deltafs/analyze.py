@@ -2,8 +2,9 @@
 
 For each directory (deltaspace) with at least two candidate files, the oldest candidate
 plays the reference and a spread-out sample of the others is encoded against it; the
-sampled ratios are extrapolated to the directory. Objects that would not be delta
-candidates (small, compressed streams) count as stored whole. Nothing is written.
+sampled ratios are extrapolated to the directory, by the writer's rules: in deltafs's
+format (the default for new directories) a gzip file is a delta of its content; small
+files and other compressed streams count as stored whole. Nothing is written.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import codec
+from . import codec, extension, gzrecipe
 from .engine import Engine
 from .format import DELTA_SUFFIX, REFERENCE_NAME, is_compressed_stream, split_key
 from .store.base import ObjectInfo
@@ -69,7 +70,8 @@ def analyze(engine: Engine, prefix: str, sample: int = 4,
             ref = tmp / "ref"
             store.get_file(ref_obj.key, ref)
             with open(ref, "rb") as f:
-                ref_compressed = is_compressed_stream(f.read(8))
+                ref_head = f.read(8)
+            ref_compressed = is_compressed_stream(ref_head)
             rest = big[1:]
             # evenly spread over the whole series, both ends included: drift from the
             # reference grows with distance, so a sample of early files underestimates
@@ -81,14 +83,29 @@ def analyze(engine: Engine, prefix: str, sample: int = 4,
                 target = tmp / "target"
                 store.get_file(o.key, target)
                 with open(target, "rb") as f:
-                    compressed = is_compressed_stream(f.read(8))
-                if ref_compressed or compressed:
-                    ratios.append(1.0)
-                    continue
+                    head = f.read(8)
                 delta = tmp / "delta"
-                res = codec.encode(ref, target, delta, limits=policy.codec_limits())
+                if ref_compressed or is_compressed_stream(head):
+                    # the writer's rules: a gzip file (or reference) is a delta of its
+                    # content in deltafs's format; other compressed streams stay whole
+                    ok = (policy.format != "deltaglider" and extension.wanted(ref_head, head)
+                          and not (ref_compressed and not gzrecipe.is_gzip(ref_head))
+                          and not (is_compressed_stream(head) and not gzrecipe.is_gzip(head)))
+                    if not ok:
+                        ratios.append(1.0)
+                        continue
+                    scratch = tmp / "scratch"
+                    scratch.mkdir(exist_ok=True)
+                    enc = extension.encode(ref, target, o.size, delta, scratch,
+                                           policy.codec_limits())
+                    size = enc.size if isinstance(enc, extension.Encoded) else None
+                    for child in scratch.iterdir():
+                        child.unlink()
+                else:
+                    res = codec.encode(ref, target, delta, limits=policy.codec_limits())
+                    size = res.delta_size
                 delta.unlink(missing_ok=True)
-                ratios.append(res.delta_size / o.size if res.delta_size is not None else 1.0)
+                ratios.append(size / o.size if size is not None else 1.0)
                 result.sampled += 1
             mean = sum(ratios) / len(ratios) if ratios else 1.0
             rest_bytes = sum(o.size for o in rest)

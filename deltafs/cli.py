@@ -323,6 +323,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     data = {"prefix": str(loc), "files": s.files, "logical_bytes": s.logical_bytes,
             "stored_bytes": s.stored_bytes, "references": s.references,
             "reference_bytes": s.reference_bytes, "by_kind": s.by_kind,
+            "by_form": s.by_form,
             "savings": round(s.savings, 4)}
 
     def text() -> None:
@@ -333,6 +334,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"  stored:   {human(s.stored_bytes)} ({s.stored_bytes} bytes, "
               f"{s.references} reference{'s' if s.references != 1 else ''})")
         print(f"  savings:  {s.savings:.1%}")
+        if s.by_form:
+            print("  by form:  files      logical       stored  stored/logical")
+            for form, d in sorted(s.by_form.items(), key=lambda kv: -kv[1]["stored_bytes"]):
+                ratio = (f"{d['stored_bytes'] / d['logical_bytes']:.3f}"
+                         if d["logical_bytes"] else "-")
+                print(f"    {form:<18} {d['files']:>6} {human(d['logical_bytes']):>12} "
+                      f"{human(d['stored_bytes']):>12}  {ratio}")
 
     _emit(args, data, text)
     return 0

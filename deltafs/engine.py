@@ -26,6 +26,7 @@ from .crashpoints import crash_point
 from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
 from .format import (
     DELTA_SUFFIX,
+    NOTE_ZERO_DIFF,
     FORM_KEY,
     FORMAT_DELTAFS,
     FORMAT_KEY,
@@ -150,6 +151,16 @@ class Stats:
     references: int = 0
     reference_bytes: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    #: form -> {"files", "logical_bytes", "stored_bytes"}: ``reference`` (the files that
+    #: seeded a reference, with the references), ``delta``, ``gzip delta`` (a delta of a
+    #: gzip file's content), ``direct``, ``foreign``
+    by_form: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add_form(self, form: str, files: int, logical: int, stored: int) -> None:
+        d = self.by_form.setdefault(form, {"files": 0, "logical_bytes": 0, "stored_bytes": 0})
+        d["files"] += files
+        d["logical_bytes"] += logical
+        d["stored_bytes"] += stored
 
     @property
     def savings(self) -> float:
@@ -978,14 +989,19 @@ class Engine:
                 if _is_reference(o.key):
                     result.references += 1
                     result.reference_bytes += o.size
+                    result.add_form("reference", 0, 0, o.size)
+                elif _is_manifest(o.key):
+                    result.add_form("listing manifests", 0, 0, o.size)
                 yield o
 
         for f in self.iter_files(counted()):
             if f.kind is Kind.MARKER:
                 continue
             result.files += 1
-            result.logical_bytes += f.size if f.size is not None else f.object_size
+            size = f.size if f.size is not None else f.object_size
+            result.logical_bytes += size
             result.by_kind[f.kind.value] = result.by_kind.get(f.kind.value, 0) + 1
+            result.add_form(form_of(f), 1, size, f.object_size)
         return result
 
     # ------------------------------------------------------------------- verify
@@ -1029,6 +1045,16 @@ class Engine:
                 yield f.logical_key, error
         if not seen:
             raise NotFound(f"{self.store.name}/{prefix_or_key}: nothing to verify")
+
+
+def form_of(f: StoredFile) -> str:
+    """How a file is stored, for savings by form (``deltafs stats``)."""
+    if f.kind is Kind.DELTA:
+        meta = f.metadata or {}
+        if meta_get(meta, "note") == NOTE_ZERO_DIFF:
+            return "reference"
+        return "gzip delta" if meta.get(FORM_KEY) == extension.FORM_GZIP else "delta"
+    return f.kind.value
 
 
 def _no_space(exc: BaseException) -> bool:

@@ -41,13 +41,16 @@ from typing import Any
 
 from .format import (
     DELTA_SUFFIX,
+    FORM_KEY,
     MANIFEST_NAME,
+    NOTE_ZERO_DIFF,
     MAX_KEY_BYTES,
     REFERENCE_NAME,
     Attrs,
     Kind,
     StoredFile,
     classify,
+    meta_get,
     split_key,
 )
 
@@ -77,8 +80,10 @@ _ID_MAX = 2**32 - 1
 _WIRE = {
     "name": "n", "etag": "e", "object_size": "o", "kind": "k", "size": "s", "mode": "m",
     "uid": "u", "gid": "g", "mtime_ns": "t", "sha256": "h", "ref_key": "r",
-    "ref_sha256": "rh", "symlink": "l",
+    "ref_sha256": "rh", "symlink": "l", "form": "f",
 }
+#: ``form`` values: how a delta is stored, when not a plain delta (``deltafs stats``)
+FORMS = ("zero-diff", "gzip")
 
 
 def manifest_key(dir_prefix: str) -> str:
@@ -128,6 +133,7 @@ class ManifestEntry:
     ref_key: str | None  # bucket-relative key of a delta's reference
     symlink: bool = False
     ref_sha256: str | None = None  # needed to rebuild a delta without a HEAD
+    form: str | None = None  # "zero-diff" (seeded the reference), "gzip" (extension)
 
     def __post_init__(self) -> None:
         problem = _problem(self)
@@ -181,6 +187,8 @@ def _problem(e: ManifestEntry) -> str | None:
         return "sha256 is not 64 hex digits"
     if e.ref_sha256 is not None and not _is_sha256(e.ref_sha256):
         return "ref_sha256 is not 64 hex digits"
+    if e.form is not None and (e.form not in FORMS or e.kind != "delta"):
+        return "form is not one a delta has"
     ref = e.ref_key
     if ref is not None and (type(ref) is not str or not ref or ref.startswith("/")
                             or not _s3_key_text(ref)):
@@ -207,6 +215,16 @@ def _s3_key_text(text: str) -> bool:
     return not _SURROGATE.search(text) and len(text.encode("utf-8")) <= MAX_KEY_BYTES
 
 
+def _form(stored: StoredFile) -> str | None:
+    if stored.kind is not Kind.DELTA or stored.metadata is None:
+        return None
+    if stored.metadata.get(FORM_KEY) == "gzip":
+        return "gzip"
+    if meta_get(stored.metadata, "note") == NOTE_ZERO_DIFF:
+        return "zero-diff"
+    return None
+
+
 def metadata_of(entry: ManifestEntry) -> dict[str, str]:
     """The user metadata a HEAD would have returned, as far as ``format`` reads it.
 
@@ -227,6 +245,10 @@ def metadata_of(entry: ManifestEntry) -> dict[str, str]:
         meta["dg-ref-key"] = entry.ref_key
     if entry.ref_sha256 is not None:
         meta["dg-ref-sha256"] = entry.ref_sha256
+    if entry.form == "zero-diff":
+        meta["dg-note"] = NOTE_ZERO_DIFF
+    elif entry.form == "gzip":
+        meta[FORM_KEY] = "gzip"
     return meta
 
 
@@ -280,6 +302,7 @@ def entry_of(stored: StoredFile) -> ManifestEntry | None:
             ref_key=stored.ref_key,
             symlink=attrs.is_symlink,
             ref_sha256=stored.ref_sha256,
+            form=_form(stored),
         )
     except ValueError as exc:
         log.debug("not in the manifest: %s: %s", stored.object_key, exc)
@@ -316,6 +339,8 @@ def _line(e: ManifestEntry) -> str:
         s += f',"rh":"{e.ref_sha256}"'
     if e.symlink:
         s += ',"l":true'
+    if e.form is not None:
+        s += f',"f":"{e.form}"'
     return s + "}"
 
 
@@ -455,7 +480,8 @@ def _read_v1(dir_prefix: str, header: dict[str, Any], lines: Iterator[bytes],
             get = obj.get
             entry = ManifestEntry(  # positional, in field order: measurably faster
                 obj["n"], obj["e"], obj["o"], kind, obj["s"], get("m"), get("u"),
-                get("g"), get("t"), get("h"), ref_key, get("l", False), ref_sha256)
+                get("g"), get("t"), get("h"), ref_key, get("l", False), ref_sha256,
+                get("f"))
             if entry.name in entries:
                 raise ValueError(f"{entry.name!r}: a second entry with this name")
         except (KeyError, ValueError, TypeError) as exc:

@@ -172,6 +172,10 @@ def test_a_tgz_series_is_stored_as_deltas_and_reads_back_exactly(
         fresh.get(f"rel/{f.name}", out)
         assert out.read_bytes() == f.read_bytes(), f.name
     assert all(err is None for _, err in fresh.iter_verify("rel/"))
+    forms = fresh.stats("rel/").by_form
+    assert forms["gzip delta"]["files"] == VERSIONS - 1
+    assert forms["reference"]["files"] == 1
+    assert sum(d["stored_bytes"] for d in forms.values()) == stored
 
 
 def test_a_plain_tar_next_to_a_gzip_reference_is_a_delta_of_its_content(
@@ -269,3 +273,25 @@ def test_tgz_series_through_the_mount_on_a_new_machine(mounted: Mount, tmp_path:
     m.remount(wipe_cache=True)
     for f in files:
         assert (m.mountpoint / "rel" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_analyze_predicts_with_the_writers_rules(tmp_path: Path) -> None:
+    """`deltafs analyze` on plain .tar.gz objects predicts the gzip deltas (and nothing
+    in strict mode), close to what putting them really stores."""
+    from deltafs.analyze import analyze
+
+    work = tmp_path / "work"
+    files = [gnu_tgz(work, v) for v in range(1, 5)]
+    auto = engine_for(tmp_path)
+    for f in files:
+        auto.store.put_file(f"plain/{f.name}", f, {})
+    predicted = analyze(auto, "plain/", sample=3)
+    logical = sum(f.stat().st_size for f in files)
+    assert predicted.logical_bytes == logical
+    strict = analyze(engine_for(tmp_path, "deltaglider", cache="c2"), "plain/", sample=3)
+    assert strict.estimated_bytes == logical
+    for f in files:
+        auto.put(f, f"real/{f.name}")
+    stored = sum(o.size for o in auto.store.iter_objects("real/"))
+    assert predicted.estimated_bytes < 0.5 * logical
+    assert abs(predicted.estimated_bytes - stored) < 0.1 * logical, (predicted, stored)
