@@ -297,7 +297,10 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     pending = recover(journal, files_dir)
     if pending:
         log.info("replaying %d pending changes from the journal", pending)
-    options = Options(listing_ttl=cfg.listing_ttl, read_only=cfg.read_only)
+    # strict mode writes nothing DeltaGlider's `ls` would show as a file (manifests are
+    # still read where other mounts wrote them)
+    options = Options(listing_ttl=cfg.listing_ttl, read_only=cfg.read_only,
+                      write_manifests=cfg.format != "deltaglider")
     fs = DeltaFS(engine, journal, engine.cache, cfg.source.key.strip("/"), files_dir, options,
                  str(cfg.source))
     fs.writeback.limiter.total_tokens = cfg.upload_concurrency

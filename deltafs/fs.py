@@ -70,6 +70,8 @@ class Options:
     dirty_budget: int = 8 << 30
     #: read and write per-directory listing manifests (``.deltafs-manifest``)
     manifests: bool = True
+    #: write them too (not in ``--format deltaglider``: DeltaGlider's ls shows them)
+    write_manifests: bool = True
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
 
@@ -149,7 +151,8 @@ class DeltaFS(pyfuse3.Operations):
         self.dirsync = DirSync(journal, engine, self.prefix, self.contents, options)
         self.dirsync.on_replaced = self._replaced
         self.manifests = DirManifests(journal, engine, self.prefix,
-                                      writable=options.manifests and not options.read_only)
+                                      writable=options.manifests and options.write_manifests
+                                      and not options.read_only)
         if options.manifests:
             self.dirsync.resolve = self.manifests.resolve
         self.dirsync.on_listed = self._listed

@@ -97,6 +97,19 @@ def test_fresh_mount_lists_deltafs_files_from_the_manifest(m: Mount, tmp_path: P
         assert (m.mountpoint / "d" / name).read_bytes() == files[name]
 
 
+def test_a_strict_mount_writes_no_manifest(m: Mount, tmp_path: Path) -> None:
+    """`--format deltaglider` writes nothing DeltaGlider's `ls` would show as a file."""
+    m.umount()
+    m.mount(["--format", "deltaglider"])
+    src = tmp_path / "src"
+    _tree(src, n_small=60, n_big=2)
+    subprocess.run(["cp", "-a", f"{src}/.", str(m.mountpoint / "d")], check=True)
+    m.wait_idle(60)
+    m.remount(wipe_cache=True, extra_args=["--format", "deltaglider"])
+    assert MANIFEST not in {k.rsplit("/", 1)[-1] for k in m.objects("d/", manifests=True)}
+    _same_attrs(src, m.mountpoint / "d")
+
+
 def test_a_stale_manifest_costs_a_head_only_for_what_changed(
         m: Mount, tmp_path: Path, moto_server: str, bucket: str) -> None:
     from deltafs.api import DeltaService
