@@ -27,7 +27,7 @@ from .errors import Changed, DeltafsError, NotFound
 from .format import StoredFile, split_key
 from .index import key_of
 from .journal import ROOT_INO, Journal
-from .manifest import ManifestEntry, decode, encode, manifest_key, stored_from
+from .manifest import Encoder, ManifestEntry, decode, manifest_key, stored_from
 from .store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -205,10 +205,36 @@ class DirManifests:
         dir_prefix = f"{space}/" if space else ""
         key = manifest_key(dir_prefix)
         ino = self._dir_ino(space)
-        entries: list[ManifestEntry] = []
-        if ino is not None:
+        with Encoder(dir_prefix, self.writer) as enc:
+            newest = self._encode_rows(enc, ino, dir_prefix) if ino is not None else None
+            if newest is None:
+                # a cache: removed unconditionally (another mount's newer one costs
+                # nothing but HEADs), and it must not keep an emptied prefix alive
+                try:
+                    self.engine.store.delete(key)
+                except NotFound:
+                    pass
+                return 0, ino, None
+            if self.engine.store.head(dir_prefix + newest) is None:
+                # our newest object is gone: another writer is removing this directory,
+                # and a manifest written now (from rows it has not seen go) would bring
+                # it back
+                log.info("not writing %s: %s is gone from the bucket", key, newest)
+                return 0, ino, None
+            body = enc.finish()
+            count = enc.count
+        info = self.engine.store.put_bytes(key, body, {})
+        log.debug("wrote %s: %d entries, %d bytes", key, count, len(body))
+        return count, ino, info.etag
+
+    def _encode_rows(self, enc: Encoder, ino: int, dir_prefix: str) -> str | None:
+        """Give ``enc`` the entries of the directory's committed clean rows, newest
+        first, streamed from the journal; returns the newest entry's name (``None``: no
+        entry)."""
+        newest: str | None = None
+        with self.journal.read_cursor() as rows:
             for (name, rkey, etag, rsize, rkind, size, mode, uid, gid, mtime_ns, sha,
-                 ref) in self.journal.read(
+                 ref) in rows.execute(
                     "SELECT name, remote_key, remote_etag, remote_size, remote_kind, size, "
                     "mode, uid, gid, mtime_ns, sha256, remote_ref FROM nodes WHERE parent=? "
                     # exactly the object as published: not being rewritten (a working
@@ -221,27 +247,15 @@ class DirManifests:
                 if not rkey.startswith(dir_prefix) or "/" in rkey[len(dir_prefix):]:
                     continue
                 try:
-                    entries.append(ManifestEntry(
+                    entry = ManifestEntry(
                         rkey[len(dir_prefix):], etag, int(rsize or 0),
                         "delta" if rkind == "delta" else "direct", int(size),
                         mode, uid, gid, mtime_ns, sha,
-                        ref if rkind == "delta" else None, symlink=stat.S_ISLNK(mode)))
+                        ref if rkind == "delta" else None, symlink=stat.S_ISLNK(mode))
                 except ValueError as exc:
                     log.debug("not in the manifest: %s", exc)
-        if not entries:
-            # a cache: removed unconditionally (another mount's newer one costs nothing
-            # but HEADs), and it must not keep an emptied prefix alive
-            try:
-                self.engine.store.delete(key)
-            except NotFound:
-                pass
-            return 0, ino, None
-        if self.engine.store.head(dir_prefix + entries[0].name) is None:
-            # our newest object is gone: another writer is removing this directory, and
-            # a manifest written now (from rows it has not seen go) would bring it back
-            log.info("not writing %s: %s is gone from the bucket", key, entries[0].name)
-            return 0, ino, None
-        body = encode(dir_prefix, entries, self.writer)
-        info = self.engine.store.put_bytes(key, body, {})
-        log.debug("wrote %s: %d entries, %d bytes", key, len(entries), len(body))
-        return len(entries), ino, info.etag
+                    continue
+                enc.add(entry)
+                if newest is None:
+                    newest = entry.name
+        return newest

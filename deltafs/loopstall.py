@@ -70,6 +70,19 @@ class SlowSteps(trio.abc.Instrument):
         self.limit = limit_ms / 1000.0
         self._t0 = 0.0
         self._gc0 = 0.0
+        self._report_due = False
+        self._reported = 0.0
+
+    @staticmethod
+    def heap_report(*_: object) -> None:
+        """Log the most common object types the collector tracks (after a slow full
+        collection, at most once a minute): what a growing heap is made of."""
+        import collections as _c
+
+        counts = _c.Counter(type(o).__name__ for o in gc.get_objects())
+        log.warning("heap: %d tracked objects (%d frozen); most common: %s",
+                    sum(counts.values()), gc.get_freeze_count(),
+                    ", ".join(f"{n} {k}" for k, n in counts.most_common(15)))
 
     @classmethod
     def from_env(cls) -> list[trio.abc.Instrument]:
@@ -91,6 +104,10 @@ class SlowSteps(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = time.perf_counter() - self._t0
+        if self._report_due:
+            self._report_due = False
+            self._reported = time.monotonic()
+            self.heap_report()
         if took >= self.limit:
             frame = task.coro.cr_frame
             where = (f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
@@ -106,3 +123,5 @@ class SlowSteps(trio.abc.Instrument):
         if took >= self.limit:
             log.warning("slow garbage collection: %.0f ms (generation %s, %s collected)",
                         took * 1000.0, info.get("generation"), info.get("collected"))
+            if info.get("generation") == 2 and time.monotonic() - self._reported > 60:
+                self._report_due = True

@@ -351,28 +351,72 @@ def encode(dir_prefix: str, entries: Iterable[ManifestEntry], writer: str) -> by
     entries with one name are a caller's bug (``ValueError``): a reader could not know
     which to believe.
     """
-    _check_dir(dir_prefix)
-    items = list(entries)
-    if len({e.name for e in items}) != len(items):
-        raise ValueError("two manifest entries with the same name")
-    if len(items) > MAX_ENTRIES:
-        raise ValueError(f"{len(items)} entries: readers refuse more than {MAX_ENTRIES}")
-    header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dir": dir_prefix,
-              "writer": str(writer), "written_at": time.time(), "count": len(items)}
-    comp = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, 31)  # 31: gzip wrapper, CRC-32
-    raw = _ENCODER.encode(header).encode("utf-8") + b"\n"
-    total = len(raw)
-    out = [comp.compress(raw)]
-    for start in range(0, len(items), _ENCODE_BATCH):
-        lines = [_line(e) for e in items[start:start + _ENCODE_BATCH]]
-        lines.append("")
-        raw = "\n".join(lines).encode("utf-8")
-        total += len(raw)
-        out.append(comp.compress(raw))
-    if total > MAX_DECOMPRESSED:
-        raise ValueError(f"{total} bytes: readers refuse more than {MAX_DECOMPRESSED}")
-    out.append(comp.flush())
-    return b"".join(out)
+    with Encoder(dir_prefix, writer) as enc:
+        for e in entries:
+            enc.add(e)
+        return enc.finish()
+
+
+class Encoder:
+    """Builds a manifest from entries given one at a time, holding only their encoded
+    lines (spooled to a temporary file past a few MB): a 100,000-entry directory must not
+    cost the daemon a list of 100,000 rows and entries at once (issue 11: RSS)."""
+
+    def __init__(self, dir_prefix: str, writer: str) -> None:
+        import tempfile
+
+        _check_dir(dir_prefix)
+        self.dir_prefix = dir_prefix
+        self.writer = str(writer)
+        self.count = 0
+        self.total = 0
+        self._names: set[str] = set()
+        self._pending: list[str] = []
+        self._spool = tempfile.SpooledTemporaryFile(max_size=4 << 20)
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._spool.close()
+
+    def add(self, e: ManifestEntry) -> None:
+        if e.name in self._names:
+            raise ValueError("two manifest entries with the same name")
+        self._names.add(e.name)
+        self.count += 1
+        if self.count > MAX_ENTRIES:
+            raise ValueError(f"{self.count} entries: readers refuse more than {MAX_ENTRIES}")
+        self._pending.append(_line(e))
+        if len(self._pending) >= _ENCODE_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._pending.append("")
+            raw = "\n".join(self._pending).encode("utf-8")
+            self._pending = []
+            self.total += len(raw)
+            if self.total > MAX_DECOMPRESSED:
+                raise ValueError(f"{self.total} bytes: readers refuse more than "
+                                 f"{MAX_DECOMPRESSED}")
+            self._spool.write(raw)
+
+    def finish(self) -> bytes:
+        self._flush()
+        header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dir": self.dir_prefix,
+                  "writer": self.writer, "written_at": time.time(), "count": self.count}
+        comp = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, 31)  # gzip wrapper, CRC-32
+        raw = _ENCODER.encode(header).encode("utf-8") + b"\n"
+        if self.total + len(raw) > MAX_DECOMPRESSED:
+            raise ValueError(f"{self.total + len(raw)} bytes: readers refuse more than "
+                             f"{MAX_DECOMPRESSED}")
+        out = [comp.compress(raw)]
+        self._spool.seek(0)
+        while chunk := self._spool.read(1 << 20):
+            out.append(comp.compress(chunk))
+        out.append(comp.flush())
+        return b"".join(out)
 
 
 # ------------------------------------------------------------------------------ decode
