@@ -48,6 +48,36 @@ def release_series(kind: str, count: int, cache: Path = CACHE) -> Series:
     return Series(kind, label, files[:count])
 
 
+def tgz_series(maker: str, count: int, cache: Path = CACHE) -> Series:
+    """The botocore tars compressed two ways, made once into the cache: ``python`` as
+    Python's ``tarfile``/``gzip`` writes (zlib level 9, name and mtime in the header:
+    PyPI sdists, build tools) and ``gnu`` as ``tar -czf`` does (GNU gzip -6 on a pipe:
+    no name, mtime 0). The first ``count``."""
+    import gzip
+    import shutil
+    import subprocess
+
+    tars = release_series("tars", count, cache).files
+    d = cache / f"tgz-{maker}"
+    d.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    for t in tars:
+        dest = d / (t.name + ".gz")
+        if not dest.exists():
+            tmp = dest.with_name(dest.name + ".part")
+            with open(t, "rb") as src, open(tmp, "wb") as raw:
+                if maker == "python":
+                    with gzip.GzipFile(t.name, "wb", 9, raw, mtime=int(t.stat().st_mtime)) as g:
+                        shutil.copyfileobj(src, g, 1 << 20)
+                else:
+                    subprocess.run(["gzip", "-c", "-6"], stdin=src, stdout=raw, check=True)
+            tmp.rename(dest)
+        out.append(dest)
+    label = {"python": "botocore .tar.gz (Python tarfile/gzip)",
+             "gnu": "botocore .tar.gz (GNU tar -czf)"}[maker]
+    return Series(f"tgz-{maker}", label, out)
+
+
 def _mutate(data: bytearray, rng: random.Random) -> bytearray:
     """The next version: ~1 % of the bytes rewritten in scattered blocks, one 256 KiB
     insertion, one 128 KiB deletion and 64 KiB appended (a growing image or backup)."""

@@ -400,6 +400,9 @@ class Bench:
             series.append(data.release_series("wheels", a.wheels))
         if a.tars:
             series.append(data.release_series("tars", a.tars))
+        if a.tgz:
+            series.append(data.tgz_series("python", a.tgz))
+            series.append(data.tgz_series("gnu", a.tgz))
         if a.synthetic:
             count, _, mb = a.synthetic.partition("x")
             series.append(data.synthetic_series(int(count), int(mb) * 1_000_000))
@@ -408,7 +411,8 @@ class Bench:
             "mode": "scale" if a.scale else "quick" if a.quick else "full",
             "machine": machine(),
             "note": a.note,
-            "config": {"wheels": a.wheels, "tars": a.tars, "synthetic": a.synthetic,
+            "config": {"wheels": a.wheels, "tars": a.tars, "tgz": a.tgz,
+                       "synthetic": a.synthetic,
                        "small_files": a.small_files, "scale_files": a.scale_files,
                        "scale_rm": a.scale_rm, "journal_rows": a.journal_rows,
                        "moto": self.moto.url,
@@ -456,6 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "scale: 500 files, rm 50, a journal of 20000 rows)")
     p.add_argument("--wheels", type=int, help="botocore wheels to copy (full: 20)")
     p.add_argument("--tars", type=int, help="botocore tars to copy (full: 20)")
+    p.add_argument("--tgz", type=int, help="botocore tars as .tar.gz, made by Python and by "
+                                          "GNU tar -czf, to copy (full: 20 each)")
     p.add_argument("--synthetic", help="COUNTxMB synthetic versions (full: 10x200)")
     p.add_argument("--small-files", type=int, help="files for the metadata tests (full: 2000)")
     p.add_argument("--scale", action="store_true",
@@ -483,9 +489,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     q = a.quick
     if a.scale:  # only the scale part
-        a.wheels = a.tars = a.small_files = 0
+        a.wheels = a.tars = a.tgz = a.small_files = 0
         a.synthetic = ""
-    for name, full, quick in (("wheels", 20, 3), ("tars", 20, 2), ("synthetic", "10x200", "3x8"),
+    for name, full, quick in (("wheels", 20, 3), ("tars", 20, 2), ("tgz", 20, 0),
+                              ("synthetic", "10x200", "3x8"),
                               ("small_files", 2000, 200), *SCALE_SIZES):
         if getattr(a, name) is None:
             setattr(a, name, quick if q else full)

@@ -451,7 +451,10 @@ class Engine:
         extended = self.policy.format != "deltaglider"
         with open(src, "rb") as f:
             head = f.read(8)
-        if is_compressed_stream(head) and not (extended and gzrecipe.is_gzip(head)):
+        if is_compressed_stream(head) and not (
+                extended and gzrecipe.is_gzip(head) and gzrecipe.readable(src)):
+            # a gzip seeds a reference only if its content can be read back (not a
+            # bgzip, a truncated download or a bomb): deltas are made against it
             return None, 0
         key = reference_key(deltaspace)
         try:
@@ -645,9 +648,15 @@ class Engine:
         if target_ref is None and stored.ref_key:
             old_ref = self.store.head(stored.ref_key)
             if old_ref is not None and meta_get(old_ref.metadata, "file_sha256") == ref_sha:
-                self.store.copy(stored.ref_key, reference_key(new_space), dict(old_ref.metadata or {}))
+                ref_meta = dict(old_ref.metadata or {})
+                if self.policy.format == "deltaglider":
+                    ref_meta.pop(FORMAT_KEY, None)  # strict mode makes no deltafs directory
+                self.store.copy(stored.ref_key, reference_key(new_space), ref_meta)
                 target_ref = self._head_reference(new_space)
-        if target_ref is not None and target_ref.sha256 == ref_sha:
+        if target_ref is not None and target_ref.sha256 == ref_sha and (
+                meta.get(FORM_KEY) is None or self._extended(target_ref)):
+            # (an extension object goes only where extensions may: into a DeltaGlider
+            # directory it is rebuilt and stored by that directory's rules, below)
             meta["dg-ref-key"] = target_ref.key
             meta["dg-ref-path"] = split_key(target_ref.key)[1]
             if not target_ref.key.isascii():

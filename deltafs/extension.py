@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import struct
 from dataclasses import dataclass, replace
@@ -72,18 +73,21 @@ def encode(ref: Path, target: Path, target_size: int, out: Path, scratch: Path,
         target_gz = gzrecipe.is_gzip(f.read(3))
     source, source_form = ref, "raw"
     if ref_gz:
-        source, source_form = scratch / "source-content", "gunzip"
         try:
-            gzrecipe.decompress(ref, source)
+            gzrecipe.decompress(ref, scratch / "source-content", room(scratch) // 2)
+            source, source_form = scratch / "source-content", "gunzip"
         except gzrecipe.NotReproducible as exc:
-            return f"the reference is a gzip stream that cannot be read ({exc})"
+            # a reference that is no readable gzip (bgzip, truncated): its raw bytes
+            log.debug("reference not decompressed (%s): delta against its bytes", exc)
     content, recipe = target, None
     if target_gz:
         content = scratch / "target-content"
         try:
-            recipe = gzrecipe.analyze(target, content)
+            recipe = gzrecipe.analyze(target, content, room(scratch) // 2)
         except gzrecipe.NotReproducible as exc:
             return f"gzip stream not reproducible: {exc}"
+    if source_form == "raw" and recipe is None:
+        return "no gzip stream to take apart"
     content_size = content.stat().st_size
     if not content_size:
         return "empty content"
@@ -115,6 +119,20 @@ def encode(ref: Path, target: Path, target_size: int, out: Path, scratch: Path,
               f"{'gzip content' if target_gz else 'file'}" + (f" ({tools})" if tools else ""))
     return Encoded(size, f"deltafs-x1 {source_form}/{'gzip' if recipe else 'raw'}: "
                          f"{res.command}", detail)
+
+
+#: left free on the scratch disk by a decompression (the journal, staged files)
+RESERVE = 64 << 20
+
+
+def room(scratch: Path) -> int:
+    """Bytes a decompression into ``scratch`` may write: the free space less a reserve,
+    so a gzip that expands 60x cannot fill the cache disk under staged files."""
+    try:
+        st = os.statvfs(scratch)
+    except OSError:
+        return 1 << 40
+    return max(0, st.f_bavail * st.f_frsize - RESERVE)
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -154,7 +172,7 @@ def decode(ref: Path, obj: Path, out: Path, sha256: str, scratch: Path) -> None:
     if header.get("source") == "gunzip":
         source = scratch / "x-source"
         try:
-            gzrecipe.decompress(ref, source)
+            gzrecipe.decompress(ref, source, room(scratch))
         except gzrecipe.NotReproducible as exc:
             raise IntegrityError(f"its reference cannot be decompressed: {exc}") from None
     elif header.get("source") != "raw":
@@ -172,6 +190,8 @@ def decode(ref: Path, obj: Path, out: Path, sha256: str, scratch: Path) -> None:
     actual = codec.sha256_file(out)
     if actual != sha256:
         out.unlink(missing_ok=True)
+        made = (target or {}).get("made_with") if isinstance(target, dict) else None
         raise IntegrityError(
             f"rebuilt gzip stream differs: SHA-256 {actual[:12]}… instead of {sha256[:12]}… "
-            "(this machine's zlib or gzip compresses differently from the writer's)")
+            "(this machine's zlib or gzip compresses differently from the writer's: "
+            f"written with {made or 'unknown'}, here {gzrecipe.tool_versions()})")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import shutil
 import struct
 import subprocess
@@ -82,6 +83,8 @@ class Recipe:
 
     members: tuple[Member, ...]
     tail: bytes = b""
+    #: the compressors' versions where it was proven (for the reader's error message)
+    made_with: str = ""
 
     @property
     def content_size(self) -> int:
@@ -89,12 +92,43 @@ class Recipe:
 
     def to_json(self) -> dict[str, Any]:
         return {"members": [m.to_json() for m in self.members],
-                "tail": base64.b64encode(self.tail).decode()}
+                "tail": base64.b64encode(self.tail).decode(),
+                "made_with": self.made_with or tool_versions(self)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Recipe":
         return cls(tuple(Member.from_json(m) for m in d["members"]),
-                   base64.b64decode(d.get("tail", "")))
+                   base64.b64decode(d.get("tail", "")), str(d.get("made_with", "")))
+
+
+def tool_versions(recipe: "Recipe | None" = None) -> str:
+    """``zlib 1.2.13``, ``gzip 1.12``: what this machine compresses with."""
+    tools = {m.tool for m in recipe.members} if recipe else {"zlib", "gzip"}
+    out = []
+    if "zlib" in tools:
+        out.append(f"zlib {zlib.ZLIB_RUNTIME_VERSION}")
+    if "gzip" in tools:
+        out.append(f"gzip {_gzip_version()}")
+    return ", ".join(out)
+
+
+_GZIP_VERSION: list[str] = []
+
+
+def _gzip_version() -> str:
+    if not _GZIP_VERSION:
+        binary = gzip_binary()
+        text = "missing"
+        if binary:
+            try:
+                res = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                                     timeout=10)
+                first = (res.stdout or res.stderr).splitlines()
+                text = first[0].split()[-1] if first else "unknown"
+            except (OSError, subprocess.SubprocessError):
+                text = "unknown"
+        _GZIP_VERSION.append(text)
+    return _GZIP_VERSION[0]
 
 
 def is_gzip(head: bytes) -> bool:
@@ -158,7 +192,9 @@ def _inflate_member(f: IO[bytes], start: int, out: IO[bytes] | None,
         chunk = f.read(CHUNK)
         if not chunk:
             raise NotReproducible("truncated gzip stream")
-        data = d.decompress(chunk)
+        # bounded output per call: a gzip bomb's megabyte must never become a gigabyte
+        # in memory before the budget below sees it
+        data = d.decompress(chunk, CHUNK)
         while True:
             crc = zlib.crc32(data, crc)
             length += len(data)
@@ -168,7 +204,7 @@ def _inflate_member(f: IO[bytes], start: int, out: IO[bytes] | None,
                 out.write(data)
             if d.eof or not d.unconsumed_tail:
                 break
-            data = d.decompress(d.unconsumed_tail)
+            data = d.decompress(d.unconsumed_tail, CHUNK)
         consumed += len(chunk)
     body_len = consumed - len(d.unused_data)
     f.seek(body_start + body_len)
@@ -181,13 +217,16 @@ def _inflate_member(f: IO[bytes], start: int, out: IO[bytes] | None,
     return _Parsed(header, body_start, body_len, length)
 
 
-def _members(f: IO[bytes], size: int, out: IO[bytes] | None
+def _members(f: IO[bytes], size: int, out: IO[bytes] | None, limit: int | None = None
              ) -> tuple[list[_Parsed], int]:
-    """The members of a gzip file (content written to ``out``), and where the tail
-    (bytes after the last member) starts."""
+    """The members of a gzip file (content written to ``out``, at most ``limit`` bytes
+    of it: the room the caller has), and where the tail (bytes after the last member)
+    starts."""
     parsed: list[_Parsed] = []
     pos = 0
     budget = max(size, 1 << 20) * MAX_EXPANSION
+    if limit is not None:
+        budget = min(budget, limit)
     while pos < size:
         f.seek(pos)
         if f.read(3) != MAGIC:
@@ -204,25 +243,42 @@ def _members(f: IO[bytes], size: int, out: IO[bytes] | None
     return parsed, pos
 
 
-def decompress(src: Path, out: Path) -> int:
+def decompress(src: Path, out: Path, limit: int | None = None) -> int:
     """Write the content of every member of the gzip file ``src`` to ``out`` (bytes
     after the last member are left out); returns its size. Raises NotReproducible for
-    a stream that is not gzip or is corrupt."""
+    a stream that is not gzip, is corrupt, or expands past ``limit`` (``out`` removed)."""
     size = src.stat().st_size
-    with open(src, "rb") as f, open(out, "wb") as o:
-        parsed, _ = _members(f, size, o)
+    try:
+        with open(src, "rb") as f, open(out, "wb") as o:
+            parsed, _ = _members(f, size, o, limit)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     return sum(p.length for p in parsed)
 
 
-def analyze(src: Path, content: Path) -> Recipe:
-    """Take the gzip file ``src`` apart: its content goes to ``content``, and the recipe
-    that makes ``src`` again from it is returned, proven by making it and comparing every
-    byte. Raises NotReproducible (``content`` removed) when no compressor tried does."""
+def readable(src: Path) -> bool:
+    """Whether ``src`` is a gzip file this module can read to its end (so its content
+    can serve as a delta source): parsed and checked, nothing written."""
+    size = src.stat().st_size
+    try:
+        with open(src, "rb") as f:
+            _, tail_at = _members(f, size, None)
+    except NotReproducible:
+        return False
+    return size - tail_at <= MAX_TAIL
+
+
+def analyze(src: Path, content: Path, limit: int | None = None) -> Recipe:
+    """Take the gzip file ``src`` apart: its content goes to ``content`` (at most
+    ``limit`` bytes), and the recipe that makes ``src`` again from it is returned, proven
+    by making it and comparing every byte. Raises NotReproducible (``content`` removed)
+    when no compressor tried does."""
     size = src.stat().st_size
     try:
         with open(src, "rb") as f:
             with open(content, "wb") as o:
-                parsed, tail_at = _members(f, size, o)
+                parsed, tail_at = _members(f, size, o, limit)
             if size - tail_at > MAX_TAIL:
                 raise NotReproducible(f"{size - tail_at} bytes after the last gzip member")
             f.seek(tail_at)
@@ -252,18 +308,29 @@ def _candidates(header: bytes) -> Iterator[tuple[str, int, int]]:
     yield from (zl + gz) if zlib_first else (gz + zl)
 
 
+#: failed tries may compress at most this many times the member's content in all: a
+#: stream that matches every candidate until near its end must not cost minutes
+MAX_TRY_FACTOR = 3
+
+
 def _find_settings(f: IO[bytes], content: IO[bytes], p: _Parsed, offset: int) -> Member:
+    spent = 0
     for tool, level, mem in _candidates(p.header):
-        if _reproduces(f, content, p, offset, tool, level, mem):
+        ok, compared = _reproduces(f, content, p, offset, tool, level, mem)
+        if ok:
             return Member(p.header, p.length, tool, level, mem)
+        spent += compared
+        if spent > MAX_TRY_FACTOR * max(p.body_len, 1 << 20):
+            raise NotReproducible("no compressor tried makes the same bytes within the "
+                                  "cost bound")
     raise NotReproducible("no compressor tried makes the same bytes "
                           "(zlib levels 0-9, GNU gzip levels 1-9)")
 
 
 def _reproduces(f: IO[bytes], content: IO[bytes], p: _Parsed, offset: int,
-                tool: str, level: int, mem: int) -> bool:
+                tool: str, level: int, mem: int) -> tuple[bool, int]:
     """Compress the member's content again and compare with its body as it goes:
-    the first differing byte ends the try."""
+    the first differing byte ends the try. Returns (same, compressed bytes compared)."""
     f.seek(p.body_start)
     left = p.body_len
 
@@ -281,10 +348,10 @@ def _reproduces(f: IO[bytes], content: IO[bytes], p: _Parsed, offset: int,
     try:
         for piece in pieces:
             if not same(piece):
-                return False
+                return False, p.body_len - left
     finally:
         pieces.close()  # stops a gzip child at once
-    return left == 0
+    return left == 0, p.body_len - left
 
 
 def _deflate(content: IO[bytes], length: int, tool: str, level: int,
@@ -312,8 +379,12 @@ def _gnu_gzip(content: IO[bytes], length: int, level: int) -> Iterator[bytes]:
         raise CodecError("this file needs GNU gzip to be rebuilt: install gzip")
     import threading
 
+    # GZIP in the environment (e.g. GZIP=--rsyncable, common backup advice) changes
+    # gzip's output: a file proven under it would not rebuild without it, or the reverse
+    env = {k: v for k, v in os.environ.items() if k != "GZIP"}
     proc = subprocess.Popen([binary, "-c", "-n", f"-{level}"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                            env=env)
     assert proc.stdin is not None and proc.stdout is not None
     failed: list[BaseException] = []
 

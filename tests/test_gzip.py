@@ -295,3 +295,73 @@ def test_analyze_predicts_with_the_writers_rules(tmp_path: Path) -> None:
     stored = sum(o.size for o in auto.store.iter_objects("real/"))
     assert predicted.estimated_bytes < 0.5 * logical
     assert abs(predicted.estimated_bytes - stored) < 0.1 * logical, (predicted, stored)
+
+
+def test_moving_an_extension_object_into_a_deltaglider_directory_rebuilds_it(
+        tmp_path: Path) -> None:
+    """A rename must not carry an extension object into a directory DeltaGlider reads
+    (same reference content, but seeded in DeltaGlider's format): it is stored again by
+    that directory's rules (found by review)."""
+    work = tmp_path / "work"
+    tgz = python_tgz(work, 2)
+    with gzip.open(python_tgz(work, 1), "rb") as g:
+        seed = write_file(work / "seed.tar", g.read())
+    auto = engine_for(tmp_path)
+    auto.put(seed, "A/seed.tar")
+    assert auto.put(tgz, "A/v2.tar.gz").kind == "delta"
+    engine_for(tmp_path, "deltaglider", cache="c2").put(seed, "B/seed.tar")
+    auto.move(auto.stat("A/v2.tar.gz"), "B/v2.tar.gz")
+    moved = auto.store.head("B/v2.tar.gz")
+    delta = auto.store.head("B/v2.tar.gz.delta")
+    assert (moved is None) != (delta is None)
+    for info in (moved, delta):
+        assert info is None or "deltafs-form" not in (info.metadata or {})
+    out = tmp_path / "out"
+    engine_for(tmp_path, cache="c3").get("B/v2.tar.gz", out)
+    assert out.read_bytes() == tgz.read_bytes()
+
+
+def test_gzip_environment_does_not_change_what_is_proven(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """GZIP=--rsyncable in the writer's environment must not make a recipe that other
+    readers cannot rebuild (found by review): the proof runs gzip without it."""
+    plain = write_file(tmp_path / "a.txt", _text(random.Random(4), 200_000))
+    src = tmp_path / "a.gz"
+    monkeypatch.setenv("GZIP", "--rsyncable")
+    with open(src, "wb") as f:  # made by an rsyncable gzip
+        subprocess.run(["gzip", "-c", "-6", str(plain)], stdout=f, check=True)
+    try:
+        recipe = gzrecipe.analyze(src, tmp_path / "content")
+    except gzrecipe.NotReproducible:
+        return  # stored whole: fine
+    monkeypatch.delenv("GZIP")
+    out = tmp_path / "again"
+    gzrecipe.rebuild(recipe, tmp_path / "content", out)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_an_unreadable_gzip_never_seeds_a_reference(tmp_path: Path) -> None:
+    """A gzip the reader cannot take apart (here: more members than it reads) is stored
+    whole instead of becoming the directory's reference and spoiling its deltas (found
+    by review)."""
+    one = gzip.compress(_text(random.Random(1), 400), 6)
+    many = write_file(tmp_path / "many.gz", one * (gzrecipe.MAX_MEMBERS + 1))
+    engine = engine_for(tmp_path)
+    assert engine.put(many, "d/many.gz").kind == "direct"
+    base = random.Random(2).randbytes(MiB)
+    a = write_file(tmp_path / "a.bin", base)
+    b = write_file(tmp_path / "b.bin", base[:1000] + b"x" + base[1001:])
+    assert engine.put(a, "d/a.bin").kind == "reference"
+    assert engine.put(b, "d/b.bin").kind == "delta"
+
+
+def test_a_gzip_bomb_is_refused_without_expanding_in_memory(tmp_path: Path) -> None:
+    """The budget is checked per megabyte of output, never after a whole read chunk
+    expanded a thousandfold (found by review: 1 GB of RSS for a 0.5 MB file)."""
+    import resource
+
+    bomb = write_file(tmp_path / "bomb.gz", gzip.compress(b"\0" * (300 * MiB), 9))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(gzrecipe.NotReproducible, match="expands"):
+        gzrecipe.analyze(bomb, tmp_path / "content")
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 100 * 1024, grown_kib
