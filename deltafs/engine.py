@@ -366,7 +366,8 @@ class Engine:
                         ref_path, src, size, delta_path, scratch,
                         self.policy.codec_limits(),
                         lambda s_, t_, o_, lim: self._encode(
-                            s_, s_.stat().st_size, t_, t_.stat().st_size, o_, False, lim))
+                            s_, s_.stat().st_size, t_, t_.stat().st_size, o_, False, lim),
+                        cache=self.cache)
                     if isinstance(ext, str):
                         return None, ext
                     result = codec.EncodeResult(ext.size, ext.command)
@@ -564,13 +565,12 @@ class Engine:
                 ) from None
         return sha
 
-    @staticmethod
-    def _rebuild(ref_path: Path, delta_path: Path, out: Path, sha: str,
+    def _rebuild(self, ref_path: Path, delta_path: Path, out: Path, sha: str,
                  scratch: Path) -> None:
         """Apply a delta object (plain VCDIFF or a deltafs extension object) to its
         reference; ``out`` holds the file only if its SHA-256 is ``sha``."""
         if extension.is_extension(delta_path):
-            extension.decode(ref_path, delta_path, out, sha, scratch)
+            extension.decode(ref_path, delta_path, out, sha, scratch, self.cache)
         else:
             codec.decode(ref_path, delta_path, out, sha)
 

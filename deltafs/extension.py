@@ -61,8 +61,30 @@ def wanted(ref_head: bytes, target_head: bytes) -> bool:
     return gzrecipe.is_gzip(ref_head) or gzrecipe.is_gzip(target_head)
 
 
+def _gunzipped(ref: Path, dest: Path, scratch: Path, cache: Any, want: str | None
+                ) -> str | None:
+    """The content of the gzip reference ``ref`` at ``dest``: from the content cache
+    when it holds ``want`` (no decompression), else decompressed (and cached, under its
+    SHA-256, which is returned). Raises NotReproducible when it cannot be read."""
+    if cache is not None and want and cache.link(want, dest):
+        return want
+    gzrecipe.decompress(ref, dest, room(scratch))
+    if cache is None:
+        return None
+    from .cache import digest_file
+
+    sha, sums = digest_file(dest)
+    if want is None or sha == want:
+        try:
+            cache.add(sha, dest, link=True, sums=sums)  # scratch: nobody writes it again
+        except OSError as exc:
+            log.debug("gunzipped reference not cached: %s", exc)
+    return sha
+
+
 def encode(ref: Path, target: Path, target_size: int, out: Path, scratch: Path,
-           limits: codec.Limits, encode_fn: Any = None) -> Encoded | str:
+           limits: codec.Limits, encode_fn: Any = None, cache: Any = None
+           ) -> Encoded | str:
     """Write an extension object for ``target`` against ``ref`` to ``out``, or return why
     not (a string). ``encode_fn(source, target, out, limits)`` is the VCDIFF encoder
     (the engine's, with its window policy); the delta must stay under
@@ -71,10 +93,10 @@ def encode(ref: Path, target: Path, target_size: int, out: Path, scratch: Path,
         ref_gz = gzrecipe.is_gzip(f.read(3))
     with open(target, "rb") as f:
         target_gz = gzrecipe.is_gzip(f.read(3))
-    source, source_form = ref, "raw"
+    source, source_form, source_sha = ref, "raw", None
     if ref_gz:
         try:
-            gzrecipe.decompress(ref, scratch / "source-content", room(scratch) // 2)
+            source_sha = _gunzipped(ref, scratch / "source-content", scratch, cache, None)
             source, source_form = scratch / "source-content", "gunzip"
         except gzrecipe.NotReproducible as exc:
             # a reference that is no readable gzip (bgzip, truncated): its raw bytes
@@ -103,6 +125,8 @@ def encode(ref: Path, target: Path, target_size: int, out: Path, scratch: Path,
         "content_sha256": codec.sha256_file(content), "content_size": content_size,
         "target": recipe.to_json() if recipe is not None else None,
     }
+    if source_sha:
+        header["source_sha256"] = source_sha  # lets readers take it from their cache
     raw = json.dumps(header, separators=(",", ":")).encode()
     with open(out, "wb") as o, open(vcdiff, "rb") as v:
         o.write(MAGIC)
@@ -160,7 +184,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, len(MAGIC) + 4 + n
 
 
-def decode(ref: Path, obj: Path, out: Path, sha256: str, scratch: Path) -> None:
+def decode(ref: Path, obj: Path, out: Path, sha256: str, scratch: Path,
+           cache: Any = None) -> None:
     """Rebuild the file an extension object holds into ``out``, verified against
     ``sha256`` (the file's) and the header's content SHA-256 on the way."""
     header, offset = read_header(obj)
@@ -171,8 +196,9 @@ def decode(ref: Path, obj: Path, out: Path, sha256: str, scratch: Path) -> None:
     source = ref
     if header.get("source") == "gunzip":
         source = scratch / "x-source"
+        want = header.get("source_sha256")
         try:
-            gzrecipe.decompress(ref, source, room(scratch))
+            _gunzipped(ref, source, scratch, cache, want if isinstance(want, str) else None)
         except gzrecipe.NotReproducible as exc:
             raise IntegrityError(f"its reference cannot be decompressed: {exc}") from None
     elif header.get("source") != "raw":

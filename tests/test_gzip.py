@@ -365,3 +365,27 @@ def test_a_gzip_bomb_is_refused_without_expanding_in_memory(tmp_path: Path) -> N
         gzrecipe.analyze(bomb, tmp_path / "content")
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 100 * 1024, grown_kib
+
+
+def test_a_gzip_reference_is_decompressed_once_not_per_read(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Reads of a .tar.gz series take the reference's content from the content cache
+    (by the SHA-256 the header records) instead of gunzipping it for every file."""
+    work = tmp_path / "work"
+    files = [python_tgz(work, v) for v in (1, 2, 3)]
+    engine = engine_for(tmp_path)
+    for f in files:
+        engine.put(f, f"r/{f.name}")
+    reader = engine_for(tmp_path, cache="fresh")
+    calls: list[Path] = []
+    real = gzrecipe.decompress
+
+    def counting(src: Path, out: Path, limit: int | None = None) -> int:
+        calls.append(src)
+        return real(src, out, limit)
+
+    monkeypatch.setattr(gzrecipe, "decompress", counting)
+    for f in files[1:]:
+        out = tmp_path / "out"
+        reader.get(f"r/{f.name}", out)
+        assert out.read_bytes() == f.read_bytes()
+    assert len(calls) == 1, calls
