@@ -36,6 +36,7 @@ from .content import recover
 from .fs import DeltaFS, Options
 from .journal import Journal
 from .locations import Location
+from . import memtrim
 from .loopstall import SlowSteps
 from .store.base import ObjectStore
 
@@ -441,6 +442,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
         nursery.start_soon(fs.writeback.run)
         nursery.start_soon(fs.committer)
         nursery.start_soon(fs.loop_stall.run)
+        nursery.start_soon(memtrim.run)
         nursery.start_soon(fs.manifests.run)
         nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd, fs, stop)
         nursery.start_soon(_signals, fs, cfg, stop, nursery)
