@@ -11,9 +11,11 @@ prefix would stay alive in the bucket).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sqlite3
 import stat
 import threading
 import time
@@ -175,7 +177,9 @@ class DirManifests:
                     pass
                 return
             self.journal.set_manifest(ino, etag)
-        except DeltafsError as exc:
+        except (DeltafsError, OSError, ValueError, sqlite3.Error) as exc:
+            # a cache: never worth the mount (a full disk for the spool, a row a
+            # manifest cannot describe)
             log.warning("manifest of %s not written (the next change tries again): %s",
                         space or "/", exc)
 
@@ -205,7 +209,8 @@ class DirManifests:
         dir_prefix = f"{space}/" if space else ""
         key = manifest_key(dir_prefix)
         ino = self._dir_ino(space)
-        with Encoder(dir_prefix, self.writer) as enc:
+        # spooled on the cache disk, not /tmp (which may be small, or RAM)
+        with Encoder(dir_prefix, self.writer, str(self.engine.tmp_dir)) as enc:
             newest = self._encode_rows(enc, ino, dir_prefix) if ino is not None else None
             if newest is None:
                 # a cache: removed unconditionally (another mount's newer one costs
@@ -232,7 +237,7 @@ class DirManifests:
         first, streamed from the journal; returns the newest entry's name (``None``: no
         entry)."""
         newest: str | None = None
-        with self.journal.read_cursor() as rows:
+        with self.journal.read_cursor() as conn, contextlib.closing(conn.cursor()) as rows:
             for (name, rkey, etag, rsize, rkind, size, mode, uid, gid, mtime_ns, sha,
                  ref) in rows.execute(
                     "SELECT name, remote_key, remote_etag, remote_size, remote_kind, size, "

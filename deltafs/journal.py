@@ -151,7 +151,10 @@ class Journal:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA wal_autocheckpoint=0")
         self._lock = threading.Lock()
+        # a WAL started over is cut back to this size (else it keeps its largest size)
+        self.db.execute(f"PRAGMA journal_size_limit={CHECKPOINT_BYTES // 4}")
         self._wal_fd: int | None = None
+        self._restart_wal = False
         self._ckpt: sqlite3.Connection | None = None
         self._ckpt_lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
@@ -192,6 +195,14 @@ class Journal:
         fsync, which is what keeps a copy of many small files fast."""
         with self._lock:
             self.db.commit()
+            if self._restart_wal and not self.db.in_transaction:
+                # The bulk of the WAL was copied outside the lock, while the handlers kept
+                # a write transaction open (so SQLite could never start the WAL over):
+                # copying the last frames now, with none open, lets the next one restart
+                # it. One short stall per CHECKPOINT_BYTES of WAL (found by review: the
+                # WAL grew without bound during a long copy).
+                self._restart_wal = False
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         self._sync_wal()
         self._checkpoint_if_big()
 
@@ -199,6 +210,8 @@ class Journal:
         """fsync the WAL: every transaction committed before this call is durable after
         it (the same fsync synchronous=FULL does at each commit, without the lock)."""
         with self._ckpt_lock:
+            if self._closed:
+                return
             if self._wal_fd is None:
                 try:
                     self._wal_fd = os.open(f"{self.db_path}-wal", os.O_RDONLY | os.O_CLOEXEC)
@@ -228,9 +241,11 @@ class Journal:
                 self._ckpt = sqlite3.connect(str(self.db_path), check_same_thread=False)
                 self._ckpt.execute("PRAGMA synchronous=NORMAL")
             self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._restart_wal = True
 
     def close(self) -> None:
         with self._ckpt_lock:
+            self._closed = True  # no commit reopens what is closed below
             if self._ckpt is not None:
                 self._ckpt.close()
                 self._ckpt = None
@@ -242,7 +257,6 @@ class Journal:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
         with self._reader_lock:
-            self._closed = True
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None

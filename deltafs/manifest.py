@@ -362,7 +362,7 @@ class Encoder:
     lines (spooled to a temporary file past a few MB): a 100,000-entry directory must not
     cost the daemon a list of 100,000 rows and entries at once (issue 11: RSS)."""
 
-    def __init__(self, dir_prefix: str, writer: str) -> None:
+    def __init__(self, dir_prefix: str, writer: str, spool_dir: str | None = None) -> None:
         import tempfile
 
         _check_dir(dir_prefix)
@@ -372,7 +372,7 @@ class Encoder:
         self.total = 0
         self._names: set[str] = set()
         self._pending: list[str] = []
-        self._spool = tempfile.SpooledTemporaryFile(max_size=4 << 20)
+        self._spool = tempfile.SpooledTemporaryFile(max_size=4 << 20, dir=spool_dir)
 
     def __enter__(self) -> "Encoder":
         return self

@@ -126,3 +126,31 @@ def test_commit_fsyncs_without_the_lock_the_handlers_need(tmp_path: Path, monkey
     assert seen and all(seen), seen
     # and it is durable: a second connection (another process after a crash) sees it
     assert Journal(tmp_path / "state.db", "s3://b/").child(ROOT_INO, "a") is not None
+
+
+def test_the_wal_starts_over_while_handlers_keep_writing(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The checkpoint runs outside the handlers' lock, where a handler has always opened
+    the next write transaction already: SQLite then never starts the WAL over, and it
+    grew without bound during a long copy (found by review). Simulated: a row is written
+    during every commit's fsync, as the event loop does."""
+    import deltafs.journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "CHECKPOINT_BYTES", 64 << 10)
+    j = _journal(tmp_path)
+    real = j._sync_wal
+    n = [0]
+
+    def busy_sync() -> None:
+        n[0] += 1
+        _row(j, f"during-{n[0]}", target=os.urandom(2000))  # the loop writes meanwhile
+        real()
+
+    monkeypatch.setattr(j, "_sync_wal", busy_sync)
+    wal = tmp_path / "state.db-wal"
+    sizes = []
+    for i in range(300):
+        for k in range(5):
+            _row(j, f"r{i}-{k}", target=os.urandom(2000))
+        j.commit()
+        sizes.append(wal.stat().st_size)
+    assert max(sizes[100:]) < 1 << 20, (max(sizes), sizes[-5:])

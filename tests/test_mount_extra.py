@@ -53,6 +53,9 @@ def test_other_xattr_namespaces_are_unsupported_so_ls_asks_once(mounted: Mount) 
             with pytest.raises(OSError) as exc:
                 os.getxattr(target, name)
             assert exc.value.errno == errno.EOPNOTSUPP, name
+    with pytest.raises(OSError) as gone:  # libacl drops default ACLs this way
+        os.removexattr(m.mountpoint, "system.posix_acl_default")
+    assert gone.value.errno == errno.ENODATA
     listing = subprocess.run(["ls", "-l", str(m.mountpoint)], check=True,
                              capture_output=True, text=True).stdout
     assert listing.splitlines()[1].startswith("-rw-r--r-- 1 ")  # no ACL '+' or context '.'
