@@ -12,15 +12,16 @@ import errno
 import heapq
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import codec, extension, gzrecipe
+from . import chain, codec, extension, gzrecipe
 from .cache import ContentCache, digest_file
 from .crashpoints import crash_point
 from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
@@ -80,6 +81,9 @@ class Policy:
     #: default window, is tried again with a window over the whole reference
     retry_ratio: float = 0.05
     limits: codec.Limits = field(default_factory=codec.Limits)
+    #: in a deltafs-format directory, encode each file against a recent version (a
+    #: chain, :mod:`deltafs.chain`) rather than the reference; off: the reference only
+    chains: bool = os.environ.get("DELTAFS_CHAINS", "1") != "0"
 
     def codec_limits(self) -> codec.Limits:
         from dataclasses import replace
@@ -120,6 +124,9 @@ class PutResult:
     reason: str = ""
     object_key: str = ""  # the object that now holds the file (key or key.delta)
     etag: str = ""  # its ETag, so an index can tell it apart from later changes
+    #: the size of that object when it is not ``stored_size`` (a chain's pointer: its
+    #: blob is stored beside it); -1: the same
+    object_size: int = -1
 
     @property
     def ratio(self) -> float:
@@ -248,7 +255,7 @@ class Engine:
 
     def put(self, src: Path, key: str, attrs: Attrs = Attrs(),
             sha256: str | None = None, owned: bool = False,
-            check_other: bool = True) -> PutResult:
+            check_other: bool = True, hints: tuple[str, ...] = ()) -> PutResult:
         """Store the local file ``src`` as the logical file ``key``.
 
         ``sha256`` may be given when the caller already knows it (the filesystem hashes
@@ -256,7 +263,9 @@ class Engine:
         will modify ``src`` again, so the cache may hard-link it instead of copying.
         ``check_other=False`` skips the HEAD for an older object of the other form (a
         delta replacing a direct object or the reverse) when the caller knows there is
-        none.
+        none. ``hints``: logical keys of likely bases (the same file's older version,
+        files just stored in the same directory), best first; without them the
+        directory's first LIST page is searched (:mod:`deltafs.chain`).
         """
         check_logical_key(key)
         size = src.stat().st_size
@@ -270,7 +279,7 @@ class Engine:
                         "storing it direct", key)
         if not reason:
             try:
-                result, reason = self._put_delta(src, key, size, sha, attrs, owned)
+                result, reason = self._put_delta(src, key, size, sha, attrs, owned, hints)
             except (OSError, StoreError) as exc:
                 if not _no_space(exc):
                     raise
@@ -321,16 +330,18 @@ class Engine:
         return PutResult(key, "direct", size, size, sha, reason, key, info.etag)
 
     def _put_delta(self, src: Path, key: str, size: int, sha: str,
-                   attrs: Attrs, owned: bool) -> tuple[PutResult | None, str]:
+                   attrs: Attrs, owned: bool, hints: tuple[str, ...] = ()
+                   ) -> tuple[PutResult | None, str]:
         """Store as a delta (seeding the reference if there is none); ``(None, reason)``
         when the file is better stored direct. A reference seeded by a put that then
         failed stays: another writer may already have encoded against it (references
         are only ever removed by :meth:`gc`)."""
         codec.xdelta3_path()  # fail before writing anything when the codec is missing
-        return self._put_delta_attempts(src, key, size, sha, attrs, owned, [])
+        return self._put_delta_attempts(src, key, size, sha, attrs, owned, [], hints)
 
     def _put_delta_attempts(self, src: Path, key: str, size: int, sha: str,
-                            attrs: Attrs, owned: bool, seeded_out: list[bool]
+                            attrs: Attrs, owned: bool, seeded_out: list[bool],
+                            hints: tuple[str, ...] = ()
                             ) -> tuple[PutResult | None, str]:
         deltaspace, name = split_key(key)
         with self._scratch() as scratch:
@@ -361,7 +372,17 @@ class Engine:
                 delta_path = scratch / "delta"
                 zero_diff = ref.sha256 == sha
                 form = ""
-                if not zero_diff and extended and extension.wanted(ref_head, target_head):
+                chained: tuple[ObjectInfo, int] | None = None
+                if not zero_diff and extended and self.policy.chains:
+                    got = self._put_chain(src, key, size, sha, attrs, ref, ref_path, scratch,
+                                          hints)
+                    if isinstance(got, str):
+                        return None, got
+                    chained = got
+                if chained is not None:
+                    info, blob_size = chained
+                    stored = seeded + info.size + blob_size
+                elif not zero_diff and extended and extension.wanted(ref_head, target_head):
                     ext = extension.encode(
                         ref_path, src, size, delta_path, scratch,
                         self.policy.codec_limits(),
@@ -376,23 +397,25 @@ class Engine:
                 else:
                     result = self._encode(ref_path, ref.size, src, size, delta_path,
                                           zero_diff)
-                if result.delta_size is None:
-                    return None, result.reason
-                meta = delta_metadata(
-                    name=name, sha256=sha, size=size, ref_key=ref.key, ref_sha256=ref.sha256,
-                    delta_size=result.delta_size, delta_cmd=result.command,
-                    zero_diff=zero_diff, attrs=attrs,
-                )
-                if form:
-                    meta[FORM_KEY] = form
-                info = self.store.put_file(delta_key(key), delta_path, meta)
+                if chained is None:
+                    if result.delta_size is None:
+                        return None, result.reason
+                    meta = delta_metadata(
+                        name=name, sha256=sha, size=size, ref_key=ref.key,
+                        ref_sha256=ref.sha256, delta_size=result.delta_size,
+                        delta_cmd=result.command, zero_diff=zero_diff, attrs=attrs,
+                    )
+                    if form:
+                        meta[FORM_KEY] = form
+                    info = self.store.put_file(delta_key(key), delta_path, meta)
+                    stored = seeded + result.delta_size
                 # The reference may have gone (a concurrent delete of its last delta) or
                 # been replaced (a writer without conditional puts) while we encoded.
                 now = self._head_reference(deltaspace)
                 if now is not None and now.sha256 == ref.sha256:
                     kind = "reference" if seeded else "delta"
-                    return PutResult(key, kind, size, seeded + result.delta_size, sha, "",
-                                     delta_key(key), info.etag), ""
+                    return PutResult(key, kind, size, stored, sha, "",
+                                     delta_key(key), info.etag, info.size), ""
                 if now is None:
                     log.warning("reference %s vanished while %s was stored; restoring it",
                                 ref.key, key)
@@ -408,8 +431,8 @@ class Engine:
                         now = self._head_reference(deltaspace)
                         if now is not None and now.sha256 == ref.sha256:
                             kind = "reference" if seeded else "delta"
-                            return PutResult(key, kind, size, seeded + result.delta_size,
-                                             sha, "", delta_key(key), info.etag), ""
+                            return PutResult(key, kind, size, stored, sha, "",
+                                             delta_key(key), info.etag, info.size), ""
                 log.warning("reference of %s changed during the put; encoding again", key)
         return None, "the directory's reference kept changing"
 
@@ -441,6 +464,232 @@ class Engine:
         os.replace(wide_out, out)
         log.debug("wide window: delta %s -> %d bytes", first.delta_size, wide.delta_size)
         return wide
+
+    # ------------------------------------------------------------------ chains
+
+    def _root_content(self, ref: Reference, ref_path: Path, scratch: Path
+                      ) -> tuple[Path, str, str]:
+        """The reference's *content* (what chains start from): its bytes, or its gzip
+        content when it is a readable gzip. ``(path, "raw"|"gunzip", sha256)``."""
+        with open(ref_path, "rb") as f:
+            gz = gzrecipe.is_gzip(f.read(3))
+        if gz:
+            dest = scratch / "root-content"
+            try:
+                sha = extension._gunzipped(ref_path, dest, scratch, self.cache, None)
+                return dest, "gunzip", sha or codec.sha256_file(dest)
+            except gzrecipe.NotReproducible as exc:
+                log.debug("reference %s not decompressed (%s): chains start from its bytes",
+                          ref.key, exc)
+        return ref_path, "raw", ref.sha256
+
+    def _choose_base(self, deltaspace: str, key: str, hints: tuple[str, ...],
+                     ref: Reference, root: str, root_sha: str) -> chain.Pointer | None:
+        """The chain of the best base for ``key`` among recent files of its directory
+        (the caller's hints, else the directory's first LIST page): a chain pointer
+        against the same reference. None: encode against the reference."""
+        name = split_key(key)[1]
+        cands = [h for h in hints if split_key(h)[0] == deltaspace]
+        if not cands:
+            prefix = f"{deltaspace}/" if deltaspace else ""
+            found: list[tuple[str, str, float]] = []
+            for page in self.store.iter_pages(prefix):
+                for o in page.objects:
+                    if o.key.endswith(DELTA_SUFFIX):
+                        logical = o.key[: -len(DELTA_SUFFIX)]
+                        found.append((logical, split_key(logical)[1], o.mtime))
+                break  # one page: a hint, not a search
+            cands = chain.rank(name, found)
+        for cand in cands[:3]:
+            try:
+                body, info = self.store.get_bytes(delta_key(cand)) if self._is_pointer(
+                    delta_key(cand)) else (b"", None)
+            except NotFound:
+                continue
+            if info is None:
+                continue
+            meta = info.metadata or {}
+            if meta_get(meta, "ref_sha256") != ref.sha256:
+                continue
+            try:
+                p = chain.parse_pointer(body, info.key)
+            except IntegrityError as exc:
+                log.debug("base candidate %s skipped: %s", info.key, exc)
+                continue
+            if p.chain[-1] != root_sha or p.root != root:
+                continue
+            return p
+        return None
+
+    def _is_pointer(self, object_key: str) -> bool:
+        info = self.store.head(object_key)
+        return info is not None and (info.metadata or {}).get(FORM_KEY) in chain.CHAIN_FORMS
+
+    def _chain_content(self, deltaspace: str, links: tuple[str, ...], root_path: Callable[[], Path],
+                       scratch: Path, what: str) -> Path:
+        """The verified content ``links[0]`` at a scratch path: from the cache, or
+        decoded from the nearest cached content down the chain (the reference's content
+        at worst), its blobs fetched in parallel. Every content decoded on the way is
+        cached (the next version's read starts there)."""
+        top = links[0]
+        base_at = len(links) - 1
+        base_path: Path | None = None
+        for i, s in enumerate(links[:-1]):
+            p = scratch / f"chain-{i}"
+            if self.cache.link(s, p):
+                if i == 0:
+                    return p
+                base_at, base_path = i, p
+                break
+        if base_path is None:
+            base_path = root_path()
+        keys = [chain.blob_key(deltaspace, links[j], links[j + 1]) for j in range(base_at)]
+
+        def fetch(j: int) -> Path:
+            dest = scratch / f"blob-{j}"
+            try:
+                self.store.get_file(keys[j], dest)
+            except NotFound:
+                raise IntegrityError(f"{what}: chain blob {keys[j]} is missing") from None
+            return dest
+
+        with ThreadPoolExecutor(min(4, max(1, base_at))) as pool:
+            blobs = list(pool.map(fetch, range(base_at)))
+        cur = base_path
+        for j in range(base_at - 1, -1, -1):
+            with open(blobs[j], "rb") as f:
+                head = f.read(1 << 16)
+            offset = chain.check_blob(head, links[j], links[j + 1], keys[j])
+            vcdiff = scratch / f"vcdiff-{j}"
+            with open(blobs[j], "rb") as f, open(vcdiff, "wb") as v:
+                f.seek(offset)
+                while chunk := f.read(codec.CHUNK):
+                    v.write(chunk)
+            blobs[j].unlink()
+            out = scratch / f"content-{j}"
+            codec.decode(cur, vcdiff, out, links[j])
+            vcdiff.unlink()
+            if cur != base_path or base_at < len(links) - 1:
+                cur.unlink(missing_ok=True)
+            try:
+                self.cache.add(links[j], out, link=True)
+            except OSError as exc:  # a full cache disk: the chain still decodes
+                log.debug("chain content not cached: %s", exc)
+            cur = out
+        return cur
+
+    def _put_chain(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
+                   ref: Reference, ref_path: Path, scratch: Path, hints: tuple[str, ...]
+                   ) -> tuple[ObjectInfo, int] | str:
+        """Store ``src`` as a chain pointer and (unless its content is its base's) one
+        blob; returns ``(pointer info, blob bytes)`` or why it is better stored whole."""
+        deltaspace, name = split_key(key)
+        with open(src, "rb") as f:
+            target_gz = gzrecipe.is_gzip(f.read(3))
+        content, recipe = src, None
+        if target_gz:
+            content = scratch / "target-content"
+            try:
+                recipe = gzrecipe.analyze(src, content, extension.room(scratch) // 2)
+            except gzrecipe.NotReproducible as exc:
+                return f"gzip stream not reproducible: {exc}"
+        content_size = content.stat().st_size
+        content_sha = sha if recipe is None else codec.sha256_file(content)
+        root_path, root, root_sha = self._root_content(ref, ref_path, scratch)
+        before = chain.sweep_state(self.store, deltaspace)
+        found = self._choose_base(deltaspace, key, hints, ref, root, root_sha)
+        links = chain.next_base(found.chain) if found is not None else (root_sha,)
+        limits = self.policy.codec_limits()
+        for attempt in range(2):
+            blob_size = 0
+            if links[0] != content_sha:
+                source = self._chain_content(deltaspace, links, lambda: root_path, scratch,
+                                             f"base of {key}")
+                vcdiff = scratch / "chain-vcdiff"
+                budget = limits.max_ratio * size / max(1, content_size)
+                res = self._encode(source, source.stat().st_size, content, content_size,
+                                   vcdiff, False, replace(limits, max_ratio=min(budget, 1.0)))
+                if source != root_path:
+                    source.unlink(missing_ok=True)
+                if res.delta_size is None:
+                    if len(links) > 1:
+                        links = (root_sha,)  # the recent base was a poor one: the reference
+                        continue
+                    return res.reason or "delta too large"
+                blob = scratch / "chain-blob"
+                with open(blob, "wb") as o, open(vcdiff, "rb") as v:
+                    o.write(chain.blob_header(content_sha, links[0], content_size))
+                    while chunk := v.read(codec.CHUNK):
+                        o.write(chunk)
+                vcdiff.unlink()
+                blob_size = blob.stat().st_size
+                if blob_size >= limits.max_ratio * size:
+                    return "delta too large"
+                self.store.put_file(chain.blob_key(deltaspace, content_sha, links[0]), blob,
+                                    {})
+                blob.unlink()
+                crash_point("chain-after-blob")
+                cmd = f"deltafs-chain: {res.command}"
+            else:
+                cmd = "deltafs-chain: same content as its base"
+            p = chain.Pointer((content_sha, *links) if links[0] != content_sha else links,
+                              root, recipe.to_json() if recipe is not None else None)
+            meta = delta_metadata(
+                name=name, sha256=sha, size=size, ref_key=ref.key, ref_sha256=ref.sha256,
+                delta_size=blob_size, delta_cmd=cmd, zero_diff=False, attrs=attrs)
+            meta[FORM_KEY] = chain.FORM_CHAIN_GZIP if recipe is not None else chain.FORM_CHAIN
+            meta[chain.BLOB_KEY] = chain.blob_name(p.chain[0], p.chain[1]) if p.depth else ""
+            meta[chain.DEPTH_KEY] = str(p.depth)
+            info = self.store.put_bytes(delta_key(key), chain.pointer_bytes(p), meta)
+            crash_point("chain-after-pointer")
+            needed = [chain.hidden_prefix(deltaspace) + n for n in p.blob_names()]
+            if chain.confirm(self.store, deltaspace, before, needed):
+                log.debug("put %s: chain depth %d, blob %d bytes", key, p.depth, blob_size)
+                return info, blob_size
+            log.warning("put %s: a sweep took a blob its chain needs; encoding it against "
+                        "the reference", key)
+            links = (root_sha,)
+            before = chain.sweep_state(self.store, deltaspace)
+        return "its chain kept being swept"
+
+    def _decode_chain(self, stored: StoredFile, out: Path, scratch: Path) -> None:
+        """Rebuild a chain pointer's file into ``out`` (checked by the caller)."""
+        deltaspace = split_key(stored.object_key)[0]
+        body, info = self.store.get_bytes(stored.object_key)
+        p = chain.parse_pointer(body, stored.object_key)
+        ref_key, ref_sha = stored.ref_key, stored.ref_sha256
+
+        def root_path() -> Path:
+            path = scratch / "ref"
+            try:
+                self._fetch_reference(ref_key or "", ref_sha or "", path)
+            except NotFound:
+                raise IntegrityError(f"its reference {ref_key} is missing") from None
+            if p.root == "gunzip":
+                dest = scratch / "root-content"
+                try:
+                    extension._gunzipped(path, dest, scratch, self.cache, p.chain[-1])
+                except gzrecipe.NotReproducible as exc:
+                    raise IntegrityError(f"its reference cannot be decompressed: {exc}") \
+                        from None
+                return dest
+            return path
+
+        if p.depth == 0:
+            content = root_path()
+            if codec.sha256_file(content) != p.chain[0]:
+                raise IntegrityError("its reference's content is not the one it names")
+        else:
+            content = self._chain_content(deltaspace, p.chain, root_path, scratch,
+                                          stored.object_key)
+        if p.recipe is None:
+            shutil.move(content, out)
+            return
+        try:
+            gzrecipe.rebuild(gzrecipe.Recipe.from_json(p.recipe), content, out)
+        except (KeyError, TypeError, ValueError, codec.CodecError) as exc:
+            out.unlink(missing_ok=True)
+            raise IntegrityError(f"cannot compress the content again: {exc}") from None
 
     def _seed_reference(self, src: Path, deltaspace: str, name: str,
                         sha: str, owned: bool = False) -> tuple[Reference | None, int]:
@@ -547,6 +796,20 @@ class Engine:
                 f"{self.store.name}/{stored.object_key}: delta metadata incomplete "
                 "(dg-file-sha256, dg-ref-key and dg-ref-sha256 are required)"
             )
+        if (meta or {}).get(FORM_KEY) in chain.CHAIN_FORMS:
+            with self._scratch() as scratch:
+                try:
+                    self._decode_chain(stored, out, scratch)
+                    actual = codec.sha256_file(out)
+                    if actual != sha:
+                        raise IntegrityError(f"rebuilt file has SHA-256 {actual[:12]}… "
+                                             f"instead of {sha[:12]}…")
+                except IntegrityError as exc:
+                    out.unlink(missing_ok=True)
+                    raise IntegrityError(
+                        f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
+                    ) from None
+            return sha
         with self._scratch() as scratch:
             ref_path = scratch / "ref"
             try:
@@ -663,8 +926,15 @@ class Engine:
                 del meta["dg-ref-key"]
             for legacy in ("dg_ref_key", "ref_key", "ref-key"):
                 meta.pop(legacy, None)
+            old_space = split_key(stored.object_key)[0]
+            carried: list[str] = []
+            if meta.get(FORM_KEY) in chain.CHAIN_FORMS and new_space != old_space:
+                before = chain.sweep_state(self.store, new_space)
+                carried = self._copy_chain(stored, old_space, new_space)
             info = self.store.copy(stored.object_key, delta_key(new_key), meta,
                                    if_match=stored.etag or None)
+            if carried and not chain.confirm(self.store, new_space, before, carried):
+                self._copy_chain(stored, old_space, new_space)  # no sweep runs now
             self._drop_other_form(new_key, "delta")
             return classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[return-value]
         # Different reference there: rebuild and store anew.
@@ -674,6 +944,24 @@ class Engine:
             self.put(content, new_key, stored.attrs.merged(Attrs.from_metadata(meta)),
                      sha256=stored.sha256)
         return self.stat(new_key)
+
+    def _copy_chain(self, stored: StoredFile, old_space: str, new_space: str) -> list[str]:
+        """A chain pointer moving to another directory takes the blobs its chain goes
+        through along (server-side copies; a directory's pointers only ever name blobs
+        of their own directory, so each directory can be swept on its own)."""
+        body, _ = self.store.get_bytes(stored.object_key)
+        p = chain.parse_pointer(body, stored.object_key)
+        copied = []
+        for name in p.blob_names():
+            dst = chain.hidden_prefix(new_space) + name
+            try:  # always copied, never skipped when there: a fresh copy is young, so
+                # no sweep takes it for garbage (it may be an unused one about to go)
+                self.store.copy(chain.hidden_prefix(old_space) + name, dst, {})
+            except NotFound:
+                raise IntegrityError(f"{stored.object_key}: chain blob {name} is missing") \
+                    from None
+            copied.append(dst)
+        return copied
 
     def _full_metadata(self, stored: StoredFile) -> dict[str, str]:
         if stored.metadata is not None:
@@ -725,6 +1013,7 @@ class Engine:
         storage, and ``deltafs gc`` removes it later. ``quiet=False`` raises them instead
         (the mount keeps the check queued and tries again)."""
         try:
+            self.sweep_blobs(deltaspace)
             return self._collect(deltaspace, grace=0.0, now=None) is not None
         except Exception as exc:  # noqa: BLE001 - best effort, see above
             if not quiet:
@@ -744,6 +1033,9 @@ class Engine:
                 return None
             if o.key == ref_key:
                 ref = o
+        # no file left here: every chain blob goes, young ones too (a writer's pointer
+        # that appears meanwhile is protected by its own check, chain.confirm)
+        self.sweep_blobs(deltaspace, grace=0.0)
         if ref is None:
             return None
         if (_time.time() if now is None else now) - ref.mtime < grace:
@@ -817,13 +1109,20 @@ class Engine:
         prefix = _dir_prefix(prefix)
         spaces: dict[str, ObjectInfo] = {}
         used: set[str] = set()
+        chained: set[str] = set()
         for o in self.store.iter_objects(prefix):
+            if chain.is_hidden_key(o.key):
+                chained.add(o.key[: max(0, o.key.rfind(f"/{chain.HIDDEN}/"))]
+                            if not o.key.startswith(f"{chain.HIDDEN}/") else "")
+                continue
             space, name = split_key(o.key)
             if name == "reference.bin":
                 spaces[space] = o
             elif o.key.endswith(".delta"):
                 used.add(space)
         removed: list[str] = []
+        for space in sorted(chained):
+            removed += self.sweep_blobs(space, grace, now, dry_run)
         for space, ref in sorted(spaces.items()):
             if space in used or now - ref.mtime < grace:
                 continue
@@ -834,6 +1133,16 @@ class Engine:
             if done:
                 removed.append(done)
         return removed
+
+    def sweep_blobs(self, deltaspace: str, grace: float = chain.BLOB_GRACE,
+                    now: float | None = None, dry_run: bool = False) -> list[str]:
+        """Remove the chain blobs of ``deltaspace`` that no file's chain reaches any more
+        and that are older than ``grace`` (protocol: :func:`deltafs.chain.sweep`)."""
+        def heads(keys: list[str]) -> dict[str, dict[str, str] | None]:
+            got = self.head_many(keys)
+            return {k: dict(f.metadata or {}) for k, f in got.items()}
+
+        return chain.sweep(self.store, deltaspace, heads, grace, now, dry_run)
 
     def delete_tree(self, prefix: str, progress: Callable[[str], None] | None = None) -> int:
         """Remove every logical file below ``prefix`` (a directory), references and
@@ -855,8 +1164,9 @@ class Engine:
             batch.clear()
 
         for o in self.store.iter_objects(prefix):
-            if _is_reference(o.key) or _is_manifest(o.key) or o.key.endswith("/"):
-                rest.append(o.key)
+            if _is_reference(o.key) or _is_manifest(o.key) or o.key.endswith("/") or \
+                    chain.is_hidden_key(o.key):
+                rest.append(o.key)  # blobs too: no chain loses a link while its file exists
                 continue
             batch.append(o.key)
             n += 1
@@ -890,7 +1200,7 @@ class Engine:
         else:
             def level() -> Iterator[ObjectInfo]:
                 for page in self.store.iter_pages(prefix):
-                    dirs.extend(page.prefixes)
+                    dirs.extend(p for p in page.prefixes if not chain.is_hidden_key(p))
                     yield from page.objects
             objects = level()
         for f in self.iter_files(objects, sizes):
@@ -933,6 +1243,8 @@ class Engine:
                 f = held.pop(logical, None)
                 if f is not None:
                     yield from emit(f)
+            if chain.is_hidden_key(o.key):
+                continue
             f = classify(o.key, o.size, o.etag, o.mtime, o.metadata)
             if f is None or _is_manifest(o.key):
                 continue
@@ -956,7 +1268,7 @@ class Engine:
         files: dict[str, StoredFile] = {}
         for o in objects:
             f = classify(o.key, o.size, o.etag, o.mtime, o.metadata)
-            if f is None or _is_manifest(o.key):
+            if f is None or _is_manifest(o.key) or chain.is_hidden_key(o.key):
                 continue
             old = files.get(f.logical_key)
             if old is None or f.mtime > old.mtime:
@@ -1001,8 +1313,11 @@ class Engine:
                     result.add_form("reference", 0, 0, o.size)
                 elif _is_manifest(o.key):
                     result.add_form("listing manifests", 0, 0, o.size)
+                elif chain.is_hidden_key(o.key):
+                    blobs[0] += o.size
                 yield o
 
+        blobs = [0, 0]  # bytes of chain blobs listed, bytes the pointers account for
         for f in self.iter_files(counted()):
             if f.kind is Kind.MARKER:
                 continue
@@ -1010,7 +1325,19 @@ class Engine:
             size = f.size if f.size is not None else f.object_size
             result.logical_bytes += size
             result.by_kind[f.kind.value] = result.by_kind.get(f.kind.value, 0) + 1
-            result.add_form(form_of(f), 1, size, f.object_size)
+            stored = f.object_size
+            if (f.metadata or {}).get(FORM_KEY) in chain.CHAIN_FORMS:
+                try:  # the blob this file added (its own link of the chain)
+                    blob = int(meta_get(f.metadata, "delta_size") or 0)
+                except ValueError:
+                    blob = 0
+                stored += blob
+                blobs[1] += blob
+            result.add_form(form_of(f), 1, size, stored)
+        if blobs[0] > blobs[1]:
+            # blobs no pointer accounts for: bases of deleted files still in a chain,
+            # or unused ones the next sweep removes
+            result.add_form("chain blobs of removed files", 0, 0, blobs[0] - blobs[1])
         return result
 
     # ------------------------------------------------------------------- verify
@@ -1062,7 +1389,12 @@ def form_of(f: StoredFile) -> str:
         meta = f.metadata or {}
         if meta_get(meta, "note") == NOTE_ZERO_DIFF:
             return "reference"
-        return "gzip delta" if meta.get(FORM_KEY) == extension.FORM_GZIP else "delta"
+        form = meta.get(FORM_KEY)
+        if form == chain.FORM_CHAIN:
+            return "chained delta"
+        if form in (extension.FORM_GZIP, chain.FORM_CHAIN_GZIP):
+            return "gzip delta"
+        return "delta"
     return f.kind.value
 
 

@@ -119,6 +119,11 @@ def check_logical_key(key: str) -> None:
             f"'{key}': names ending in '.delta' are reserved by the bucket format "
             "(they hold deltas); rename the file"
         )
+    if ".deltafs" in parts:
+        raise ReservedName(
+            f"'{key}': the name '.deltafs' is reserved (it holds a directory's chain "
+            "blobs)"
+        )
     if name == MANIFEST_NAME:
         raise ReservedName(
             f"'{key}': the name '{MANIFEST_NAME}' is reserved (it holds a mount's listing "

@@ -40,6 +40,7 @@ from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
 from .loopstall import LoopStall
 from .dirmanifest import DirManifests
 from .dirsync import DirSync
+from .chain import HIDDEN
 from .manifest import MANIFEST_NAME, manifest_key
 from .writeback import Writeback
 
@@ -210,10 +211,11 @@ class DeltaFS(pyfuse3.Operations):
         if not valid_name(name):
             log.info("refused name %r: not storable", name)
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX) or name == MANIFEST_NAME:
+        if name == REFERENCE_NAME or name.endswith(DELTA_SUFFIX) or name == MANIFEST_NAME \
+                or name == HIDDEN:
             log.warning("refused name %r: reserved by the bucket format (reference.bin, "
-                        "*.delta and .deltafs-manifest hold references, deltas and "
-                        "listing manifests)", name)
+                        "*.delta, .deltafs-manifest and .deltafs hold references, deltas, "
+                        "listing manifests and chain blobs)", name)
             raise pyfuse3.FUSEError(errno.EPERM)
         parent_key = self._key(parent)
         full = f"{parent_key}/{name}" if parent_key else name
@@ -296,11 +298,14 @@ class DeltaFS(pyfuse3.Operations):
             self.manifests.forget_cached(end.manifest.key)
         if end.manifest is not None and end.heads > 50 and self.manifests.writable:
             self.manifests.touch(end.manifest.key)
-        if end.reference is not None and not end.saw_delta and not self.options.read_only:
-            # a reference no delta uses: its removal was cut short (a crash or a drain
-            # bound between the last delete and the check) and would keep the prefix
-            # alive; the check is derived from the bucket again, not remembered
-            self.writeback.want_collect(split_key(end.reference.key)[0])
+        if (end.reference is not None or end.blobs) and not end.saw_delta and \
+                not self.options.read_only:
+            # a reference (or chain blobs) no delta uses: its removal was cut short (a
+            # crash or a drain bound between the last delete and the check) and would
+            # keep the prefix alive; the check is derived from the bucket again, not
+            # remembered
+            self.writeback.want_collect(self._key(dir_ino) if end.reference is None
+                                        else split_key(end.reference.key)[0])
 
     def _collected(self, space: str) -> None:
         """The check of ``space``'s reference is done: its parent's listing may have left

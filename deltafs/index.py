@@ -22,6 +22,7 @@ from .engine import Engine
 from .format import (DELTA_SUFFIX, MAX_NAME_BYTES, Kind, StoredFile, classify, join_key,
                      split_key)
 from .journal import Journal, Node
+from .chain import HIDDEN
 from .manifest import MANIFEST_NAME
 from .store.base import Listing, ObjectInfo
 
@@ -82,6 +83,8 @@ class ListingEnd:
     pages: int = 0  # LIST requests
     manifest_hits: int = 0
     saw_delta: bool = False
+    #: the directory has a ``.deltafs/`` sub-prefix (chain blobs)
+    blobs: bool = False
 
 
 #: resolves listed objects from the directory's manifest: (object keys needing
@@ -154,6 +157,9 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
             page = Listing()
         for p in page.prefixes:
             name = p[len(prefix):].rstrip("/")
+            if name == HIDDEN:
+                end.blobs = True
+                continue  # the directory's chain blobs (deltafs.chain), never a directory
             if not valid_name(name):
                 _warn_once(p, "not a valid file name")
                 continue

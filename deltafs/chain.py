@@ -1,0 +1,337 @@
+"""Chained deltas: each file against the previous version, kept decodable whoever deletes.
+
+In a directory in deltafs's format, a delta file is two objects:
+
+- a *pointer*, ``<name>.delta``: DeltaGlider's delta metadata (sizes, SHA-256, the
+  reference) plus ``deltafs-form: chain``; its body is :data:`extension.MAGIC` and a
+  JSON header naming the *chain*: the SHA-256 of the file's content, of its base's
+  content, and so on down to the reference's content;
+- *blobs*, ``<dir>/.deltafs/<content>.<base>``: immutable and content-addressed, each
+  the VCDIFF of one content against its base's content.
+
+Deleting, overwriting or renaming a file touches only its pointer, so a delta that
+another file's chain goes through is never lost, whichever mount or tool removes the
+file. Blobs no pointer reaches any more are removed by a *sweep* (:func:`sweep`), which
+announces itself with a flag object; a writer checks the flags around its put
+(:func:`sweep_state`, :func:`confirm`) and encodes against the reference again when a
+sweep may have taken a blob its chain needs. docs/architecture.md ("Chains") has the
+argument and the measurements behind the depth bound.
+
+Blocking: call from a worker thread.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import IntegrityError, NotFound
+from .extension import MAGIC, VERSION
+from .store.base import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+#: the hidden sub-prefix of a directory that holds its blobs and sweep objects
+HIDDEN = ".deltafs"
+FORM_CHAIN = "chain"
+FORM_CHAIN_GZIP = "chain+gzip"
+CHAIN_FORMS = (FORM_CHAIN, FORM_CHAIN_GZIP)
+#: metadata: the blob that yields the file's content (``<content>.<base>``), and depth
+BLOB_KEY = "deltafs-blob"
+DEPTH_KEY = "deltafs-depth"
+#: A read decodes at most this many deltas (its chain's length). When the base is this
+#: deep, the file is encoded against the base's ancestor at depth :data:`JUMP_TO`
+#: instead: every ``MAX_DEPTH - JUMP_TO`` versions one delta spans that many versions,
+#: so deltas never drift further than that from their base (architecture.md, "Chains").
+MAX_DEPTH = 12
+JUMP_TO = 4
+#: blobs younger than this are never swept (a writer's blob before its pointer exists)
+BLOB_GRACE = 3600.0
+#: a sweep deletes nothing once this long has passed since it raised its flag; writers
+#: wait for a younger flag to go, and ignore an older one (its sweeper died)
+SWEEP_BOUND = 300.0
+STALE_FLAG = 2 * SWEEP_BOUND
+FLAG_PREFIX = "sweeping-"
+DONE_NAME = "swept"
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hidden_prefix(deltaspace: str) -> str:
+    return f"{deltaspace}/{HIDDEN}/" if deltaspace else f"{HIDDEN}/"
+
+
+def is_hidden_key(key: str) -> bool:
+    """A key inside some directory's hidden ``.deltafs/`` prefix (never a file)."""
+    return key.startswith(f"{HIDDEN}/") or f"/{HIDDEN}/" in key
+
+
+def blob_name(content: str, base: str) -> str:
+    return f"{content}.{base}"
+
+
+def blob_key(deltaspace: str, content: str, base: str) -> str:
+    return hidden_prefix(deltaspace) + blob_name(content, base)
+
+
+def parse_blob_name(name: str) -> tuple[str, str] | None:
+    """``(content, base)`` SHA-256s of a blob's name; None for anything else."""
+    content, _, base = name.partition(".")
+    if _HEX64.match(content) and _HEX64.match(base):
+        return content, base
+    return None
+
+
+# ------------------------------------------------------------------ object bodies
+
+@dataclass(frozen=True)
+class Pointer:
+    """What a pointer's body says: the chain of content SHA-256s, top (the file's
+    content) first and the reference's content last; how the reference's content is
+    read (``raw`` or ``gunzip``); and the gzip recipe when the file is the content
+    compressed again (None: the content is the file)."""
+
+    chain: tuple[str, ...]
+    root: str
+    recipe: dict[str, Any] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.chain) - 1
+
+    @property
+    def content_sha256(self) -> str:
+        return self.chain[0]
+
+    def blob_names(self) -> list[str]:
+        """The blobs the chain goes through, top first (none when the file's content is
+        the reference's)."""
+        return [blob_name(self.chain[i], self.chain[i + 1]) for i in range(self.depth)]
+
+
+def _framed(header: dict[str, Any]) -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return MAGIC + struct.pack(">I", len(raw)) + raw
+
+
+def pointer_bytes(p: Pointer) -> bytes:
+    return _framed({"v": VERSION, "form": FORM_CHAIN, "chain": list(p.chain),
+                    "root": p.root, "target": p.recipe})
+
+
+def _unframe(data: bytes, what: str) -> tuple[dict[str, Any], int]:
+    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
+        raise IntegrityError(f"{what} is not a deltafs extension object")
+    (n,) = struct.unpack(">I", data[len(MAGIC):len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    if n > 1 << 20 or start + n > len(data):
+        raise IntegrityError(f"{what}: header truncated or too large")
+    try:
+        header = json.loads(data[start:start + n])
+    except ValueError as exc:
+        raise IntegrityError(f"{what}: header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or header.get("v") != VERSION:
+        raise IntegrityError(f"{what}: extension version "
+                             f"{header.get('v') if isinstance(header, dict) else '?'} is "
+                             "not one this deltafs reads: upgrade deltafs")
+    return header, start + n
+
+
+def parse_pointer(data: bytes, what: str = "pointer") -> Pointer:
+    header, _ = _unframe(data, what)
+    chain = header.get("chain")
+    if header.get("form") != FORM_CHAIN or not isinstance(chain, list) or not chain or \
+            not all(isinstance(s, str) and _HEX64.match(s) for s in chain):
+        raise IntegrityError(f"{what}: not a chain pointer this deltafs reads "
+                             f"(form {header.get('form')!r})")
+    root = header.get("root")
+    if root not in ("raw", "gunzip"):
+        raise IntegrityError(f"{what}: unknown root form {root!r}")
+    target = header.get("target")
+    if target is not None and not isinstance(target, dict):
+        raise IntegrityError(f"{what}: bad target")
+    return Pointer(tuple(chain), root, target)
+
+
+def blob_header(content: str, base: str, content_size: int) -> bytes:
+    return _framed({"v": VERSION, "form": "blob", "content_sha256": content,
+                    "base_sha256": base, "content_size": content_size})
+
+
+def check_blob(data_head: bytes, content: str, base: str, what: str) -> int:
+    """Validate a blob's header against the chain that led to it; return where its
+    VCDIFF starts."""
+    header, offset = _unframe(data_head, what)
+    if header.get("form") != "blob" or header.get("content_sha256") != content or \
+            header.get("base_sha256") != base:
+        raise IntegrityError(f"{what}: its header names another content or base "
+                             "than its key (a damaged or foreign object)")
+    return offset
+
+
+# ------------------------------------------------------------------ choosing a base
+
+def template(name: str) -> str:
+    """A release name with its numbers blanked: ``app-1.2.3.tgz`` -> ``app-#.#.#.tgz``;
+    files of one series share it."""
+    return re.sub(r"\d+", "#", name)
+
+
+def rank(name: str, candidates: Iterable[tuple[str, str, float]], limit: int = 3
+         ) -> list[str]:
+    """Order ``(key, name, mtime)`` candidates as bases for ``name``: the same file's
+    older version first, then its series (same template) newest first, then the names
+    most alike. Returns keys."""
+    mine = template(name)
+    scored = []
+    for key, other, mtime in candidates:
+        same = other == name
+        series = template(other) == mine
+        like = SequenceMatcher(None, name, other).ratio() if not series else 1.0
+        scored.append(((not same, not series, -round(like, 2), -mtime), key))
+    scored.sort()
+    return [k for _, k in scored[:limit]]
+
+
+def next_base(chain: tuple[str, ...]) -> tuple[str, ...]:
+    """The chain a new file's delta extends, given its chosen base's chain: the base
+    itself, or its ancestor at depth :data:`JUMP_TO` when the base is at the bound."""
+    depth = len(chain) - 1
+    if depth < MAX_DEPTH:
+        return chain
+    return chain[depth - JUMP_TO:]
+
+
+# ------------------------------------------------------------------ sweeps
+
+@dataclass(frozen=True)
+class SweepState:
+    """What a writer saw of sweeps: the flags up (key -> mtime) and the ETag of the
+    marker every finished sweep rewrites."""
+
+    flags: Mapping[str, float]
+    done: str
+
+
+def sweep_state(store: ObjectStore, deltaspace: str) -> SweepState:
+    prefix = hidden_prefix(deltaspace)
+    flags: dict[str, float] = {}
+    done = ""
+    for o in store.iter_objects(prefix + "sweep"):
+        name = o.key[len(prefix):]
+        if name.startswith(FLAG_PREFIX):
+            flags[o.key] = o.mtime
+        elif name == DONE_NAME:
+            done = o.etag
+    return SweepState(flags, done)
+
+
+def _live(flags: Mapping[str, float], now: float) -> dict[str, float]:
+    return {k: t for k, t in flags.items() if now - t < STALE_FLAG}
+
+
+def confirm(store: ObjectStore, deltaspace: str, before: SweepState,
+            blob_keys: list[str], sleep: Callable[[float], None] = time.sleep) -> bool:
+    """After a writer's pointer is in the bucket: whether every blob its chain needs is
+    there for good. A sweep that listed before the pointer existed may delete a blob
+    until it lowers its flag; one that starts later sees the pointer. So: wait for the
+    flags to go, then, if any sweep ran or was running since ``before``, look at each
+    blob. False: a blob is gone (encode again against the reference)."""
+    state = sweep_state(store, deltaspace)
+    waited = 0.0
+    while _live(state.flags, time.time()) and waited < STALE_FLAG:
+        sleep(1.0)
+        waited += 1.0
+        state = sweep_state(store, deltaspace)
+    if not _live(before.flags, time.time()) and state.flags.keys() == before.flags.keys() \
+            and state.done == before.done:
+        return True  # no sweep ran in between (a dead sweeper's flag aside): no delete
+    return all(store.head(k) is not None for k in blob_keys)
+
+
+def _content_of_name(name: str) -> str | None:
+    parsed = parse_blob_name(name)
+    return parsed[0] if parsed else None
+
+
+def sweep(store: ObjectStore, deltaspace: str,
+          heads: Callable[[list[str]], Mapping[str, Mapping[str, str] | None]],
+          grace: float = BLOB_GRACE, now: float | None = None,
+          dry_run: bool = False) -> list[str]:
+    """Remove the blobs of ``deltaspace`` that no pointer reaches and that are older
+    than ``grace`` seconds; returns their keys. ``heads(keys)`` gives the metadata of
+    each pointer key (None when gone).
+
+    The flag goes up before the first listing and down after the last delete, which
+    happens within :data:`SWEEP_BOUND` of the flag. Pointers are listed twice (before
+    and after the blobs), so a rename that moved a pointer past the first listing is
+    seen by the second."""
+    hp = hidden_prefix(deltaspace)
+    now = time.time() if now is None else now
+    blobs: dict[str, ObjectInfo] = {}
+    for o in store.iter_objects(hp):
+        if _content_of_name(o.key[len(hp):]) is not None:
+            blobs[o.key] = o
+    old = [k for k, o in blobs.items() if grace <= 0 or now - o.mtime >= grace]
+    if not old:
+        return []
+    flag = hp + f"{FLAG_PREFIX}{uuid.uuid4().hex}"
+    started = time.monotonic()
+    if not dry_run:
+        store.put_bytes(flag, b"", {})
+        for k, t in sweep_state(store, deltaspace).flags.items():
+            if k != flag and now - t >= STALE_FLAG:  # a sweeper that died: its deletes
+                try:                                  # ended SWEEP_BOUND after its flag
+                    store.delete(k)
+                except NotFound:
+                    pass
+    try:
+        prefix = f"{deltaspace}/" if deltaspace else ""
+        seen: dict[str, str | None] = {}
+
+        def read_pointers() -> None:
+            keys = [o.key for o in store.iter_level(prefix)
+                    if o.key.endswith(".delta") and o.key not in seen]
+            for k, meta in heads(keys).items():
+                seen[k] = (meta or {}).get(BLOB_KEY)
+
+        read_pointers()
+        # once more: a pointer renamed to a key the first listing had already passed,
+        # from one it had not reached yet, was in neither place when listed
+        read_pointers()
+        by_content: dict[str, list[str]] = {}
+        for k in blobs:
+            name = k[len(hp):]
+            by_content.setdefault(name.partition(".")[0], []).append(name)
+        reach: set[str] = set()
+        todo = [c for c in (_content_of_name(v) for v in seen.values() if v) if c]
+        while todo:
+            c = todo.pop()
+            if c in reach:
+                continue
+            reach.add(c)
+            for name in by_content.get(c, ()):
+                todo.append(name.partition(".")[2])
+        garbage = sorted(k for k in old if k[len(hp):].partition(".")[0] not in reach)
+        if dry_run or not garbage:
+            return garbage
+        if time.monotonic() - started > SWEEP_BOUND:
+            log.warning("sweep of %s took longer than %.0f s; deleting nothing this time",
+                        hp, SWEEP_BOUND)
+            return []
+        store.delete_many(garbage)
+        store.put_bytes(hp + DONE_NAME, uuid.uuid4().hex.encode(), {})
+        log.info("swept %d unused chain blobs from %s", len(garbage), hp)
+        return garbage
+    finally:
+        if not dry_run:
+            try:
+                store.delete(flag)
+            except NotFound:
+                pass
