@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 from typing import Any, Callable, Iterable, Mapping
 
-from .errors import IntegrityError, NotFound
+from .errors import AlreadyExists, Changed, IntegrityError, NotFound
 from .extension import MAGIC, VERSION
 from .store.base import ObjectInfo, ObjectStore
 
@@ -219,7 +219,10 @@ class SweepState:
     done: str
 
 
-def sweep_state(store: ObjectStore, deltaspace: str) -> SweepState:
+def sweep_state(store: ObjectStore, deltaspace: str, ensure: bool = False) -> SweepState:
+    """The flags and the marker's ETag. ``ensure`` (a writer, before it chooses a base):
+    create the marker when there is none, so that a sweep which then removes it (the
+    last file of the directory went) still shows as a change."""
     prefix = hidden_prefix(deltaspace)
     flags: dict[str, float] = {}
     done = ""
@@ -229,6 +232,12 @@ def sweep_state(store: ObjectStore, deltaspace: str) -> SweepState:
             flags[o.key] = o.mtime
         elif name == DONE_NAME:
             done = o.etag
+    if ensure and not done:
+        try:
+            done = store.put_bytes(prefix + DONE_NAME, uuid.uuid4().hex.encode(), {},
+                                   if_none_match=True).etag
+        except AlreadyExists:
+            return sweep_state(store, deltaspace)
     return SweepState(flags, done)
 
 
@@ -255,6 +264,18 @@ def confirm(store: ObjectStore, deltaspace: str, before: SweepState,
     return all(store.head(k) is not None for k in blob_keys)
 
 
+def present(store: ObjectStore, keys: list[str]) -> bool:
+    """Whether every blob is in the bucket (concurrent HEADs). A writer asks this of
+    its base's chain after taking the sweep state: a pointer whose own writer has not
+    confirmed it yet may name a blob a sweep just took."""
+    if not keys:
+        return True
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(8, len(keys))) as pool:
+        return all(info is not None for info in pool.map(store.head, keys))
+
+
 def _content_of_name(name: str) -> str | None:
     parsed = parse_blob_name(name)
     return parsed[0] if parsed else None
@@ -263,7 +284,7 @@ def _content_of_name(name: str) -> str | None:
 def sweep(store: ObjectStore, deltaspace: str,
           heads: Callable[[list[str]], Mapping[str, Mapping[str, str] | None]],
           grace: float = BLOB_GRACE, now: float | None = None,
-          dry_run: bool = False) -> list[str]:
+          dry_run: bool = False, final: bool = False) -> list[str]:
     """Remove the blobs of ``deltaspace`` that no pointer reaches and that are older
     than ``grace`` seconds; returns their keys. ``heads(keys)`` gives the metadata of
     each pointer key (None when gone).
@@ -271,15 +292,24 @@ def sweep(store: ObjectStore, deltaspace: str,
     The flag goes up before the first listing and down after the last delete, which
     happens within :data:`SWEEP_BOUND` of the flag. Pointers are listed twice (before
     and after the blobs), so a rename that moved a pointer past the first listing is
-    seen by the second."""
+    seen by the second.
+
+    ``final``: the directory holds no file any more (the caller saw no delta): every
+    blob goes whatever its age, then the marker, so that the prefix can vanish (a writer
+    that raced this sees the marker change and checks its chain)."""
     hp = hidden_prefix(deltaspace)
     now = time.time() if now is None else now
     blobs: dict[str, ObjectInfo] = {}
+    others: list[ObjectInfo] = []
     for o in store.iter_objects(hp):
         if _content_of_name(o.key[len(hp):]) is not None:
             blobs[o.key] = o
-    old = [k for k, o in blobs.items() if grace <= 0 or now - o.mtime >= grace]
+        else:
+            others.append(o)
+    old = [k for k, o in blobs.items() if final or now - o.mtime >= grace]
     if not old:
+        if final and not dry_run:
+            _clear(store, hp, others, now)
         return []
     flag = hp + f"{FLAG_PREFIX}{uuid.uuid4().hex}"
     started = time.monotonic()
@@ -326,12 +356,26 @@ def sweep(store: ObjectStore, deltaspace: str,
                         hp, SWEEP_BOUND)
             return []
         store.delete_many(garbage)
-        store.put_bytes(hp + DONE_NAME, uuid.uuid4().hex.encode(), {})
+        if final and len(garbage) == len(blobs):
+            _clear(store, hp, others, now)
+        else:
+            store.put_bytes(hp + DONE_NAME, uuid.uuid4().hex.encode(), {})
         log.info("swept %d unused chain blobs from %s", len(garbage), hp)
         return garbage
     finally:
         if not dry_run:
             try:
                 store.delete(flag)
+            except NotFound:
+                pass
+
+
+def _clear(store: ObjectStore, hp: str, others: list[ObjectInfo], now: float) -> None:
+    """Remove the marker and dead flags of a directory left without blobs."""
+    for o in others:
+        name = o.key[len(hp):]
+        if name == DONE_NAME or (name.startswith(FLAG_PREFIX) and now - o.mtime >= STALE_FLAG):
+            try:
+                store.delete(o.key)
             except NotFound:
                 pass

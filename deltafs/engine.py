@@ -375,7 +375,7 @@ class Engine:
                 chained: tuple[ObjectInfo, int] | None = None
                 if not zero_diff and extended and self.policy.chains:
                     got = self._put_chain(src, key, size, sha, attrs, ref, ref_path, scratch,
-                                          hints)
+                                          hints, owned)
                     if isinstance(got, str):
                         return None, got
                     chained = got
@@ -489,7 +489,8 @@ class Engine:
         (the caller's hints, else the directory's first LIST page): a chain pointer
         against the same reference. None: encode against the reference."""
         name = split_key(key)[1]
-        cands = [h for h in hints if split_key(h)[0] == deltaspace]
+        cands = chain.rank(name, [(h, split_key(h)[1], -i) for i, h in enumerate(hints)
+                                  if split_key(h)[0] == deltaspace])
         if not cands:
             prefix = f"{deltaspace}/" if deltaspace else ""
             found: list[tuple[str, str, float]] = []
@@ -579,8 +580,8 @@ class Engine:
         return cur
 
     def _put_chain(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
-                   ref: Reference, ref_path: Path, scratch: Path, hints: tuple[str, ...]
-                   ) -> tuple[ObjectInfo, int] | str:
+                   ref: Reference, ref_path: Path, scratch: Path, hints: tuple[str, ...],
+                   owned: bool = False) -> tuple[ObjectInfo, int] | str:
         """Store ``src`` as a chain pointer and (unless its content is its base's) one
         blob; returns ``(pointer info, blob bytes)`` or why it is better stored whole."""
         deltaspace, name = split_key(key)
@@ -596,9 +597,16 @@ class Engine:
         content_size = content.stat().st_size
         content_sha = sha if recipe is None else codec.sha256_file(content)
         root_path, root, root_sha = self._root_content(ref, ref_path, scratch)
-        before = chain.sweep_state(self.store, deltaspace)
+        before = chain.sweep_state(self.store, deltaspace, ensure=True)
         found = self._choose_base(deltaspace, key, hints, ref, root, root_sha)
         links = chain.next_base(found.chain) if found is not None else (root_sha,)
+        hp = chain.hidden_prefix(deltaspace)
+        if len(links) > 1 and not chain.present(
+                self.store, [hp + chain.blob_name(links[i], links[i + 1])
+                             for i in range(len(links) - 1)]):
+            log.info("put %s: the chain of its base is incomplete; encoding against the "
+                     "reference", key)
+            links = (root_sha,)
         limits = self.policy.codec_limits()
         for attempt in range(2):
             blob_size = 0
@@ -645,15 +653,21 @@ class Engine:
             needed = [chain.hidden_prefix(deltaspace) + n for n in p.blob_names()]
             if chain.confirm(self.store, deltaspace, before, needed):
                 log.debug("put %s: chain depth %d, blob %d bytes", key, p.depth, blob_size)
+                try:  # the next version's base: it starts here instead of decoding
+                    self.cache.add(content_sha, content, link=content != src or owned)
+                except OSError as exc:
+                    log.debug("content of %s not cached: %s", key, exc)
                 return info, blob_size
             log.warning("put %s: a sweep took a blob its chain needs; encoding it against "
                         "the reference", key)
             links = (root_sha,)
-            before = chain.sweep_state(self.store, deltaspace)
+            before = chain.sweep_state(self.store, deltaspace, ensure=True)
         return "its chain kept being swept"
 
-    def _decode_chain(self, stored: StoredFile, out: Path, scratch: Path) -> None:
-        """Rebuild a chain pointer's file into ``out`` (checked by the caller)."""
+    def _decode_chain(self, stored: StoredFile, out: Path, scratch: Path,
+                      reference: Path | None = None) -> None:
+        """Rebuild a chain pointer's file into ``out`` (checked by the caller);
+        ``reference``: a verified copy of its reference (else fetched or cached)."""
         deltaspace = split_key(stored.object_key)[0]
         body, info = self.store.get_bytes(stored.object_key)
         p = chain.parse_pointer(body, stored.object_key)
@@ -661,10 +675,13 @@ class Engine:
 
         def root_path() -> Path:
             path = scratch / "ref"
-            try:
-                self._fetch_reference(ref_key or "", ref_sha or "", path)
-            except NotFound:
-                raise IntegrityError(f"its reference {ref_key} is missing") from None
+            if reference is not None:
+                path = reference
+            else:
+                try:
+                    self._fetch_reference(ref_key or "", ref_sha or "", path)
+                except NotFound:
+                    raise IntegrityError(f"its reference {ref_key} is missing") from None
             if p.root == "gunzip":
                 dest = scratch / "root-content"
                 try:
@@ -683,7 +700,10 @@ class Engine:
             content = self._chain_content(deltaspace, p.chain, root_path, scratch,
                                           stored.object_key)
         if p.recipe is None:
-            shutil.move(content, out)
+            if content.parent == scratch:
+                shutil.move(content, out)
+            else:
+                shutil.copyfile(content, out)
             return
         try:
             gzrecipe.rebuild(gzrecipe.Recipe.from_json(p.recipe), content, out)
@@ -1035,7 +1055,7 @@ class Engine:
                 ref = o
         # no file left here: every chain blob goes, young ones too (a writer's pointer
         # that appears meanwhile is protected by its own check, chain.confirm)
-        self.sweep_blobs(deltaspace, grace=0.0)
+        self.sweep_blobs(deltaspace, final=True)
         if ref is None:
             return None
         if (_time.time() if now is None else now) - ref.mtime < grace:
@@ -1085,9 +1105,14 @@ class Engine:
             with self._scratch() as scratch:
                 delta = scratch / "delta"
                 out = scratch / "content"
-                self.store.get_file(o.key, delta)
                 try:
-                    self._rebuild(old_ref, delta, out, stored.sha256 or "", scratch)
+                    if (stored.metadata or {}).get(FORM_KEY) in chain.CHAIN_FORMS:
+                        self._decode_chain(stored, out, scratch, reference=old_ref)
+                        if codec.sha256_file(out) != stored.sha256:
+                            raise IntegrityError("rebuilt file differs from its SHA-256")
+                    else:
+                        self.store.get_file(o.key, delta)
+                        self._rebuild(old_ref, delta, out, stored.sha256 or "", scratch)
                 except IntegrityError as exc:
                     log.error("%s: cannot rebuild it from the old reference (%s); left as "
                               "it is", o.key, exc)
@@ -1135,14 +1160,15 @@ class Engine:
         return removed
 
     def sweep_blobs(self, deltaspace: str, grace: float = chain.BLOB_GRACE,
-                    now: float | None = None, dry_run: bool = False) -> list[str]:
+                    now: float | None = None, dry_run: bool = False,
+                    final: bool = False) -> list[str]:
         """Remove the chain blobs of ``deltaspace`` that no file's chain reaches any more
         and that are older than ``grace`` (protocol: :func:`deltafs.chain.sweep`)."""
         def heads(keys: list[str]) -> dict[str, dict[str, str] | None]:
             got = self.head_many(keys)
             return {k: dict(f.metadata or {}) for k, f in got.items()}
 
-        return chain.sweep(self.store, deltaspace, heads, grace, now, dry_run)
+        return chain.sweep(self.store, deltaspace, heads, grace, now, dry_run, final)
 
     def delete_tree(self, prefix: str, progress: Callable[[str], None] | None = None) -> int:
         """Remove every logical file below ``prefix`` (a directory), references and

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import deque
 import math
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class Writeback:
         self._active_keys: set[str] = set()
         self._active_tombstones: set[str] = set()
         self._seeded: set[int] = set()  # directories (inodes) known to have a reference
+        #: per directory, the files last stored there as deltas: bases for the next
+        self._recent: dict[int, deque[str]] = {}
         self._seeding: set[int] = set()  # directories whose seeding upload is running
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
@@ -551,11 +554,20 @@ class Writeback:
             if node.sha256:
                 self._attempts.setdefault(node.ino, set()).update(
                     {(key, node.sha256), (delta_key(key), node.sha256)})
+            hints = tuple(dict.fromkeys(
+                ([old.logical_key] if old is not None and old.kind is Kind.DELTA else [])
+                + list(reversed(self._recent.get(node.parent, ())))))
             res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
-                                  check_other)
+                                  check_other, hints)
             crash_point("upload-after-put")
             if res.kind in ("reference", "delta"):
                 self._seeded.add(node.parent)
+                recent = self._recent.setdefault(node.parent, deque(maxlen=4))
+                if key in recent:
+                    recent.remove(key)
+                recent.append(key)  # the next file here is likely its next version
+                if len(self._recent) > 1024:
+                    self._recent.pop(next(iter(self._recent)))
             if res.kind == "reference":
                 self.journal.set_reference(node.parent, reference_key(space), res.original_size)
             object_key = delta_key(key) if res.kind in ("delta", "reference") else key
@@ -563,6 +575,7 @@ class Writeback:
             ref = reference_key(space) if kind == Kind.DELTA.value else None
             recorded = await self._published(
                 node, key, object_key, kind,
+                res.object_size if res.object_size >= 0 else
                 res.stored_size - (res.original_size if res.kind == "reference" else 0),
                 ref, res.sha256, etag=res.etag)
             self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone

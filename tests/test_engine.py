@@ -18,6 +18,7 @@ import pytest
 
 from deltafs.api import DeltaService, make_engine
 from deltafs.engine import Engine, Policy
+from deltafs.chain import is_hidden_key
 from deltafs.errors import IntegrityError, NotFound, ReservedName
 from deltafs.store.base import ObjectStore
 from deltafs.store.s3 import S3Store
@@ -64,6 +65,11 @@ def keys_of(store: ObjectStore, prefix: str = "") -> dict[str, int]:
     return {o.key: o.size for o in store.iter_objects(prefix)}
 
 
+def visible(objects: dict[str, int]) -> set[str]:
+    """The keys outside directories' hidden chain-blob prefixes (deltafs.chain)."""
+    return {k for k in objects if not is_hidden_key(k)}
+
+
 def versions(n: int, size: int, seed: int) -> Iterator[bytes]:
     """``n`` successive releases of ``size`` bytes (see helpers.next_version)."""
     rng = random.Random(seed)
@@ -104,7 +110,9 @@ def test_acceptance2_twenty_versions(s3store: S3Store, tmp_path: Path) -> None:
     total = sum(objects.values())
     print(f"20 x 20 MiB stored in {total} bytes ({total / size:.3f} x one release)")
     assert total < 1.1 * size, objects
-    assert set(objects) == {"releases/app/reference.bin"} | {f"{k}.delta" for k in digests}
+    assert visible(objects) == {"releases/app/reference.bin"} | {f"{k}.delta" for k in digests}
+    blobs = set(objects) - visible(objects)
+    assert len(blobs) == 19 + 1, blobs  # one per delta, and the sweep marker
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -170,7 +178,7 @@ def test_acceptance4_unrelated_file_stored_direct(any_engine: Engine, tmp_path: 
     objects = keys_of(any_engine.store)
     assert "p/other.bin.delta" not in objects
     assert objects["p/other.bin"] == size
-    assert set(objects) == {"p/reference.bin", "p/v1.bin.delta", "p/other.bin"}
+    assert visible(objects) == {"p/reference.bin", "p/v1.bin.delta", "p/other.bin"}
     out = tmp_path / "out"
     any_engine.get("p/other.bin", out)
     assert sha256_file(out) == sha256_bytes(other_data)
@@ -259,8 +267,8 @@ def test_acceptance6_concurrent_first_writers(moto_server: str, bucket: str,
             out_path = tmp_path / f"out-{rnd}-{name}"
             got = fresh_get(s3store, prefix + name, out_path, tmp_path / f"cold-{rnd}-{name}")
             assert got == sha256_bytes(body), (rnd, name, objects)
-        assert set(objects) == {f"{prefix}reference.bin", f"{prefix}a.bin.delta",
-                                f"{prefix}b.bin.delta"}, (rnd, objects)
+        assert visible(objects) == {f"{prefix}reference.bin", f"{prefix}a.bin.delta",
+                                    f"{prefix}b.bin.delta"}, (rnd, objects)
     print(f"concurrent first writers: {raced} of 10 rounds lost the conditional create")
 
 
@@ -400,8 +408,9 @@ def test_acceptance8_missing_xdelta3_on_get(moto_server: str, bucket: str, s3sto
     eng.put(v2, "p/v2.bin")
     dest = tmp_path / "dest"
     dest.mkdir()
+    # a fresh cache: the put's own cache holds v2's content and needs no decode
     proc = run_deltafs(["get", f"s3://{bucket}/p/v2.bin", str(dest)], endpoint=moto_server,
-                       cache_dir=tmp_path / "cache", extra_env=_no_xdelta_env(tmp_path))
+                       cache_dir=tmp_path / "cold", extra_env=_no_xdelta_env(tmp_path))
     line = one_line_error(proc)
     assert "xdelta3 not found" in line
     assert list(dest.iterdir()) == []
@@ -555,7 +564,7 @@ def test_overwrite_keeps_reference_used_by_others(any_engine: Engine, tmp_path: 
     any_engine.put(v2, "o/b.bin")
     unrelated = write_file(tmp_path / "u", random.Random(98).randbytes(MiB))
     assert any_engine.put(unrelated, "o/a.bin").kind == "direct"
-    assert set(keys_of(any_engine.store)) == {"o/reference.bin", "o/a.bin", "o/b.bin.delta"}
+    assert visible(keys_of(any_engine.store)) == {"o/reference.bin", "o/a.bin", "o/b.bin.delta"}
     out = tmp_path / "out"
     any_engine.get("o/b.bin", out)
     assert sha256_file(out) == sha256_file(v2)
@@ -565,9 +574,9 @@ def test_overwrite_direct_with_delta(any_engine: Engine, tmp_path: Path) -> None
     v1, v2 = _two_versions(tmp_path)
     any_engine.put(write_file(tmp_path / "s", b"tiny"), "o/app.bin")
     any_engine.put(v1, "o/app.bin")
-    assert set(keys_of(any_engine.store)) == {"o/reference.bin", "o/app.bin.delta"}
+    assert visible(keys_of(any_engine.store)) == {"o/reference.bin", "o/app.bin.delta"}
     any_engine.put(v2, "o/app.bin")
-    assert set(keys_of(any_engine.store)) == {"o/reference.bin", "o/app.bin.delta"}
+    assert visible(keys_of(any_engine.store)) == {"o/reference.bin", "o/app.bin.delta"}
     out = tmp_path / "out"
     any_engine.get("o/app.bin", out)
     assert sha256_file(out) == sha256_file(v2)
@@ -607,11 +616,13 @@ def test_verify_reports_corruption(moto_server: str, bucket: str, s3store: S3Sto
 
 
 def test_reference_cache_avoids_downloads(moto_server: str, bucket: str, tmp_path: Path) -> None:
-    """After a put in a cache dir, further puts and gets there never GET reference.bin."""
+    """After a put in a cache dir, further puts and gets there never GET reference.bin
+    (DeltaGlider's format: one object per delta; chains: the next test)."""
     v1, v2 = _two_versions(tmp_path)
     cache = tmp_path / "cache"
     store = S3Store(bucket, endpoint_url=moto_server)
-    eng = make_engine(store, cache)
+    strict = Policy.create(format="deltaglider")
+    eng = make_engine(store, cache, policy=strict)
     eng.put(v1, "c/v1.bin")
     assert store.stats().get("GET", 0) == 0
     eng.put(v2, "c/v2.bin")
@@ -622,12 +633,12 @@ def test_reference_cache_avoids_downloads(moto_server: str, bucket: str, tmp_pat
 
     # another process with the same cache dir
     store2 = S3Store(bucket, endpoint_url=moto_server)
-    make_engine(store2, cache).get("c/v2.bin", tmp_path / "o2")
+    make_engine(store2, cache, policy=strict).get("c/v2.bin", tmp_path / "o2")
     assert store2.stats().get("GET", 0) == 1, store2.stats()
 
     # a cold cache downloads the reference once, then never again
     store3 = S3Store(bucket, endpoint_url=moto_server)
-    cold = make_engine(store3, tmp_path / "cold")
+    cold = make_engine(store3, tmp_path / "cold", policy=strict)
     cold.get("c/v2.bin", tmp_path / "o3")
     assert store3.stats().get("GET", 0) == 2, store3.stats()
     cold.get("c/v1.bin", tmp_path / "o4")
@@ -674,7 +685,8 @@ def test_bucket_root_deltaspace(any_engine: Engine, tmp_path: Path) -> None:
     v1, v2 = _two_versions(tmp_path)
     any_engine.put(v1, "v1.bin")
     assert any_engine.put(v2, "v2.bin").kind == "delta"
-    assert set(keys_of(any_engine.store)) == {"reference.bin", "v1.bin.delta", "v2.bin.delta"}
+    assert visible(keys_of(any_engine.store)) == {"reference.bin", "v1.bin.delta",
+                                                  "v2.bin.delta"}
     assert [e.key for e in any_engine.list("")] == ["v1.bin", "v2.bin"]
     out = tmp_path / "out"
     any_engine.get("v2.bin", out)

@@ -68,9 +68,13 @@ def gnu_tgz(work: Path, version: int) -> Path:
     return out
 
 
-def engine_for(root: Path, fmt: str = "auto", cache: str = "cache") -> Engine:
+def engine_for(root: Path, fmt: str = "auto", cache: str = "cache",
+               chains: bool = True) -> Engine:
+    from dataclasses import replace
+
     store = LocalStore(root / "store", create=True)
-    return make_engine(store, root / cache, policy=Policy.create(format=fmt))
+    return make_engine(store, root / cache,
+                       policy=replace(Policy.create(format=fmt), chains=chains))
 
 
 # ------------------------------------------------------------------- the recipe
@@ -165,7 +169,7 @@ def test_a_tgz_series_is_stored_as_deltas_and_reads_back_exactly(
     ref = engine.store.head("rel/reference.bin")
     assert ref is not None and ref.metadata.get("deltafs-format") == "deltafs"
     delta = engine.store.head(f"rel/{files[-1].name}.delta")
-    assert delta is not None and delta.metadata.get("deltafs-form") == "gzip"
+    assert delta is not None and delta.metadata.get("deltafs-form") == "chain+gzip"
     fresh = engine_for(tmp_path, cache="fresh-cache")  # a new machine
     for f in files:
         out = tmp_path / "out"
@@ -210,27 +214,32 @@ def test_an_unreproducible_gzip_is_stored_whole_and_reads_back(tmp_path: Path) -
     assert out.read_bytes() == odd.read_bytes()
 
 
-def test_a_recipe_that_rebuilds_other_bytes_is_an_error_never_served(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chains", [True, False], ids=["chain", "single-object"])
+def test_a_recipe_that_rebuilds_other_bytes_is_an_error_never_served(
+        tmp_path: Path, chains: bool) -> None:
     """A reader whose compressor differs from the writer's (here: a recipe altered to
-    another level) gets an error, never the wrong bytes."""
+    another level) gets an error, never the wrong bytes: in a chain pointer, and in the
+    single-object form deltafs 0.3 wrote before chains (still read)."""
     work = tmp_path / "work"
-    engine = engine_for(tmp_path)
+    engine = engine_for(tmp_path, chains=chains)
     for v in (1, 2):
         engine.put(python_tgz(work, v), f"r/v{v}.tar.gz")
-    key = "r/py-2.tar.gz.delta"
     key = "r/v2.tar.gz.delta"
     info = engine.store.head(key)
     assert info is not None
+    assert info.metadata["deltafs-form"] == ("chain+gzip" if chains else "gzip")
     raw = tmp_path / "obj"
     engine.store.get_file(key, raw)
-    header, offset = extension.read_header(raw)
+    body = raw.read_bytes()
+    (n,) = struct.unpack(">I", body[len(extension.MAGIC):len(extension.MAGIC) + 4])
+    offset = len(extension.MAGIC) + 4 + n
+    header = json.loads(body[len(extension.MAGIC) + 4:offset])
     assert header["target"]["members"][0]["level"] == 9
     header["target"]["members"][0]["level"] = 8
     new = json.dumps(header).encode()
-    body = raw.read_bytes()
     raw.write_bytes(extension.MAGIC + struct.pack(">I", len(new)) + new + body[offset:])
     engine.store.put_file(key, raw, dict(info.metadata or {}))
-    fresh = engine_for(tmp_path, cache="fresh")
+    fresh = engine_for(tmp_path, cache="fresh", chains=chains)
     out = tmp_path / "out"
     with pytest.raises(IntegrityError, match="differs|SHA-256"):
         fresh.get("r/v2.tar.gz", out)

@@ -132,11 +132,11 @@ def build(kind: str, out_dir: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind,fmt", [("zip", "deltaglider"), ("tar", "deltaglider"),
-                                      ("tgz", "deltaglider"), ("zip", "auto"), ("tar", "auto")])
+                                      ("tgz", "deltaglider")])
 def test_deltafs_written_read_by_deltaglider(moto_server: str, bucket: str, s3: Any,
                                              tmp_path: Path, kind: str, fmt: str) -> None:
-    """Strict mode writes only what DeltaGlider reads; so does the default for anything
-    but compressed streams (their extension objects are the next test)."""
+    """Strict mode writes only what DeltaGlider reads (the default's extension objects,
+    chains and gzip deltas, are the next test)."""
     files = build(kind, tmp_path / "src")
     prefix = f"rel/{kind}/"
     proc = run_deltafs(["put", "--json", "--format", fmt, *map(str, files.values()),
@@ -166,16 +166,18 @@ def test_deltafs_written_read_by_deltaglider(moto_server: str, bucket: str, s3: 
         assert sha256_file(target) == sha256_file(path), name
     ref = s3.head_object(Bucket=bucket, Key=prefix + "reference.bin")["Metadata"] \
         if prefix + "reference.bin" in objects else {}
-    assert ("deltafs-format" in ref) == (fmt == "auto"), ref
+    assert "deltafs-format" not in ref, ref
 
 
+@pytest.mark.parametrize("kind", ["tgz", "zip", "tar"])
 def test_extension_objects_make_deltaglider_fail_never_return_wrong_bytes(
-        moto_server: str, bucket: str, s3: Any, tmp_path: Path) -> None:
-    """In a new directory deltafs stores .tar.gz files as deltas of their contents (an
-    extension DeltaGlider cannot read): the real deltaglider 6.2.0 CLI must fail on them
-    with an error, never hand back other bytes; deltafs reads them back exactly."""
-    files = build("tgz", tmp_path / "src")
-    prefix = "ext/tgz/"
+        moto_server: str, bucket: str, s3: Any, tmp_path: Path, kind: str) -> None:
+    """In a new directory deltafs stores each version as a chained delta (and .tar.gz
+    files as deltas of their contents): extensions DeltaGlider cannot read. The real
+    deltaglider 6.2.0 CLI must fail on them with an error, never hand back other bytes;
+    deltafs reads them back exactly."""
+    files = build(kind, tmp_path / "src")
+    prefix = f"ext/{kind}/"
     proc = run_deltafs(["put", "--json", *map(str, files.values()), f"s3://{bucket}/{prefix}"],
                        endpoint=moto_server, cache_dir=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr.decode()
@@ -187,6 +189,11 @@ def test_extension_objects_make_deltaglider_fail_never_return_wrong_bytes(
     objects = bucket_objects(s3, bucket, prefix)
     logical = sum(p.stat().st_size for p in files.values())
     assert sum(objects.values()) < 0.5 * logical, objects
+    ref = s3.head_object(Bucket=bucket, Key=prefix + "reference.bin")["Metadata"]
+    assert ref.get("deltafs-format") == "deltafs", ref
+    for name in list(files)[1:]:
+        meta = s3.head_object(Bucket=bucket, Key=prefix + name + ".delta")["Metadata"]
+        assert meta.get("deltafs-form") in ("chain", "chain+gzip"), (name, meta)
     out = tmp_path / "dg-out"
     out.mkdir()
     failed = 0
