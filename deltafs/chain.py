@@ -57,8 +57,11 @@ BLOB_GRACE = 3600.0
 #: wait for a younger flag to go, and ignore an older one (its sweeper died)
 SWEEP_BOUND = 300.0
 STALE_FLAG = 2 * SWEEP_BOUND
-FLAG_PREFIX = "sweeping-"
-DONE_NAME = "swept"
+#: under the hidden prefix: ``sweep/flag-<uuid>`` while a sweep runs, ``sweep/done``
+#: rewritten by each sweep that deleted something
+SWEEP_DIR = "sweep/"
+FLAG_PREFIX = SWEEP_DIR + "flag-"
+DONE_NAME = SWEEP_DIR + "done"
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -187,16 +190,23 @@ def rank(name: str, candidates: Iterable[tuple[str, str, float]], limit: int = 3
          ) -> list[str]:
     """Order ``(key, name, mtime)`` candidates as bases for ``name``: the same file's
     older version first, then its series (same template) newest first, then the names
-    most alike. Returns keys."""
+    most alike. Among equals, the newest (S3's LastModified has one-second steps, so
+    then the highest version numbers in the name). Returns keys."""
     mine = template(name)
-    scored = []
-    for key, other, mtime in candidates:
-        same = other == name
+    cands = sorted(candidates, key=lambda c: (c[2], _numbers(c[1])), reverse=True)
+
+    def score(c: tuple[str, str, float]) -> tuple[bool, bool, float]:
+        other = c[1]
         series = template(other) == mine
-        like = SequenceMatcher(None, name, other).ratio() if not series else 1.0
-        scored.append(((not same, not series, -round(like, 2), -mtime), key))
-    scored.sort()
-    return [k for _, k in scored[:limit]]
+        like = 1.0 if series else SequenceMatcher(None, name, other).ratio()
+        return (other != name, not series, -round(like, 2))
+
+    cands.sort(key=score)  # stable: newest first within each score
+    return [c[0] for c in cands[:limit]]
+
+
+def _numbers(name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", name)[:8])
 
 
 def next_base(chain: tuple[str, ...]) -> tuple[str, ...]:
@@ -226,7 +236,7 @@ def sweep_state(store: ObjectStore, deltaspace: str, ensure: bool = False) -> Sw
     prefix = hidden_prefix(deltaspace)
     flags: dict[str, float] = {}
     done = ""
-    for o in store.iter_objects(prefix + "sweep"):
+    for o in store.iter_objects(prefix + SWEEP_DIR):
         name = o.key[len(prefix):]
         if name.startswith(FLAG_PREFIX):
             flags[o.key] = o.mtime

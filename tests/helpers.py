@@ -207,12 +207,16 @@ def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
 def bucket_objects(client, bucket: str, prefix: str = "",  # type: ignore[no-untyped-def]
                    manifests: bool = False) -> dict[str, int]:
     """key -> size of every object under ``prefix`` (boto3 listing); directories' listing
-    manifests (bookkeeping, tests/test_scale.py) only with ``manifests=True``."""
+    manifests (tests/test_scale.py) and the chain blobs and sweep objects under their
+    hidden ``.deltafs/`` prefixes (tests/test_chain.py) only with ``manifests=True``:
+    the bookkeeping beside the files."""
     out: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", ()):
-            if manifests or not item["Key"].rsplit("/", 1)[-1] == MANIFEST:
-                out[item["Key"]] = int(item["Size"])
+            key = item["Key"]
+            if manifests or not (key.rsplit("/", 1)[-1] == MANIFEST or key.startswith(
+                    ".deltafs/") or "/.deltafs/" in key):
+                out[key] = int(item["Size"])
     return out
 
 

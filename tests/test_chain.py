@@ -1,0 +1,289 @@
+"""Chained deltas (deltafs.chain): each version against a recent one, never orphaned.
+
+Engine tests run over S3 (moto) and the local store; the mount test copies a series in
+with real ``cp``, deletes and overwrites files in the middle of the chain, and reads
+every other file back through a fresh mount with an empty cache.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltafs import chain
+from deltafs.api import make_engine
+from deltafs.engine import Engine
+from deltafs.store.base import ObjectStore
+from helpers import next_version, sha256_bytes, sha256_file, write_file
+from mountfixtures import Mount, mounted  # noqa: F401 - a fixture
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["s3store", "localstore"])
+def store(request: pytest.FixtureRequest) -> ObjectStore:
+    return request.getfixturevalue(request.param)  # type: ignore[no-any-return]
+
+
+def series(n: int, size: int = MiB, seed: int = 5) -> list[bytes]:
+    rng = random.Random(seed)
+    data = rng.randbytes(size)
+    out = [data]
+    for _ in range(n - 1):
+        data = next_version(data, rng)
+        out.append(data)
+    return out
+
+
+def put_all(eng: Engine, tmp: Path, datas: list[bytes], d: str = "rel") -> list[str]:
+    keys = []
+    for i, body in enumerate(datas):
+        src = write_file(tmp / f"src-{i}", body)
+        key = f"{d}/app-1.{i:02d}.bin"
+        eng.put(src, key)
+        keys.append(key)
+    return keys
+
+
+def read_all_fresh(store: ObjectStore, tmp: Path, want: dict[str, bytes], name: str) -> None:
+    """Every file byte-identical through a new engine with an empty cache (a new machine)."""
+    fresh = make_engine(store, tmp / f"fresh-{name}")
+    for key, body in want.items():
+        out = tmp / "out"
+        fresh.get(key, out)
+        assert sha256_file(out) == sha256_bytes(body), key
+    shutil.rmtree(tmp / f"fresh-{name}")
+
+
+def blobs(store: ObjectStore, d: str = "rel") -> set[str]:
+    hp = chain.hidden_prefix(d)
+    return {o.key[len(hp):] for o in store.iter_objects(hp)
+            if chain.parse_blob_name(o.key[len(hp):])}
+
+
+def depth(store: ObjectStore, key: str) -> int:
+    info = store.head(key + ".delta")
+    assert info is not None
+    return int((info.metadata or {})[chain.DEPTH_KEY])
+
+
+def test_each_version_against_the_previous_with_a_bounded_depth(store: ObjectStore,
+                                                                 tmp_path: Path) -> None:
+    datas = series(20)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    depths = [depth(store, k) for k in keys[1:]]
+    # v1 seeds the reference; then 1, 2, ... up to the bound, then back to JUMP_TO + 1
+    assert depths[:chain.MAX_DEPTH] == list(range(1, chain.MAX_DEPTH + 1)), depths
+    assert depths[chain.MAX_DEPTH] == chain.JUMP_TO + 1, depths
+    assert max(depths) <= chain.MAX_DEPTH
+    assert len(blobs(store)) == 19
+    # each delta is against its predecessor: far smaller than against the first version
+    stats = eng.stats("rel/")
+    chained = stats.by_form["chained delta"]
+    assert chained["files"] == 19
+    first_only = make_engine(store, tmp_path / "c2")
+    from dataclasses import replace
+
+    first_only.policy = replace(first_only.policy, chains=False)
+    put_all(first_only, tmp_path, datas, d="flat")
+    flat = first_only.stats("flat/").by_form["delta"]
+    assert chained["stored_bytes"] < 0.6 * flat["stored_bytes"], (chained, flat)
+    read_all_fresh(store, tmp_path, dict(zip(keys, datas)), "all")
+
+
+def test_delete_and_overwrite_in_the_middle_keep_every_other_file(store: ObjectStore,
+                                                                   tmp_path: Path) -> None:
+    """The acceptance test of issue 10, point 4, at the engine: files whose chains go
+    through a deleted or overwritten file read back exactly on a new machine; a sweep
+    then keeps every blob a chain needs and removes only the unreachable ones."""
+    datas = series(8)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    want = dict(zip(keys, datas))
+    eng.delete(keys[3])  # the base of keys[4]..keys[7]
+    del want[keys[3]]
+    other = random.Random(9).randbytes(MiB)  # keys[5] overwritten by unrelated bytes
+    eng.put(write_file(tmp_path / "other", other), keys[5])
+    want[keys[5]] = other
+    eng.put(write_file(tmp_path / "again", datas[6]), keys[2])  # keys[2] := v6's bytes
+    want[keys[2]] = datas[6]
+    renamed = keys[6].replace("app-", "renamed-")
+    eng.move(eng.stat(keys[6]), renamed)
+    want[renamed] = want.pop(keys[6])
+    read_all_fresh(store, tmp_path, want, "after-changes")
+    before = blobs(store)
+    assert eng.sweep_blobs("rel", grace=0.0) == []  # all still reached (through 4..7)
+    assert blobs(store) == before
+    read_all_fresh(store, tmp_path, want, "after-sweep")
+    # delete every file whose chain went through v3 and v5: their blobs become garbage
+    for k in (keys[4], renamed, keys[7]):
+        eng.delete(k)
+        del want[k]
+    swept = eng.sweep_blobs("rel", grace=0.0)
+    assert swept, "unreachable blobs were not swept"
+    after = blobs(store)
+    for name in after:  # what is left is reached by some file
+        assert chain.parse_blob_name(name)
+    read_all_fresh(store, tmp_path, want, "after-second-sweep")
+    # the last files go: nothing of the directory stays (no prefix left behind)
+    for k in list(want):
+        eng.delete(k)
+    assert list(store.iter_objects("rel/")) == []
+
+
+def test_young_blobs_are_not_swept(store: ObjectStore, tmp_path: Path) -> None:
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    eng.delete(keys[2])
+    assert eng.sweep_blobs("rel") == []  # under the hour's grace
+    assert len(blobs(store)) == 2
+    assert len(eng.sweep_blobs("rel", grace=0.0)) == 1
+
+
+def test_a_sweep_during_a_put_never_orphans_its_chain(store: ObjectStore, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """The race the flag protocol exists for: while v4 is encoded against v3, another
+    client deletes v3 and sweeps; v4's writer notices after its pointer is stored and
+    encodes again against the reference. v4 reads back on a new machine."""
+    datas = series(4)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:3])
+    other = make_engine(store, tmp_path / "other-cache")
+    real = eng._encode
+    raced: list[bool] = []
+
+    def encode_with_a_sweep(*a: Any, **kw: Any) -> Any:
+        if not raced:
+            raced.append(True)
+            other.delete(keys[2])
+            assert other.sweep_blobs("rel", grace=0.0), "the sweep took nothing"
+        return real(*a, **kw)
+
+    monkeypatch.setattr(eng, "_encode", encode_with_a_sweep)
+    key = "rel/app-1.03.bin"
+    eng.put(write_file(tmp_path / "v4", datas[3]), key, hints=(keys[2],))
+    assert raced
+    assert depth(store, key) == 1  # encoded again against the reference
+    read_all_fresh(store, tmp_path, {keys[0]: datas[0], keys[1]: datas[1], key: datas[3]},
+                   "raced")
+
+
+def test_confirm_sees_a_sweep_that_ran_and_one_that_did_not(store: ObjectStore,
+                                                            tmp_path: Path) -> None:
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    hp = chain.hidden_prefix("rel")
+    needed = [hp + n for n in sorted(blobs(store))]
+    before = chain.sweep_state(store, "rel", ensure=True)
+    assert chain.confirm(store, "rel", before, needed)
+    eng.delete(keys[2])
+    eng.delete(keys[1])
+    assert eng.sweep_blobs("rel", grace=0.0)
+    assert not chain.confirm(store, "rel", before, needed)
+
+
+def test_a_chain_moves_to_another_directory_with_its_blobs(store: ObjectStore,
+                                                           tmp_path: Path) -> None:
+    datas = series(4)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    eng.move(eng.stat(keys[0]), "new/app-1.00.bin")  # the reference goes along first
+    moved = eng.move(eng.stat(keys[3]), "new/app-1.03.bin")
+    assert moved.object_key == "new/app-1.03.bin.delta"
+    assert blobs(store, "new")  # its chain came along
+    for k in keys[1:3]:
+        eng.delete(k)
+    assert list(store.iter_objects("rel/")) == []  # the old directory is gone whole
+    read_all_fresh(store, tmp_path, {"new/app-1.00.bin": datas[0],
+                                     "new/app-1.03.bin": datas[3]}, "moved")
+
+
+def test_same_content_as_the_base_costs_a_pointer_only(store: ObjectStore,
+                                                       tmp_path: Path) -> None:
+    datas = series(2)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    r = eng.put(write_file(tmp_path / "copy", datas[1]), "rel/app-copy.bin", hints=(keys[1],))
+    assert r.kind == "delta" and r.stored_size < 4096, r
+    assert len(blobs(store)) == 1
+    read_all_fresh(store, tmp_path, {"rel/app-copy.bin": datas[1]}, "copy")
+
+
+def test_a_damaged_blob_is_an_error_never_data(store: ObjectStore, tmp_path: Path) -> None:
+    from deltafs.errors import IntegrityError
+
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    hp = chain.hidden_prefix("rel")
+    name = next(n for n in blobs(store) if n.startswith(sha256_bytes(datas[1])))
+    raw = tmp_path / "blob"
+    store.get_file(hp + name, raw)
+    body = bytearray(raw.read_bytes())
+    body[-20] ^= 0xFF
+    raw.write_bytes(bytes(body))
+    store.put_file(hp + name, raw, {})
+    fresh = make_engine(store, tmp_path / "fresh")
+    out = tmp_path / "out"
+    with pytest.raises(IntegrityError):
+        fresh.get(keys[2], out)  # its chain goes through the damaged blob
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ through a mount
+
+
+def test_mount_series_changed_in_the_middle_reads_back_on_a_new_machine(
+        mounted: Mount, tmp_path: Path) -> None:
+    """Issue 10, acceptance 4: a release series copied in with cp; files in the middle
+    of the chain deleted, overwritten and renamed through the mount; every other file
+    byte-identical after a remount with an empty cache. The hidden blobs never show."""
+    m = mounted
+    src = tmp_path / "src"
+    src.mkdir()
+    datas = series(10, size=512 << 10, seed=11)
+    for i, body in enumerate(datas):
+        write_file(src / f"app-{i:02d}.bin", body)
+    d = m.mountpoint / "rel"
+    d.mkdir()
+    for i in range(len(datas)):  # one at a time, as releases arrive
+        subprocess.run(["cp", str(src / f"app-{i:02d}.bin"), str(d)], check=True)
+        m.wait_idle()
+    objects = m.objects("rel/", manifests=True)
+    assert any(k.startswith("rel/.deltafs/") for k in objects), objects
+    # each release against the one before it (the mount's hint), not all against v0
+    last = m.head("rel/app-09.bin.delta")
+    assert last is not None and int(last["Metadata"]["deltafs-depth"]) == 9, last
+    assert sorted(os.listdir(d)) == [f"app-{i:02d}.bin" for i in range(10)]
+    with pytest.raises(OSError) as err:
+        (d / ".deltafs").mkdir()
+    assert err.value.errno == errno.EPERM
+    want = {f"app-{i:02d}.bin": body for i, body in enumerate(datas)}
+    os.unlink(d / "app-04.bin")
+    del want["app-04.bin"]
+    other = random.Random(3).randbytes(300 << 10)
+    (d / "app-06.bin").write_bytes(other)
+    want["app-06.bin"] = other
+    os.rename(d / "app-07.bin", d / "renamed-07.bin")
+    want["renamed-07.bin"] = want.pop("app-07.bin")
+    m.wait_idle()
+    m.remount(wipe_cache=True)
+    assert sorted(os.listdir(d)) == sorted(want)
+    for name, body in want.items():
+        assert sha256_file(d / name) == sha256_bytes(body), name
+    # rm -r: the directory goes whole, blobs and all, and does not come back
+    shutil.rmtree(d)
+    m.wait_idle()
+    m.remount(wipe_cache=True)
+    assert not d.exists()
+    assert m.objects("rel/", manifests=True) == {}
