@@ -28,6 +28,8 @@ SERIES_ROWS: list[tuple[str, Getter, str, bool]] = [
     ("cp returned, s", lambda r: r.get("write", {}).get("cp_seconds"), "{:.1f}", True),
     ("cold read, MB/s", lambda r: (r.get("read_cold") or {}).get("mb_per_s"), "{:.0f}", True),
     ("warm read, MB/s", lambda r: (r.get("read_warm") or {}).get("mb_per_s"), "{:.0f}", True),
+    ("deltafs get, cold, MB/s", lambda r: (r.get("get_cold") or {}).get("mb_per_s"), "{:.0f}",
+     True),
     ("read back byte-identical", _identical, "{}", False),
     ("peak RSS during copy, MB", lambda r: r.get("peak_rss_mb"), "{:.0f}", True),
     ("S3 requests: write", _req("write"), "{:d}", True),
@@ -109,6 +111,9 @@ def series_tables(doc: dict[str, Any]) -> str:
     if meta is not None:
         n = doc["config"]["small_files"]
         lines += _rows(f"metadata ({n} small files)", META_ROWS, meta, systems, n)
+    targets = series_targets(doc)
+    if targets:
+        lines += ["", "Issue 10 targets (ratios within this run):", ""] + targets
     lines.append("")
     lines.append("Figures in parentheses: this system's figure divided by deltafs's from the "
                  "same run (for times and requests, above 1× means deltafs is better; for "
@@ -124,6 +129,39 @@ def series_tables(doc: dict[str, Any]) -> str:
                                  sorted(counts.items(), key=lambda kv: -kv[1]["count"])) or "none"
                 lines.append(f"| {sname} | {s} | {phase} | {text} |")
     return "\n".join(lines)
+
+
+def series_targets(doc: dict[str, Any]) -> list[str]:
+    """Issue 10's acceptance figures, each a ratio within one run: storage by series,
+    cold reads against deltafs in DeltaGlider's format, write time against s3fs."""
+    res = doc["results"]
+    out: list[str] = []
+
+    def get(series: str, system: str, *path: str) -> Any:
+        v: Any = res.get(series, {}).get(system) or {}
+        for p in path:
+            v = (v or {}).get(p) if isinstance(v, dict) else None
+        return v
+
+    limits = {"wheels": 0.15, "tars": 0.12, "tgz-python": 0.2, "tgz-gnu": 0.2}
+    for series, limit in limits.items():
+        ratio = get(series, "deltafs", "stored_ratio")
+        if ratio is not None:
+            dg = get(series, "deltaglider", "stored_ratio")
+            out.append(f"- {series}: stored/logical {ratio:.3f} (target ≤ {limit}"
+                       + (f"; DeltaGlider {dg:.3f}" if dg is not None else "") + ") "
+                       + _mark(ratio <= limit))
+    for what, path in (("mount", ("read_cold", "mb_per_s")), ("deltafs get", ("get_cold", "mb_per_s"))):
+        a, b = get("wheels", "deltafs", *path), get("wheels", "deltafs-dg", *path)
+        if a and b:
+            out.append(f"- wheels, cold read through {what}: {a:.0f} MB/s, "
+                       f"{a / b:.2f}× of --format deltaglider's {b:.0f} (target ≥ 0.5×) "
+                       + _mark(a / b >= 0.5))
+    w, s3 = get("wheels", "deltafs", "write", "seconds"), get("wheels", "s3fs", "write", "seconds")
+    if w and s3:
+        out.append(f"- wheels, write until in bucket: {w:.1f} s, {w / s3:.2f}× s3fs's "
+                   f"{s3:.1f} s (target ≤ 2.5×, 0.2's figure) " + _mark(w / s3 <= 2.5))
+    return out
 
 
 # ---------------------------------------------------------------------------- scale

@@ -27,7 +27,8 @@ from .measure import RssSampler, drop_page_cache, fsync_all, read_files, timed
 from .motoserver import DRIVER_AGENT
 from .systems import ROOT, Ctx, DeltaGlider, Deltafs, Local, System, make_systems, tail
 
-ALL_SYSTEMS = ["deltafs", "deltaglider", "deltaglider-zip", "s3fs", "rclone", "local"]
+ALL_SYSTEMS = ["deltafs", "deltafs-dg", "deltaglider", "deltaglider-zip", "s3fs", "rclone",
+               "local"]
 FAKE_ENV = {
     "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
     "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
@@ -226,9 +227,33 @@ class Bench:
             r["read_warm"] = read_files(paths, series.digests)
             r["requests"]["read_warm"] = self.counts()
             s.unmount()
+            if isinstance(s, Deltafs):
+                r["get_cold"] = self.cli_gets(s, bucket, series)
         finally:
             s.force_cleanup()
             self.drop_bucket(bucket)
+        return r
+
+    def cli_gets(self, s: Deltafs, bucket: str, series: data.Series) -> dict[str, Any]:
+        """``deltafs get`` of every file in release order, one process each, sharing one
+        new cache dir (a machine that fetches a series): the CLI's cold read."""
+        out = self.work / "get-out"
+        cache = self.work / "get-cache"
+        for d in (out, cache):
+            shutil.rmtree(d, ignore_errors=True)
+        out.mkdir()
+        self.moto.reset()
+        t0 = time.perf_counter()
+        for f in series.files:
+            timed([s.exe, "get", "-q", "--cache-dir", str(cache), "--endpoint-url",
+                   self.ctx.endpoint, f"s3://{bucket}/{series.name}/{f.name}", f"{out}/"],
+                  env=self.ctx.env)
+        secs = time.perf_counter() - t0
+        r = read_files([out / f.name for f in series.files], series.digests)
+        r.update(seconds=secs, mb_per_s=series.logical / 1e6 / secs,
+                 requests=self.counts())
+        for d in (out, cache):
+            shutil.rmtree(d, ignore_errors=True)
         return r
 
     def storage(self, r: dict[str, Any], bucket: str, series: data.Series) -> None:

@@ -174,6 +174,20 @@ class Deltafs(System):
         super().wipe_cache()
 
 
+class DeltafsStrict(Deltafs):
+    """deltafs in DeltaGlider's format (``--format deltaglider``): every delta against
+    the directory's first file, no extension objects. The baseline chains must beat
+    on storage without losing more than half the read speed (issue 10)."""
+
+    name = "deltafs-dg"
+    label = "deltafs --format deltaglider"
+
+    def mount(self, bucket: str) -> None:
+        self.bucket = bucket
+        self.mount_source(f"s3://{bucket}", ["--endpoint-url", self.ctx.endpoint,
+                                             "--format", "deltaglider"])
+
+
 class ForegroundMount(System):
     """A peer whose mount is a foreground daemon we start and watch (s3fs, rclone)."""
 
@@ -351,6 +365,7 @@ class Local(System):
 def make_systems(ctx: Ctx, rc_port: int, names: Sequence[str]) -> list[System]:
     table: dict[str, Callable[[], System]] = {
         "deltafs": lambda: Deltafs(ctx),
+        "deltafs-dg": lambda: DeltafsStrict(ctx),
         "deltaglider": lambda: DeltaGlider(ctx),
         "deltaglider-zip": lambda: DeltaGlider(ctx, "deltaglider-zip", "deltaglider as .zip"),
         "s3fs": lambda: S3fs(ctx),

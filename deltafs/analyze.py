@@ -1,10 +1,12 @@
 """Estimate what delta storage would save on a bucket of plain objects.
 
 For each directory (deltaspace) with at least two candidate files, the oldest candidate
-plays the reference and a spread-out sample of the others is encoded against it; the
-sampled ratios are extrapolated to the directory, by the writer's rules: in deltafs's
-format (the default for new directories) a gzip file is a delta of its content; small
-files and other compressed streams count as stored whole. Nothing is written.
+plays the reference and a spread-out sample of the others is encoded, by the writer's
+rules: in deltafs's format (the default for new directories) each file against the one
+before it (a chain, :mod:`deltafs.chain`) and a gzip file as a delta of its content; in
+DeltaGlider's format against the reference. The sampled ratios are extrapolated to the
+directory; small files and other compressed streams count as stored whole. Nothing is
+written.
 """
 from __future__ import annotations
 
@@ -78,8 +80,17 @@ def analyze(engine: Engine, prefix: str, sample: int = 4,
             k = min(sample, len(rest))
             picks = [rest[round(i * (len(rest) - 1) / (k - 1))] for i in range(k)] \
                 if k > 1 else rest[:k]
+            chained = policy.format != "deltaglider" and policy.chains
             ratios: list[float] = []
             for o in picks:
+                if chained:  # against its predecessor, as the writer's chain would
+                    base_obj = big[big.index(o) - 1]
+                    if base_obj is not ref_obj:
+                        store.get_file(base_obj.key, tmp / "base")
+                    ref = tmp / "base" if base_obj is not ref_obj else tmp / "ref"
+                    with open(ref, "rb") as f:
+                        ref_head = f.read(8)
+                    ref_compressed = is_compressed_stream(ref_head)
                 target = tmp / "target"
                 store.get_file(o.key, target)
                 with open(target, "rb") as f:
@@ -117,5 +128,6 @@ def analyze(engine: Engine, prefix: str, sample: int = 4,
                 "estimated_bytes": estimate, "sampled": len(picks),
                 "mean_delta_ratio": round(mean, 4),
             })
-            ref.unlink(missing_ok=True)
+            (tmp / "ref").unlink(missing_ok=True)
+            (tmp / "base").unlink(missing_ok=True)
     return result

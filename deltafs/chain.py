@@ -189,17 +189,25 @@ def template(name: str) -> str:
 def rank(name: str, candidates: Iterable[tuple[str, str, float]], limit: int = 3
          ) -> list[str]:
     """Order ``(key, name, mtime)`` candidates as bases for ``name``: the same file's
-    older version first, then its series (same template) newest first, then the names
-    most alike. Among equals, the newest (S3's LastModified has one-second steps, so
-    then the highest version numbers in the name). Returns keys."""
+    older version first; then its series (same template), the closest version first
+    (``1.43.110``: ``1.43.109`` before ``1.43.111`` before ``1.42.9``), so that files
+    copied in any order still find their neighbours; then the names most alike. Among
+    equals, the newest. Returns keys."""
     mine = template(name)
+    nums = _numbers(name)
     cands = sorted(candidates, key=lambda c: (c[2], _numbers(c[1])), reverse=True)
 
-    def score(c: tuple[str, str, float]) -> tuple[bool, bool, float]:
+    def score(c: tuple[str, str, float]) -> tuple[Any, ...]:
         other = c[1]
-        series = template(other) == mine
-        like = 1.0 if series else SequenceMatcher(None, name, other).ratio()
-        return (other != name, not series, -round(like, 2))
+        if other == name:
+            return (0,)
+        if template(other) == mine:
+            theirs = _numbers(other)
+            at = next((i for i, (a, b) in enumerate(zip(nums, theirs)) if a != b),
+                      len(nums))
+            diff = theirs[at] - nums[at] if at < min(len(nums), len(theirs)) else 0
+            return (1, -at, abs(diff), diff > 0)
+        return (2, -round(SequenceMatcher(None, name, other).ratio(), 2))
 
     cands.sort(key=score)  # stable: newest first within each score
     return [c[0] for c in cands[:limit]]

@@ -30,7 +30,7 @@ from .content import ORPHAN_PARENT, Contents
 from .crashpoints import crash_point
 from .engine import Engine
 from .errors import AccessDenied, BucketNotFound, Changed, DeltafsError, NotFound
-from .format import Attrs, Kind, StoredFile, delta_key, reference_key, split_key
+from .format import Attrs, Kind, StoredFile, delta_key, join_key, reference_key, split_key
 from .index import key_of, stored_of
 from .manifest import MANIFEST_NAME
 from .journal import ATTRS, CONTENT, MOVED, Journal, Node
@@ -554,9 +554,7 @@ class Writeback:
             if node.sha256:
                 self._attempts.setdefault(node.ino, set()).update(
                     {(key, node.sha256), (delta_key(key), node.sha256)})
-            hints = tuple(dict.fromkeys(
-                ([old.logical_key] if old is not None and old.kind is Kind.DELTA else [])
-                + list(reversed(self._recent.get(node.parent, ())))))
+            hints = self._base_hints(node, key, old)
             res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
                                   check_other, hints)
             crash_point("upload-after-put")
@@ -591,6 +589,22 @@ class Writeback:
         crash_point("publish-after-commit")
         if object_key:
             self.kick()  # the old object's tombstone
+
+    def _base_hints(self, node: Node, key: str, old: StoredFile | None) -> tuple[str, ...]:
+        """Likely bases for a delta of ``key`` (deltafs.chain ranks them): its own older
+        version, its neighbours by name in the directory that are published as deltas
+        (release series sort by version: found in any copy order), and the files this
+        mount stored there last. Bounded: two index range scans of 8 rows."""
+        space = split_key(key)[0]
+        out = [old.logical_key] if old is not None and old.kind is Kind.DELTA else []
+        q = ("SELECT name FROM nodes WHERE parent=? AND name {} ? AND remote_kind=? "
+             "ORDER BY name {} LIMIT 8")
+        for op, order in (("<", "DESC"), (">", "ASC")):
+            for (name,) in self.journal.x(q.format(op, order),
+                                          (node.parent, node.name, Kind.DELTA.value)):
+                out.append(join_key(space, name))
+        out += reversed(self._recent.get(node.parent, ()))
+        return tuple(dict.fromkeys(out))
 
     async def _replay_move(self, node: Node, old: StoredFile, key: str, attrs: Attrs
                            ) -> StoredFile:
