@@ -333,10 +333,10 @@ def sweep(store: ObjectStore, deltaspace: str,
     started = time.monotonic()
     if not dry_run:
         store.put_bytes(flag, b"", {})
-        for k, t in sweep_state(store, deltaspace).flags.items():
-            if k != flag and now - t >= STALE_FLAG:  # a sweeper that died: its deletes
-                try:                                  # ended SWEEP_BOUND after its flag
-                    store.delete(k)
+        for o in others:
+            if o.key[len(hp):].startswith(FLAG_PREFIX) and now - o.mtime >= STALE_FLAG:
+                try:  # a sweeper that died: its deletes ended SWEEP_BOUND after its flag
+                    store.delete(o.key)
                 except NotFound:
                     pass
     try:

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 #: every crash point in the code, in the order a file's life passes them
 STEPS = (
     "create", "write", "stage-before-hash", "stage-before-commit", "stage-after-commit",
-    "upload-before-put", "upload-after-put", "publish-before-commit",
+    "upload-before-put", "chain-after-blob", "chain-after-pointer", "upload-after-put",
+    "publish-before-commit",
     "publish-after-commit", "adopt", "rename-before-commit", "rename-after-commit",
     "move-after-copy", "move-before-publish", "unlink-before-commit",
     "unlink-after-commit", "tombstone-after-delete",

@@ -700,10 +700,9 @@ class Engine:
             content = self._chain_content(deltaspace, p.chain, root_path, scratch,
                                           stored.object_key)
         if p.recipe is None:
-            if content.parent == scratch:
-                shutil.move(content, out)
-            else:
-                shutil.copyfile(content, out)
+            # a copy, never a rename: ``content`` is a hard link of a cache entry (or the
+            # caller's reference), and ``out`` may become a user's file
+            shutil.copyfile(content, out)
             return
         try:
             gzrecipe.rebuild(gzrecipe.Recipe.from_json(p.recipe), content, out)
@@ -1033,7 +1032,6 @@ class Engine:
         storage, and ``deltafs gc`` removes it later. ``quiet=False`` raises them instead
         (the mount keeps the check queued and tries again)."""
         try:
-            self.sweep_blobs(deltaspace)
             return self._collect(deltaspace, grace=0.0, now=None) is not None
         except Exception as exc:  # noqa: BLE001 - best effort, see above
             if not quiet:
@@ -1050,6 +1048,9 @@ class Engine:
         ref: ObjectInfo | None = None
         for o in self.store.iter_level(prefix):  # stops at the first delta: one page
             if o.key.endswith(".delta"):
+                # files remain: blobs only the removed ones reached may go (after the
+                # grace; one LIST when there is nothing that old)
+                self.sweep_blobs(deltaspace, now=now)
                 return None
             if o.key == ref_key:
                 ref = o
