@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import codec, extension, gzrecipe
+from . import chain, codec, extension, gzrecipe
 from .engine import Engine
 from .format import DELTA_SUFFIX, REFERENCE_NAME, is_compressed_stream, split_key
 from .store.base import ObjectInfo
@@ -45,7 +45,7 @@ def analyze(engine: Engine, prefix: str, sample: int = 4,
     spaces: dict[str, list[ObjectInfo]] = defaultdict(list)
     result = Analysis()
     for o in store.iter_objects(prefix):
-        if o.key.endswith("/"):
+        if o.key.endswith("/") or chain.is_hidden_key(o.key):
             continue
         name = split_key(o.key)[1]
         result.objects += 1

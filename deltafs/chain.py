@@ -51,12 +51,20 @@ DEPTH_KEY = "deltafs-depth"
 #: so deltas never drift further than that from their base (architecture.md, "Chains").
 MAX_DEPTH = 12
 JUMP_TO = 4
+#: at the bound, a jump back whose blob passes this share of the file also tries a
+#: *keyframe* (the content against the empty content) and keeps the smaller: once jumps
+#: have drifted as far as a whole file costs, the chain starts afresh
+KEYFRAME_TRY = 0.25
+#: the root of a chain that starts at a keyframe
+ROOT_EMPTY = "empty"
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 #: blobs younger than this are never swept (a writer's blob before its pointer exists)
 BLOB_GRACE = 3600.0
 #: a sweep deletes nothing once this long has passed since it raised its flag; writers
 #: wait for a younger flag to go, and ignore an older one (its sweeper died)
 SWEEP_BOUND = 300.0
-STALE_FLAG = 2 * SWEEP_BOUND
+#: a flag older than this (a minute of clock skew allowed) can delete nothing any more
+STALE_FLAG = SWEEP_BOUND + 60.0
 #: under the hidden prefix: ``sweep/flag-<uuid>`` while a sweep runs, ``sweep/done``
 #: rewritten by each sweep that deleted something
 SWEEP_DIR = "sweep/"
@@ -154,8 +162,13 @@ def parse_pointer(data: bytes, what: str = "pointer") -> Pointer:
         raise IntegrityError(f"{what}: not a chain pointer this deltafs reads "
                              f"(form {header.get('form')!r})")
     root = header.get("root")
-    if root not in ("raw", "gunzip"):
+    if root not in ("raw", "gunzip", ROOT_EMPTY):
         raise IntegrityError(f"{what}: unknown root form {root!r}")
+    if root == ROOT_EMPTY and chain[-1] != EMPTY_SHA256:
+        raise IntegrityError(f"{what}: a keyframe chain that does not end in nothing")
+    if len(chain) - 1 > MAX_DEPTH:
+        raise IntegrityError(f"{what}: a chain of {len(chain) - 1} deltas (at most "
+                             f"{MAX_DEPTH} are read)")
     target = header.get("target")
     if target is not None and not isinstance(target, dict):
         raise IntegrityError(f"{what}: bad target")
@@ -219,7 +232,9 @@ def _numbers(name: str) -> tuple[int, ...]:
 
 def next_base(chain: tuple[str, ...]) -> tuple[str, ...]:
     """The chain a new file's delta extends, given its chosen base's chain: the base
-    itself, or its ancestor at depth :data:`JUMP_TO` when the base is at the bound."""
+    itself, or its ancestor at depth :data:`JUMP_TO` when the base is at the bound.
+    (Every jump of one chain lands on the same ancestor, so jumps drift further each
+    time; the writer then tries a keyframe, :data:`KEYFRAME_TRY`.)"""
     depth = len(chain) - 1
     if depth < MAX_DEPTH:
         return chain
@@ -271,10 +286,9 @@ def confirm(store: ObjectStore, deltaspace: str, before: SweepState,
     flags to go, then, if any sweep ran or was running since ``before``, look at each
     blob. False: a blob is gone (encode again against the reference)."""
     state = sweep_state(store, deltaspace)
-    waited = 0.0
-    while _live(state.flags, time.time()) and waited < STALE_FLAG:
-        sleep(1.0)
-        waited += 1.0
+    while _live(state.flags, time.time()):
+        # until the newest flag's deadline at most (a sweeper that died leaves its flag)
+        sleep(min(1.0, max(0.05, max(state.flags.values()) + STALE_FLAG - time.time())))
         state = sweep_state(store, deltaspace)
     if not _live(before.flags, time.time()) and state.flags.keys() == before.flags.keys() \
             and state.done == before.done:
@@ -294,6 +308,15 @@ def present(store: ObjectStore, keys: list[str]) -> bool:
         return all(info is not None for info in pool.map(store.head, keys))
 
 
+def wait_no_sweep(store: ObjectStore, deltaspace: str,
+                  sleep: Callable[[float], None] = time.sleep) -> None:
+    """Until no live flag is up in ``deltaspace`` (a rename's old pointer then goes)."""
+    state = sweep_state(store, deltaspace)
+    while _live(state.flags, time.time()):
+        sleep(min(1.0, max(0.05, max(state.flags.values()) + STALE_FLAG - time.time())))
+        state = sweep_state(store, deltaspace)
+
+
 def _content_of_name(name: str) -> str | None:
     parsed = parse_blob_name(name)
     return parsed[0] if parsed else None
@@ -302,7 +325,7 @@ def _content_of_name(name: str) -> str | None:
 def sweep(store: ObjectStore, deltaspace: str,
           heads: Callable[[list[str]], Mapping[str, Mapping[str, str] | None]],
           grace: float = BLOB_GRACE, now: float | None = None,
-          dry_run: bool = False, final: bool = False) -> list[str]:
+          dry_run: bool = False, final: bool = False, interval: float = 0.0) -> list[str]:
     """Remove the blobs of ``deltaspace`` that no pointer reaches and that are older
     than ``grace`` seconds; returns their keys. ``heads(keys)`` gives the metadata of
     each pointer key (None when gone).
@@ -314,9 +337,16 @@ def sweep(store: ObjectStore, deltaspace: str,
 
     ``final``: the directory holds no file any more (the caller saw no delta): every
     blob goes whatever its age, then the marker, so that the prefix can vanish (a writer
-    that raced this sees the marker change and checks its chain)."""
+    that raced this sees the marker change and checks its chain).
+
+    ``interval``: skip the sweep when the last one (the marker's age) is more recent:
+    a sweep reads every pointer of the directory, so deletes do not each pay for one."""
     hp = hidden_prefix(deltaspace)
     now = time.time() if now is None else now
+    if interval > 0 and not final:
+        marker = store.head(hp + DONE_NAME)
+        if marker is None or now - marker.mtime < interval:
+            return []  # no chain here, or swept (or first written) recently
     blobs: dict[str, ObjectInfo] = {}
     others: list[ObjectInfo] = []
     for o in store.iter_objects(hp):
@@ -367,7 +397,10 @@ def sweep(store: ObjectStore, deltaspace: str,
             for name in by_content.get(c, ()):
                 todo.append(name.partition(".")[2])
         garbage = sorted(k for k in old if k[len(hp):].partition(".")[0] not in reach)
-        if dry_run or not garbage:
+        if dry_run:
+            return garbage
+        if not garbage:
+            store.put_bytes(hp + DONE_NAME, uuid.uuid4().hex.encode(), {})  # swept now
             return garbage
         if time.monotonic() - started > SWEEP_BOUND:
             log.warning("sweep of %s took longer than %.0f s; deleting nothing this time",

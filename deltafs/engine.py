@@ -517,7 +517,8 @@ class Engine:
             except IntegrityError as exc:
                 log.debug("base candidate %s skipped: %s", info.key, exc)
                 continue
-            if p.chain[-1] != root_sha or p.root != root:
+            if (p.chain[-1], p.root) not in ((root_sha, root),
+                                             (chain.EMPTY_SHA256, chain.ROOT_EMPTY)):
                 continue
             return p
         return None
@@ -596,48 +597,78 @@ class Engine:
                 return f"gzip stream not reproducible: {exc}"
         content_size = content.stat().st_size
         content_sha = sha if recipe is None else codec.sha256_file(content)
-        root_path, root, root_sha = self._root_content(ref, ref_path, scratch)
+        ref_root, ref_form, ref_root_sha = self._root_content(ref, ref_path, scratch)
+        empty = scratch / "empty"
+        empty.touch()
+        roots = {ref_form: ref_root, chain.ROOT_EMPTY: empty}
         before = chain.sweep_state(self.store, deltaspace, ensure=True)
-        found = self._choose_base(deltaspace, key, hints, ref, root, root_sha)
-        links = chain.next_base(found.chain) if found is not None else (root_sha,)
+        found = self._choose_base(deltaspace, key, hints, ref, ref_form, ref_root_sha)
+        at_bound = found is not None and found.depth >= chain.MAX_DEPTH
+        if found is not None:
+            links, root = chain.next_base(found.chain), found.root
+        else:
+            links, root = (ref_root_sha,), ref_form
         hp = chain.hidden_prefix(deltaspace)
         if len(links) > 1 and not chain.present(
                 self.store, [hp + chain.blob_name(links[i], links[i + 1])
                              for i in range(len(links) - 1)]):
             log.info("put %s: the chain of its base is incomplete; encoding against the "
                      "reference", key)
-            links = (root_sha,)
+            links, root, at_bound = (ref_root_sha,), ref_form, False
         limits = self.policy.codec_limits()
+
+        def encode(links: tuple[str, ...], root: str, ratio: float, out: Path,
+                   hopeless: float = limits.hopeless_ratio) -> tuple[int, str] | str:
+            """The blob of ``content`` against ``links[0]`` at ``out``: (size, command)."""
+            source = self._chain_content(deltaspace, links, lambda: roots[root], scratch,
+                                         f"base of {key}")
+            vcdiff = scratch / "chain-vcdiff"
+            res = self._encode(source, source.stat().st_size, content, content_size, vcdiff,
+                               False, replace(limits, max_ratio=ratio,
+                                              hopeless_ratio=hopeless))
+            if source != roots[root]:
+                source.unlink(missing_ok=True)
+            if res.delta_size is None:
+                return res.reason or "delta too large"
+            with open(out, "wb") as o, open(vcdiff, "rb") as v:
+                o.write(chain.blob_header(content_sha, links[0], content_size))
+                while chunk := v.read(codec.CHUNK):
+                    o.write(chunk)
+            vcdiff.unlink()
+            return out.stat().st_size, res.command
+
+        budget = min(limits.max_ratio * size / max(1, content_size), 1.0)
         for attempt in range(2):
             blob_size = 0
             if links[0] != content_sha:
-                source = self._chain_content(deltaspace, links, lambda: root_path, scratch,
-                                             f"base of {key}")
-                vcdiff = scratch / "chain-vcdiff"
-                budget = limits.max_ratio * size / max(1, content_size)
-                res = self._encode(source, source.stat().st_size, content, content_size,
-                                   vcdiff, False, replace(limits, max_ratio=min(budget, 1.0)))
-                if source != root_path:
-                    source.unlink(missing_ok=True)
-                if res.delta_size is None:
-                    if len(links) > 1:
-                        links = (root_sha,)  # the recent base was a poor one: the reference
-                        continue
-                    return res.reason or "delta too large"
                 blob = scratch / "chain-blob"
-                with open(blob, "wb") as o, open(vcdiff, "rb") as v:
-                    o.write(chain.blob_header(content_sha, links[0], content_size))
-                    while chunk := v.read(codec.CHUNK):
-                        o.write(chunk)
-                vcdiff.unlink()
-                blob_size = blob.stat().st_size
-                if blob_size >= limits.max_ratio * size:
+                got = encode(links, root, budget, blob)
+                if at_bound and (isinstance(got, str) or got[0] > chain.KEYFRAME_TRY * size):
+                    # the jump back drifted far: a keyframe (the content against nothing)
+                    # starts the chain afresh if it costs less (architecture.md, "Chains")
+                    # (allowed up to the file's size: on incompressible data it costs
+                    # what storing the file whole would, once per chain)
+                    kf = encode((chain.EMPTY_SHA256,), chain.ROOT_EMPTY,
+                                (1.01 * size + 4096) / max(1, content_size),
+                                scratch / "chain-keyframe", hopeless=2.0)
+                    if not isinstance(kf, str) and (isinstance(got, str) or kf[0] < got[0]):
+                        os.replace(scratch / "chain-keyframe", blob)
+                        got, links, root = kf, (chain.EMPTY_SHA256,), chain.ROOT_EMPTY
+                    (scratch / "chain-keyframe").unlink(missing_ok=True)
+                if isinstance(got, str):
+                    if len(links) > 1 or root != ref_form:
+                        links, root, at_bound = (ref_root_sha,), ref_form, False
+                        got = encode(links, root, budget, blob)  # the base was a poor one
+                    if isinstance(got, str):
+                        return got
+                blob_size, command = got
+                if blob_size >= limits.max_ratio * size and root != chain.ROOT_EMPTY:
                     return "delta too large"
                 self.store.put_file(chain.blob_key(deltaspace, content_sha, links[0]), blob,
                                     {})
                 blob.unlink()
                 crash_point("chain-after-blob")
-                cmd = f"deltafs-chain: {res.command}"
+                cmd = f"deltafs-chain: {command}"
             else:
                 cmd = "deltafs-chain: same content as its base"
             p = chain.Pointer((content_sha, *links) if links[0] != content_sha else links,
@@ -660,8 +691,12 @@ class Engine:
                 return info, blob_size
             log.warning("put %s: a sweep took a blob its chain needs; encoding it against "
                         "the reference", key)
-            links = (root_sha,)
+            links, root, at_bound = (ref_root_sha,), ref_form, False
             before = chain.sweep_state(self.store, deltaspace, ensure=True)
+        try:  # our own broken pointer must not stay beside the direct object
+            self.store.delete(delta_key(key), if_match=info.etag or None)
+        except (NotFound, Changed):
+            pass
         return "its chain kept being swept"
 
     def _decode_chain(self, stored: StoredFile, out: Path, scratch: Path,
@@ -675,6 +710,10 @@ class Engine:
 
         def root_path() -> Path:
             path = scratch / "ref"
+            if p.root == chain.ROOT_EMPTY:  # a keyframe: the chain starts from nothing
+                path = scratch / "empty"
+                path.touch()
+                return path
             if reference is not None:
                 path = reference
             else:
@@ -948,12 +987,16 @@ class Engine:
             old_space = split_key(stored.object_key)[0]
             carried: list[str] = []
             if meta.get(FORM_KEY) in chain.CHAIN_FORMS and new_space != old_space:
-                before = chain.sweep_state(self.store, new_space)
+                before = chain.sweep_state(self.store, new_space, ensure=True)
                 carried = self._copy_chain(stored, old_space, new_space)
             info = self.store.copy(stored.object_key, delta_key(new_key), meta,
                                    if_match=stored.etag or None)
             if carried and not chain.confirm(self.store, new_space, before, carried):
-                self._copy_chain(stored, old_space, new_space)  # no sweep runs now
+                self._copy_chain(stored, old_space, new_space)  # a sweep took some: again
+            elif meta.get(FORM_KEY) in chain.CHAIN_FORMS:
+                # within the directory: the old pointer goes only while no sweep lists
+                # (a pointer renamed twice across one sweep's listings would be missed)
+                chain.wait_no_sweep(self.store, new_space)
             self._drop_other_form(new_key, "delta")
             return classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[return-value]
         # Different reference there: rebuild and store anew.
@@ -1049,8 +1092,8 @@ class Engine:
         for o in self.store.iter_level(prefix):  # stops at the first delta: one page
             if o.key.endswith(".delta"):
                 # files remain: blobs only the removed ones reached may go (after the
-                # grace; one LIST when there is nothing that old)
-                self.sweep_blobs(deltaspace, now=now)
+                # grace), at most once an hour per directory (one HEAD otherwise)
+                self.sweep_blobs(deltaspace, now=now, interval=chain.BLOB_GRACE)
                 return None
             if o.key == ref_key:
                 ref = o
@@ -1148,7 +1191,8 @@ class Engine:
                 used.add(space)
         removed: list[str] = []
         for space in sorted(chained):
-            removed += self.sweep_blobs(space, grace, now, dry_run)
+            # a directory whose files are all gone loses every blob and its markers
+            removed += self.sweep_blobs(space, grace, now, dry_run, final=space not in used)
         for space, ref in sorted(spaces.items()):
             if space in used or now - ref.mtime < grace:
                 continue
@@ -1162,14 +1206,15 @@ class Engine:
 
     def sweep_blobs(self, deltaspace: str, grace: float = chain.BLOB_GRACE,
                     now: float | None = None, dry_run: bool = False,
-                    final: bool = False) -> list[str]:
+                    final: bool = False, interval: float = 0.0) -> list[str]:
         """Remove the chain blobs of ``deltaspace`` that no file's chain reaches any more
         and that are older than ``grace`` (protocol: :func:`deltafs.chain.sweep`)."""
         def heads(keys: list[str]) -> dict[str, dict[str, str] | None]:
             got = self.head_many(keys)
             return {k: dict(f.metadata or {}) for k, f in got.items()}
 
-        return chain.sweep(self.store, deltaspace, heads, grace, now, dry_run, final)
+        return chain.sweep(self.store, deltaspace, heads, grace, now, dry_run, final,
+                           interval)
 
     def delete_tree(self, prefix: str, progress: Callable[[str], None] | None = None) -> int:
         """Remove every logical file below ``prefix`` (a directory), references and
@@ -1181,6 +1226,7 @@ class Engine:
         prefix = _dir_prefix(prefix)
         batch: list[str] = []
         rest: list[str] = []
+        hidden = False
         n = 0
 
         def flush() -> None:
@@ -1191,15 +1237,26 @@ class Engine:
             batch.clear()
 
         for o in self.store.iter_objects(prefix):
-            if _is_reference(o.key) or _is_manifest(o.key) or o.key.endswith("/") or \
-                    chain.is_hidden_key(o.key):
-                rest.append(o.key)  # blobs too: no chain loses a link while its file exists
+            if chain.is_hidden_key(o.key):
+                hidden = True  # blobs go in a second pass, once no file needs them
+                continue
+            if _is_reference(o.key) or _is_manifest(o.key) or o.key.endswith("/"):
+                rest.append(o.key)
                 continue
             batch.append(o.key)
             n += 1
             if len(batch) >= BULK_BATCH:
                 flush()
         flush()
+        if hidden:
+            for o in self.store.iter_objects(prefix):
+                if chain.is_hidden_key(o.key):
+                    batch.append(o.key)
+                    if len(batch) >= BULK_BATCH:
+                        self.store.delete_many(batch)
+                        batch.clear()
+            self.store.delete_many(batch)
+            batch.clear()
         self.store.delete_many(rest)
         return n
 
@@ -1341,7 +1398,10 @@ class Engine:
                 elif _is_manifest(o.key):
                     result.add_form("listing manifests", 0, 0, o.size)
                 elif chain.is_hidden_key(o.key):
-                    blobs[0] += o.size
+                    if chain.parse_blob_name(o.key.rsplit("/", 1)[-1]):
+                        blobs[0] += o.size
+                    else:
+                        result.add_form("chain bookkeeping", 0, 0, o.size)  # sweep markers
                 yield o
 
         blobs = [0, 0]  # bytes of chain blobs listed, bytes the pointers account for

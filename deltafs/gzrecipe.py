@@ -219,6 +219,16 @@ def _inflate_member(f: IO[bytes], start: int, out: IO[bytes] | None,
 
 def _members(f: IO[bytes], size: int, out: IO[bytes] | None, limit: int | None = None
              ) -> tuple[list[_Parsed], int]:
+    """:func:`_members_raw`, with a corrupt deflate stream (zlib's error, a truncated
+    member) reported as NotReproducible like every other unreadable gzip."""
+    try:
+        return _members_raw(f, size, out, limit)
+    except (zlib.error, EOFError) as exc:
+        raise NotReproducible(f"corrupt gzip stream: {exc}") from None
+
+
+def _members_raw(f: IO[bytes], size: int, out: IO[bytes] | None, limit: int | None = None
+             ) -> tuple[list[_Parsed], int]:
     """The members of a gzip file (content written to ``out``, at most ``limit`` bytes
     of it: the room the caller has), and where the tail (bytes after the last member)
     starts."""

@@ -21,11 +21,13 @@ pytestmark = [
                        reason="the benchmark mounts FUSE filesystems: needs root and /dev/fuse"),
 ]
 
-SYSTEMS = ["deltafs", "deltaglider", "deltaglider as .zip", "s3fs", "rclone", "local"]
+SYSTEMS = ["deltafs", "deltafs --format deltaglider", "deltaglider", "deltaglider as .zip",
+           "s3fs", "rclone", "local"]
 SERIES = ["botocore wheels", "botocore tars", "synthetic"]
 SERIES_ROWS = [
     "stored / logical", "write until in bucket, s", "cp returned, s", "cold read, MB/s",
-    "warm read, MB/s", "read back byte-identical", "peak RSS during copy, MB",
+    "warm read, MB/s", "deltafs get, cold, MB/s", "read back byte-identical",
+    "peak RSS during copy, MB",
     "S3 requests: write", "S3 requests: cold read", "S3 requests: warm read",
 ]
 META_ROWS = [

@@ -287,3 +287,64 @@ def test_mount_series_changed_in_the_middle_reads_back_on_a_new_machine(
     m.remount(wipe_cache=True)
     assert not d.exists()
     assert m.objects("rel/", manifests=True) == {}
+
+
+def test_a_long_series_stays_deltas_keyframes_restart_drifted_chains(
+        localstore: ObjectStore, tmp_path: Path) -> None:
+    """Found by review: every jump back at the depth bound lands on the same ancestor,
+    so jumps drift further each time, and without a fresh start a long series ended up
+    stored whole. A keyframe (the content against nothing) restarts the chain once a
+    jump costs more; 100 versions stay deltas, bounded in depth, and read back."""
+    store = localstore
+    rng = random.Random(7)
+    data = rng.randbytes(80 << 10)
+    datas = [data]
+    for _ in range(99):
+        data = next_version(data, rng)
+        datas.append(data)
+    eng = make_engine(store, tmp_path / "cache")
+    kinds = []
+    for i, body in enumerate(datas):
+        kinds.append(eng.put(write_file(tmp_path / "src", body), f"rel/app-{i:03d}.bin").kind)
+    assert kinds == ["reference"] + ["delta"] * 99, kinds
+    roots = []
+    for i in range(1, 100):
+        info = store.head(f"rel/app-{i:03d}.bin.delta")
+        assert info is not None and int(info.metadata[chain.DEPTH_KEY]) <= chain.MAX_DEPTH
+        body, _ = store.get_bytes(info.key)
+        roots.append(chain.parse_pointer(body).root)
+    assert chain.ROOT_EMPTY in roots, "no chain ever restarted at a keyframe"
+    stored = sum(o.size for o in store.iter_objects("rel/"))
+    assert stored < 0.25 * sum(map(len, datas)), stored
+    read_all_fresh(store, tmp_path, {f"rel/app-{i:03d}.bin": b for i, b in enumerate(datas)},
+                   "long")
+
+
+def test_a_rename_waits_for_a_running_sweep(store: ObjectStore, tmp_path: Path) -> None:
+    """A pointer renamed within its directory loses its old key only while no sweep
+    lists: the sweep's flag holds the rename until it goes (or its deadline passes)."""
+    import threading
+    import time
+
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas)
+    hp = chain.hidden_prefix("rel")
+    flag = hp + chain.FLAG_PREFIX + "test"
+    store.put_bytes(flag, b"", {})  # a sweep in progress
+    done = threading.Event()
+
+    def rename() -> None:
+        eng.move(eng.stat(keys[2]), "rel/renamed.bin")
+        done.set()
+
+    t = threading.Thread(target=rename)
+    t.start()
+    time.sleep(1.5)
+    assert not done.is_set(), "the rename went on while a sweep was listing"
+    assert store.head(keys[2] + ".delta") is not None  # the old pointer is still there
+    store.delete(flag)
+    t.join(10)
+    assert done.is_set()
+    assert store.head(keys[2] + ".delta") is None
+    read_all_fresh(store, tmp_path, {"rel/renamed.bin": datas[2]}, "renamed")
