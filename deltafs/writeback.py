@@ -601,7 +601,8 @@ class Writeback:
              "ORDER BY name {} LIMIT 8")
         for op, order in (("<", "DESC"), (">", "ASC")):
             for (name,) in self.journal.x(q.format(op, order),
-                                          (node.parent, node.name, Kind.DELTA.value)):
+                                          (node.parent, node.name, Kind.DELTA.value)
+                                          ).fetchall():
                 out.append(join_key(space, name))
         out += reversed(self._recent.get(node.parent, ()))
         return tuple(dict.fromkeys(out))
