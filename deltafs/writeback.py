@@ -28,6 +28,7 @@ import trio
 
 from .content import ORPHAN_PARENT, Contents
 from .crashpoints import crash_point
+from . import chain
 from .engine import Engine
 from .errors import AccessDenied, BucketNotFound, Changed, DeltafsError, NotFound
 from .format import Attrs, Kind, StoredFile, delta_key, join_key, reference_key, split_key
@@ -38,6 +39,8 @@ from .journal import ATTRS, CONTENT, MOVED, Journal, Node
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
+#: how long a version waits for its predecessor's upload to be encoded against it
+BASE_WAIT = 30.0
 #: a missing bucket or refused credentials count as failed (fsync EIO, umount does not
 #: wait) after this many attempts; they are still retried, backed off
 BUCKET_WIDE_ATTEMPTS = 3
@@ -110,6 +113,8 @@ class Writeback:
         self._seeded: set[int] = set()  # directories (inodes) known to have a reference
         #: per directory, the files last stored there as deltas: bases for the next
         self._recent: dict[int, deque[str]] = {}
+        #: since when a version waits for its predecessor's upload (see _awaits_base)
+        self._base_wait: dict[int, float] = {}
         self._seeding: set[int] = set()  # directories whose seeding upload is running
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
@@ -196,7 +201,7 @@ class Writeback:
                         self.limiter.total_tokens * 2:
                     full = True
                     break
-                if self._blocked(node):
+                if self._blocked(node) or self._awaits_base(node, now):
                     continue
                 if self._seeds(node):
                     # Until a directory has its reference, its uploads go one at a time in
@@ -206,6 +211,7 @@ class Writeback:
                         continue
                     self._seeding.add(node.parent)
                 self._active.add(node.ino)
+                self._base_wait.pop(node.ino, None)
                 nursery.start_soon(self._sync_node, node.ino)
                 started += 1
         # a window of the queue that moves on each pass: deletes failed for good or
@@ -290,6 +296,29 @@ class Writeback:
             self._collecting.discard(space)
             self._notify()
 
+    def _awaits_base(self, node: Node, now: float) -> bool:
+        """A version of a series waits for the one just below it by name (same template,
+        not yet uploaded here) so it can be encoded against it: a chain, not a delta
+        against whatever happened to be uploaded (``cp -r`` creates files in directory
+        order and uploads run in parallel: the wheels stored 0.22 of their size instead
+        of 0.13). Bounded: after ``BASE_WAIT`` seconds it goes anyway."""
+        if not (node.is_file and node.dirty & CONTENT and node.parent in self._seeded
+                and node.size >= self.engine.policy.min_delta_size
+                and self.engine.policy.chains and self.engine.policy.format != "deltaglider"):
+            return False
+        since = self._base_wait.setdefault(node.ino, now)
+        if now - since > BASE_WAIT:
+            return False
+        mine = chain.template(node.name)
+        for ino, name, dirty, size in self.journal.x(
+                "SELECT ino, name, dirty, size FROM nodes WHERE parent=? AND name < ? "
+                "ORDER BY name DESC LIMIT 4", (node.parent, node.name)).fetchall():
+            if chain.template(name) != mine or size < self.engine.policy.min_delta_size:
+                continue
+            return bool(dirty & CONTENT or ino in self._active) and \
+                ino not in self.state.failed
+        return False
+
     def _blocked(self, node: Node) -> bool:
         """New content for a key, or a rename onto it, whose old object another row must
         still move away (a rename not yet carried out) waits for that move: going first
@@ -366,6 +395,7 @@ class Writeback:
         """``ino`` left the namespace: its upload state goes with it."""
         self._forget_failure(ino)
         self._attempts.pop(ino, None)
+        self._base_wait.pop(ino, None)
         self.state.failures.pop(ino, None)
         self.state.retry_at.pop(ino, None)
 

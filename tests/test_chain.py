@@ -348,3 +348,30 @@ def test_a_rename_waits_for_a_running_sweep(store: ObjectStore, tmp_path: Path) 
     assert done.is_set()
     assert store.head(keys[2] + ".delta") is None
     read_all_fresh(store, tmp_path, {"rel/renamed.bin": datas[2]}, "renamed")
+
+
+def test_mount_cp_r_of_a_series_builds_one_chain(mounted: Mount, tmp_path: Path) -> None:
+    """``cp -r`` creates the files in directory order and uploads run in parallel; each
+    version waits for the one below it by name, so the series is one chain (each
+    against its predecessor), not deltas against whatever was uploaded first."""
+    m = mounted
+    src = tmp_path / "rel"
+    src.mkdir()
+    datas = series(8, size=256 << 10, seed=21)
+    names = [f"tool-2.{i}.0.bin" for i in range(8)]
+    for name, body in zip(names, datas):
+        write_file(src / name, body)
+    subprocess.run(["cp", "-r", str(src), str(m.mountpoint)], check=True)
+    m.wait_idle(120)
+    depths = {}
+    for name in names:
+        head = m.head(f"rel/{name}.delta")
+        assert head is not None, name
+        depths[name] = head["Metadata"].get("deltafs-depth")
+    seeds = [n for n, d in depths.items() if d is None]  # the reference's own file
+    assert len(seeds) == 1, depths
+    # in name order, every other version extends the chain by one
+    assert [int(d) for n, d in depths.items() if d is not None] == list(range(1, 8)), depths
+    m.remount(wipe_cache=True)
+    for name, body in zip(names, datas):
+        assert sha256_file(m.mountpoint / "rel" / name) == sha256_bytes(body), name
