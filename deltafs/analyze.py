@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import chain, codec, extension, gzrecipe
 from .engine import Engine
-from .format import DELTA_SUFFIX, REFERENCE_NAME, is_compressed_stream, split_key
+from .format import DELTA_SUFFIX, REFERENCE_NAME, is_compressed_stream, is_zstd, split_key
 from .store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,11 @@ def analyze(engine: Engine, prefix: str, sample: int = 4,
                 with open(target, "rb") as f:
                     head = f.read(8)
                 delta = tmp / "delta"
-                if ref_compressed or is_compressed_stream(head):
+                # zstd streams delta byte for byte, in deltafs's format (format.is_zstd)
+                zstd_pair = policy.format != "deltaglider" and \
+                    (is_zstd(head) or not is_compressed_stream(head)) and \
+                    (is_zstd(ref_head) or not ref_compressed)
+                if (ref_compressed or is_compressed_stream(head)) and not zstd_pair:
                     # the writer's rules: a gzip file (or reference) is a delta of its
                     # content in deltafs's format; other compressed streams stay whole
                     ok = (policy.format != "deltaglider" and extension.wanted(ref_head, head)

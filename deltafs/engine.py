@@ -41,6 +41,7 @@ from .format import (
     delta_metadata,
     direct_metadata,
     is_compressed_stream,
+    is_zstd,
     meta_get,
     reference_key,
     reference_metadata,
@@ -313,7 +314,7 @@ class Engine:
         with open(src, "rb") as f:
             head = f.read(8)
         if is_compressed_stream(head) and not (
-                gzrecipe.is_gzip(head) and self.policy.format != "deltaglider"):
+                (gzrecipe.is_gzip(head) or is_zstd(head)) and self.policy.format != "deltaglider"):
             return "a compressed stream gains nothing from a delta"
         return ""
 
@@ -759,8 +760,8 @@ class Engine:
         extended = self.policy.format != "deltaglider"
         with open(src, "rb") as f:
             head = f.read(8)
-        if is_compressed_stream(head) and not (
-                extended and gzrecipe.is_gzip(head) and gzrecipe.readable(src)):
+        if is_compressed_stream(head) and not (extended and (
+                is_zstd(head) or (gzrecipe.is_gzip(head) and gzrecipe.readable(src)))):
             # a gzip seeds a reference only if its content can be read back (not a
             # bgzip, a truncated download or a bomb): deltas are made against it
             return None, 0

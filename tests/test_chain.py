@@ -375,3 +375,24 @@ def test_mount_cp_r_of_a_series_builds_one_chain(mounted: Mount, tmp_path: Path)
     m.remount(wipe_cache=True)
     for name, body in zip(names, datas):
         assert sha256_file(m.mountpoint / "rel" / name) == sha256_bytes(body), name
+
+
+@pytest.mark.parametrize("fmt", ["auto", "deltaglider"])
+def test_zstd_streams_are_deltas_in_deltafs_format(localstore: ObjectStore, tmp_path: Path,
+                                                   fmt: str) -> None:
+    """zstd output keeps unchanged input unchanged (measured: two botocore tars as
+    `zstd -3` delta to 3.8 % of the file), so in deltafs's format a zstd series is stored
+    as deltas, reference included; DeltaGlider's format keeps them whole as before."""
+    from deltafs.engine import Policy
+
+    magic = b"\x28\xb5\x2f\xfd"
+    datas = [magic + body for body in series(4, size=256 << 10, seed=31)]
+    eng = make_engine(localstore, tmp_path / "cache", policy=Policy.create(format=fmt))
+    kinds = [eng.put(write_file(tmp_path / f"z{i}", body), f"z/app-1.{i}.tar.zst").kind
+             for i, body in enumerate(datas)]
+    if fmt == "auto":
+        assert kinds == ["reference", "delta", "delta", "delta"], kinds
+    else:
+        assert kinds == ["direct"] * 4, kinds
+    read_all_fresh(localstore, tmp_path, {f"z/app-1.{i}.tar.zst": b for i, b in enumerate(datas)},
+                   "zstd")
