@@ -270,7 +270,7 @@ def sweep_state(store: ObjectStore, deltaspace: str, ensure: bool = False) -> Sw
             done = store.put_bytes(prefix + DONE_NAME, uuid.uuid4().hex.encode(), {},
                                    if_none_match=True).etag
         except AlreadyExists:
-            return sweep_state(store, deltaspace)
+            return sweep_state(store, deltaspace, ensure=True)  # (a sweep may clear it)
     return SweepState(flags, done)
 
 
@@ -405,6 +405,9 @@ def sweep(store: ObjectStore, deltaspace: str,
         if time.monotonic() - started > SWEEP_BOUND:
             log.warning("sweep of %s took longer than %.0f s; deleting nothing this time",
                         hp, SWEEP_BOUND)
+            # recorded all the same: the next one waits its interval instead of running
+            # (and overrunning) again at every delete
+            store.put_bytes(hp + DONE_NAME, uuid.uuid4().hex.encode(), {})
             return []
         store.delete_many(garbage)
         if final and len(garbage) == len(blobs):

@@ -338,11 +338,24 @@ class Engine:
         failed stays: another writer may already have encoded against it (references
         are only ever removed by :meth:`gc`)."""
         codec.xdelta3_path()  # fail before writing anything when the codec is missing
-        return self._put_delta_attempts(src, key, size, sha, attrs, owned, [], hints)
+        wrote: list[bool] = []
+        result, reason = self._put_delta_attempts(src, key, size, sha, attrs, owned, [],
+                                                  hints, wrote)
+        if result is None and wrote:
+            # a chain pointer uploaded by an attempt that did not stand (its blob was
+            # swept, the reference changed): it must not stay beside the direct object
+            # (review: stat() finds the .delta first)
+            try:
+                info = self.store.head(delta_key(key))
+                if info is not None:
+                    self.store.delete(delta_key(key), if_match=info.etag or None)
+            except (NotFound, Changed):
+                pass
+        return result, reason
 
     def _put_delta_attempts(self, src: Path, key: str, size: int, sha: str,
                             attrs: Attrs, owned: bool, seeded_out: list[bool],
-                            hints: tuple[str, ...] = ()
+                            hints: tuple[str, ...] = (), wrote: list[bool] | None = None
                             ) -> tuple[PutResult | None, str]:
         deltaspace, name = split_key(key)
         with self._scratch() as scratch:
@@ -376,7 +389,7 @@ class Engine:
                 chained: tuple[ObjectInfo, int] | None = None
                 if not zero_diff and extended and self.policy.chains:
                     got = self._put_chain(src, key, size, sha, attrs, ref, ref_path, scratch,
-                                          hints, owned)
+                                          hints, owned, wrote)
                     if isinstance(got, str):
                         return None, got
                     chained = got
@@ -583,7 +596,8 @@ class Engine:
 
     def _put_chain(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
                    ref: Reference, ref_path: Path, scratch: Path, hints: tuple[str, ...],
-                   owned: bool = False) -> tuple[ObjectInfo, int] | str:
+                   owned: bool = False, wrote: list[bool] | None = None
+                   ) -> tuple[ObjectInfo, int] | str:
         """Store ``src`` as a chain pointer and (unless its content is its base's) one
         blob; returns ``(pointer info, blob bytes)`` or why it is better stored whole."""
         deltaspace, name = split_key(key)
@@ -621,8 +635,14 @@ class Engine:
         def encode(links: tuple[str, ...], root: str, ratio: float, out: Path,
                    hopeless: float = limits.hopeless_ratio) -> tuple[int, str] | str:
             """The blob of ``content`` against ``links[0]`` at ``out``: (size, command)."""
-            source = self._chain_content(deltaspace, links, lambda: roots[root], scratch,
-                                         f"base of {key}")
+            try:
+                source = self._chain_content(deltaspace, links, lambda: roots[root], scratch,
+                                             f"base of {key}")
+            except (IntegrityError, NotFound, codec.CodecError) as exc:
+                # a damaged or vanished base: the reference (or storing whole) instead,
+                # never a failed upload (review: every later version chose it again)
+                log.warning("put %s: its base cannot be read (%s); not using it", key, exc)
+                return f"base chain unreadable: {exc}"
             vcdiff = scratch / "chain-vcdiff"
             res = self._encode(source, source.stat().st_size, content, content_size, vcdiff,
                                False, replace(limits, max_ratio=ratio,
@@ -650,7 +670,8 @@ class Engine:
                     # (allowed up to the file's size: on incompressible data it costs
                     # what storing the file whole would, once per chain)
                     kf = encode((chain.EMPTY_SHA256,), chain.ROOT_EMPTY,
-                                (1.01 * size + 4096) / max(1, content_size),
+                                ((1.01 if recipe is None else 1.10) * size + 4096)
+                                / max(1, content_size),
                                 scratch / "chain-keyframe", hopeless=2.0)
                     if not isinstance(kf, str) and (isinstance(got, str) or kf[0] < got[0]):
                         os.replace(scratch / "chain-keyframe", blob)
@@ -660,10 +681,20 @@ class Engine:
                     if len(links) > 1 or root != ref_form:
                         links, root, at_bound = (ref_root_sha,), ref_form, False
                         got = encode(links, root, budget, blob)  # the base was a poor one
+                    if isinstance(got, str) and root != chain.ROOT_EMPTY:
+                        # nothing here to delta against (the reference is another kind of
+                        # file): a keyframe smaller than the file starts a chain its next
+                        # versions extend; one as large as the file is stored whole
+                        kf = encode((chain.EMPTY_SHA256,), chain.ROOT_EMPTY,
+                                    size / max(1, content_size), blob)
+                        if not isinstance(kf, str):
+                            got, links, root = kf, (chain.EMPTY_SHA256,), chain.ROOT_EMPTY
                     if isinstance(got, str):
                         return got
                 blob_size, command = got
                 if blob_size >= limits.max_ratio * size and root != chain.ROOT_EMPTY:
+                    return "delta too large"
+                if root == chain.ROOT_EMPTY and not at_bound and blob_size >= size:
                     return "delta too large"
                 self.store.put_file(chain.blob_key(deltaspace, content_sha, links[0]), blob,
                                     {})
@@ -681,6 +712,8 @@ class Engine:
             meta[chain.BLOB_KEY] = chain.blob_name(p.chain[0], p.chain[1]) if p.depth else ""
             meta[chain.DEPTH_KEY] = str(p.depth)
             info = self.store.put_bytes(delta_key(key), chain.pointer_bytes(p), meta)
+            if wrote is not None:
+                wrote.append(True)
             crash_point("chain-after-pointer")
             needed = [chain.hidden_prefix(deltaspace) + n for n in p.blob_names()]
             if chain.confirm(self.store, deltaspace, before, needed):
@@ -992,9 +1025,16 @@ class Engine:
                 carried = self._copy_chain(stored, old_space, new_space)
             info = self.store.copy(stored.object_key, delta_key(new_key), meta,
                                    if_match=stored.etag or None)
-            if carried and not chain.confirm(self.store, new_space, before, carried):
-                self._copy_chain(stored, old_space, new_space)  # a sweep took some: again
-            elif meta.get(FORM_KEY) in chain.CHAIN_FORMS:
+            for _ in range(3):
+                if not carried or chain.confirm(self.store, new_space, before, carried):
+                    break
+                # a sweep of the new directory took some: copy again, check again
+                before = chain.sweep_state(self.store, new_space, ensure=True)
+                carried = self._copy_chain(stored, old_space, new_space)
+            else:
+                raise StoreError(f"moving {stored.object_key}: sweeps of {new_space or '/'} "
+                                 "kept taking its chain; retry the rename")
+            if not carried and meta.get(FORM_KEY) in chain.CHAIN_FORMS:
                 # within the directory: the old pointer goes only while no sweep lists
                 # (a pointer renamed twice across one sweep's listings would be missed)
                 chain.wait_no_sweep(self.store, new_space)

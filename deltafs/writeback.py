@@ -307,16 +307,22 @@ class Writeback:
                 and self.engine.policy.chains and self.engine.policy.format != "deltaglider"):
             return False
         since = self._base_wait.setdefault(node.ino, now)
-        if now - since > BASE_WAIT:
-            return False
+        st = self.contents.states.get(node.ino)
+        if now - since > BASE_WAIT or (st is not None and st.flush):
+            return False  # an fsync waits for this one: no waiting on another file
         mine = chain.template(node.name)
         for ino, name, dirty, size in self.journal.x(
                 "SELECT ino, name, dirty, size FROM nodes WHERE parent=? AND name < ? "
                 "ORDER BY name DESC LIMIT 4", (node.parent, node.name)).fetchall():
             if chain.template(name) != mine or size < self.engine.policy.min_delta_size:
                 continue
-            return bool(dirty & CONTENT or ino in self._active) and \
-                ino not in self.state.failed
+            if ino in self._active:
+                return True
+            if not dirty & CONTENT or ino in self.state.failed or \
+                    self.state.retry_at.get(ino, 0) > now:
+                return False  # uploaded, failed, or backing off: no use waiting
+            pred = self.journal.get(ino)
+            return pred is not None and self.contents.upload_ready(pred)
         return False
 
     def _blocked(self, node: Node) -> bool:

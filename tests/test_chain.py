@@ -396,3 +396,49 @@ def test_zstd_streams_are_deltas_in_deltafs_format(localstore: ObjectStore, tmp_
         assert kinds == ["direct"] * 4, kinds
     read_all_fresh(localstore, tmp_path, {f"z/app-1.{i}.tar.zst": b for i, b in enumerate(datas)},
                    "zstd")
+
+
+def test_a_damaged_base_is_passed_over_not_a_failed_upload(localstore: ObjectStore,
+                                                           tmp_path: Path) -> None:
+    """Found by review: a base whose blob is damaged made every later version's upload
+    fail (each chose it again). The put now encodes against the reference instead."""
+    store = localstore
+    datas = series(4)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:3])
+    hp = chain.hidden_prefix("rel")
+    name = next(n for n in blobs(store) if n.startswith(sha256_bytes(datas[2])))
+    raw = tmp_path / "blob"
+    store.get_file(hp + name, raw)
+    body = bytearray(raw.read_bytes())
+    body[-20] ^= 0xFF
+    raw.write_bytes(bytes(body))
+    store.put_file(hp + name, raw, {})
+    cold = make_engine(store, tmp_path / "cold")  # no cached content to lean on
+    r = cold.put(write_file(tmp_path / "v4", datas[3]), "rel/app-1.03.bin", hints=(keys[2],))
+    assert r.kind == "delta", r
+    assert depth(store, "rel/app-1.03.bin") == 1  # against the reference
+    read_all_fresh(store, tmp_path, {"rel/app-1.03.bin": datas[3]}, "passed-over")
+
+
+def test_a_series_after_an_unrelated_reference_starts_its_own_chain(
+        localstore: ObjectStore, tmp_path: Path) -> None:
+    """Found by review: when the directory's reference is another kind of file (here a
+    zstd stream), a series has nothing to delta against; its first version becomes a
+    keyframe (smaller than the file: stored compressed) and the next ones chain on it."""
+    store = localstore
+    eng = make_engine(store, tmp_path / "cache")
+    eng.put(write_file(tmp_path / "z", b"\x28\xb5\x2f\xfd" + random.Random(1).randbytes(MiB)),
+            "mix/data.tar.zst")
+    text = "".join(f"line {i}: {random.Random(i).random()}\n" for i in range(30000)).encode()
+    rng = random.Random(4)
+    datas = [text]
+    for _ in range(3):
+        datas.append(next_version(datas[-1], rng))
+    kinds = [eng.put(write_file(tmp_path / f"t{i}", b), f"mix/log-{i}.txt").kind
+             for i, b in enumerate(datas)]
+    assert kinds == ["delta"] * 4, kinds
+    assert [depth(store, f"mix/log-{i}.txt") for i in range(4)] == [1, 2, 3, 4]
+    assert sum(o.size for o in store.iter_objects("mix/.deltafs/")) < 0.6 * len(text)
+    read_all_fresh(store, tmp_path, {f"mix/log-{i}.txt": b for i, b in enumerate(datas)},
+                   "keyframe-root")
