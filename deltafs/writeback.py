@@ -318,11 +318,10 @@ class Writeback:
                 continue
             if ino in self._active:
                 return True
-            if not dirty & CONTENT or ino in self.state.failed or \
-                    self.state.retry_at.get(ino, 0) > now:
-                return False  # uploaded, failed, or backing off: no use waiting
-            pred = self.journal.get(ino)
-            return pred is not None and self.contents.upload_ready(pred)
+            # uploaded, failed or backing off: no use waiting (one still being written or
+            # settling is waited for: cp -r writes the versions in directory order)
+            return bool(dirty & CONTENT) and ino not in self.state.failed and \
+                self.state.retry_at.get(ino, 0) <= now
         return False
 
     def _blocked(self, node: Node) -> bool:
