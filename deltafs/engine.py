@@ -516,12 +516,13 @@ class Engine:
                 break  # one page: a hint, not a search
             cands = chain.rank(name, found)
         for cand in cands[:3]:
-            try:
-                body, info = self.store.get_bytes(delta_key(cand)) if self._is_pointer(
-                    delta_key(cand)) else (b"", None)
-            except NotFound:
+            # a HEAD first: only a chain pointer is fetched (a plain delta may be large)
+            head = self.store.head(delta_key(cand))
+            if head is None or (head.metadata or {}).get(FORM_KEY) not in chain.CHAIN_FORMS:
                 continue
-            if info is None:
+            try:
+                body, info = self.store.get_bytes(delta_key(cand))
+            except NotFound:
                 continue
             meta = info.metadata or {}
             if meta_get(meta, "ref_sha256") != ref.sha256:
@@ -536,10 +537,6 @@ class Engine:
                 continue
             return p
         return None
-
-    def _is_pointer(self, object_key: str) -> bool:
-        info = self.store.head(object_key)
-        return info is not None and (info.metadata or {}).get(FORM_KEY) in chain.CHAIN_FORMS
 
     def _chain_content(self, deltaspace: str, links: tuple[str, ...], root_path: Callable[[], Path],
                        scratch: Path, what: str) -> Path:

@@ -21,7 +21,7 @@ from deltafs.api import make_engine
 from deltafs.engine import Engine
 from deltafs.store.base import ObjectStore
 from helpers import next_version, sha256_bytes, sha256_file, write_file
-from mountfixtures import Mount, mounted  # noqa: F401 - a fixture
+from mountfixtures import Mount, mounted, release_versions  # noqa: F401 - a fixture
 
 MiB = 1 << 20
 
@@ -32,13 +32,19 @@ def store(request: pytest.FixtureRequest) -> ObjectStore:
 
 
 def series(n: int, size: int = MiB, seed: int = 5) -> list[bytes]:
-    rng = random.Random(seed)
-    data = rng.randbytes(size)
-    out = [data]
-    for _ in range(n - 1):
-        data = next_version(data, rng)
-        out.append(data)
-    return out
+    return release_versions(n, size, seed)
+
+
+def damage_blob(store: ObjectStore, tmp: Path, content: bytes, d: str = "rel") -> None:
+    """Flip bytes near the end of the blob that yields ``content`` (keeping its key)."""
+    hp = chain.hidden_prefix(d)
+    name = next(n for n in blobs(store, d) if n.startswith(sha256_bytes(content)))
+    raw = tmp / "blob"
+    store.get_file(hp + name, raw)
+    body = bytearray(raw.read_bytes())
+    body[-20] ^= 0xFF
+    raw.write_bytes(bytes(body))
+    store.put_file(hp + name, raw, {})
 
 
 def put_all(eng: Engine, tmp: Path, datas: list[bytes], d: str = "rel") -> list[str]:
@@ -225,14 +231,7 @@ def test_a_damaged_blob_is_an_error_never_data(store: ObjectStore, tmp_path: Pat
     datas = series(3)
     eng = make_engine(store, tmp_path / "cache")
     keys = put_all(eng, tmp_path, datas)
-    hp = chain.hidden_prefix("rel")
-    name = next(n for n in blobs(store) if n.startswith(sha256_bytes(datas[1])))
-    raw = tmp_path / "blob"
-    store.get_file(hp + name, raw)
-    body = bytearray(raw.read_bytes())
-    body[-20] ^= 0xFF
-    raw.write_bytes(bytes(body))
-    store.put_file(hp + name, raw, {})
+    damage_blob(store, tmp_path, datas[1])
     fresh = make_engine(store, tmp_path / "fresh")
     out = tmp_path / "out"
     with pytest.raises(IntegrityError):
@@ -406,14 +405,7 @@ def test_a_damaged_base_is_passed_over_not_a_failed_upload(localstore: ObjectSto
     datas = series(4)
     eng = make_engine(store, tmp_path / "cache")
     keys = put_all(eng, tmp_path, datas[:3])
-    hp = chain.hidden_prefix("rel")
-    name = next(n for n in blobs(store) if n.startswith(sha256_bytes(datas[2])))
-    raw = tmp_path / "blob"
-    store.get_file(hp + name, raw)
-    body = bytearray(raw.read_bytes())
-    body[-20] ^= 0xFF
-    raw.write_bytes(bytes(body))
-    store.put_file(hp + name, raw, {})
+    damage_blob(store, tmp_path, datas[2])
     cold = make_engine(store, tmp_path / "cold")  # no cached content to lean on
     r = cold.put(write_file(tmp_path / "v4", datas[3]), "rel/app-1.03.bin", hints=(keys[2],))
     assert r.kind == "delta", r
