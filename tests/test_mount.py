@@ -700,7 +700,7 @@ def test_ls_after_remount_does_not_head_each_file(mounted_any: Mount, tmp_path: 
     m = mounted_any
     d = m.mountpoint / "many"
     d.mkdir()
-    n = 2000
+    n = 600
     t0 = time.monotonic()
     for i in range(n):
         with open(d / f"f{i:05d}.txt", "wb") as f:

@@ -200,7 +200,7 @@ def _emptying_while_copying(a: Mount, b: Mount, moto_server: str, bucket: str,
     versions = release_versions(40, 256 * KiB, seed=11)
     acked: dict[str, bytes] = {}
     k = 0
-    for r in range(10):
+    for r in range(6):
         d = f"rel{r}"
         (a.mountpoint / d).mkdir()
         for i in range(2):

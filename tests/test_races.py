@@ -318,7 +318,7 @@ def test_truncate_racing_open_for_write(mounted: Mount) -> None:
     descriptor: its copy on write then copies an unrelated file."""
     p = mounted.mountpoint / "f"
     p.write_bytes(b"x" * 65536)
-    stop = time.monotonic() + 20
+    stop = time.monotonic() + 10
     errors: list[str] = []
 
     def truncater() -> None:
