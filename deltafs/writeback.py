@@ -629,16 +629,21 @@ class Writeback:
         """Likely bases for a delta of ``key`` (deltafs.chain ranks them): its own older
         version, its neighbours by name in the directory that are published as deltas
         (release series sort by version: found in any copy order), and the files this
-        mount stored there last. Bounded: two index range scans of 8 rows."""
+        mount stored there last. Bounded: two range scans of the (parent, name) index
+        that read 16 rows each, whatever their kind (a filter in the query would scan a
+        directory of 100,000 plain files to the end on every upload). A file too small
+        to be a delta gets none."""
+        if node.size < self.engine.policy.min_delta_size:
+            return ()
         space = split_key(key)[0]
         out = [old.logical_key] if old is not None and old.kind is Kind.DELTA else []
-        q = ("SELECT name FROM nodes WHERE parent=? AND name {} ? AND remote_kind=? "
-             "ORDER BY name {} LIMIT 8")
+        q = ("SELECT name, remote_kind FROM nodes WHERE parent=? AND name {} ? "
+             "ORDER BY name {} LIMIT 16")
         for op, order in (("<", "DESC"), (">", "ASC")):
-            for (name,) in self.journal.x(q.format(op, order),
-                                          (node.parent, node.name, Kind.DELTA.value)
-                                          ).fetchall():
-                out.append(join_key(space, name))
+            for name, kind in self.journal.x(q.format(op, order),
+                                             (node.parent, node.name)).fetchall():
+                if kind == Kind.DELTA.value:
+                    out.append(join_key(space, name))
         out += reversed(self._recent.get(node.parent, ()))
         return tuple(dict.fromkeys(out))
 
