@@ -171,7 +171,8 @@ SCALE_PARTS = [("deltafs_mount", "deltafs, written through the mount"),
                ("local", "local directory")]
 SCALE_STEPS = [("ls_cold", "ls -l, cold"), ("ls_warm", "ls -l, warm"),
                ("find", "find MNT \\| wc -l"), ("rsync", "rsync -a --dry-run"),
-               ("rm", "rm of {rm} files (xargs -0 rm)")]
+               ("rm", "rm of {rm} plain files (xargs -0 rm)"),
+               ("rm_deltas", "rm -r of {rm} delta files (cold)")]
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -242,12 +243,15 @@ def scale_targets(sc: dict[str, Any]) -> list[str]:
         ratio = warm["seconds"] / lwarm["seconds"]
         add("warm `ls -l` within 3× a local directory",
             f"{warm['seconds']:.2f} s vs {lwarm['seconds']:.2f} s: {ratio:.1f}×", ratio <= 3)
-    r = mnt.get("rm")
-    if r and r.get("requests_total") is not None and rm:
-        add(f"`rm` of {rm:,} delta files: ≤ 1.1 requests per file",
-            f"{r['requests_total'] / rm:.2f}", r["requests_total"] <= 1.1 * rm)
+    for step, what in (("rm_deltas", "`rm -r` of {} delta files"),
+                       ("rm", "`rm` of {} plain files")):
+        r = mnt.get(step)
+        if r and r.get("requests_total") is not None and rm:
+            add(what.format(f"{rm:,}") + ": ≤ 1.1 requests per file",
+                f"{r['requests_total'] / rm:.2f}", r["requests_total"] <= 1.1 * rm)
     every = [s for part in ("deltafs_mount", "deltafs_foreign")
              for s in [(sc.get(part) or {}).get("create") or {},
+                       (sc.get(part) or {}).get("create_deltas") or {},
                        *((sc.get(part) or {}).get("steps") or {}).values()]]
     rss = [s["peak_rss_mb"] for s in every if s.get("peak_rss_mb") is not None]
     stall = [s["max_loop_stall_ms"] for s in every if s.get("max_loop_stall_ms") is not None]
@@ -284,11 +288,14 @@ def scale_tables(sc: dict[str, Any]) -> str:
             if key == "deltafs_foreign":
                 c = {k: v for k, v in c.items() if k not in ("requests_total",)}
             lines.append(_scale_row(label, what, c, n))
+            if r.get("create_deltas"):
+                lines.append(_scale_row(label, f"create {rm:,} delta files of 8 KiB, until "
+                                        "in bucket", r["create_deltas"], rm))
             for step, slabel in SCALE_STEPS:
                 s = (r.get("steps") or {}).get(step)
                 if s is not None:
                     lines.append(_scale_row(label, slabel.format(rm=f"{rm:,}"), s,
-                                            rm if step == "rm" else n))
+                                            rm if step.startswith("rm") else n))
         lines += ["", "Seconds: wall time of the step (create and rm: until nothing is "
                   "pending, for the local directory until `sync -f` returned; in parentheses "
                   "the Python loop, or the `rm` itself). "
@@ -300,7 +307,9 @@ def scale_tables(sc: dict[str, Any]) -> str:
                   "| scale | system | step | S3 requests by type |", "|---|---|---|---|"]
         for key, label in SCALE_PARTS[:2]:
             r = sc.get(key) or {}
-            steps = {"create": r.get("create") or {}, **(r.get("steps") or {})}
+            steps = {"create": r.get("create") or {},
+                     **({"create_deltas": r["create_deltas"]} if r.get("create_deltas") else {}),
+                     **(r.get("steps") or {})}
             for step, s in steps.items():
                 counts = s.get("requests")
                 if counts is None or (key == "deltafs_foreign" and step == "create"):

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 STATUS_XATTR = "user.deltafs.status"
 DIR = "scale"                     # the directory the files live in (key prefix "scale/")
+DELTA_DIR = "builds"              # --scale-rm delta files, removed by one rm -r
+DELTA_SIZE = 8192                 # their size, and the mount's --min-delta-size
 FILES_PER_DIR = 1000              # journal: files per directory
 SMALL_DIR_ENTRIES = 100           # journal: entries of the directory the ops run in
 TRIES = 20                        # journal: timed tries per operation (median reported)
@@ -81,6 +83,23 @@ def content(i: int) -> bytes:
     line = f"file {i:06d}: settings, sources and logs repeat themselves like this.\n"
     body = line.encode() * (size // len(line) + 1)
     return (head + body)[:size]
+
+
+def delta_name(i: int) -> str:
+    """Names without digits: each its own series, so no version waits for another (the
+    mount holds a version back until the one below it by name is uploaded)."""
+    letters = ""
+    for _ in range(4):
+        i, r = divmod(i, 26)
+        letters = chr(97 + r) + letters
+    return f"build-{letters}.bin"
+
+
+def delta_content(i: int, base: bytes) -> bytes:
+    """Build ``i`` of one artifact: the base with 64 bytes changed (seeded)."""
+    rng = random.Random(i * 104729 + 7)
+    at = rng.randrange(len(base) - 64)
+    return base[:at] + rng.randbytes(64) + base[at + 64:]
 
 
 def total_bytes(n: int) -> int:
@@ -215,8 +234,15 @@ def log_findings(path: Path, n: int = 30) -> list[str]:
 
 
 class ScaleDeltafs(Deltafs):
-    """deltafs on a bucket of the scale benchmark (its own mountpoint and cache)."""
+    """deltafs on a bucket of the scale benchmark (its own mountpoint and cache). Files
+    from ``DELTA_SIZE`` bytes up are delta candidates, so the small files of the main
+    directory stay plain objects and those of ``DELTA_DIR`` become chained deltas."""
     name = label = "deltafs-scale"
+
+    def mount(self, bucket: str) -> None:
+        self.bucket = bucket
+        self.mount_source(f"s3://{bucket}", ["--endpoint-url", self.ctx.endpoint,
+                                             "--min-delta-size", str(DELTA_SIZE)])
 
 
 class JournalDeltafs(Deltafs):
@@ -329,6 +355,41 @@ class Scale:
                 f.write(content(i))
         return time.perf_counter() - t0
 
+    def write_deltas(self, df: Deltafs) -> dict[str, Any]:
+        """``--scale-rm`` builds of one 8 KiB artifact in ``DELTA_DIR``: the first is the
+        directory's reference, the others chained deltas (checked in the bucket)."""
+        d = df.mnt / DELTA_DIR
+        d.mkdir()
+        base = random.Random(3).randbytes(DELTA_SIZE)
+        t0 = time.perf_counter()
+        for i in range(self.rm):
+            with open(d / delta_name(i), "wb") as f:
+                f.write(delta_content(i, base))
+        secs = time.perf_counter() - t0
+        r = {"write_seconds": secs, "files": self.rm, **self.wait_idle(df)}
+        keys = self.b.ctx.objects(df.bucket, f"{DELTA_DIR}/")  # type: ignore[attr-defined]
+        r["deltas"] = sum(1 for k in keys if k.endswith(".delta"))
+        r["ok"] = r["deltas"] == self.rm  # the reference's own file has its .delta too
+        return r
+
+    def rm_deltas(self, df: Deltafs, bucket: str) -> dict[str, Any]:
+        """``rm -r`` of ``DELTA_DIR`` (cold: the fresh mount never listed it) until
+        nothing is pending; the bucket must then hold nothing under it."""
+        d = df.mnt / DELTA_DIR
+
+        def rm() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            run(["rm", "-r", str(d)])
+            return {"rm_seconds": time.perf_counter() - t0, **self.wait_idle(df)}
+        r = self.step(rm, df)
+        r["files"] = self.rm
+        if r.get("requests_total") is not None:
+            r["requests_per_file"] = r["requests_total"] / self.rm
+        r["entries"] = 0 if not d.exists() else len(os.listdir(d))
+        r["expected"] = 0
+        r["ok"] = r["entries"] == 0
+        return r
+
     def put_foreign(self, bucket: str) -> dict[str, Any]:
         """PUT every file straight into the bucket, 16 at a time (not counted: the
         driver's agent; what is measured is what deltafs does with them later)."""
@@ -344,8 +405,10 @@ class Scale:
                 pass
         return {"writer": "boto3 put_object, 16 threads, no metadata"}
 
-    def listing_steps(self, root: Path, df: Deltafs | None, s3: bool) -> dict[str, Any]:
-        """ls -l cold and warm, find | wc -l, rsync --dry-run, rm of the first files."""
+    def listing_steps(self, root: Path, df: Deltafs | None, s3: bool,
+                      others: int = 0) -> dict[str, Any]:
+        """ls -l cold and warm, find | wc -l, rsync --dry-run, rm of the first files.
+        ``others``: entries ``find`` also meets outside the directory."""
         d = root / DIR
         steps: dict[str, Any] = {}
         out = self.work / "ls.out"
@@ -357,7 +420,7 @@ class Scale:
         got: dict[str, Any] = {}
         steps["find"] = self.step(
             lambda: got.update(out=run(f"find '{root}' | wc -l")), df, s3)
-        count = int(got["out"].strip() or 0) - 2  # the root and the directory
+        count = int(got["out"].strip() or 0) - 2 - others  # the root and the directory
         steps["find"].update(entries=count, expected=self.n, ok=count == self.n)
         target = self.work / "rsync-target"
         shutil.rmtree(target, ignore_errors=True)
@@ -398,6 +461,8 @@ class Scale:
                     return {"write_seconds": secs, **self.wait_idle(df),
                             "writer": "Python loop: open, write, close"}
                 r["create"] = self.step(create, df)
+                if self.rm:
+                    r["create_deltas"] = self.step(lambda: self.write_deltas(df), df)
                 r["create"]["status_at_end"] = {
                     k: v for k, v in getattr(df, "status_at_unmount", {}).items()
                     if k != "failed"}
@@ -420,7 +485,11 @@ class Scale:
             t0 = time.perf_counter()
             df.mount(bucket)
             r["mount_seconds"] = time.perf_counter() - t0
-            r["steps"] = self.listing_steps(df.mnt, df, s3=True)
+            deltas = how == "mount" and self.rm > 0
+            r["steps"] = self.listing_steps(df.mnt, df, s3=True,
+                                            others=self.rm + 1 if deltas else 0)
+            if deltas:
+                r["steps"]["rm_deltas"] = self.rm_deltas(df, bucket)
             st = df.last_status()
             r["status_at_end"] = {k: v for k, v in st.items() if k != "failed"}
             r["log"] = log_findings(df.cache / "deltafs.log")
@@ -428,6 +497,10 @@ class Scale:
             left = [k for k in self.b.ctx.objects(bucket, f"{DIR}/") if k in self.keys]
             r["files_in_bucket_after_rm"] = len(left)
             r["steps"]["rm"]["bucket_ok"] = len(left) == self.n - self.rm
+            if "rm_deltas" in r["steps"]:
+                rest = self.b.ctx.objects(bucket, f"{DELTA_DIR}/")
+                r["steps"]["rm_deltas"]["left_in_bucket"] = sorted(rest)[:20]
+                r["steps"]["rm_deltas"]["bucket_ok"] = not rest
         finally:
             df.force_cleanup()
             self.drop_bucket(bucket)
@@ -636,8 +709,9 @@ def failures(scale: dict[str, Any]) -> list[str]:
         if r.get("error"):
             bad.append(f"scale/{part}")
             continue
-        if r.get("create", {}).get("ok") is False:
-            bad.append(f"scale/{part}/create")
+        for step in ("create", "create_deltas"):
+            if (r.get(step) or {}).get("ok") is False:
+                bad.append(f"scale/{part}/{step}")
         for step, s in (r.get("steps") or {}).items():
             if s.get("ok") is False or s.get("bucket_ok") is False:
                 bad.append(f"scale/{part}/{step} ({s.get('entries')} of {s.get('expected')})")

@@ -279,7 +279,8 @@ def _live(flags: Mapping[str, float], now: float) -> dict[str, float]:
 
 
 def confirm(store: ObjectStore, deltaspace: str, before: SweepState,
-            blob_keys: list[str], sleep: Callable[[float], None] = time.sleep) -> bool:
+            blob_keys: list[str], sleep: Callable[[float], None] = time.sleep,
+            memory: Memory | None = None) -> bool:
     """After a writer's pointer is in the bucket: whether every blob its chain needs is
     there for good. A sweep that listed before the pointer existed may delete a blob
     until it lowers its flag; one that starts later sees the pointer. So: wait for the
@@ -292,20 +293,101 @@ def confirm(store: ObjectStore, deltaspace: str, before: SweepState,
         state = sweep_state(store, deltaspace)
     if not _live(before.flags, time.time()) and state.flags.keys() == before.flags.keys() \
             and state.done == before.done:
-        return True  # no sweep ran in between (a dead sweeper's flag aside): no delete
-    return all(store.head(k) is not None for k in blob_keys)
+        ok = True  # no sweep ran in between (a dead sweeper's flag aside): no delete
+    else:
+        ok = all(store.head(k) is not None for k in blob_keys)
+    if ok and memory is not None:
+        memory.saw(deltaspace, state, blob_keys)  # there for good, as of ``state``
+    return ok
 
 
-def present(store: ObjectStore, keys: list[str]) -> bool:
+def present(store: ObjectStore, keys: list[str], memory: "Memory | None" = None,
+            deltaspace: str = "", state: SweepState | None = None) -> bool:
     """Whether every blob is in the bucket (concurrent HEADs). A writer asks this of
     its base's chain after taking the sweep state: a pointer whose own writer has not
-    confirmed it yet may name a blob a sweep just took."""
+    confirmed it yet may name a blob a sweep just took. With ``memory`` and the
+    writer's ``state``, blobs seen since under the same state are not asked again."""
+    if memory is not None and state is not None:
+        keys = memory.unknown(deltaspace, state, keys)
     if not keys:
         return True
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(min(8, len(keys))) as pool:
-        return all(info is not None for info in pool.map(store.head, keys))
+        ok = all(info is not None for info in pool.map(store.head, keys))
+    if ok and memory is not None and state is not None:
+        memory.saw(deltaspace, state, keys)
+    return ok
+
+
+class Memory:
+    """What one process knows of chains without asking the bucket again (thread-safe,
+    bounded): blobs it saw in the bucket, and the pointers it wrote or read.
+
+    Only a sweep deletes a blob, and every sweep shows in the sweep state (its flag
+    before it deletes anything, then a new marker ETag; a sweeper that died leaves its
+    flag). So a blob seen while the state was S, with no live flag in S, is still there
+    as long as the state is exactly S again: same flags, same marker. Any other state
+    and it is HEADed as before. A remembered pointer is only a base *candidate*: its
+    chain's blobs are still checked this way, and the writer's :func:`confirm` covers
+    the time after, so a pointer overwritten meanwhile by another mount costs a worse
+    base, never a wrong byte. Saves per chained write a HEAD per blob of the base's
+    chain and the base pointer's HEAD and GET (13 requests per file measured, now 5)."""
+
+    SPACES = 256
+    BLOBS = 4096
+    POINTERS = 4096
+
+    def __init__(self) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self._lock = threading.Lock()
+        self._blobs: OrderedDict[str, tuple[tuple[frozenset[str], str], set[str]]] = \
+            OrderedDict()
+        self._pointers: OrderedDict[str, tuple[Pointer, str]] = OrderedDict()
+
+    @staticmethod
+    def _sig(state: SweepState) -> tuple[frozenset[str], str]:
+        return frozenset(state.flags), state.done
+
+    def unknown(self, deltaspace: str, state: SweepState, keys: list[str]) -> list[str]:
+        """Those of ``keys`` not seen under exactly ``state``."""
+        with self._lock:
+            got = self._blobs.get(deltaspace)
+            if got is None or got[0] != self._sig(state) or not state.done:
+                return keys
+            return [k for k in keys if k not in got[1]]
+
+    def saw(self, deltaspace: str, state: SweepState, keys: Iterable[str]) -> None:
+        """``keys`` are in the bucket as of ``state`` (taken before they were seen)."""
+        if not state.done or _live(state.flags, time.time()):
+            return  # a sweep may be deleting: nothing is known for good
+        sig = self._sig(state)
+        with self._lock:
+            got = self._blobs.pop(deltaspace, None)
+            if got is None or got[0] != sig:
+                got = (sig, set())
+            if len(got[1]) > self.BLOBS:
+                got[1].clear()
+            got[1].update(keys)
+            self._blobs[deltaspace] = got
+            while len(self._blobs) > self.SPACES:
+                self._blobs.popitem(last=False)
+
+    def pointer(self, key: str) -> tuple[Pointer, str] | None:
+        """The pointer this process last wrote or read at the logical ``key``, and its
+        reference's SHA-256."""
+        with self._lock:
+            return self._pointers.get(key)
+
+    def wrote(self, key: str, p: Pointer | None, ref_sha256: str = "") -> None:
+        with self._lock:
+            self._pointers.pop(key, None)
+            if p is not None:
+                self._pointers[key] = (p, ref_sha256)
+                while len(self._pointers) > self.POINTERS:
+                    self._pointers.popitem(last=False)
 
 
 def wait_no_sweep(store: ObjectStore, deltaspace: str,

@@ -33,6 +33,8 @@ DEFAULT_SOURCE_WINDOW = 64 << 20
 #: target window: output appears after each window, which is what makes early give-up
 #: possible. 4 MiB costs < 0.1 % in delta size against the 8 MiB default.
 TARGET_WINDOW = 4 << 20
+#: xdelta3 refuses a smaller -B
+MIN_SOURCE_WINDOW = 512 << 10
 
 
 def xdelta3_path() -> str:
@@ -84,6 +86,20 @@ def source_window(ref_size: int) -> int:
     return ((ref_size + (1 << 20) - 1) >> 20) << 20
 
 
+def encode_window(ref_size: int, size: int, full_window: bool, max_window: int) -> int:
+    """-B for one encode. xdelta3 allocates all of -B up front, whatever the source's
+    size (68 MB of RAM for an 8 KiB file at the 64 MiB default). When the target is one
+    target window and the source fits in -B, every match is found whatever -B is
+    (measured: identical deltas), so small files get a window just over their
+    reference. Larger targets keep the default: there -B also bounds how far each
+    target window's source window reaches (a 16 MB wheel's delta grows 2 % at -B 16 MiB)."""
+    if size <= TARGET_WINDOW and ref_size <= TARGET_WINDOW:
+        return max(MIN_SOURCE_WINDOW, (ref_size + 0xFFFF) & ~0xFFFF)
+    if not full_window:
+        return DEFAULT_SOURCE_WINDOW
+    return min(source_window(ref_size), max(max_window, DEFAULT_SOURCE_WINDOW))
+
+
 def encode(
     source: Path,
     target: Path,
@@ -102,8 +118,7 @@ def encode(
     binary = xdelta3_path()
     size = target.stat().st_size
     ref_size = source.stat().st_size
-    window = min(source_window(ref_size), max(limits.max_window, DEFAULT_SOURCE_WINDOW)) \
-        if full_window else DEFAULT_SOURCE_WINDOW
+    window = encode_window(ref_size, size, full_window, limits.max_window)
     # the level trades match search depth for memory and time: on release wheels -6
     # costs the same time as xdelta3's default -3 and stores 0.35 % less; -9 (what
     # DeltaGlider uses) saves another 0.2 % for twice the time and ~200 MB of RAM.

@@ -203,6 +203,8 @@ class Engine:
         self.tmp_dir = tmp_dir
         self.policy = policy
         self.head_concurrency = head_concurrency
+        #: blobs seen and pointers written, so a chained write does not ask again
+        self.chain_memory = chain.Memory()
         tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # ------------------------------------------------------------------ helpers
@@ -516,6 +518,11 @@ class Engine:
                 break  # one page: a hint, not a search
             cands = chain.rank(name, found)
         for cand in cands[:3]:
+            known = self.chain_memory.pointer(cand)  # written (or read) here: no request
+            if known is not None and known[1] == ref.sha256 and (
+                    known[0].chain[-1], known[0].root) in ((root_sha, root),
+                                                         (chain.EMPTY_SHA256, chain.ROOT_EMPTY)):
+                return known[0]
             # a HEAD first: only a chain pointer is fetched (a plain delta may be large)
             head = self.store.head(delta_key(cand))
             if head is None or (head.metadata or {}).get(FORM_KEY) not in chain.CHAIN_FORMS:
@@ -535,6 +542,7 @@ class Engine:
             if (p.chain[-1], p.root) not in ((root_sha, root),
                                              (chain.EMPTY_SHA256, chain.ROOT_EMPTY)):
                 continue
+            self.chain_memory.wrote(cand, p, ref.sha256)
             return p
         return None
 
@@ -623,7 +631,8 @@ class Engine:
         hp = chain.hidden_prefix(deltaspace)
         if len(links) > 1 and not chain.present(
                 self.store, [hp + chain.blob_name(links[i], links[i + 1])
-                             for i in range(len(links) - 1)]):
+                             for i in range(len(links) - 1)],
+                self.chain_memory, deltaspace, before):
             log.info("put %s: the chain of its base is incomplete; encoding against the "
                      "reference", key)
             links, root, at_bound = (ref_root_sha,), ref_form, False
@@ -713,7 +722,8 @@ class Engine:
                 wrote.append(True)
             crash_point("chain-after-pointer")
             needed = [chain.hidden_prefix(deltaspace) + n for n in p.blob_names()]
-            if chain.confirm(self.store, deltaspace, before, needed):
+            if chain.confirm(self.store, deltaspace, before, needed, memory=self.chain_memory):
+                self.chain_memory.wrote(key, p, ref.sha256)
                 log.debug("put %s: chain depth %d, blob %d bytes", key, p.depth, blob_size)
                 try:  # the next version's base: it starts here instead of decoding
                     self.cache.add(content_sha, content, link=content != src or owned)

@@ -434,3 +434,65 @@ def test_a_series_after_an_unrelated_reference_starts_its_own_chain(
     assert sum(o.size for o in store.iter_objects("mix/.deltafs/")) < 0.6 * len(text)
     read_all_fresh(store, tmp_path, {f"mix/log-{i}.txt": b for i, b in enumerate(datas)},
                    "keyframe-root")
+
+
+def test_a_writer_asks_again_only_when_a_sweep_changed_the_state(store: ObjectStore,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """A chained write HEADs no blob and fetches no base pointer that this engine saw or
+    wrote under the same sweep state; once the state changed (here: a blob of the
+    newest chain deleted and the marker rewritten, as a sweep would), it looks again,
+    finds the chain broken and encodes against the reference: never a pointer to a
+    missing blob."""
+    datas = series(8, size=256 << 10)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:6])
+    calls: list[tuple[str, str]] = []
+    for op in ("head", "get_bytes", "get_file"):
+        orig = getattr(store, op)
+
+        def spy(key: str, *a: Any, _orig: Any = orig, _op: str = op, **kw: Any) -> Any:
+            calls.append((_op, key))
+            return _orig(key, *a, **kw)
+        monkeypatch.setattr(store, op, spy)
+
+    def put(i: int) -> str:
+        key = f"rel/app-1.{i:02d}.bin"
+        eng.put(write_file(tmp_path / f"src-{i}", datas[i]), key, hints=(keys[-1],))
+        keys.append(key)
+        return key
+
+    put(6)
+    assert depth(store, keys[-1]) == 6
+    asked = [c for c in calls if "/.deltafs/" in c[1] and "sweep/" not in c[1]
+             or c[0] == "get_bytes" and c[1].endswith(".delta")]
+    assert asked == [], asked
+    # a blob of the newest chain goes, and the sweep marker changes
+    hp = chain.hidden_prefix("rel")
+    top = next(n for n in blobs(store) if n.startswith(sha256_bytes(datas[6])))
+    store.delete(hp + top)
+    store.put_bytes(hp + chain.DONE_NAME, b"another sweep", {})
+    calls.clear()
+    put(7)
+    assert ("head", hp + top) in calls  # the state changed: the chain was checked
+    assert depth(store, keys[-1]) == 1  # against the reference, not the broken chain
+    want = dict(zip(keys, datas))
+    del want[keys[6]]  # its blob is gone (what this test did, no sweep would)
+    read_all_fresh(store, tmp_path, want, "after")
+
+
+def test_memory_of_blobs_holds_only_under_the_same_sweep_state() -> None:
+    mem = chain.Memory()
+    s = chain.SweepState({}, "etag-1")
+    mem.saw("d", s, ["d/.deltafs/a.b"])
+    assert mem.unknown("d", s, ["d/.deltafs/a.b", "d/.deltafs/c.a"]) == ["d/.deltafs/c.a"]
+    assert mem.unknown("d", chain.SweepState({}, "etag-2"), ["d/.deltafs/a.b"]) != []
+    dead = chain.SweepState({"d/.deltafs/sweep/flag-x": 0.0}, "etag-1")  # a dead sweeper
+    assert mem.unknown("d", dead, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
+    assert mem.unknown("e", s, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
+    import time
+    live = chain.SweepState({"d/.deltafs/sweep/flag-y": time.time()}, "etag-3")
+    mem.saw("d", live, ["d/.deltafs/a.b"])  # a sweep is running: nothing is learnt
+    assert mem.unknown("d", live, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
+    assert mem.unknown("d", chain.SweepState({}, ""), ["k"]) == ["k"]  # no marker yet

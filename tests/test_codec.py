@@ -77,6 +77,32 @@ def test_round_trip_empty_target(tmp_path: Path) -> None:
     assert out.read_bytes() == b""
 
 
+def test_small_files_get_a_small_window_and_the_same_delta(tmp_path: Path) -> None:
+    """xdelta3 allocates all of -B: a small file's encode uses a window just over its
+    reference (not 64 MiB of RAM), and the delta is byte-identical to the default's."""
+    rng = random.Random(1)
+    ref = rng.randbytes(3 << 20)
+    new = ref[:1000] + rng.randbytes(500) + ref[1500:2 << 20] + ref[:100_000]
+    (tmp_path / "r").write_bytes(ref)
+    (tmp_path / "t").write_bytes(new)
+    w = codec.encode_window(len(ref), len(new), True, 1 << 30)
+    assert w == 3 << 20
+    assert codec.encode_window(8192, 8192, False, 1 << 30) == codec.MIN_SOURCE_WINDOW
+    assert codec.encode_window(16 << 20, 16 << 20, False, 1 << 30) == \
+        codec.DEFAULT_SOURCE_WINDOW
+    res = codec.encode(tmp_path / "r", tmp_path / "t", tmp_path / "d")
+    assert res.delta_size is not None and f"-B {w} " in res.command
+    with pytest.MonkeyPatch.context() as mp:  # the same encode at the 64 MiB default
+        mp.setattr(codec, "encode_window", lambda *a: codec.DEFAULT_SOURCE_WINDOW)
+        wide = codec.encode(tmp_path / "r", tmp_path / "t", tmp_path / "d64")
+    assert f"-B {codec.DEFAULT_SOURCE_WINDOW} " in wide.command
+    default = (tmp_path / "d64").read_bytes()
+    assert (tmp_path / "d").read_bytes() == default
+    out = tmp_path / "o"
+    codec.decode(tmp_path / "r", tmp_path / "d", out, sha256_bytes(new))
+    assert out.read_bytes() == new
+
+
 def test_source_window() -> None:
     assert codec.source_window(1000) == codec.DEFAULT_SOURCE_WINDOW
     assert codec.source_window(64 << 20) == codec.DEFAULT_SOURCE_WINDOW
