@@ -6,12 +6,22 @@ threads, and never shrink on their own: measured, RSS grew ~3 KB per file create
 stayed. ``malloc_trim(0)`` hands the free pages back (1-4 ms, in a worker thread, so the
 event loop never waits on it): the same 12,000-file copy ended at 96 MB instead of 112.
 A no-op where the C library has no ``malloc_trim`` (musl, macOS).
+
+Trimming reaches only glibc's heaps. Python's own small-object allocator keeps 1 MiB
+arenas that go back only when wholly empty, and the daemon's churn (a request's
+garbage around a few long-lived objects) leaves them sparse: measured on the embedded
+store, 10,000 rewrites of ten files grew RSS 8 MB with no more objects alive. So the
+daemon runs with ``PYTHONMALLOC=malloc`` (:func:`use_c_allocator`): every object in
+glibc's heaps, where a trim returns any free page. 20,000 files created: RSS +26 MB
+instead of +41 MB.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
+import sys
 from typing import Callable
 
 import trio
@@ -43,3 +53,26 @@ async def run() -> None:
     while True:
         await trio.sleep(INTERVAL)
         await trio.to_thread.run_sync(trim, 0)
+
+
+#: the programs whose command line may be run again (never an embedding program)
+_OURS = ("deltafs", "mount.deltafs", "deltafs.cli", "deltafs.mounthelper")
+
+
+def use_c_allocator() -> None:
+    """Run this command again (``execve``: same process, same arguments) with
+    ``PYTHONMALLOC=malloc``, unless the allocator was chosen already (any
+    ``PYTHONMALLOC``; ``DELTAFS_PYMALLOC=1`` keeps Python's) or this process is not the
+    ``deltafs`` or ``mount.deltafs`` program (a test runner or script calling in)."""
+    if os.environ.get("PYTHONMALLOC") or os.environ.get("DELTAFS_PYMALLOC"):
+        return
+    argv = list(getattr(sys, "orig_argv", []))
+    if not argv or not any(os.path.basename(a) in _OURS for a in argv[1:3]):
+        return
+    log.debug("running again with PYTHONMALLOC=malloc")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, dict(os.environ, PYTHONMALLOC="malloc"))
+    except OSError as exc:  # keep going with Python's allocator
+        log.debug("cannot run again with the C allocator: %s", exc)

@@ -696,6 +696,18 @@ def test_s3_outage_writes_queue_and_replay(own_moto: MotoProcess, tmp_path: Path
 # ----------------------------------------------------------------------------------------
 # 8. ls -l of a known directory after a remount: no HEAD per file
 
+def test_the_daemon_runs_with_the_c_allocator(mounted: Mount) -> None:
+    """``deltafs mount`` runs itself again with ``PYTHONMALLOC=malloc`` (memtrim.py:
+    Python's arenas fragment and never shrink; glibc's heaps are trimmed), and the
+    mount works as ever."""
+    pid = int(mounted.status()["pid"])
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = f.read().split(b"\0")
+    assert b"PYTHONMALLOC=malloc" in env
+    (mounted.mountpoint / "f").write_bytes(b"x" * 1000)
+    assert (mounted.mountpoint / "f").read_bytes() == b"x" * 1000
+
+
 def test_ls_after_remount_does_not_head_each_file(mounted_any: Mount, tmp_path: Path) -> None:
     m = mounted_any
     d = m.mountpoint / "many"
