@@ -250,6 +250,8 @@ class SweepState:
 
     flags: Mapping[str, float]
     done: str
+    #: when it was read (flags are judged live or stale as of then)
+    at: float = 0.0
 
 
 def sweep_state(store: ObjectStore, deltaspace: str, ensure: bool = False) -> SweepState:
@@ -271,7 +273,7 @@ def sweep_state(store: ObjectStore, deltaspace: str, ensure: bool = False) -> Sw
                                    if_none_match=True).etag
         except AlreadyExists:
             return sweep_state(store, deltaspace, ensure=True)  # (a sweep may clear it)
-    return SweepState(flags, done)
+    return SweepState(flags, done, time.time())
 
 
 def _live(flags: Mapping[str, float], now: float) -> dict[str, float]:
@@ -337,13 +339,16 @@ class Memory:
     SPACES = 256
     BLOBS = 4096
     POINTERS = 4096
+    #: what was seen is trusted this long at most: bounds what a deleter that shows in
+    #: no sweep state (an interrupted ``aws s3 rm``, a lifecycle rule) can cost
+    TTL = 60.0
 
     def __init__(self) -> None:
         import threading
         from collections import OrderedDict
 
         self._lock = threading.Lock()
-        self._blobs: OrderedDict[str, tuple[tuple[frozenset[str], str], set[str]]] = \
+        self._blobs: OrderedDict[str, tuple[tuple[frozenset[str], str], set[str], float]] = \
             OrderedDict()
         self._pointers: OrderedDict[str, tuple[Pointer, str]] = OrderedDict()
 
@@ -355,19 +360,20 @@ class Memory:
         """Those of ``keys`` not seen under exactly ``state``."""
         with self._lock:
             got = self._blobs.get(deltaspace)
-            if got is None or got[0] != self._sig(state) or not state.done:
+            if got is None or got[0] != self._sig(state) or not state.done \
+                    or time.monotonic() - got[2] > self.TTL:
                 return keys
             return [k for k in keys if k not in got[1]]
 
     def saw(self, deltaspace: str, state: SweepState, keys: Iterable[str]) -> None:
         """``keys`` are in the bucket as of ``state`` (taken before they were seen)."""
-        if not state.done or _live(state.flags, time.time()):
+        if not state.done or not state.at or _live(state.flags, state.at):
             return  # a sweep may be deleting: nothing is known for good
         sig = self._sig(state)
         with self._lock:
             got = self._blobs.pop(deltaspace, None)
-            if got is None or got[0] != sig:
-                got = (sig, set())
+            if got is None or got[0] != sig or time.monotonic() - got[2] > self.TTL:
+                got = (sig, set(), time.monotonic())
             if len(got[1]) > self.BLOBS:
                 got[1].clear()
             got[1].update(keys)
@@ -380,6 +386,10 @@ class Memory:
         reference's SHA-256."""
         with self._lock:
             return self._pointers.get(key)
+
+    def forget(self, key: str) -> None:
+        """The file at the logical ``key`` was deleted or moved away by this process."""
+        self.wrote(key, None)
 
     def wrote(self, key: str, p: Pointer | None, ref_sha256: str = "") -> None:
         with self._lock:
@@ -445,6 +455,10 @@ def sweep(store: ObjectStore, deltaspace: str,
     started = time.monotonic()
     if not dry_run:
         store.put_bytes(flag, b"", {})
+        # a new marker before anything is deleted: however this sweep ends (a failed
+        # batch delete, an interrupt: its flag still goes in ``finally``), the state a
+        # writer sees afterwards is never the one from before it (chain.Memory)
+        store.put_bytes(hp + DONE_NAME, uuid.uuid4().hex.encode(), {})
         for o in others:
             if o.key[len(hp):].startswith(FLAG_PREFIX) and now - o.mtime >= STALE_FLAG:
                 try:  # a sweeper that died: its deletes ended SWEEP_BOUND after its flag

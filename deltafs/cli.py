@@ -507,6 +507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if argv is None and getattr(args, "command", None) == "mount":
+        from .memtrim import use_c_allocator
+
+        use_c_allocator()  # the daemon's allocator (see memtrim); returns if not needed
     setup_logging(args)
     try:
         return args.func(args)

@@ -205,9 +205,6 @@ def check_log_target(cfg: MountConfig) -> None:
 
 def mount(cfg: MountConfig) -> int:
     """Check, (fork,) mount and serve until unmounted. Returns the exit code."""
-    from .memtrim import use_c_allocator
-
-    use_c_allocator()  # returns only when no exec is needed (see memtrim)
     cfg.mountpoint = cfg.mountpoint.absolute()
     check_log_target(cfg)
     if cfg.credentials_file:

@@ -974,6 +974,7 @@ class Engine:
         deltaspace stays self-contained. The old object goes last.
         """
         check_logical_key(new_key)
+        self.chain_memory.forget(stored.logical_key)
         meta = self._full_metadata(stored)
         if attrs is not None:
             meta.update(stored.attrs.merged(attrs).to_metadata())
@@ -1087,6 +1088,7 @@ class Engine:
         reference goes too once no delta uses it; the mount passes False and collects
         once per directory after a burst of deletes (``rm -r``: one LIST, not one per
         file)."""
+        self.chain_memory.forget(stored.logical_key)
         self.store.delete(stored.object_key, if_match=stored.etag or None)
         log.info("deleted %s", stored.object_key)
         if stored.kind is Kind.DELTA and collect:
@@ -1100,6 +1102,7 @@ class Engine:
         orphan a delta another writer is storing right now; :meth:`gc` removes unused
         references after a grace period."""
         stored = self.stat(key)
+        self.chain_memory.forget(key)
         try:
             self.store.delete(stored.object_key, if_match=stored.etag or None)
         except Changed:
@@ -1297,6 +1300,15 @@ class Engine:
                 flush()
         flush()
         if hidden:
+            # each directory's sweep marker goes first: a writer that remembers blobs
+            # there (chain.Memory) sees a new state even if this stops half-way
+            for o in self.store.iter_objects(prefix):
+                if o.key.endswith(f"/{chain.HIDDEN}/{chain.DONE_NAME}") or \
+                        o.key == f"{chain.HIDDEN}/{chain.DONE_NAME}":
+                    try:
+                        self.store.delete(o.key)
+                    except NotFound:
+                        pass
             for o in self.store.iter_objects(prefix):
                 if chain.is_hidden_key(o.key):
                     batch.append(o.key)

@@ -55,23 +55,28 @@ async def run() -> None:
         await trio.to_thread.run_sync(trim, 0)
 
 
-#: the programs whose command line may be run again (never an embedding program)
-_OURS = ("deltafs", "mount.deltafs", "deltafs.cli", "deltafs.mounthelper")
+#: what ``sys.argv[0]`` is when this process is the ``deltafs`` or ``mount.deltafs``
+#: program (console scripts, ``python -m deltafs.cli`` / ``deltafs.mounthelper``)
+_OURS = ("deltafs", "mount.deltafs", "cli.py", "mounthelper.py")
 
 
 def use_c_allocator() -> None:
-    """Run this command again (``execve``: same process, same arguments) with
-    ``PYTHONMALLOC=malloc``, unless the allocator was chosen already (any
-    ``PYTHONMALLOC``; ``DELTAFS_PYMALLOC=1`` keeps Python's) or this process is not the
-    ``deltafs`` or ``mount.deltafs`` program (a test runner or script calling in)."""
+    """Run this program again (``execve``: same process, same command line) with
+    ``PYTHONMALLOC=malloc``. Called first thing by the ``deltafs mount`` and
+    ``mount.deltafs`` entry points, only when they run as the program (never when
+    called in-process). Not when the allocator was chosen already (any
+    ``PYTHONMALLOC``; ``DELTAFS_PYMALLOC=1`` keeps Python's)."""
     if os.environ.get("PYTHONMALLOC") or os.environ.get("DELTAFS_PYMALLOC"):
         return
     argv = list(getattr(sys, "orig_argv", []))
-    if not argv or not any(os.path.basename(a) in _OURS for a in argv[1:3]):
+    if not argv or os.path.basename(sys.argv[0]) not in _OURS:
         return
-    log.debug("running again with PYTHONMALLOC=malloc")
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
     try:
         os.execve(sys.executable, argv, dict(os.environ, PYTHONMALLOC="malloc"))
     except OSError as exc:  # keep going with Python's allocator

@@ -126,6 +126,10 @@ def resolve(inv: Invocation):  # type: ignore[no-untyped-def]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the program itself: the daemon's allocator (see memtrim)
+        from .memtrim import use_c_allocator
+
+        use_c_allocator()
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = any(a.startswith("-") and not a.startswith(("-o", "-t", "-N")) and "v" in a
                   for a in argv)

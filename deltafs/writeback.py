@@ -631,10 +631,7 @@ class Writeback:
         (release series sort by version: found in any copy order), and the files this
         mount stored there last. Bounded: two range scans of the (parent, name) index
         that read 16 rows each, whatever their kind (a filter in the query would scan a
-        directory of 100,000 plain files to the end on every upload). A file too small
-        to be a delta gets none."""
-        if node.size < self.engine.policy.min_delta_size:
-            return ()
+        directory of 100,000 plain files to the end on every upload)."""
         space = split_key(key)[0]
         out = [old.logical_key] if old is not None and old.kind is Kind.DELTA else []
         q = ("SELECT name, remote_kind FROM nodes WHERE parent=? AND name {} ? "

@@ -482,17 +482,59 @@ def test_a_writer_asks_again_only_when_a_sweep_changed_the_state(store: ObjectSt
     read_all_fresh(store, tmp_path, want, "after")
 
 
-def test_memory_of_blobs_holds_only_under_the_same_sweep_state() -> None:
+def test_memory_of_blobs_holds_only_under_the_same_sweep_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
     mem = chain.Memory()
-    s = chain.SweepState({}, "etag-1")
+    s = chain.SweepState({}, "etag-1", time.time())
     mem.saw("d", s, ["d/.deltafs/a.b"])
     assert mem.unknown("d", s, ["d/.deltafs/a.b", "d/.deltafs/c.a"]) == ["d/.deltafs/c.a"]
     assert mem.unknown("d", chain.SweepState({}, "etag-2"), ["d/.deltafs/a.b"]) != []
     dead = chain.SweepState({"d/.deltafs/sweep/flag-x": 0.0}, "etag-1")  # a dead sweeper
     assert mem.unknown("d", dead, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
     assert mem.unknown("e", s, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
-    import time
-    live = chain.SweepState({"d/.deltafs/sweep/flag-y": time.time()}, "etag-3")
+    live = chain.SweepState({"d/.deltafs/sweep/flag-y": time.time()}, "etag-3", time.time())
     mem.saw("d", live, ["d/.deltafs/a.b"])  # a sweep is running: nothing is learnt
     assert mem.unknown("d", live, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
-    assert mem.unknown("d", chain.SweepState({}, ""), ["k"]) == ["k"]  # no marker yet
+    # a flag live when the state was read, stale by the time the HEADs came back
+    t = time.time() - chain.STALE_FLAG + 0.5
+    edge = chain.SweepState({"d/.deltafs/sweep/flag-z": t - 0.4}, "etag-4", t)
+    mem.saw("d", edge, ["d/.deltafs/a.b"])
+    assert mem.unknown("d", edge, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
+    assert mem.unknown("d", chain.SweepState({}, "", time.time()), ["k"]) == ["k"]  # no marker
+    # trusted for a while only (a deleter no sweep state shows)
+    mem.saw("d", s, ["d/.deltafs/a.b"])
+    now = time.monotonic()
+    monkeypatch.setattr(chain.time, "monotonic", lambda: now + chain.Memory.TTL + 1)
+    assert mem.unknown("d", s, ["d/.deltafs/a.b"]) == ["d/.deltafs/a.b"]
+
+
+def test_a_sweep_that_fails_half_way_still_changes_the_state(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep deletes one blob, then its batch delete fails (its flag still goes): the
+    marker was rewritten before the first delete, so a writer that remembers the
+    chain of a file another mount deleted looks again, and its new file reads back on a new machine
+    (review: the state came back exactly as before, and the writer named the gone
+    blob)."""
+    from deltafs.errors import StoreError
+    datas = series(8, size=256 << 10)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:6])
+    before = chain.sweep_state(store, "rel")
+    other = make_engine(store, tmp_path / "other")  # another mount, or the CLI
+    other.delete(keys[5])
+    other.delete(keys[4])
+    orig = store.delete_many
+
+    def flaky(ks: list[str]) -> None:
+        orig(ks[:1])
+        raise StoreError("1 of 2 keys failed: InternalError")
+    monkeypatch.setattr(store, "delete_many", flaky)
+    with pytest.raises(StoreError):
+        other.sweep_blobs("rel", grace=0)
+    monkeypatch.setattr(store, "delete_many", orig)
+    after = chain.sweep_state(store, "rel")
+    assert (set(after.flags), after.done) != (set(before.flags), before.done)
+    key = "rel/app-1.06.bin"
+    eng.put(write_file(tmp_path / "src6", datas[6]), key, hints=(keys[5],))
+    read_all_fresh(store, tmp_path, {key: datas[6], keys[3]: datas[3]}, "fresh")
