@@ -77,7 +77,12 @@ def use_c_allocator() -> None:
                 stream.flush()
         except (OSError, ValueError):
             pass
+    env = dict(os.environ, PYTHONMALLOC="malloc")
+    script = sys.argv[0]
     try:
-        os.execve(sys.executable, argv, dict(os.environ, PYTHONMALLOC="malloc"))
+        if not script.endswith(".py") and os.access(script, os.X_OK):
+            # the console script itself: the process keeps its name (ps, top, pgrep)
+            os.execve(script, [script, *sys.argv[1:]], env)
+        os.execve(sys.executable, argv, env)
     except OSError as exc:  # keep going with Python's allocator
         log.debug("cannot run again with the C allocator: %s", exc)

@@ -704,6 +704,8 @@ def test_the_daemon_runs_with_the_c_allocator(mounted: Mount) -> None:
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = f.read().split(b"\0")
     assert b"PYTHONMALLOC=malloc" in env
+    with open(f"/proc/{pid}/comm") as f:  # still called deltafs in ps, top and pgrep
+        assert f.read().strip() == "deltafs"
     (mounted.mountpoint / "f").write_bytes(b"x" * 1000)
     assert (mounted.mountpoint / "f").read_bytes() == b"x" * 1000
 
