@@ -62,7 +62,7 @@ _OURS = ("deltafs", "mount.deltafs", "cli.py", "mounthelper.py")
 
 def use_c_allocator() -> None:
     """Run this program again (``execve``: same process, same command line) with
-    ``PYTHONMALLOC=malloc``. Called first thing by the ``deltafs mount`` and
+    ``PYTHONMALLOC=malloc`` (and ``MALLOC_ARENA_MAX=2`` unless set). Called first thing by the ``deltafs mount`` and
     ``mount.deltafs`` entry points, only when they run as the program (never when
     called in-process). Not when the allocator was chosen already (any
     ``PYTHONMALLOC``; ``DELTAFS_PYMALLOC=1`` keeps Python's)."""
@@ -78,6 +78,10 @@ def use_c_allocator() -> None:
         except (OSError, ValueError):
             pass
     env = dict(os.environ, PYTHONMALLOC="malloc")
+    # two heaps, not 8 per core: a worker thread's garbage is reused by the next one
+    # instead of lying in its own heap until the trim (seen: 177 MB between two trims
+    # at 50,000 files with 16 heaps, 106 MB after)
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     script = sys.argv[0]
     try:
         if not script.endswith(".py") and os.access(script, os.X_OK):

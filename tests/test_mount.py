@@ -703,7 +703,7 @@ def test_the_daemon_runs_with_the_c_allocator(mounted: Mount) -> None:
     pid = int(mounted.status()["pid"])
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = f.read().split(b"\0")
-    assert b"PYTHONMALLOC=malloc" in env
+    assert b"PYTHONMALLOC=malloc" in env and b"MALLOC_ARENA_MAX=2" in env
     with open(f"/proc/{pid}/comm") as f:  # still called deltafs in ps, top and pgrep
         assert f.read().strip() == "deltafs"
     (mounted.mountpoint / "f").write_bytes(b"x" * 1000)
