@@ -372,7 +372,7 @@ class Scale:
         r["ok"] = r["deltas"] == self.rm  # the reference's own file has its .delta too
         return r
 
-    def rm_deltas(self, df: Deltafs, bucket: str) -> dict[str, Any]:
+    def rm_deltas(self, df: Deltafs) -> dict[str, Any]:
         """``rm -r`` of ``DELTA_DIR`` (cold: the fresh mount never listed it) until
         nothing is pending; the bucket must then hold nothing under it."""
         d = df.mnt / DELTA_DIR
@@ -461,11 +461,11 @@ class Scale:
                     return {"write_seconds": secs, **self.wait_idle(df),
                             "writer": "Python loop: open, write, close"}
                 r["create"] = self.step(create, df)
-                if self.rm:
-                    r["create_deltas"] = self.step(lambda: self.write_deltas(df), df)
                 r["create"]["status_at_end"] = {
                     k: v for k, v in getattr(df, "status_at_unmount", {}).items()
                     if k != "failed"}
+                if self.rm:
+                    r["create_deltas"] = self.step(lambda: self.write_deltas(df), df)
                 t0 = time.perf_counter()
                 df.unmount()
                 r["create"]["unmount_seconds"] = time.perf_counter() - t0
@@ -489,7 +489,7 @@ class Scale:
             r["steps"] = self.listing_steps(df.mnt, df, s3=True,
                                             others=self.rm + 1 if deltas else 0)
             if deltas:
-                r["steps"]["rm_deltas"] = self.rm_deltas(df, bucket)
+                r["steps"]["rm_deltas"] = self.rm_deltas(df)
             st = df.last_status()
             r["status_at_end"] = {k: v for k, v in st.items() if k != "failed"}
             r["log"] = log_findings(df.cache / "deltafs.log")

@@ -83,6 +83,11 @@ def is_hidden_key(key: str) -> bool:
     return key.startswith(f"{HIDDEN}/") or f"/{HIDDEN}/" in key
 
 
+def is_done_marker(key: str) -> bool:
+    """A directory's sweep marker (``<dir>/.deltafs/sweep/done``)."""
+    return key == f"{HIDDEN}/{DONE_NAME}" or key.endswith(f"/{HIDDEN}/{DONE_NAME}")
+
+
 def blob_name(content: str, base: str) -> str:
     return f"{content}.{base}"
 
@@ -334,7 +339,7 @@ class Memory:
     chain's blobs are still checked this way, and the writer's :func:`confirm` covers
     the time after, so a pointer overwritten meanwhile by another mount costs a worse
     base, never a wrong byte. Saves per chained write a HEAD per blob of the base's
-    chain and the base pointer's HEAD and GET (13 requests per file measured, now 5)."""
+    chain and the base pointer's HEAD and GET (13.4 requests per file measured, now 6)."""
 
     SPACES = 256
     BLOBS = 4096

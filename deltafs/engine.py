@@ -517,11 +517,11 @@ class Engine:
                         found.append((logical, split_key(logical)[1], o.mtime))
                 break  # one page: a hint, not a search
             cands = chain.rank(name, found)
+        roots = ((root_sha, root), (chain.EMPTY_SHA256, chain.ROOT_EMPTY))
         for cand in cands[:3]:
             known = self.chain_memory.pointer(cand)  # written (or read) here: no request
-            if known is not None and known[1] == ref.sha256 and (
-                    known[0].chain[-1], known[0].root) in ((root_sha, root),
-                                                         (chain.EMPTY_SHA256, chain.ROOT_EMPTY)):
+            if known is not None and known[1] == ref.sha256 and \
+                    (known[0].chain[-1], known[0].root) in roots:
                 return known[0]
             # a HEAD first: only a chain pointer is fetched (a plain delta may be large)
             head = self.store.head(delta_key(cand))
@@ -539,8 +539,7 @@ class Engine:
             except IntegrityError as exc:
                 log.debug("base candidate %s skipped: %s", info.key, exc)
                 continue
-            if (p.chain[-1], p.root) not in ((root_sha, root),
-                                             (chain.EMPTY_SHA256, chain.ROOT_EMPTY)):
+            if (p.chain[-1], p.root) not in roots:
                 continue
             self.chain_memory.wrote(cand, p, ref.sha256)
             return p
@@ -1277,6 +1276,7 @@ class Engine:
         prefix = _dir_prefix(prefix)
         batch: list[str] = []
         rest: list[str] = []
+        markers: list[str] = []  # each directory's sweep marker (chain.DONE_NAME)
         hidden = False
         n = 0
 
@@ -1290,6 +1290,8 @@ class Engine:
         for o in self.store.iter_objects(prefix):
             if chain.is_hidden_key(o.key):
                 hidden = True  # blobs go in a second pass, once no file needs them
+                if chain.is_done_marker(o.key):
+                    markers.append(o.key)
                 continue
             if _is_reference(o.key) or _is_manifest(o.key) or o.key.endswith("/"):
                 rest.append(o.key)
@@ -1302,13 +1304,7 @@ class Engine:
         if hidden:
             # each directory's sweep marker goes first: a writer that remembers blobs
             # there (chain.Memory) sees a new state even if this stops half-way
-            for o in self.store.iter_objects(prefix):
-                if o.key.endswith(f"/{chain.HIDDEN}/{chain.DONE_NAME}") or \
-                        o.key == f"{chain.HIDDEN}/{chain.DONE_NAME}":
-                    try:
-                        self.store.delete(o.key)
-                    except NotFound:
-                        pass
+            self.store.delete_many(markers)
             for o in self.store.iter_objects(prefix):
                 if chain.is_hidden_key(o.key):
                     batch.append(o.key)

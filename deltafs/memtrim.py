@@ -11,9 +11,9 @@ Trimming reaches only glibc's heaps. Python's own small-object allocator keeps 1
 arenas that go back only when wholly empty, and the daemon's churn (a request's
 garbage around a few long-lived objects) leaves them sparse: measured on the embedded
 store, 10,000 rewrites of ten files grew RSS 8 MB with no more objects alive. So the
-daemon runs with ``PYTHONMALLOC=malloc`` (:func:`use_c_allocator`): every object in
-glibc's heaps, where a trim returns any free page. 20,000 files created: RSS +26 MB
-instead of +41 MB.
+daemon runs with ``PYTHONMALLOC=malloc MALLOC_ARENA_MAX=2`` (:func:`use_c_allocator`):
+every object in glibc's heaps, where a trim returns any free page. 20,000 files
+created: RSS +26 MB instead of +41 MB.
 """
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ _OURS = ("deltafs", "mount.deltafs", "cli.py", "mounthelper.py")
 
 def use_c_allocator() -> None:
     """Run this program again (``execve``: same process, same command line) with
-    ``PYTHONMALLOC=malloc`` (and ``MALLOC_ARENA_MAX=2`` unless set). Called first thing by the ``deltafs mount`` and
-    ``mount.deltafs`` entry points, only when they run as the program (never when
-    called in-process). Not when the allocator was chosen already (any
-    ``PYTHONMALLOC``; ``DELTAFS_PYMALLOC=1`` keeps Python's)."""
+    ``PYTHONMALLOC=malloc`` (and ``MALLOC_ARENA_MAX=2`` unless set). Called first thing
+    by the ``deltafs mount`` and ``mount.deltafs`` entry points, only when they run as
+    the program (never when called in-process). Not when the allocator was chosen
+    already (any ``PYTHONMALLOC``; ``DELTAFS_PYMALLOC=1`` keeps Python's)."""
     if os.environ.get("PYTHONMALLOC") or os.environ.get("DELTAFS_PYMALLOC"):
         return
     argv = list(getattr(sys, "orig_argv", []))

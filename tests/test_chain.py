@@ -538,3 +538,34 @@ def test_a_sweep_that_fails_half_way_still_changes_the_state(
     key = "rel/app-1.06.bin"
     eng.put(write_file(tmp_path / "src6", datas[6]), key, hints=(keys[5],))
     read_all_fresh(store, tmp_path, {key: datas[6], keys[3]: datas[3]}, "fresh")
+
+
+def test_an_rm_r_that_stops_half_way_still_changes_the_state(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``delete_tree`` (the CLI's ``rm -r``) raises no sweep flag: it removes each
+    directory's sweep marker before its blobs, so if it stops after deleting blobs a
+    writer that remembers them sees a new state, looks again, and its new file reads
+    back on a new machine (review: the marker sorted after the blobs)."""
+    datas = series(8, size=256 << 10)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:6])
+    before = chain.sweep_state(store, "rel")
+    other = make_engine(store, tmp_path / "other")
+    orig = store.delete_many
+
+    def stop_after_first_blob(ks: list[str]) -> None:
+        blob_keys = [k for k in ks if chain.parse_blob_name(k.rpartition("/")[2])]
+        if blob_keys:
+            orig(blob_keys[:1])  # one blob goes, then the command is interrupted
+            raise KeyboardInterrupt
+        orig(ks)
+    monkeypatch.setattr(store, "delete_many", stop_after_first_blob)
+    with pytest.raises(KeyboardInterrupt):
+        other.delete_tree("rel")
+    monkeypatch.setattr(store, "delete_many", orig)
+    after = chain.sweep_state(store, "rel")
+    assert after.done != before.done
+    # what the interrupted rm -r left: every pointer is gone; this mount writes on
+    key = "rel/app-1.06.bin"
+    eng.put(write_file(tmp_path / "src6", datas[6]), key, hints=(keys[5],))
+    read_all_fresh(store, tmp_path, {key: datas[6]}, "fresh")
