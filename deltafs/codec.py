@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import membudget
 from .errors import CodecError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,65 @@ class Limits:
     level: int = 6
 
 
+#: xdelta3's large-match hash table, in bytes per byte of -B (rounded up to a power of
+#: two), by level. Measured (peak RSS of an 8 KiB encode at -B 64 MiB, less 3.3 MB):
+#: -0..-1: 8.6 MB, -2: 17, -3..-5: 33, -6: 66, -7..-9: 131.
+_HASH_SHARE = {0: 0.125, 1: 0.125, 2: 0.25, 3: 0.5, 4: 0.5, 5: 0.5, 6: 1.0, 7: 2.0, 8: 2.0,
+               9: 2.0}
+_MiB = 1 << 20
+#: the narrowest window an encode is narrowed to when memory is short
+MIN_FIT_WINDOW = 8 << 20
+#: what a decode keeps of its source by default (xdelta3's own -B default)
+DECODE_WINDOW = 64 << 20
+#: the narrowest source window a decode is given
+MIN_DECODE_WINDOW = 8 << 20
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def encode_footprint(window: int, ref_size: int, size: int, level: int) -> int:
+    """Predicted peak RSS of one ``xdelta3 -e``: the hash table (sized from -B, whatever
+    the source), the source read into memory (up to -B), about three times the target
+    window in buffers, and a few MiB of its own. Measured with ``/usr/bin/time -f %M``
+    (docs/performance.md, "Memory"): 103.6 MB predicted 103 for a 15 MiB wheel at
+    -6 -B 64 MiB, 71.6 for 71 at -B 32 MiB; 120.5 for 120 for a 190 MiB image at -3
+    -B 64 MiB, 48.4 for 48 at -B 16 MiB; 67.2 for an 8 KiB file at -6 -B 64 MiB."""
+    hashed = int(_pow2(window) * _HASH_SHARE.get(level, 2.0))
+    body = min(ref_size, window) + 3 * min(size, TARGET_WINDOW)
+    slack = 8 * _MiB if size > _MiB or ref_size > _MiB else 0
+    return 4 * _MiB + hashed + body + slack
+
+
+def decode_footprint(ref_size: int, window: int = DECODE_WINDOW) -> int:
+    """Predicted peak RSS of one ``xdelta3 -d``: the source blocks it keeps (up to -B)
+    and ~8 MiB of windows and buffers (measured: 21 MB for a 15 MiB wheel, 72 MB for a
+    190 MiB image at the default -B, 24 MB at -B 16 MiB)."""
+    return min(ref_size, window) + 8 * _MiB
+
+
+def fit_encode(window: int, ref_size: int, size: int, level: int, room: int) -> int:
+    """The widest -B, at most ``window``, whose encode fits in ``room``: halved down to
+    ``MIN_FIT_WINDOW`` (or ``window`` itself if smaller). Narrowing costs little where
+    changes stay in place: xdelta3 slides its source window along with the target
+    (identical deltas for the 190 MiB images at -B 16 MiB; +0.9 % for a wheel's delta
+    at -B 32 MiB against 64)."""
+    while encode_footprint(window, ref_size, size, level) > room \
+            and window // 2 >= MIN_FIT_WINDOW:
+        window //= 2
+    return window
+
+
+def fit_decode(ref_size: int, room: int) -> int:
+    """-B for a decode: the default, halved while it does not fit in ``room`` (a smaller
+    window is as correct, only re-reads source blocks from the page cache)."""
+    window = DECODE_WINDOW
+    while decode_footprint(ref_size, window) > room and window // 2 >= MIN_DECODE_WINDOW:
+        window //= 2
+    return window
+
+
 def source_window(ref_size: int) -> int:
     """-B for a reference of ``ref_size``: the default, or the whole reference above it
     (rounded up to a MiB), so no match is lost to the window."""
@@ -125,6 +185,19 @@ def encode(
     # above the default window the level's hash tables grow with it: -3 keeps a 1 GB
     # encode near 125 MB of RAM where -6 needs 160 MB
     level = limits.level if ref_size <= DEFAULT_SOURCE_WINDOW else min(limits.level, 3)
+    budget = membudget.current()
+    narrowed = fit_encode(window, ref_size, size, level, budget.room())
+    if narrowed != window:
+        log.debug("encode of %s: -B %d MiB instead of %d (memory limit)", target.name,
+                  narrowed >> 20, window >> 20)
+        window = narrowed
+    need = encode_footprint(window, ref_size, size, level)
+    with budget.hold(need, f"encode of {target.name}"):
+        return _encode_run(binary, source, target, out, size, window, level, limits)
+
+
+def _encode_run(binary: str, source: Path, target: Path, out: Path, size: int, window: int,
+                level: int, limits: Limits) -> EncodeResult:
     args = [binary, "-e", f"-{level}", "-c", "-D", "-S", "djw", "-W", str(TARGET_WINDOW),
             "-B", str(window), "-s", str(source)]
     command = f"xdelta3 -e -{level} -D -S djw -B {window} -s reference.bin"
@@ -213,9 +286,15 @@ def decode(
     """
     xdelta3_path()  # a missing binary is a CodecError, not a corrupt object
     errors: list[str] = []
+    ref_size = source.stat().st_size
+    budget = membudget.current()
+    window = fit_decode(ref_size, budget.room())
     for extra in ([], ["-D"]):
+        if window != DECODE_WINDOW:
+            extra = [*extra, "-B", str(window)]
         try:
-            digest = _decode_once(source, delta, out, extra, timeout)
+            with budget.hold(decode_footprint(ref_size, window), f"decode of {delta.name}"):
+                digest = _decode_once(source, delta, out, extra, timeout)
         except CodecError as exc:
             errors.append(str(exc))
             continue

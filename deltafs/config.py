@@ -11,6 +11,7 @@ option ``config=NAME``) holds flat ``key = value`` settings::
     cache_dir = "/var/cache/deltafs/releases"
     cache_size = "20G"
     upload_concurrency = 8
+    memory_limit = "144M"        # the daemon and its xdelta3 children ("0": no limit)
     max_ratio = 0.75
     format = "auto"              # or "deltaglider" (what its CLI reads), "deltafs"
     log_file = "syslog"          # a path, "stderr", or "syslog"/"journal"
@@ -196,6 +197,7 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "min_delta_size": _size,
     "listing_ttl": _seconds,
     "drain_timeout": _seconds,
+    "memory_limit": _size,
     "log_file": _log,
     "debug": _bool,
     "allow_other": _bool,
@@ -482,7 +484,7 @@ def build_mount_config(settings: Mapping[str, Any], *, foreground: bool = False,
     simple = ("endpoint_url", "region", "profile", "credentials_file", "cache_size",
               "allow_other", "read_only", "log_file", "debug", "upload_concurrency",
               "max_ratio", "level", "format", "min_delta_size", "listing_ttl",
-              "drain_timeout")
+              "drain_timeout", "memory_limit")
     for name in simple:
         if s.get(name) is not None:
             setattr(cfg, name, s[name])

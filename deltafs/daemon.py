@@ -36,7 +36,7 @@ from .content import recover
 from .fs import DeltaFS, Options
 from .journal import Journal
 from .locations import Location
-from . import memtrim
+from . import membudget, memtrim
 from .loopstall import SlowSteps
 from .store.base import ObjectStore
 
@@ -100,6 +100,8 @@ class MountConfig:
     min_delta_size: int = 64 << 10
     listing_ttl: float = 30.0
     drain_timeout: float = 60.0
+    #: RAM for the daemon and its xdelta3 children together (0: no limit)
+    memory_limit: int = membudget.DEFAULT_LIMIT
     fuse_options: list[str] = field(default_factory=list)
 
 
@@ -287,6 +289,9 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     log.info("pid %d; `kill -USR1 %d` dumps every stack to %s", os.getpid(), os.getpid(),
              getattr(stacks, "name", "the log"))
+    budget = membudget.configure(cfg.memory_limit or None)
+    log.info("memory limit %s (the daemon and its xdelta3 children)",
+             f"{cfg.memory_limit >> 20} MiB" if budget.limit else "off")
     store = open_store(cfg)
     policy = Policy.create(cfg.min_delta_size, cfg.max_ratio, cfg.level, cfg.format)
     engine = make_engine(store, cache_dir, cfg.cache_size, policy)

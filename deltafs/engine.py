@@ -466,6 +466,15 @@ class Engine:
             return first
         if first.delta_size is not None and first.delta_size <= size * self.policy.retry_ratio:
             return first
+        level = min(limits.level, 3)  # what codec.encode uses above the default window
+        wide_window = codec.encode_window(ref_size, size, True, limits.max_window)
+        need = codec.encode_footprint(wide_window, ref_size, size, level)
+        room = membudget.current().room()
+        if need > room:
+            log.info("%s: no wide-window encode (it needs %d MiB; the memory limit leaves "
+                     "%d MiB): the delta found in the narrower window stays",
+                     src.name, need >> 20, room >> 20)
+            return first
         bound = limits.max_ratio if first.delta_size is None else first.delta_size / size
         wide_out = out.with_name(out.name + ".wide")
         from dataclasses import replace

@@ -62,7 +62,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "upload_concurrency": args.upload_concurrency, "max_ratio": args.max_ratio,
         "level": args.level, "format": args.format,
         "min_delta_size": args.min_delta_size, "listing_ttl": args.listing_ttl,
-        "drain_timeout": args.drain_timeout,
+        "drain_timeout": args.drain_timeout, "memory_limit": args.memory_limit,
     }
     for name, value in flags.items():
         if value is not None:
@@ -184,6 +184,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "max_loop_stall_ms" in s:
         print(f"  loop:     worst stall {s['max_loop_stall_ms']:.0f} ms since mount, "
               f"{s['recent_loop_stall_ms']:.0f} ms in the last 10 s")
+    m = s.get("memory")
+    if m:
+        limit = human(m["limit"]) if m.get("limit") else "none"
+        print(f"  memory:   limit {limit}, daemon {human(m['daemon_rss'])}, xdelta3 "
+              f"{m['codec_children']} holding {human(m['codec_held'])} "
+              f"({m['codec_waiting']} waiting; waited {m['codec_waits']} times, "
+              f"{m['codec_wait_seconds']:.0f} s)")
     if s.get("last_error"):
         print(f"  last error ({s['last_error_age']:.0f} s ago): {s['last_error']}")
     return 0
@@ -251,6 +258,10 @@ def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="a path, 'stderr', 'syslog' or 'journal' (default: stderr with "
                          "--foreground, else CACHE_DIR/deltafs.log)")
     sp.add_argument("--upload-concurrency", type=int, default=None, help="(default 4)")
+    sp.add_argument("--memory-limit", type=parse_size, default=None,
+                    help="RAM for the daemon and its xdelta3 children together; encodes "
+                         "and decodes that do not fit wait their turn (default 144M; "
+                         "'0' for no limit)")
     sp.add_argument("--listing-ttl", type=float, default=None,
                     help="seconds a directory listing is trusted (default 30)")
     sp.add_argument("--drain-timeout", type=float, default=None,

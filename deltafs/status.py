@@ -6,6 +6,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import membudget
+
 if TYPE_CHECKING:
     from .fs import DeltaFS
 
@@ -49,5 +51,7 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         # how late a 10 ms timer fired: anything blocking the event loop shows here
         "max_loop_stall_ms": round(fs.loop_stall.max_ms, 1),
         "recent_loop_stall_ms": round(fs.loop_stall.recent_ms(), 1),
+        # the --memory-limit and what the xdelta3 children hold under it
+        "memory": membudget.current().status(),
         "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
     }
