@@ -11,6 +11,7 @@ import http.client
 import os
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from helpers import MiB, sha256_file
 
 from deltafs.api import make_engine
 from deltafs.errors import (
+    AlreadyExists,
     AccessDenied,
     BucketNotFound,
     IntegrityError,
@@ -504,3 +506,99 @@ def test_flip_delta_is_integrity_error(fault_proxy: FaultProxy, bucket: str,
     fault_proxy.clear()
     make_engine(store, tmp_path / "cache3").get("d/v2.bin", dest)
     assert dest.read_bytes() == bytes(v2)
+
+
+# ------------------------------------------------------------------ large objects in parallel
+
+
+def _max_in_flight(store: S3Store, method: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wrap the store's client ``method`` to record how many calls ran at once."""
+    real = getattr(store._client, method)  # noqa: SLF001
+    lock = threading.Lock()
+    now, peak = [0], [0]
+
+    def wrapped(*args: Any, **kw: Any) -> Any:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.05)  # let the others start
+            return real(*args, **kw)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(store._client, method, wrapped)  # noqa: SLF001
+    return peak
+
+
+def test_multipart_parts_go_up_in_parallel_and_keep_if_none_match(
+        fault_proxy: FaultProxy, bucket: str, s3: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 23 MiB file in 5 MiB parts: five UploadParts, several at once, one of them reset
+    on its way up; then a conditional create of the same key (the HEAD that answers
+    early is made to miss, as when another writer creates the key during the upload):
+    the complete's If-None-Match refuses it, the upload is aborted, the object stays."""
+    data = rand(23 * MiB, seed=21)
+    store = proxied(fault_proxy, bucket, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    peak = _max_in_flight(store, "upload_part", monkeypatch)
+    fault_proxy.set("reset_body", kind="UploadPart", phase="request", count=1)
+    store.put_file("mp/new", _write(tmp_path / "src", data), {"a": "1"}, if_none_match=True)
+    assert s3.get_object(Bucket=bucket, Key="mp/new")["Body"].read() == data
+    assert fault_proxy.seen("PUT", "UploadPart") == 5 + 1 and peak[0] >= 2
+    assert s3.head_object(Bucket=bucket, Key="mp/new")["Metadata"] == {"a": "1"}
+
+    other = rand(23 * MiB, seed=22)
+    monkeypatch.setattr(store, "head", lambda key: None)
+    fault_proxy.reset_counts()
+    with pytest.raises(AlreadyExists):
+        store.put_file("mp/new", _write(tmp_path / "other", other), {},
+                       if_none_match=True)
+    assert fault_proxy.seen("POST", "CompleteMultipartUpload") == 1
+    assert fault_proxy.seen("DELETE", "AbortMultipartUpload") == 1
+    assert s3.get_object(Bucket=bucket, Key="mp/new")["Body"].read() == data
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_large_get_fetches_ranges_in_parallel_and_resumes_each(
+        fault_proxy: FaultProxy, bucket: str, s3: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 23 MiB object read in 5 MiB ranges: the ranged GETs run at once, each carries
+    If-Match, two break off halfway and resume where they stopped."""
+    data = rand(23 * MiB, seed=23)
+    s3.put_object(Bucket=bucket, Key="big", Body=data)
+    store = proxied(fault_proxy, bucket, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    peak = _max_in_flight(store, "get_object", monkeypatch)
+    fault_proxy.set("reset_body", kind="GetObject", ranged=True, count=2)
+    dest = tmp_path / "out"
+    info = store.get_file("big", dest)
+    assert dest.read_bytes() == data and info.size == len(data)
+    assert fault_proxy.faults("reset_body") == 2
+    ranged = fault_proxy.requests(kind="GetObject")
+    assert sum(1 for r in ranged if r.range) == 4 + 2
+    assert all(r.header("If-Match") == f'"{info.etag}"' for r in ranged if r.range)
+    assert peak[0] >= 2
+    # the resumed ranges start inside their range, past its first byte
+    starts = sorted(int(r.range.split("=")[1].split("-")[0]) for r in ranged if r.range)
+    assert any(s % (5 * MiB) for s in starts), starts
+
+
+def test_large_get_detects_an_object_replaced_between_ranges(
+        fault_proxy: FaultProxy, bucket: str, s3: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = rand(12 * MiB, seed=24), rand(12 * MiB, seed=25)
+    s3.put_object(Bucket=bucket, Key="big", Body=old)
+    store = proxied(fault_proxy, bucket, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    real = store._get_range  # noqa: SLF001
+    replaced = threading.Event()
+
+    def replace_first(*args: Any, **kw: Any) -> Any:
+        if not replaced.is_set():
+            replaced.set()
+            s3.put_object(Bucket=bucket, Key="big", Body=new)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store, "_get_range", replace_first)
+    with pytest.raises(StoreError, match="changed while it was being read") as exc:
+        store.get_file("big", tmp_path / "out")
+    assert exc.value.permanent is False

@@ -11,9 +11,11 @@ import http.client
 import io
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -50,6 +52,10 @@ MAX_PARTS = 10_000
 MIN_PART = 5 * MiB
 #: part size for server-side multipart copies of sources over 5 GiB
 COPY_PART_SIZE = 512 * MiB
+#: parts of one multipart upload (or ranges of one large GET) in flight at once. Each
+#: streams from (or to) its own range of the file, so what this costs in memory is a few
+#: socket buffers, not a part: on a link with latency one stream leaves it idle
+TRANSFER_CONCURRENCY = 4
 #: how often a conditional write is retried when S3 answers 409 ConditionalRequestConflict
 #: (a concurrent conditional write on the same key was in flight; AWS says retry)
 CONFLICT_RETRIES = 3
@@ -163,6 +169,71 @@ _BODY_ERRORS: tuple[type[Exception], ...] = tuple(
 _CHECKSUM_ERRORS: tuple[type[Exception], ...] = tuple(
     cls for cls in (getattr(bce, "FlexibleChecksumError", None),) if isinstance(cls, type)
 )
+
+
+class _Slice(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of a file as a seekable stream: a part goes up
+    straight from the file, and botocore can rewind it to sign it or to retry."""
+
+    def __init__(self, path: Path, start: int, length: int) -> None:
+        super().__init__()
+        self._f = open(path, "rb")
+        self._start, self._length, self._pos = start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._length
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(0, base + offset), self._length)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._length - self._pos
+        n = left if size is None or size < 0 else min(size, left)
+        if n <= 0:
+            return b""
+        data = os.pread(self._f.fileno(), n, self._start + self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _in_parallel(fn: Any, jobs: list[tuple[Any, ...]]) -> list[Any]:
+    """``fn(*job)`` for every job, ``TRANSFER_CONCURRENCY`` at a time; results in job
+    order. The first failure is raised once the jobs already running have ended (the
+    rest never start)."""
+    if len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    results: list[Any] = [None] * len(jobs)
+    with ThreadPoolExecutor(min(TRANSFER_CONCURRENCY, len(jobs)),
+                            thread_name_prefix="s3-part") as pool:
+        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    return results
 
 
 def _one_line(text: object) -> str:
@@ -498,6 +569,8 @@ class S3Store(ObjectStore):
             resp = self._client.get_object(Bucket=self.bucket, Key=key)
         info = self._info_from_response(key, resp)
         etag = resp.get("ETag")
+        if etag and info.size >= self.multipart_threshold and hasattr(out, "fileno"):
+            return self._download_ranges(key, out, resp, info, etag)
         received = 0
         in_a_row = 0  # failures since the last byte that came through
         resumes = 0
@@ -567,6 +640,83 @@ class S3Store(ObjectStore):
         if received != info.size:
             raise StoreError(f"S3 {what}: got {received} bytes, expected {info.size}")
         return info
+
+    def _download_ranges(self, key: str, out: Any, resp: dict[str, Any], info: ObjectInfo,
+                         etag: str) -> ObjectInfo:
+        """A large object in ranges of the part size, ``TRANSFER_CONCURRENCY`` at a time,
+        each written at its offset: the first answer's body brings the first range (then
+        is closed), ranged GETs guarded by ``If-Match`` its ETag bring the others. A range
+        that breaks off resumes where it stopped, as a whole GET does; one answered with
+        another ETag fails the GET (two versions never meet in one file). No checksum
+        covers a range: the content's SHA-256, checked after decoding, does."""
+        what = self._what("GET", key)
+        size = info.size
+        part = self._part_size_for(size)
+        with self._errors("GET", key):
+            fd = out.fileno()
+            os.ftruncate(fd, 0)
+
+        def fetch(start: int, end: int) -> None:
+            pos = start
+            body = resp["Body"] if start == 0 else None
+            in_a_row = resumes = 0
+            while pos < end:
+                try:
+                    if body is None:
+                        body = self._get_range(key, etag, pos, end)["Body"]
+                    while pos < end:
+                        chunk = body.read(min(DOWNLOAD_CHUNK, end - pos))
+                        if not chunk:
+                            raise urllib3.exceptions.ProtocolError(
+                                f"the body ended at byte {pos} of {end}")
+                        with self._errors("GET", key):
+                            os.pwrite(fd, chunk, pos)
+                        pos += len(chunk)
+                        in_a_row = 0
+                except (*_BODY_ERRORS, *_CHECKSUM_ERRORS) as exc:
+                    in_a_row += 1
+                    resumes += 1
+                    if in_a_row >= GET_RESUMES or resumes > GET_MAX_RESUMES:
+                        raise self._translate(exc, "GET", key) from exc
+                    log.info("%s: range %d-%d broke off at byte %d (%s); resuming",
+                             what, start, end - 1, pos, _network_reason(exc))
+                    time.sleep(GET_BACKOFF * 2 ** (in_a_row - 1))
+                finally:
+                    if body is not None:
+                        with contextlib.suppress(Exception):
+                            body.close()
+                        body = None
+
+        try:
+            _in_parallel(fetch, [(start, min(start + part, size))
+                                 for start in range(0, size, part)])
+        finally:
+            with contextlib.suppress(Exception):
+                resp["Body"].close()
+        return info
+
+    def _get_range(self, key: str, etag: str, start: int, end: int) -> dict[str, Any]:
+        """GET bytes ``[start, end)`` of ``key``, only if its ETag is still ``etag``."""
+        what = self._what("GET", key)
+        with self._errors("GET", key):
+            try:
+                resp: dict[str, Any] = self._client.get_object(
+                    Bucket=self.bucket, Key=key, IfMatch=etag, Range=f"bytes={start}-{end - 1}")
+            except bce.ClientError as exc:
+                if _is_precondition(exc):
+                    raise StoreError(
+                        f"S3 {what}: the object changed while it was being read"
+                        f" (its ETag is no longer {etag}); read it again"
+                    ) from exc
+                raise
+        if _strip_etag(resp.get("ETag")) != _strip_etag(etag) or not str(
+                resp.get("ContentRange", "")).startswith(f"bytes {start}-{end - 1}/"):
+            with contextlib.suppress(Exception):
+                resp["Body"].close()
+            raise StoreError(
+                f"S3 {what}: asked for bytes {start}-{end - 1} of version {etag}, got "
+                f"{resp.get('ContentRange')} of {resp.get('ETag')}; read it again")
+        return resp
 
     def _get_rest(
         self, key: str, etag: str | None, start: int, size: int
@@ -654,8 +804,10 @@ class S3Store(ObjectStore):
     def _put_multipart(
         self, key: str, src: Path, metadata: Mapping[str, str], *, if_none_match: bool
     ) -> ObjectInfo:
-        """Manual multipart upload: one part in memory at a time; aborted on any failure
-        so no orphaned parts keep costing storage."""
+        """Multipart upload, ``TRANSFER_CONCURRENCY`` parts at a time, each streamed from
+        its range of the file (never a part in memory). The conditional create is the
+        complete's ``If-None-Match``. Aborted on any failure so no orphaned parts keep
+        costing storage."""
         with self._errors("PUT", key):
             size = Path(src).stat().st_size
             upload_id = self._client.create_multipart_upload(
@@ -663,24 +815,19 @@ class S3Store(ObjectStore):
             )["UploadId"]
         try:
             part_size = self._part_size_for(size)
-            parts: list[dict[str, Any]] = []
-            with self._errors("PUT", key), open(src, "rb") as f:
-                number = 1
-                while True:
-                    chunk = f.read(part_size)
-                    if not chunk and parts:
-                        break
+            ranges = [(n, start, min(part_size, size - start)) for n, start in
+                      enumerate(range(0, max(size, 1), part_size), start=1)]
+
+            def upload(number: int, start: int, length: int) -> dict[str, Any]:
+                with _Slice(src, start, length) as body:
                     resp = self._client.upload_part(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=chunk,
+                        Bucket=self.bucket, Key=key, UploadId=upload_id,
+                        PartNumber=number, Body=body, ContentLength=length,
                     )
-                    parts.append({"PartNumber": number, "ETag": resp["ETag"]})
-                    number += 1
-                    if len(chunk) < part_size:
-                        break
+                return {"PartNumber": number, "ETag": resp["ETag"]}
+
+            with self._errors("PUT", key):
+                parts = _in_parallel(upload, ranges)
             resp = self._complete(key, upload_id, parts, if_none_match)
         except BaseException:
             self._abort(key, upload_id)
