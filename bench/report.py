@@ -93,6 +93,8 @@ def tables(doc: dict[str, Any]) -> str:
     parts = []
     if doc.get("series") or doc["results"].get("metadata") is not None:
         parts.append(series_tables(doc))
+    if (doc.get("throttled") or {}).get("results"):
+        parts.append(throttled_tables(doc))
     if doc.get("scale"):
         parts.append(scale_tables(doc["scale"]))
     return "\n\n".join(parts)
@@ -114,6 +116,9 @@ def series_tables(doc: dict[str, Any]) -> str:
     targets = series_targets(doc)
     if targets:
         lines += ["", "Issue 10 targets (ratios within this run):", ""] + targets
+    targets = issue12_targets(doc)
+    if targets:
+        lines += ["", "Issue 12 targets (ratios within this run):", ""] + targets
     lines.append("")
     lines.append("Figures in parentheses: this system's figure divided by deltafs's from the "
                  "same run (for times and requests, above 1× means deltafs is better; for "
@@ -129,6 +134,68 @@ def series_tables(doc: dict[str, Any]) -> str:
                                  sorted(counts.items(), key=lambda kv: -kv[1]["count"])) or "none"
                 lines.append(f"| {sname} | {s} | {phase} | {text} |")
     return "\n".join(lines)
+
+
+THROTTLED_ROWS: list[tuple[str, Getter, str, bool]] = [
+    ("write until in bucket, s", lambda r: r.get("write", {}).get("seconds"), "{:.1f}", True),
+    ("cp returned, s", lambda r: r.get("write", {}).get("cp_seconds"), "{:.1f}", True),
+    ("cold read, MB/s", lambda r: (r.get("read_cold") or {}).get("mb_per_s"), "{:.0f}", True),
+    ("stored / logical", lambda r: r.get("stored_ratio"), "{:.3f}", True),
+    ("read back byte-identical", _identical, "{}", False),
+    ("peak RSS during copy, MB", lambda r: r.get("peak_rss_mb"), "{:.0f}", True),
+]
+
+
+def throttled_tables(doc: dict[str, Any]) -> str:
+    """The bandwidth-limited run: the same series through one slow link."""
+    th = doc["throttled"]
+    systems = [s["name"] for s in doc["systems"] if s["name"] != "local"]
+    labels = {s["name"]: s["label"] for s in doc["systems"]}
+    link = th.get("link") or {}
+    lines = [f"Through a {th['mbit']:g} Mbit/s link with a {th['rtt_ms']:g} ms round trip "
+             f"(bench/throttle.py; {link.get('bytes_up', 0) / 1e6:.0f} MB went up, "
+             f"{link.get('bytes_down', 0) / 1e6:.0f} MB down, "
+             f"{link.get('connections', 0)} connections):", "",
+             "| series | metric | " + " | ".join(labels[s] for s in systems) + " |",
+             "|---|---|" + "---|" * len(systems)]
+    info = {x["name"]: x for x in doc.get("series", [])}
+    for name, per in th["results"].items():
+        ser = info.get(name, {})
+        title = f"{ser.get('label', name)} ({ser.get('files', '?')} files)"
+        lines += _rows(title, THROTTLED_ROWS, per, systems)
+    return "\n".join(lines)
+
+
+def issue12_targets(doc: dict[str, Any]) -> list[str]:
+    """Issue 12's acceptance figures that one run can show, each a ratio in that run."""
+    res = doc["results"]
+    out: list[str] = []
+    rss = [((res.get(ser) or {}).get("deltafs") or {}).get("peak_rss_mb")
+           for ser in ("wheels", "synthetic")]
+    for ser, v in zip(("wheels", "synthetic"), rss):
+        if v is not None:
+            out.append(f"- peak RSS of deltafs and its children copying {ser}: {v:.0f} MB "
+                       f"(target ≤ 150) " + _mark(v <= 150))
+    th = ((doc.get("throttled") or {}).get("results") or {}).get("wheels") or {}
+    w = (th.get("deltafs") or {}).get("write", {}).get("seconds")
+    for peer in ("s3fs", "rclone"):
+        p = (th.get(peer) or {}).get("write", {}).get("seconds")
+        if w and p:
+            out.append(f"- wheels behind {doc['throttled']['mbit']:g} Mbit/s, write until in "
+                       f"bucket: {w:.1f} s, {w / p:.2f}× {peer}'s {p:.1f} s (target ≤ 0.5×) "
+                       + _mark(w / p <= 0.5))
+    wh = res.get("wheels") or {}
+    cold = ((wh.get("deltafs") or {}).get("read_cold") or {}).get("mb_per_s")
+    rc = ((wh.get("rclone") or {}).get("read_cold") or {}).get("mb_per_s")
+    if cold and rc:
+        out.append(f"- wheels, loopback cold read: {cold:.0f} MB/s, {cold / rc:.2f}× rclone's "
+                   f"{rc:.0f} (target ≥ 0.75×) " + _mark(cold / rc >= 0.75))
+    raw = (wh.get("xdelta3") or {}).get("mb_per_s")
+    if cold and raw:
+        out.append(f"- wheels, cold read against raw `xdelta3 -d` of the same files "
+                   f"({raw:.0f} MB/s): {cold / raw:.2f}× (target ≥ 0.5×) "
+                   + _mark(cold / raw >= 0.5))
+    return out
 
 
 def series_targets(doc: dict[str, Any]) -> list[str]:

@@ -23,8 +23,9 @@ import boto3
 from botocore.config import Config
 
 from . import data, report, scale
-from .measure import RssSampler, drop_page_cache, fsync_all, read_files, timed
+from .measure import RssSampler, drop_page_cache, fsync_all, raw_decode, read_files, timed
 from .motoserver import DRIVER_AGENT
+from .throttle import Throttle
 from .systems import ROOT, Ctx, DeltaGlider, Deltafs, Local, System, make_systems, tail
 
 ALL_SYSTEMS = ["deltafs", "deltafs-dg", "deltaglider", "deltaglider-zip", "s3fs", "rclone",
@@ -194,7 +195,7 @@ class Bench:
         return r
 
     # ------------------------------------------------------------------ series
-    def mount_series(self, s: System, series: data.Series) -> dict[str, Any]:
+    def mount_series(self, s: System, series: data.Series, cli: bool = True) -> dict[str, Any]:
         src = staging(self.work, series)
         bucket = self.bucket(f"{series.name}-{s.name}")
         r: dict[str, Any] = {"requests": {}}
@@ -227,7 +228,7 @@ class Bench:
             r["read_warm"] = read_files(paths, series.digests)
             r["requests"]["read_warm"] = self.counts()
             s.unmount()
-            if isinstance(s, Deltafs):
+            if isinstance(s, Deltafs) and cli:
                 r["get_cold"] = self.cli_gets(s, bucket, series)
         finally:
             s.force_cleanup()
@@ -347,6 +348,43 @@ class Bench:
                 per[s.name] = self.guarded(what, s, lambda s=s: self.local_series(s, series))
             else:
                 per[s.name] = self.guarded(what, s, lambda s=s: self.mount_series(s, series))
+        log(f"series {series.name}: raw xdelta3 -d of the same files")
+        per["xdelta3"] = raw_decode(series.files, self.work)
+
+    def run_throttled(self, series: list[data.Series]) -> dict[str, Any]:
+        """The series again, with every system talking to S3 through one slow link
+        (:mod:`bench.throttle`): what a delta store saves shows where bytes cost time.
+        The local directory has no link to go through and is left out."""
+        mbit, rtt = self.args.throttle_link
+        out: dict[str, Any] = {"mbit": mbit, "rtt_ms": rtt, "results": {}}
+        if not series:
+            return out
+        with Throttle(self.moto.port, mbit=mbit, rtt_ms=rtt) as link:
+            work = self.work / "throttled"
+            work.mkdir(exist_ok=True)
+            ctx = Ctx(link.url, work, self.env, self.s3)
+            names = [n for n in self.args.systems if n != "local"]
+            systems = make_systems(ctx, free_port(), names)
+            for ser in series:
+                per: dict[str, Any] = {}
+                out["results"][ser.name] = per
+                log(f"throttled ({mbit:g} Mbit/s, {rtt:g} ms): {ser.describe()}")
+                for s in systems:
+                    what = f"{ser.name} through {mbit:g} Mbit/s"
+                    if s.name in self.unavailable:
+                        per[s.name] = {"unavailable": self.unavailable[s.name]}
+                    elif isinstance(s, DeltaGlider):
+                        if s.name == "deltaglider-zip" and all(
+                                dg_candidate(f.name) for f in ser.files):
+                            per[s.name] = None
+                            continue
+                        per[s.name] = self.guarded(what, s,
+                                                   lambda s=s: self.dg_series(s, ser))
+                    else:
+                        per[s.name] = self.guarded(
+                            what, s, lambda s=s: self.mount_series(s, ser, cli=False))
+            out["link"] = link.describe()
+        return out
 
     # ---------------------------------------------------------------- metadata
     def meta_mount(self, s: System, small: Path, n: int) -> dict[str, Any]:
@@ -456,6 +494,9 @@ class Bench:
                                   "mean_mb": ser.logical / len(ser.files) / 1e6,
                                   "names": [f.name for f in ser.files]})
             self.run_series(ser)
+        if a.throttle_link:
+            doc["throttled"] = self.run_throttled(
+                [ser for ser in series if ser.name in a.throttle_series])
         if a.small_files:
             self.run_metadata()
         if a.scale_files or a.journal_rows:
@@ -501,6 +542,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--journal-rows", type=int, metavar="N",
                    help="file rows of the journal the scale benchmark mounts (full: "
                         "1000000, --quick: 20000; 0 skips that part)")
+    p.add_argument("--throttle", default=None, metavar="MBIT/RTT_MS",
+                   help="the bandwidth-limited run's link, both ways (full and --quick: "
+                        "100/20, i.e. 100 Mbit/s and a 20 ms round trip; 0 skips that run)")
+    p.add_argument("--throttle-series", default=None, metavar="NAMES",
+                   help="series copied again through the slow link (full and --quick: "
+                        "wheels)")
     p.add_argument("--systems", default=None,
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
     p.add_argument("--out", help="results JSON (default bench-results/<date>.json; "
@@ -516,6 +563,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.scale:  # only the scale part
         a.wheels = a.tars = a.tgz = a.small_files = 0
         a.synthetic = ""
+        a.throttle = "0"
+    if a.throttle is None:
+        a.throttle = "100/20"
+    if a.throttle_series is None:
+        a.throttle_series = "wheels"
+    try:
+        mbit, _, rtt = a.throttle.partition("/")
+        a.throttle_link = (float(mbit), float(rtt or 20)) if float(mbit) > 0 else None
+    except ValueError:
+        p.error(f"--throttle: not MBIT/RTT_MS: {a.throttle!r}")
+    a.throttle_series = [x for x in a.throttle_series.split(",") if x]
     for name, full, quick in (("wheels", 20, 3), ("tars", 20, 2), ("tgz", 20, 0),
                               ("synthetic", "10x200", "3x8"),
                               ("small_files", 2000, 200), *SCALE_SIZES):

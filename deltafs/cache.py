@@ -198,6 +198,13 @@ class ContentCache:
                 shutil.copyfile(handle.name, dest)
         return True
 
+    def has(self, key: str) -> bool:
+        """Whether an entry for ``key`` is there now (it may be evicted at any time)."""
+        try:
+            return key in self._cache
+        except (OSError, sqlite3.Error):
+            return False
+
     def link(self, sha256: str, dest: Path, verify: bool = True) -> bool:
         """Hard-link the entry for ``sha256`` to ``dest`` (on the cache's filesystem);
         ``False`` on a miss. The link survives the entry's eviction. With ``verify``

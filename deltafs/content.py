@@ -290,7 +290,14 @@ class Contents:
         tmp = self.engine.tmp_dir / f"fetch-{node.ino}-{time.monotonic_ns()}"
         try:
             try:
-                sha = await trio.to_thread.run_sync(self.engine.materialize, stored_of(node), tmp)
+                sha, in_cache = await trio.to_thread.run_sync(
+                    self.engine.materialize_for_cache, stored_of(node), tmp)
+                if in_cache:
+                    opened = await trio.to_thread.run_sync(self.cache.open, sha,
+                                                           self.engine.tmp_dir)
+                    if opened is None:  # evicted at once: the slow way
+                        sha = await trio.to_thread.run_sync(self.engine.materialize,
+                                                            stored_of(node), tmp)
             except NotFound:
                 log.error("read %s: the object is gone from the bucket", node.remote_key)
                 raise pyfuse3.FUSEError(errno.EIO) from None
@@ -301,6 +308,12 @@ class Contents:
             except DeltafsError as exc:
                 log.error("read %s: %s", node.remote_key, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            if in_cache and opened is not None:
+                if sha != node.sha256:
+                    log.info("%s changed in the bucket; serving the new content",
+                             node.remote_key)
+                    self.journal.update(node.ino, sha256=sha, size=opened.size)
+                return opened
             if sha is not None and sha != node.sha256:
                 log.info("%s changed in the bucket; serving the new content", node.remote_key)
                 self.journal.update(node.ino, sha256=sha, size=tmp.stat().st_size)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import chain, codec, extension, gzrecipe
+from . import chain, codec, extension, gzrecipe, membudget
 from .cache import ContentCache, digest_file
 from .crashpoints import crash_point
 from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
@@ -216,9 +216,7 @@ class Engine:
         try:
             yield path
         finally:
-            for child in path.iterdir():
-                child.unlink(missing_ok=True)
-            path.rmdir()
+            shutil.rmtree(path, ignore_errors=True)
 
     def _head_reference(self, deltaspace: str) -> Reference | None:
         info = self.store.head(reference_key(deltaspace))
@@ -233,11 +231,15 @@ class Engine:
         return Reference(info.key, sha, info.size, info.etag,
                          (info.metadata or {}).get(FORMAT_KEY) == FORMAT_DELTAFS)
 
-    def _fetch_reference(self, ref_key: str, sha256: str, dest: Path) -> None:
+    def _fetch_reference(self, ref_key: str, sha256: str, dest: Path,
+                         verify: bool = True) -> bool:
         """Put the verified reference with ``sha256`` at ``dest``: from the cache when it
-        is there (no request at all), else downloaded, verified and cached."""
-        if self.cache.link(sha256, dest):
-            return
+        is there (no request at all), else downloaded, verified and cached.
+        ``verify=False`` trusts a cache entry without hashing it first: only for a
+        decode whose output is itself checked (a damaged source cannot pass that).
+        True when it came from the cache."""
+        if self.cache.link(sha256, dest, verify=verify):
+            return True
         info = self.store.get_file(ref_key, dest)
         actual, sums = digest_file(dest)
         if actual != sha256:
@@ -253,6 +255,7 @@ class Engine:
                 f"instead of {sha256[:12]}…"
             )
         self.cache.add(sha256, dest, sums=sums)
+        return False
 
     # ---------------------------------------------------------------------- put
 
@@ -555,7 +558,7 @@ class Engine:
         return None
 
     def _chain_content(self, deltaspace: str, links: tuple[str, ...], root_path: Callable[[], Path],
-                       scratch: Path, what: str) -> Path:
+                       scratch: Path, what: str, trusted: list[str] | None = None) -> Path:
         """The verified content ``links[0]`` at a scratch path: from the cache, or
         decoded from the nearest cached content down the chain (the reference's content
         at worst), its blobs fetched in parallel. Every content decoded on the way is
@@ -565,7 +568,11 @@ class Engine:
         base_path: Path | None = None
         for i, s in enumerate(links[:-1]):
             p = scratch / f"chain-{i}"
-            if self.cache.link(s, p):
+            # the content itself (i == 0) is returned as it is: always verified first
+            unverified = trusted is not None and i > 0
+            if self.cache.link(s, p, verify=not unverified):
+                if unverified:
+                    trusted.append(s)  # type: ignore[union-attr]
                 if i == 0:
                     return p
                 base_at, base_path = i, p
@@ -749,11 +756,18 @@ class Engine:
         return "its chain kept being swept"
 
     def _decode_chain(self, stored: StoredFile, out: Path, scratch: Path,
-                      reference: Path | None = None) -> None:
+                      reference: Path | None = None, body: bytes | None = None,
+                      into_cache: bool = False, trusted: list[str] | None = None) -> bool:
         """Rebuild a chain pointer's file into ``out`` (checked by the caller);
-        ``reference``: a verified copy of its reference (else fetched or cached)."""
+        ``reference``: a verified copy of its reference (else fetched or cached);
+        ``body``: the pointer, when the caller has it. With ``into_cache``, a file whose
+        bytes are its content is left in the cache instead (verified there under its
+        SHA-256, as every decoded content is): True then, and ``out`` is not written.
+        ``trusted``: cached sources are used without hashing them first, their keys
+        listed there (each decode checks its output: a damaged source fails it)."""
         deltaspace = split_key(stored.object_key)[0]
-        body, info = self.store.get_bytes(stored.object_key)
+        if body is None:
+            body, _ = self.store.get_bytes(stored.object_key)
         p = chain.parse_pointer(body, stored.object_key)
         ref_key, ref_sha = stored.ref_key, stored.ref_sha256
 
@@ -767,7 +781,10 @@ class Engine:
                 path = reference
             else:
                 try:
-                    self._fetch_reference(ref_key or "", ref_sha or "", path)
+                    unverified = trusted is not None and p.depth > 0
+                    if self._fetch_reference(ref_key or "", ref_sha or "", path,
+                                             verify=not unverified) and unverified:
+                        trusted.append(ref_sha or "")  # type: ignore[union-attr]
                 except NotFound:
                     raise IntegrityError(f"its reference {ref_key} is missing") from None
             if p.root == "gunzip":
@@ -786,17 +803,21 @@ class Engine:
                 raise IntegrityError("its reference's content is not the one it names")
         else:
             content = self._chain_content(deltaspace, p.chain, root_path, scratch,
-                                          stored.object_key)
+                                          stored.object_key, trusted=trusted)
         if p.recipe is None:
+            if into_cache and p.chain[0] == stored.sha256 \
+                    and self.cache.has(p.chain[0]):
+                return True
             # a copy, never a rename: ``content`` is a hard link of a cache entry (or the
             # caller's reference), and ``out`` may become a user's file
             shutil.copyfile(content, out)
-            return
+            return False
         try:
             gzrecipe.rebuild(gzrecipe.Recipe.from_json(p.recipe), content, out)
         except (KeyError, TypeError, ValueError, codec.CodecError) as exc:
             out.unlink(missing_ok=True)
             raise IntegrityError(f"cannot compress the content again: {exc}") from None
+        return False
 
     def _seed_reference(self, src: Path, deltaspace: str, name: str,
                         sha: str, owned: bool = False) -> tuple[Reference | None, int]:
@@ -874,8 +895,17 @@ class Engine:
     def materialize(self, stored: StoredFile, out: Path) -> str | None:
         """Write the verified content of ``stored`` to ``out`` (any filesystem); returns
         the SHA-256 it was verified against (``None`` for a foreign object)."""
+        return self.materialize_for_cache(stored, out, into_cache=False)[0]
+
+    def materialize_for_cache(self, stored: StoredFile, out: Path, into_cache: bool = True
+                              ) -> tuple[str | None, bool]:
+        """:meth:`materialize` for a reader that opens the cache entry afterwards (the
+        mount): a chain file whose decode has just put its content in the cache,
+        verified, under its SHA-256 is not copied to ``out`` (16 MB written and hashed
+        again for nothing). Returns ``(sha256, True)`` then, else ``(sha256, False)``
+        with ``out`` written."""
         if stored.kind is Kind.DELTA:
-            return self._decode(stored, out)
+            return self._decode(stored, out, into_cache)
         info = self.store.get_file(stored.object_key, out)
         expected = meta_get(info.metadata, "file_sha256")
         if expected:
@@ -886,27 +916,49 @@ class Engine:
                     f"{self.store.name}/{stored.object_key} is corrupt: SHA-256 "
                     f"{actual[:12]}… instead of {expected[:12]}…"
                 )
-        return expected
+        return expected, False
 
-    def _decode(self, stored: StoredFile, out: Path) -> str:
-        meta = stored.metadata
-        if meta is None:
-            info = self.store.head(stored.object_key)
-            if info is None:
-                raise NotFound(f"{self.store.name}/{stored.object_key}: no such object")
-            meta = info.metadata
-            stored = classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[assignment]
-        sha = stored.sha256
-        ref_key, ref_sha = stored.ref_key, stored.ref_sha256
-        if not (sha and ref_key and ref_sha):
-            raise IntegrityError(
-                f"{self.store.name}/{stored.object_key}: delta metadata incomplete "
-                "(dg-file-sha256, dg-ref-key and dg-ref-sha256 are required)"
-            )
-        if (meta or {}).get(FORM_KEY) in chain.CHAIN_FORMS:
-            with self._scratch() as scratch:
+    def _decode(self, stored: StoredFile, out: Path, into_cache: bool = False
+                ) -> tuple[str, bool]:
+        with self._scratch() as scratch:
+            obj: Path | None = None
+            body: bytes | None = None
+            meta = stored.metadata
+            if meta is None:
+                # one GET brings the metadata and the body (a HEAD first would cost a
+                # round trip per cold open)
+                obj = scratch / "object"
+                info = self.store.get_file(stored.object_key, obj)
+                meta = info.metadata
+                stored = classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[assignment]
+            sha = stored.sha256
+            ref_key, ref_sha = stored.ref_key, stored.ref_sha256
+            if not (sha and ref_key and ref_sha):
+                raise IntegrityError(
+                    f"{self.store.name}/{stored.object_key}: delta metadata incomplete "
+                    "(dg-file-sha256, dg-ref-key and dg-ref-sha256 are required)"
+                )
+            if (meta or {}).get(FORM_KEY) in chain.CHAIN_FORMS:
+                if obj is not None:
+                    body = obj.read_bytes()
                 try:
-                    self._decode_chain(stored, out, scratch)
+                    trusted: list[str] = []
+                    try:
+                        # cached bases are used unhashed: each decode checks its output,
+                        # so a damaged base fails it, and then everything is checked
+                        cached = self._decode_chain(stored, out, scratch, body=body,
+                                                    into_cache=into_cache, trusted=trusted)
+                    except IntegrityError as exc:
+                        if not trusted:
+                            raise
+                        log.debug("%s: %s; decoding again from verified sources",
+                                  stored.object_key, exc)
+                        again = scratch / "again"
+                        again.mkdir()
+                        cached = self._decode_chain(stored, out, again, body=body,
+                                                    into_cache=into_cache)
+                    if cached:
+                        return sha, True
                     actual = codec.sha256_file(out)
                     if actual != sha:
                         raise IntegrityError(f"rebuilt file has SHA-256 {actual[:12]}… "
@@ -916,24 +968,33 @@ class Engine:
                     raise IntegrityError(
                         f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
                     ) from None
-            return sha
-        with self._scratch() as scratch:
+                return sha, False
             ref_path = scratch / "ref"
-            try:
-                self._fetch_reference(ref_key, ref_sha, ref_path)
-            except NotFound:
-                raise IntegrityError(
-                    f"{self.store.name}/{stored.object_key}: its reference {ref_key} is missing"
-                ) from None
-            delta_path = scratch / "delta"
-            self.store.get_file(stored.object_key, delta_path)
-            try:
-                self._rebuild(ref_path, delta_path, out, sha, scratch)
-            except IntegrityError as exc:
-                raise IntegrityError(
-                    f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
-                ) from None
-        return sha
+            delta_path = obj or scratch / "delta"
+            for verify in (False, True):
+                # a cached reference is used unhashed first: the decode checks its output
+                try:
+                    ref_path.unlink(missing_ok=True)
+                    from_cache = self._fetch_reference(ref_key, ref_sha, ref_path,
+                                                       verify=verify)
+                except NotFound:
+                    raise IntegrityError(
+                        f"{self.store.name}/{stored.object_key}: its reference {ref_key} "
+                        "is missing") from None
+                if not delta_path.exists():
+                    self.store.get_file(stored.object_key, delta_path)
+                try:
+                    self._rebuild(ref_path, delta_path, out, sha, scratch)
+                    break
+                except IntegrityError as exc:
+                    if not verify and from_cache:
+                        log.debug("%s: %s; decoding again from a verified reference",
+                                  stored.object_key, exc)
+                        continue
+                    raise IntegrityError(
+                        f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
+                    ) from None
+        return sha, False
 
     def _rebuild(self, ref_path: Path, delta_path: Path, out: Path, sha: str,
                  scratch: Path) -> None:

@@ -82,8 +82,9 @@ def test_bench_quick(tmp_path: Path) -> None:
     res = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--tars", "0",
                           "--synthetic", "2x4", "--small-files", "60", "--scale-files", "200",
                           "--scale-rm", "20", "--journal-rows", "5000", "--out", str(out),
+                          "--throttle", "400/10",
                           "--workdir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=280, env=env, cwd=ROOT)
+                         capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     assert res.returncode == 0, f"stdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-5000:]}"
     rows = table(res.stdout)
     titles = {series for series, _ in rows}
@@ -118,5 +119,17 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert r["peak_rss_mb"] > 0
         for system, rr in doc["results"][series].items():
             assert rr is None or "error" not in rr, f"{series}/{system}: {rr.get('error')}"
+    # the bandwidth-limited run: every system again on the wheels, through the slow link
+    th = doc["throttled"]
+    assert (th["mbit"], th["rtt_ms"]) == (400, 10)
+    assert th["link"]["bytes_up"] > 0 and th["link"]["bytes_down"] > 0
+    n_wheels = len(next(s for s in doc["series"] if s["name"] == "wheels")["names"])
+    for system, rr in th["results"]["wheels"].items():
+        assert rr is None or "error" not in rr, f"throttled {system}: {rr.get('error')}"
+    r = th["results"]["wheels"]["deltafs"]
+    assert r["read_cold"]["identical"] == n_wheels and r["write"]["seconds"] > 0
+    assert "Through a 400 Mbit/s link with a 10 ms round trip" in res.stdout
+    assert doc["results"]["wheels"]["xdelta3"]["mb_per_s"] > 0
+    assert "Issue 12 targets" in res.stdout
     meta_r = doc["results"]["metadata"]["deltafs"]
     assert meta_r["ls_cold"] > 0 and meta_r["rsync_warm"] > 0

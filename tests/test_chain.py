@@ -569,3 +569,38 @@ def test_an_rm_r_that_stops_half_way_still_changes_the_state(
     key = "rel/app-1.06.bin"
     eng.put(write_file(tmp_path / "src6", datas[6]), key, hints=(keys[5],))
     read_all_fresh(store, tmp_path, {key: datas[6]}, "fresh")
+
+
+def test_a_damaged_cached_base_is_caught_and_the_read_heals(
+        localstore: ObjectStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cold read decodes from cached bases without hashing them first (each decode
+    checks its output). A damaged cached base fails that check; the read then decodes
+    again from verified sources, drops the damaged entry, and returns the right bytes.
+    The mount's path too: served from the cache, not copied out."""
+    store = localstore
+    datas = series(4)
+    keys = put_all(make_engine(store, tmp_path / "writer"), tmp_path, datas)
+    reader = make_engine(store, tmp_path / "reader")
+    reader.get(keys[2], tmp_path / "v2")  # caches the contents of versions 0..2
+    assert (tmp_path / "v2").read_bytes() == datas[2]
+    flipped = 0
+    for p in (tmp_path / "reader" / "content").rglob("*.val"):
+        with open(p, "r+b") as f:
+            f.seek(1000)
+            b = f.read(1)
+            f.seek(1000)
+            f.write(bytes([b[0] ^ 0x5A]))
+        flipped += 1
+    assert flipped >= 3
+    caplog.set_level("DEBUG", logger="deltafs")
+    stored = reader.stat(keys[3])
+    sha, in_cache = reader.materialize_for_cache(stored, tmp_path / "v3")
+    assert in_cache and sha == sha256_bytes(datas[3]) and not (tmp_path / "v3").exists()
+    opened = reader.cache.open(sha, tmp_path)
+    assert opened is not None and opened.pread(len(datas[3]) + 1, 0) == datas[3]
+    opened.close()
+    assert "decoding again from verified sources" in caplog.text
+    assert "is damaged" in caplog.text
+    # and through get (a user's file): the same bytes
+    reader.get(keys[3], tmp_path / "v3b")
+    assert (tmp_path / "v3b").read_bytes() == datas[3]
