@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bucket format for new directories: auto (deltafs's extensions in new "
                         "directories, DeltaGlider's where DeltaGlider wrote), deltaglider (only "
                         "what the deltaglider CLI reads), deltafs (default auto)")
+    g.add_argument("--memory-limit", type=parse_size, default=None,
+                   help="RAM for this command and its xdelta3 children together: encode "
+                        "windows narrow to fit (default 144M; '0' for no limit)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("-v", "--verbose", action="count", default=0)
     g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
@@ -512,6 +515,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         use_c_allocator()  # the daemon's allocator (see memtrim); returns if not needed
     setup_logging(args)
+    if getattr(args, "command", None) != "mount":  # a mount sets its own, from its config
+        from . import membudget
+
+        limit = getattr(args, "memory_limit", None)
+        membudget.configure(membudget.DEFAULT_LIMIT if limit is None else (limit or None))
     try:
         return args.func(args)
     except DeltafsError as exc:
