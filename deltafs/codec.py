@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .errors import CodecError, IntegrityError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: the content cache's block (``cache.BLOCK``): a decode can hand the cache its sums
+SUM_BLOCK = 128 << 10
 #: xdelta3 keeps this much of the source in memory by default; above it we raise -B so
 #: that matches anywhere in a large reference are found (a block moved from the start of
 #: a 160 MB file to its end must still match).
@@ -277,8 +280,11 @@ def decode(
     expected_sha256: str,
     *,
     timeout: float = 3600.0,
+    sums: bytearray | None = None,
 ) -> None:
-    """Rebuild a file into ``out`` and check it against ``expected_sha256``.
+    """Rebuild a file into ``out`` and check it against ``expected_sha256``. ``sums``:
+    filled with the CRC-32 of each cache block of the output, computed on its way to
+    disk (the cache takes them, instead of reading the file again).
 
     Tries without ``-D`` first (what Python DeltaGlider wrote needs that), then with
     ``-D`` (what a writer that encoded against a compressed reference with ``-D`` needs).
@@ -292,9 +298,11 @@ def decode(
     for extra in ([], ["-D"]):
         if window != DECODE_WINDOW:
             extra = [*extra, "-B", str(window)]
+        if sums is not None:
+            del sums[:]
         try:
             with budget.hold(decode_footprint(ref_size, window), f"decode of {delta.name}"):
-                digest = _decode_once(source, delta, out, extra, timeout)
+                digest = _decode_once(source, delta, out, extra, timeout, sums)
         except CodecError as exc:
             errors.append(str(exc))
             continue
@@ -305,10 +313,12 @@ def decode(
     raise IntegrityError("; ".join(dict.fromkeys(errors)))
 
 
-def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout: float) -> str:
+def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout: float,
+                 sums: bytearray | None = None) -> str:
     args = [xdelta3_path(), "-d", "-c", *extra, "-s", str(source), str(delta)]
     deadline = time.monotonic() + timeout
     digest = hashlib.sha256()
+    carry = bytearray()
     proc = _spawn(args, stdin=subprocess.DEVNULL)
     try:
         with open(out, "wb") as f:
@@ -316,8 +326,19 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
             while chunk := proc.stdout.read(CHUNK):
                 digest.update(chunk)
                 f.write(chunk)
+                if sums is not None:
+                    carry += chunk
+                    whole = len(carry) - len(carry) % SUM_BLOCK
+                    if whole:
+                        view = memoryview(carry)
+                        for i in range(0, whole, SUM_BLOCK):
+                            sums += zlib.crc32(view[i:i + SUM_BLOCK]).to_bytes(4, "little")
+                        view.release()
+                        del carry[:whole]
                 if time.monotonic() > deadline:
                     raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
+            if sums is not None and carry:
+                sums += zlib.crc32(carry).to_bytes(4, "little")
     except BaseException:
         proc.kill()
         _finish(proc, deadline)

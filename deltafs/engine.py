@@ -603,12 +603,13 @@ class Engine:
                     v.write(chunk)
             blobs[j].unlink()
             out = scratch / f"content-{j}"
-            codec.decode(cur, vcdiff, out, links[j])
+            sums = bytearray()
+            codec.decode(cur, vcdiff, out, links[j], sums=sums)
             vcdiff.unlink()
             if cur != base_path or base_at < len(links) - 1:
                 cur.unlink(missing_ok=True)
             try:
-                self.cache.add(links[j], out, link=True)
+                self.cache.add(links[j], out, link=True, sums=bytes(sums))
             except OSError as exc:  # a full cache disk: the chain still decodes
                 log.debug("chain content not cached: %s", exc)
             cur = out
