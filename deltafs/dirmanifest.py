@@ -19,7 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping
 
 import trio
 
@@ -29,7 +29,7 @@ from .errors import Changed, DeltafsError, NotFound
 from .format import StoredFile, split_key
 from .index import key_of
 from .journal import ROOT_INO, Journal
-from .manifest import Encoder, ManifestEntry, decode, manifest_key, stored_from
+from .manifest import Encoder, ManifestEntry, decode_indexed, manifest_key, stored_from
 from .store.base import ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class DirManifests:
         #: decoded manifests by key (the listings running now), ETag as listed; owned by
         #: this object, used from listing worker threads under ``_lock``
         self._lock = threading.Lock()
-        self._cached: dict[str, tuple[str, dict[str, ManifestEntry] | None]] = {}
+        self._cached: dict[str, tuple[str, Mapping[str, ManifestEntry] | None]] = {}
         #: deltaspace (bucket key of a directory) -> when it first changed since written
         self._due: dict[str, float] = {}
         self._written: dict[str, float] = {}
@@ -94,7 +94,8 @@ class DirManifests:
                 out[o.key] = f
         return out
 
-    def _entries(self, dir_prefix: str, listed: ObjectInfo) -> dict[str, ManifestEntry] | None:
+    def _entries(self, dir_prefix: str, listed: ObjectInfo
+                 ) -> Mapping[str, ManifestEntry] | None:
         with self._lock:
             c = self._cached.get(listed.key)
             if c is not None and c[0] == listed.etag:
@@ -106,7 +107,8 @@ class DirManifests:
         except DeltafsError as exc:
             log.warning("cannot read the manifest %s (HEADing instead): %s", listed.key, exc)
             return None
-        entries = decode(dir_prefix, body)
+        # kept on the cache disk, not in memory: 2 MB for 100,000 entries, not 55
+        entries = decode_indexed(dir_prefix, body, str(self.engine.tmp_dir))
         del body
         with self._lock:
             # under the listed ETag: the next pages of this listing ask for that one

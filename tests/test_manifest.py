@@ -575,3 +575,46 @@ def test_zero_bomb_without_newlines_is_refused_quickly(
     assert decode(DIR, body) is None
     assert time.monotonic() - start < 10
     assert_refused(caplog)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ENTRIES))
+def test_the_indexed_reader_agrees_with_decode(case: str, tmp_path: Path) -> None:
+    """The mount reads manifests through ``decode_indexed`` (entries on disk): the same
+    entries as ``decode``, invalid ones skipped, of a repeated name the first kept."""
+    from deltafs.manifest import decode_indexed
+
+    good = [make(f"good-{i}.txt", i) for i in range(40)] + [symlink("link", 5)]
+    lines: list[Any] = [wire(good[0]), BAD_ENTRIES[case]] + [wire(e) for e in good[1:]]
+    body = raw_body(lines)
+    want = decode(DIR, body)
+    got = decode_indexed(DIR, body, str(tmp_path))
+    assert want is not None and got is not None
+    assert dict(got.items()) == want and len(got) == len(want)
+    for name, entry in want.items():
+        assert got.get(name) == entry and name in got
+    assert got.get("missing.txt") is None and "missing.txt" not in got
+    got.close()
+    assert got.get("good-1.txt") is None  # closed: a miss, never an error
+
+
+def test_the_indexed_reader_keeps_100000_entries_off_the_heap(tmp_path: Path) -> None:
+    """Issue 11: a 100,000-entry manifest decoded as a dict held 55 MB of the daemon's
+    memory for the whole listing; indexed, under 4 MB."""
+    import tracemalloc
+
+    from deltafs.manifest import Encoder, decode_indexed
+
+    with Encoder(DIR, "test", str(tmp_path)) as enc:
+        for i in range(100_000):
+            enc.add(make(f"f{i:06d}.dat", i))
+        body = enc.finish()
+    tracemalloc.start()
+    try:
+        got = decode_indexed(DIR, body, str(tmp_path))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got is not None
+    assert held < 4_000_000, held
+    assert got.get("f054321.dat") == make("f054321.dat", 54321)
+    assert got.get("f100000.dat") is None
