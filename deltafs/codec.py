@@ -96,6 +96,11 @@ DECODE_WINDOW = 64 << 20
 MIN_DECODE_WINDOW = 8 << 20
 
 
+#: sources xdelta3 decompresses itself (through an external program) unless given -D:
+#: gzip, bzip2, xz, lzma, compress
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00", b"\x1f\x9d")
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -293,15 +298,24 @@ def decode(
     xdelta3_path()  # a missing binary is a CodecError, not a corrupt object
     errors: list[str] = []
     ref_size = source.stat().st_size
+    with open(source, "rb") as f:
+        compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
     budget = membudget.current()
-    window = fit_decode(ref_size, budget.room())
     for extra in ([], ["-D"]):
-        if window != DECODE_WINDOW:
-            extra = [*extra, "-B", str(window)]
+        if compressed and not extra:
+            # xdelta3 reads a compressed source through a decompressor pipe, which it
+            # cannot seek: a window narrower than the encoder's fails, and what it keeps
+            # is up to -B of the *decompressed* stream
+            window, need = DECODE_WINDOW, DECODE_WINDOW + 8 * _MiB
+        else:
+            window = fit_decode(ref_size, budget.room())
+            need = decode_footprint(ref_size, window)
+            if window != DECODE_WINDOW:
+                extra = [*extra, "-B", str(window)]
         if sums is not None:
             del sums[:]
         try:
-            with budget.hold(decode_footprint(ref_size, window), f"decode of {delta.name}"):
+            with budget.hold(need, f"decode of {delta.name}", first=True):
                 digest = _decode_once(source, delta, out, extra, timeout, sums)
         except CodecError as exc:
             errors.append(str(exc))

@@ -108,7 +108,11 @@ class DirManifests:
             log.warning("cannot read the manifest %s (HEADing instead): %s", listed.key, exc)
             return None
         # kept on the cache disk, not in memory: 2 MB for 100,000 entries, not 55
-        entries = decode_indexed(dir_prefix, body, str(self.engine.tmp_dir))
+        try:
+            entries = decode_indexed(dir_prefix, body, str(self.engine.tmp_dir))
+        except OSError as exc:  # a full cache disk: the listing HEADs instead
+            log.warning("cannot spool the manifest %s (HEADing instead): %s", listed.key, exc)
+            return None
         del body
         with self._lock:
             # under the listed ETag: the next pages of this listing ask for that one

@@ -970,12 +970,15 @@ class Engine:
                         f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
                     ) from None
                 return sha, False
-            ref_path = scratch / "ref"
             delta_path = obj or scratch / "delta"
             for verify in (False, True):
-                # a cached reference is used unhashed first: the decode checks its output
+                # a cached reference is used unhashed first: the decode checks its output;
+                # the verified attempt works in a directory of its own (an extension's
+                # decode leaves links of cache entries behind, never to be written)
+                work = scratch / ("verified" if verify else "trusting")
+                work.mkdir()
+                ref_path = work / "ref"
                 try:
-                    ref_path.unlink(missing_ok=True)
                     from_cache = self._fetch_reference(ref_key, ref_sha, ref_path,
                                                        verify=verify)
                 except NotFound:
@@ -985,7 +988,7 @@ class Engine:
                 if not delta_path.exists():
                     self.store.get_file(stored.object_key, delta_path)
                 try:
-                    self._rebuild(ref_path, delta_path, out, sha, scratch)
+                    self._rebuild(ref_path, delta_path, out, sha, work)
                     break
                 except IntegrityError as exc:
                     if not verify and from_cache:

@@ -606,15 +606,14 @@ class Indexed(Mapping[str, ManifestEntry]):
         return isinstance(name, str) and self.get(name) is not None
 
     def __iter__(self) -> Iterator[str]:
-        seen: set[str] = set()
         for i in range(len(self._hashes)):
-            name = self._at(i).name
-            if name not in seen:
-                seen.add(name)
-                yield name
+            yield self._at(i).name
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return len(self._hashes)  # exact: drop_repeats left one entry per name
+
+    def __bool__(self) -> bool:
+        return len(self._hashes) > 0
 
     def close(self) -> None:
         self._spool.close()

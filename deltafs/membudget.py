@@ -7,7 +7,8 @@ children together. The daemon's own RSS (read from ``/proc/self/statm`` at each 
 comes off the top; the children's predicted footprints share the rest.
 
 - A child that does not fit now waits, in arrival order (a large one is not starved by
-  a stream of small ones).
+  a stream of small ones), except that decodes go before encodes: a reader is waiting
+  on a decode, an encode is background work.
 - A child that could never fit runs alone once nothing else is held: copies keep
   working at any size, only slower. The codec narrows its window first where that is
   harmless (see :func:`deltafs.codec.encode`).
@@ -46,6 +47,13 @@ def own_rss() -> int:
         return 0
 
 
+class _Ticket:
+    __slots__ = ("first",)
+
+    def __init__(self, first: bool) -> None:
+        self.first = first
+
+
 class Budget:
     """Bytes the codec's children may hold at once. ``limit=None``: no bound (the CLI's
     default, where one command runs one codec at a time)."""
@@ -54,7 +62,7 @@ class Budget:
         self.limit = limit
         self._rss = rss
         self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
+        self._queue: deque[_Ticket] = deque()
         self.held = 0
         self.children = 0
         self.peak_held = 0
@@ -69,8 +77,10 @@ class Budget:
         return max(MIN_ROOM, self.limit - self._rss())
 
     @contextmanager
-    def hold(self, need: int, what: str) -> Iterator[None]:
-        """Hold ``need`` bytes for the life of one child (blocking: a worker thread)."""
+    def hold(self, need: int, what: str, first: bool = False) -> Iterator[None]:
+        """Hold ``need`` bytes for the life of one child (blocking: a worker thread).
+        ``first``: queue ahead of every waiter without it (a decode: someone's read is
+        waiting on it; an encode is background work)."""
         if self.limit is None:
             with self._cond:
                 self._took(need)
@@ -80,11 +90,16 @@ class Budget:
                 with self._cond:
                     self._gave(need)
             return
-        ticket = object()
+        ticket = _Ticket(first)
         t0 = time.monotonic()
         waited = False
         with self._cond:
-            self._queue.append(ticket)
+            if first:
+                at = next((i for i, t in enumerate(self._queue) if not t.first),
+                          len(self._queue))
+                self._queue.insert(at, ticket)
+            else:
+                self._queue.append(ticket)
             try:
                 while True:
                     room = self.room()

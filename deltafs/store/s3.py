@@ -216,6 +216,15 @@ class _Slice(io.RawIOBase):
         super().close()
 
 
+def _real_file(out: Any) -> bool:
+    """Whether ``out`` is backed by a file descriptor (a BytesIO has ``fileno`` too)."""
+    try:
+        out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return False
+    return True
+
+
 def _in_parallel(fn: Any, jobs: list[tuple[Any, ...]]) -> list[Any]:
     """``fn(*job)`` for every job, ``TRANSFER_CONCURRENCY`` at a time; results in job
     order. The first failure is raised once the jobs already running have ended (the
@@ -569,7 +578,7 @@ class S3Store(ObjectStore):
             resp = self._client.get_object(Bucket=self.bucket, Key=key)
         info = self._info_from_response(key, resp)
         etag = resp.get("ETag")
-        if etag and info.size >= self.multipart_threshold and hasattr(out, "fileno"):
+        if etag and info.size >= self.multipart_threshold and _real_file(out):
             return self._download_ranges(key, out, resp, info, etag)
         received = 0
         in_a_row = 0  # failures since the last byte that came through
@@ -652,9 +661,14 @@ class S3Store(ObjectStore):
         what = self._what("GET", key)
         size = info.size
         part = self._part_size_for(size)
-        with self._errors("GET", key):
-            fd = out.fileno()
-            os.ftruncate(fd, 0)
+        try:
+            with self._errors("GET", key):
+                fd = out.fileno()
+                os.ftruncate(fd, 0)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                resp["Body"].close()
+            raise
 
         def fetch(start: int, end: int) -> None:
             pos = start
