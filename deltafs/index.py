@@ -16,7 +16,7 @@ import logging
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .engine import Engine
 from .format import (DELTA_SUFFIX, MAX_NAME_BYTES, Kind, StoredFile, classify, join_key,
@@ -109,23 +109,72 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
     which holds ``only``, ``only.delta`` and ``only/`` near its start (keys sort as
     "a" < "a-1" < "a.delta" < "a/" < "a0"), and stop at the first page past them. Only
     that name's row is decided; the directory's own facts are not touched."""
-    cols = "ino, name, remote_key, remote_etag, mode & 61440 = 16384"  # (S_IFMT, S_IFDIR)
-    if only is None:
-        rows = journal.read(f"SELECT {cols} FROM nodes WHERE parent=? AND ino != ?",
-                            (dir_ino, dir_ino))
-    else:
-        rows = journal.read(f"SELECT {cols} FROM nodes WHERE parent=? AND name=? AND ino != ?",
-                            (dir_ino, only, dir_ino))
-    known_dirs = {r[1] for r in rows if r[4]}
-    here = journal.read("SELECT remote_key, remote_etag FROM nodes WHERE ino=?", (dir_ino,))
-    snapshot: Snapshot = {r[0]: (r[1], r[2], r[3]) for r in rows}
-    by_name = {r[1]: r[0] for r in rows}
-    known: dict[str, str | None] = {r[2]: r[3] for r in rows if r[2]}
-    del rows
-    if here and here[0][0]:
-        known[here[0][0]] = here[0][1]
+    with journal.read_cursor() as conn:
+        return _stream(conn, engine, dir_ino, prefix, emit, resolve, only)
+
+
+#: names or keys per ``IN (...)`` of a page's queries (SQLite's old variable limit: 999)
+_IN_BATCH = 500
+
+
+class _Known:
+    """What the journal knew of one directory, read per LIST page from one snapshot of
+    the committed state (the connection's transaction): memory of a page, not of the
+    directory (a 100,000-entry directory's rows, held whole, took ~75 MB: issue 11)."""
+
+    def __init__(self, conn: Any, dir_ino: int) -> None:
+        self.conn, self.dir_ino = conn, dir_ino
+        # the first read pins the snapshot every later one sees
+        here = conn.execute("SELECT remote_key, remote_etag FROM nodes WHERE ino=?",
+                            (dir_ino,)).fetchall()
+        self.here_key, self.here_etag = here[0] if here else (None, None)
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed_names (name TEXT PRIMARY KEY)")
+        conn.execute("DELETE FROM temp.listed_names")
+
+    def _in(self, sql: str, values: list[str]) -> Iterator[tuple[Any, ...]]:
+        for i in range(0, len(values), _IN_BATCH):
+            part = values[i:i + _IN_BATCH]
+            yield from self.conn.execute(sql.format(",".join("?" * len(part))),
+                                         (self.dir_ino, *part))
+
+    def etags(self, keys: list[str]) -> dict[str, str | None]:
+        """remote key -> ETag, for the directory's rows (and itself) holding ``keys``.
+        (``+parent``: looked up by the key's own index; SQLite otherwise walks all the
+        directory's rows for every page: 7 s per 100,000-entry listing.)"""
+        out: dict[str, str | None] = {
+            k: e for k, e in self._in("SELECT remote_key, remote_etag FROM nodes WHERE "
+                                      "+parent=? AND ino != parent AND remote_key IN ({})", keys)}
+        if self.here_key is not None and self.here_key in keys:
+            out[self.here_key] = self.here_etag
+        return out
+
+    def rows(self, names: list[str]) -> dict[str, tuple[int, str, str | None, str | None, bool]]:
+        """name -> (ino, name, remote key, ETag, is a directory), for these names."""
+        return {r[1]: (r[0], r[1], r[2], r[3], bool(r[4])) for r in self._in(
+            "SELECT ino, name, remote_key, remote_etag, mode & 61440 = 16384 FROM nodes "
+            "WHERE parent=? AND name IN ({}) AND ino != parent", names)}
+
+    def listed(self, names: Iterable[str]) -> None:
+        self.conn.executemany("INSERT OR IGNORE INTO temp.listed_names VALUES (?)",
+                              ((n,) for n in names))
+
+    def gone(self, only: str | None) -> Iterator[tuple[int, str, str | None, str | None]]:
+        """Published rows whose name no page listed (their object is not there)."""
+        sql = ("SELECT ino, name, remote_key, remote_etag FROM nodes WHERE parent=? AND "
+               "ino != parent AND remote_key IS NOT NULL AND remote_key != '' AND name NOT "
+               "IN (SELECT name FROM temp.listed_names)")
+        args: tuple[Any, ...] = (self.dir_ino,)
+        if only is not None:
+            sql += " AND name=?"
+            args += (only,)
+        yield from self.conn.execute(sql, args)
+
+
+def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
+            emit: Callable[[DirListing, Snapshot], None], resolve: Resolver | None,
+            only: str | None) -> ListingEnd:
+    known = _Known(conn, dir_ino)
     end = ListingEnd()
-    seen: set[str] = set()
     saw_delta = False
     # HEAD unknown plain objects? decided once (for one name: yes, it is one HEAD)
     direct_head: bool | None = True if only is not None else None
@@ -168,7 +217,7 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
         for o in page.objects:
             if o.key == prefix:
                 end.marker = classify(o.key, o.size, o.etag, o.mtime)
-                if prefix and known.get(o.key) != o.etag:
+                if prefix and known.etags([o.key]).get(o.key) != o.etag:
                     need.append(o.key)
                 continue
             if o.key[len(prefix):] == MANIFEST_NAME:
@@ -203,8 +252,9 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
         for name in [n for n in files if tail.startswith(n)]:
             f = held[name] = files.pop(name)
             held_listed[f.object_key] = listed[f.object_key]
+        etags = known.etags([f.object_key for f in files.values()])
         unknown = [listed[f.object_key] for f in files.values()
-                   if known.get(f.object_key) != f.etag]
+                   if etags.get(f.object_key) != f.etag]
         if unknown and resolve is not None and end.manifest is not None:
             resolved = resolve(unknown, end.manifest)
             for f in resolved.values():
@@ -232,8 +282,10 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
         # A sub-directory seen for the first time: its marker (if any) holds its
         # attributes, which rsync and tar compare before they ever open it.
         # (a directory already known keeps its row; its own listing reads its marker)
+        markers = known.etags([f"{prefix}{d}/" for d in dirs])
+        rows = known.rows([*files, *dirs])
         need += [f"{prefix}{d}/" for d in sorted(dirs)
-                 if f"{prefix}{d}/" not in known and d not in known_dirs]
+                 if f"{prefix}{d}/" not in markers and not (d in rows and rows[d][4])]
         dir_markers: dict[str, StoredFile] = {}
         end.heads += len(need)
         for key, f in engine.head_many(need).items():
@@ -243,15 +295,14 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
                 dir_markers[key[len(prefix):-1]] = f
             else:
                 files[split_key(f.logical_key)[1]] = f
-        seen.update(files)
-        seen.update(dirs)
-        part_snap = {by_name[n]: snapshot[by_name[n]] for n in (*files, *dirs) if n in by_name}
+        known.listed(files)
+        known.listed(dirs)
+        part_snap = {r[0]: (r[1], r[2], r[3]) for n, r in rows.items()}
         emit(DirListing(files, dirs, None, None, dir_markers), part_snap)
     end.saw_delta = saw_delta
-    for name, ino in by_name.items():
-        if name not in seen and snapshot[ino][1]:
-            end.removals.append(name)
-            end.removal_snapshot[ino] = snapshot[ino]
+    for ino, name, key, etag in known.gone(only):
+        end.removals.append(name)
+        end.removal_snapshot[ino] = (name, key, etag)
     return end
 
 
