@@ -14,7 +14,8 @@ Steps, each on a fresh moto server's bucket:
 2. A mount (defaults): ``cp`` of both versions into one directory until ``deltafs
    umount`` returns; then a fresh mount with the cache wiped and ``cat`` of version 2.
 3. ``S3Store.put_file`` and ``get_file`` of version 1 with 4 parts in flight and with 1
-   (``store.s3.TRANSFER_CONCURRENCY``): parts, seconds.
+   (``store.s3.TRANSFER_CONCURRENCY``): parts, seconds. (On loopback the GET's first part
+   comes fast enough that the rest stays one stream either way.)
 
 Peak RSS: ``RssSampler`` over the process and its descendants (0.2 s, and VmHWM). The
 versions are made of one 1 MiB random block repeated, each MiB stamped with its index,

@@ -36,6 +36,7 @@ from deltafs.errors import (
     Unreachable,
 )
 from deltafs.store import S3Store
+from deltafs.store import s3 as s3mod
 
 
 def proxied(proxy: FaultProxy, bucket: str, **kw: Any) -> S3Store:
@@ -568,6 +569,7 @@ def test_large_get_fetches_ranges_in_parallel_and_resumes_each(
     data = rand(23 * MiB, seed=23)
     s3.put_object(Bucket=bucket, Key="big", Body=data)
     store = proxied(fault_proxy, bucket, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    monkeypatch.setattr(s3mod, "ONE_STREAM_ENOUGH", float("inf"))  # as over a slow link
     peak = _max_in_flight(store, "get_object", monkeypatch)
     fault_proxy.set("reset_body", kind="GetObject", ranged=True, count=2)
     dest = tmp_path / "out"
@@ -589,6 +591,7 @@ def test_large_get_detects_an_object_replaced_between_ranges(
     old, new = rand(12 * MiB, seed=24), rand(12 * MiB, seed=25)
     s3.put_object(Bucket=bucket, Key="big", Body=old)
     store = proxied(fault_proxy, bucket, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    monkeypatch.setattr(s3mod, "ONE_STREAM_ENOUGH", float("inf"))
     real = store._get_range  # noqa: SLF001
     replaced = threading.Event()
 
@@ -602,3 +605,24 @@ def test_large_get_detects_an_object_replaced_between_ranges(
     with pytest.raises(StoreError, match="changed while it was being read") as exc:
         store.get_file("big", tmp_path / "out")
     assert exc.value.permanent is False
+
+
+def test_a_fast_large_get_stays_one_stream_and_resumes_it(
+        fault_proxy: FaultProxy, bucket: str, s3: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fast link a large GET goes on in the stream that brought its first part
+    (ranges would only add requests); when that stream breaks off later, one ranged GET
+    with If-Match brings the rest."""
+    data = rand(23 * MiB, seed=26)
+    s3.put_object(Bucket=bucket, Key="big", Body=data)
+    store = proxied(fault_proxy, bucket, multipart_threshold=5 * MiB, part_size=5 * MiB)
+    monkeypatch.setattr(s3mod, "ONE_STREAM_ENOUGH", 0.0)
+    fault_proxy.set("reset_body", kind="GetObject", ranged=False, at=15 * MiB, count=1)
+    dest = tmp_path / "out"
+    info = store.get_file("big", dest)
+    assert dest.read_bytes() == data
+    assert fault_proxy.faults("reset_body") == 1
+    ranged = [r for r in fault_proxy.requests(kind="GetObject") if r.range]
+    assert len(ranged) == 1 and ranged[0].header("If-Match") == f'"{info.etag}"'
+    start, end = ranged[0].range.split("=")[1].split("-")
+    assert 5 * MiB <= int(start) <= 15 * MiB and int(end) == len(data) - 1

@@ -56,6 +56,8 @@ COPY_PART_SIZE = 512 * MiB
 #: streams from (or to) its own range of the file, so what this costs in memory is a few
 #: socket buffers, not a part: on a link with latency one stream leaves it idle
 TRANSFER_CONCURRENCY = 4
+#: a large GET whose first part came at least this fast goes on in one stream
+ONE_STREAM_ENOUGH = 150e6  # bytes per second
 #: how often a conditional write is retried when S3 answers 409 ConditionalRequestConflict
 #: (a concurrent conditional write on the same key was in flight; AWS says retry)
 CONFLICT_RETRIES = 3
@@ -652,48 +654,46 @@ class S3Store(ObjectStore):
 
     def _download_ranges(self, key: str, out: Any, resp: dict[str, Any], info: ObjectInfo,
                          etag: str) -> ObjectInfo:
-        """A large object in ranges of the part size, ``TRANSFER_CONCURRENCY`` at a time,
-        each written at its offset: the first answer's body brings the first range (then
-        is closed), ranged GETs guarded by ``If-Match`` its ETag bring the others. A range
-        that breaks off resumes where it stopped, as a whole GET does; one answered with
-        another ETag fails the GET (two versions never meet in one file). No checksum
-        covers a range: the content's SHA-256, checked after decoding, does."""
+        """A large object, written at offsets. The first answer's body brings the first
+        part; if it came at ``ONE_STREAM_ENOUGH`` or faster, the same stream brings the
+        rest (more requests would only add work: a server on the same machine streams at
+        600 MB/s, and moto copies the whole object for every range). Else the rest comes
+        in part-size ranges, ``TRANSFER_CONCURRENCY`` at a time: one stream over a link
+        with latency leaves it idle. Every range is guarded by ``If-Match`` the first
+        answer's ETag, and one that breaks off resumes where it stopped, as a whole GET
+        does; another ETag fails the GET (two versions never meet in one file). No
+        checksum covers a range: the content's SHA-256, checked after decoding, does."""
         what = self._what("GET", key)
         size = info.size
         part = self._part_size_for(size)
+        first_body: Any = resp["Body"]
         try:
             with self._errors("GET", key):
                 fd = out.fileno()
                 os.ftruncate(fd, 0)
         except BaseException:
             with contextlib.suppress(Exception):
-                resp["Body"].close()
+                first_body.close()
             raise
 
-        def fetch(start: int, end: int) -> None:
+        def fetch(start: int, end: int, body: Any = None) -> None:
             pos = start
-            body = resp["Body"] if start == 0 else None
             in_a_row = resumes = 0
             while pos < end:
                 try:
                     if body is None:
                         body = self._get_range(key, etag, pos, end)["Body"]
-                    while pos < end:
-                        chunk = body.read(min(DOWNLOAD_CHUNK, end - pos))
-                        if not chunk:
-                            raise urllib3.exceptions.ProtocolError(
-                                f"the body ended at byte {pos} of {end}")
-                        with self._errors("GET", key):
-                            os.pwrite(fd, chunk, pos)
-                        pos += len(chunk)
-                        in_a_row = 0
+                    pos = self._pump(key, body, fd, pos, end)
+                    in_a_row = 0
                 except (*_BODY_ERRORS, *_CHECKSUM_ERRORS) as exc:
                     in_a_row += 1
                     resumes += 1
                     if in_a_row >= GET_RESUMES or resumes > GET_MAX_RESUMES:
                         raise self._translate(exc, "GET", key) from exc
                     log.info("%s: range %d-%d broke off at byte %d (%s); resuming",
-                             what, start, end - 1, pos, _network_reason(exc))
+                             what, start, end - 1, getattr(exc, "deltafs_pos", pos),
+                             _network_reason(exc))
+                    pos = getattr(exc, "deltafs_pos", pos)
                     time.sleep(GET_BACKOFF * 2 ** (in_a_row - 1))
                 finally:
                     if body is not None:
@@ -702,12 +702,50 @@ class S3Store(ObjectStore):
                         body = None
 
         try:
-            _in_parallel(fetch, [(start, min(start + part, size))
-                                 for start in range(0, size, part)])
+            first = min(part, size)
+            t0 = time.monotonic()
+            pos = 0
+            try:
+                pos = self._pump(key, first_body, fd, 0, first)
+            except (*_BODY_ERRORS, *_CHECKSUM_ERRORS) as exc:
+                pos = getattr(exc, "deltafs_pos", 0)
+                with contextlib.suppress(Exception):
+                    first_body.close()
+                first_body = None
+            if first_body is not None and \
+                    first / max(time.monotonic() - t0, 1e-6) >= ONE_STREAM_ENOUGH:
+                fetch(first, size, first_body)  # the stream keeps up: the rest from it
+                first_body = None
+            else:
+                if first_body is not None:
+                    with contextlib.suppress(Exception):
+                        first_body.close()
+                    first_body = None
+                jobs = [(pos, first)] if pos < first else []
+                jobs += [(start, min(start + part, size)) for start in range(first, size, part)]
+                _in_parallel(fetch, jobs)
         finally:
-            with contextlib.suppress(Exception):
-                resp["Body"].close()
+            if first_body is not None:
+                with contextlib.suppress(Exception):
+                    first_body.close()
         return info
+
+    def _pump(self, key: str, body: Any, fd: int, pos: int, end: int) -> int:
+        """Copy ``body`` to ``fd`` from offset ``pos`` up to ``end``; returns ``end``. A
+        body that breaks off raises, carrying how far it got in ``deltafs_pos``."""
+        try:
+            while pos < end:
+                chunk = body.read(min(DOWNLOAD_CHUNK, end - pos))
+                if not chunk:
+                    raise urllib3.exceptions.ProtocolError(
+                        f"the body ended at byte {pos} of {end}")
+                with self._errors("GET", key):
+                    os.pwrite(fd, chunk, pos)
+                pos += len(chunk)
+        except (*_BODY_ERRORS, *_CHECKSUM_ERRORS) as exc:
+            exc.deltafs_pos = pos  # type: ignore[attr-defined]
+            raise
+        return pos
 
     def _get_range(self, key: str, etag: str, start: int, end: int) -> dict[str, Any]:
         """GET bytes ``[start, end)`` of ``key``, only if its ETag is still ``etag``."""
