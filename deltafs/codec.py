@@ -97,7 +97,8 @@ MIN_DECODE_WINDOW = 8 << 20
 
 
 #: sources xdelta3 decompresses itself (through an external program) unless given -D:
-#: gzip, bzip2, xz, lzma, compress
+#: gzip, bzip2, xz, lzma, compress. xdelta3's own list, not ``format.is_compressed_stream``
+#: (which is about what a byte delta gains: it has zstd, which xdelta3 reads raw)
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00", b"\x1f\x9d")
 
 

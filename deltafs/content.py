@@ -290,6 +290,7 @@ class Contents:
         tmp = self.engine.tmp_dir / f"fetch-{node.ino}-{time.monotonic_ns()}"
         try:
             try:
+                opened: CachedFile | None = None
                 sha, in_cache = await trio.to_thread.run_sync(
                     self.engine.materialize_for_cache, stored_of(node), tmp)
                 if in_cache:
@@ -308,15 +309,12 @@ class Contents:
             except DeltafsError as exc:
                 log.error("read %s: %s", node.remote_key, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            if in_cache and opened is not None:
-                if sha != node.sha256:
-                    log.info("%s changed in the bucket; serving the new content",
-                             node.remote_key)
-                    self.journal.update(node.ino, sha256=sha, size=opened.size)
-                return opened
             if sha is not None and sha != node.sha256:
                 log.info("%s changed in the bucket; serving the new content", node.remote_key)
-                self.journal.update(node.ino, sha256=sha, size=tmp.stat().st_size)
+                size = opened.size if opened is not None else tmp.stat().st_size
+                self.journal.update(node.ino, sha256=sha, size=size)
+            if opened is not None:  # left in the cache by its decode, verified there
+                return opened
             key = sha or key
             await trio.to_thread.run_sync(self.cache.add, key, tmp)
             opened = await trio.to_thread.run_sync(self.cache.open, key, self.engine.tmp_dir)

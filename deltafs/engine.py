@@ -943,33 +943,13 @@ class Engine:
                 if obj is not None:
                     body = obj.read_bytes()
                 try:
-                    trusted: list[str] = []
-                    try:
-                        # cached bases are used unhashed: each decode checks its output,
-                        # so a damaged base fails it, and then everything is checked
-                        cached = self._decode_chain(stored, out, scratch, body=body,
-                                                    into_cache=into_cache, trusted=trusted)
-                    except IntegrityError as exc:
-                        if not trusted:
-                            raise
-                        log.debug("%s: %s; decoding again from verified sources",
-                                  stored.object_key, exc)
-                        again = scratch / "again"
-                        again.mkdir()
-                        cached = self._decode_chain(stored, out, again, body=body,
-                                                    into_cache=into_cache)
-                    if cached:
-                        return sha, True
-                    actual = codec.sha256_file(out)
-                    if actual != sha:
-                        raise IntegrityError(f"rebuilt file has SHA-256 {actual[:12]}… "
-                                             f"instead of {sha[:12]}…")
+                    return sha, self._decode_chain_checked(stored, sha, out, scratch, body,
+                                                           into_cache)
                 except IntegrityError as exc:
                     out.unlink(missing_ok=True)
                     raise IntegrityError(
                         f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
                     ) from None
-                return sha, False
             delta_path = obj or scratch / "delta"
             for verify in (False, True):
                 # a cached reference is used unhashed first: the decode checks its output;
@@ -999,6 +979,30 @@ class Engine:
                         f"{self.store.name}/{stored.object_key} cannot be rebuilt: {exc}"
                     ) from None
         return sha, False
+
+    def _decode_chain_checked(self, stored: StoredFile, sha: str, out: Path, scratch: Path,
+                              body: bytes | None, into_cache: bool) -> bool:
+        """:meth:`_decode_chain` with cached bases used unhashed (each decode checks its
+        output, so a damaged base fails it), then, on a failure, again from verified
+        sources; ``out`` checked against ``sha``. True: left in the cache instead."""
+        trusted: list[str] = []
+        try:
+            cached = self._decode_chain(stored, out, scratch, body=body,
+                                        into_cache=into_cache, trusted=trusted)
+        except IntegrityError as exc:
+            if not trusted:
+                raise
+            log.debug("%s: %s; decoding again from verified sources", stored.object_key, exc)
+            again = scratch / "again"
+            again.mkdir()
+            cached = self._decode_chain(stored, out, again, body=body, into_cache=into_cache)
+        if cached:
+            return True
+        actual = codec.sha256_file(out)
+        if actual != sha:
+            raise IntegrityError(f"rebuilt file has SHA-256 {actual[:12]}… "
+                                 f"instead of {sha[:12]}…")
+        return False
 
     def _rebuild(self, ref_path: Path, delta_path: Path, out: Path, sha: str,
                  scratch: Path) -> None:

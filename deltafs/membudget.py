@@ -81,16 +81,7 @@ class Budget:
         """Hold ``need`` bytes for the life of one child (blocking: a worker thread).
         ``first``: queue ahead of every waiter without it (a decode: someone's read is
         waiting on it; an encode is background work)."""
-        if self.limit is None:
-            with self._cond:
-                self._took(need)
-            try:
-                yield
-            finally:
-                with self._cond:
-                    self._gave(need)
-            return
-        ticket = _Ticket(first)
+        ticket = _Ticket(first)  # unbounded (room() is huge): never waits
         t0 = time.monotonic()
         waited = False
         with self._cond:

@@ -28,14 +28,16 @@ def _wait_until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-
 class Holder(threading.Thread):
     """Holds ``need`` of ``budget`` until released."""
 
-    def __init__(self, budget: Budget, need: int, order: list[str], name: str) -> None:
+    def __init__(self, budget: Budget, need: int, order: list[str], name: str,
+                 first: bool = False) -> None:
         super().__init__(daemon=True)
         self.budget, self.need, self.order, self.label = budget, need, order, name
+        self.first = first
         self.release = threading.Event()
         self.holding = threading.Event()
 
     def run(self) -> None:
-        with self.budget.hold(self.need, self.label):
+        with self.budget.hold(self.need, self.label, first=self.first):
             self.order.append(self.label)
             self.holding.set()
             self.release.wait(10)
@@ -271,22 +273,11 @@ def test_decodes_go_before_queued_encodes() -> None:
     running = Holder(b, 90 * MiB, order, "running")
     running.start()
     running.holding.wait(5)
-    waiters = []
-    for name, first in (("enc1", False), ("enc2", False), ("dec1", True), ("dec2", True)):
-        t = Holder(b, 80 * MiB, order, name)
-        t.first = first  # type: ignore[attr-defined]
-        waiters.append(t)
-
-    def run(t: Holder) -> None:
-        with b.hold(t.need, t.label, first=t.first):  # type: ignore[attr-defined]
-            order.append(t.label)
-            t.holding.set()
-            t.release.wait(10)
-
-    for t in waiters:
-        threading.Thread(target=run, args=(t,), daemon=True).start()
-        _wait_until(lambda n=len(order): len(b._queue) >= 1)  # noqa: SLF001
-        time.sleep(0.05)
+    waiters = [Holder(b, 80 * MiB, order, name, first) for name, first in
+               (("enc1", False), ("enc2", False), ("dec1", True), ("dec2", True))]
+    for n, t in enumerate(waiters, start=1):
+        t.start()
+        _wait_until(lambda n=n: len(b._queue) == n)  # noqa: SLF001
     running.release.set()
     for t in (waiters[2], waiters[3], waiters[0], waiters[1]):
         t.holding.wait(5)
