@@ -285,6 +285,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     """Run the filesystem in this process until it is unmounted or signalled."""
     import pyfuse3
 
+    memtrim.fix_mmap_threshold()
     stacks = _stack_stream(cfg, cache_dir)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     log.info("pid %d; `kill -USR1 %d` dumps every stack to %s", os.getpid(), os.getpid(),

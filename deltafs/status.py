@@ -6,7 +6,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import membudget
+from . import membudget, memtrim
 
 if TYPE_CHECKING:
     from .fs import DeltaFS
@@ -52,6 +52,7 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         "max_loop_stall_ms": round(fs.loop_stall.max_ms, 1),
         "recent_loop_stall_ms": round(fs.loop_stall.recent_ms(), 1),
         # the --memory-limit and what the xdelta3 children hold under it
-        "memory": membudget.current().status(),
+        # (and glibc's mmap threshold, pinned by the daemon: memtrim.py)
+        "memory": {**membudget.current().status(), "mmap_threshold": memtrim.pinned},
         "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
     }

@@ -698,12 +698,14 @@ def test_s3_outage_writes_queue_and_replay(own_moto: MotoProcess, tmp_path: Path
 
 def test_the_daemon_runs_with_the_c_allocator(mounted: Mount) -> None:
     """``deltafs mount`` runs itself again with ``PYTHONMALLOC=malloc`` (memtrim.py:
-    Python's arenas fragment and never shrink; glibc's heaps are trimmed), and the
-    mount works as ever."""
+    Python's arenas fragment and never shrink; glibc's heaps are trimmed), pins the mmap
+    threshold, and the mount works as ever."""
     pid = int(mounted.status()["pid"])
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = f.read().split(b"\0")
     assert b"PYTHONMALLOC=malloc" in env and b"MALLOC_ARENA_MAX=2" in env
+    # and it pinned glibc's mmap threshold (large blocks off the heap)
+    assert mounted.status()["memory"]["mmap_threshold"] == 128 << 10
     with open(f"/proc/{pid}/comm") as f:  # still called deltafs in ps, top and pgrep
         assert f.read().strip() == "deltafs"
     (mounted.mountpoint / "f").write_bytes(b"x" * 1000)
