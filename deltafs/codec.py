@@ -11,6 +11,7 @@ Every call is blocking: run it in a worker thread (the filesystem does so throug
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -333,35 +334,60 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
     args = [xdelta3_path(), "-d", "-c", *extra, "-s", str(source), str(delta)]
     deadline = time.monotonic() + timeout
     digest = hashlib.sha256()
-    carry = bytearray()
     proc = _spawn(args, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    _widen_pipe(fd)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
     try:
-        with open(out, "wb") as f:
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read(CHUNK):
-                digest.update(chunk)
-                f.write(chunk)
+        with open(out, "wb", buffering=0) as f:
+            while True:
+                # fill the whole chunk (a pipe gives at most what it holds): every chunk
+                # but the last is a whole number of cache blocks, summed in place
+                n = 0
+                while n < CHUNK and (got := os.readv(fd, [view[n:]])):
+                    n += got
+                if not n:
+                    break
+                data = view[:n]
+                digest.update(data)
+                f.write(data)
                 if sums is not None:
-                    carry += chunk
-                    whole = len(carry) - len(carry) % SUM_BLOCK
-                    if whole:
-                        view = memoryview(carry)
-                        for i in range(0, whole, SUM_BLOCK):
-                            sums += zlib.crc32(view[i:i + SUM_BLOCK]).to_bytes(4, "little")
-                        view.release()
-                        del carry[:whole]
+                    for i in range(0, n, SUM_BLOCK):
+                        sums += zlib.crc32(data[i:i + SUM_BLOCK]).to_bytes(4, "little")
+                data.release()
                 if time.monotonic() > deadline:
                     raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
-            if sums is not None and carry:
-                sums += zlib.crc32(carry).to_bytes(4, "little")
+                if n < CHUNK:
+                    break
     except BaseException:
         proc.kill()
         _finish(proc, deadline)
         raise
+    finally:
+        view.release()
     stderr = _finish(proc, deadline)
     if proc.returncode != 0:
         raise CodecError(f"xdelta3 decode failed: {stderr or f'exit {proc.returncode}'}")
     return digest.hexdigest()
+
+
+#: fcntl's F_SETPIPE_SZ (Linux); the Python module names it only from 3.10 on some builds
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let xdelta3 run a chunk ahead of us: through the default 64 KiB pipe the two take
+    turns (a 16 MB wheel's decode: 53 ms; with 1 MiB, 36 ms; xdelta3 to a file, 24-33).
+    Up to ``/proc/sys/fs/pipe-max-size`` (1 MiB by default); smaller, or not at all, is
+    only slower."""
+    for size in (CHUNK, 256 << 10):
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
 
 
 def _spawn(args: list[str], stdin: int) -> subprocess.Popen:  # type: ignore[type-arg]

@@ -252,7 +252,9 @@ def test_decode_hands_the_cache_its_block_sums(tmp_path: Path) -> None:
 
     assert codec.SUM_BLOCK == cache.BLOCK
     rng = random.Random(2)
-    for size in (0, 1, cache.BLOCK - 1, cache.BLOCK, cache.BLOCK + 1, 5 * cache.BLOCK + 77):
+    # and around the codec's read chunk (a chunk is filled from the pipe before summing)
+    for size in (0, 1, cache.BLOCK - 1, cache.BLOCK, cache.BLOCK + 1, 5 * cache.BLOCK + 77,
+                 codec.CHUNK - 1, codec.CHUNK, codec.CHUNK + 1, 2 * codec.CHUNK + cache.BLOCK + 5):
         ref = tmp_path / "ref"
         tgt = tmp_path / "tgt"
         ref.write_bytes(rng.randbytes(size + 100))
