@@ -4,6 +4,7 @@ from __future__ import annotations
 import builtins
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,62 @@ def test_decode_hands_the_cache_its_block_sums(tmp_path: Path) -> None:
         sums = bytearray()
         codec.decode(ref, delta, tmp_path / "out", codec.sha256_file(tgt), sums=sums)
         assert bytes(sums) == cache.block_sums(tmp_path / "out"), size
+
+
+def _fake_xdelta3(tmp_path: Path, body: str) -> str:
+    """A stand-in for ``xdelta3 -d -f ... -s SRC DELTA OUT``: a Python script whose
+    ``out`` is its last argument and ``payload`` the bytes in ``tmp_path/payload``."""
+    script = tmp_path / "fake-xdelta3"
+    script.write_text(f"#!{sys.executable}\nimport sys, time\nout = sys.argv[-1]\n"
+                      f"payload = open({str(tmp_path / 'payload')!r}, 'rb').read()\n{body}")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_decode_follows_a_slow_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    """The decode reads its output while xdelta3 writes it: pieces of odd sizes with
+    pauses between them (the reader catches up, waits, and goes on) give the right
+    digest and the cache's block sums, as a whole file would."""
+    from deltafs import cache
+
+    data = random.Random(14).randbytes(2 * codec.CHUNK + 3 * cache.BLOCK + 11)
+    write_file(tmp_path / "payload", data)
+    monkeypatch.setenv("DELTAFS_XDELTA3", _fake_xdelta3(tmp_path, (
+        "f = open(out, 'wb', buffering=0)\n"
+        "for a, b in ((0, 1000), (1000, 300_000), (300_000, 1_500_000), (1_500_000, None)):\n"
+        "    f.write(payload[a:b]); time.sleep(0.05)\n")))
+    src = write_file(tmp_path / "src", b"s")
+    delta = write_file(tmp_path / "delta", b"d")
+    sums = bytearray()
+    codec.decode(src, delta, tmp_path / "out", sha256_bytes(data), sums=sums)
+    assert (tmp_path / "out").read_bytes() == data
+    assert bytes(sums) == cache.block_sums(tmp_path / "out")
+
+
+def test_decode_of_a_stalled_xdelta3_times_out(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    write_file(tmp_path / "payload", b"x" * 5000)
+    monkeypatch.setenv("DELTAFS_XDELTA3", _fake_xdelta3(tmp_path, (
+        "f = open(out, 'wb', buffering=0)\nf.write(payload)\ntime.sleep(60)\n")))
+    src = write_file(tmp_path / "src", b"s")
+    delta = write_file(tmp_path / "delta", b"d")
+    t0 = time.monotonic()
+    with pytest.raises(IntegrityError, match="timed out"):
+        codec.decode(src, delta, tmp_path / "out", sha256_bytes(b"x" * 5000), timeout=0.5)
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "out").exists()
+
+
+def test_decode_that_fails_after_writing_the_right_bytes_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit status counts even when the bytes hash right."""
+    write_file(tmp_path / "payload", b"y" * 5000)
+    monkeypatch.setenv("DELTAFS_XDELTA3", _fake_xdelta3(tmp_path, (
+        "open(out, 'wb').write(payload)\nsys.stderr.write('xdelta3: target window checksum mismatch')\n"
+        "sys.exit(1)\n")))
+    src = write_file(tmp_path / "src", b"s")
+    delta = write_file(tmp_path / "delta", b"d")
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        codec.decode(src, delta, tmp_path / "out", sha256_bytes(b"y" * 5000))
+    assert not (tmp_path / "out").exists()
