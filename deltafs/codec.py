@@ -5,16 +5,19 @@ and a child process keeps big buffers out of our heap. Why we stream through pip
 the target goes in on stdin and the delta comes out on stdout, so we always know how much
 input xdelta3 has consumed and how much it has produced. That lets an encode stop as soon
 as the delta is sure (or very likely) to be useless, instead of paying for the whole file,
-and lets a decode hash the output on its way to disk (one pass, no re-read).
+and a decode writes its output file itself while we hash it as it grows (see
+``_decode_once``: through a pipe the two took turns).
 
 Every call is blocking: run it in a worker thread (the filesystem does so through trio).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -289,12 +292,14 @@ def decode(
     sums: bytearray | None = None,
 ) -> None:
     """Rebuild a file into ``out`` and check it against ``expected_sha256``. ``sums``:
-    filled with the CRC-32 of each cache block of the output, computed on its way to
-    disk (the cache takes them, instead of reading the file again).
+    filled with the CRC-32 of each cache block of the output, computed as it is written
+    (the cache takes them, instead of reading the file again).
 
     Tries without ``-D`` first (what Python DeltaGlider wrote needs that), then with
     ``-D`` (what a writer that encoded against a compressed reference with ``-D`` needs).
     On failure ``out`` is removed and IntegrityError says why; never is a wrong byte kept.
+    A full disk (or quota, or file size limit) is the OSError it is, not a corrupt object,
+    and is not tried again.
     """
     xdelta3_path()  # a missing binary is a CodecError, not a corrupt object
     errors: list[str] = []
@@ -318,6 +323,9 @@ def decode(
         try:
             with budget.hold(need, f"decode of {delta.name}", first=True):
                 digest = _decode_once(source, delta, out, extra, timeout, sums)
+        except OSError:
+            out.unlink(missing_ok=True)
+            raise
         except CodecError as exc:
             errors.append(str(exc))
             continue
@@ -332,12 +340,13 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
                  sums: bytearray | None = None) -> str:
     """One ``xdelta3 -d`` straight into ``out``, hashed (and summed) as it grows.
 
-    xdelta3 writes the file itself and never waits on us; we read what it has written
-    from the page cache, a chunk behind. Through a pipe the two took turns (xdelta3
-    writes a 4 MiB window, blocks until we have hashed most of it, then decodes the
-    next): a 16 MB wheel took 38-46 ms that way against 24-33 for xdelta3 alone. The
-    digest is of the bytes read back from ``out``, so it vouches for the file as it
-    lies on disk (a short or failed write is a mismatch, never a pass)."""
+    xdelta3 writes the file itself and never waits on us; we read back what it has
+    written so far (from the page cache), sleeping briefly when we catch up. Through a
+    pipe the two took turns (xdelta3 writes a 4 MiB window, blocks until we have hashed
+    most of it, then decodes the next): a 16 MB wheel took 38-46 ms that way against
+    24-33 for xdelta3 alone. The digest is of the bytes read back from ``out``, so it
+    vouches for the file as it lies there (a short or failed write is a mismatch, never
+    a pass; what happens to it later, the cache's block sums catch on every read)."""
     args = [xdelta3_path(), "-d", "-f", *extra, "-s", str(source), str(delta), str(out)]
     deadline = time.monotonic() + timeout
     digest = hashlib.sha256()
@@ -352,6 +361,7 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
             proc = _spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             try:
                 exited = False
+                wait = FOLLOW_WAIT
                 while True:
                     # fill the whole chunk: every chunk but the last is a whole number of
                     # cache blocks, summed in place
@@ -360,6 +370,7 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
                         got = os.readv(fd, [view[n:]])
                         if got:
                             n += got
+                            wait = FOLLOW_WAIT
                         elif exited:
                             break  # the end of what xdelta3 wrote
                         elif proc.poll() is not None:
@@ -368,7 +379,8 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
                             raise CodecError(
                                 f"xdelta3 decode timed out after {timeout:.0f} s")
                         else:
-                            time.sleep(FOLLOW_WAIT)
+                            time.sleep(wait)  # back off while xdelta3 is quiet
+                            wait = min(wait * 2, FOLLOW_WAIT_MAX)
                     data = view[:n]
                     digest.update(data)
                     if sums is not None:
@@ -387,21 +399,43 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
         view.release()
     stderr = _finish(proc, deadline)
     if proc.returncode != 0:
+        disk = _disk_error(stderr, proc.returncode, out)
+        if disk is not None:
+            raise disk
         raise CodecError(f"xdelta3 decode failed: {stderr or f'exit {proc.returncode}'}")
     if size != total:
         raise CodecError(f"xdelta3 decode: {size} bytes on disk, {total} read back")
     return digest.hexdigest()
 
 
-#: how long the decode's reader sleeps when it has caught up with xdelta3
+#: how long the decode's reader sleeps when it has caught up with xdelta3, doubling
+#: up to the max while nothing comes (xdelta3 reading a large source can be quiet)
 FOLLOW_WAIT = 0.001
+FOLLOW_WAIT_MAX = 0.016
+
+#: what xdelta3 says (strerror, in the C locale we give it) when it cannot write
+_DISK_ERRORS = ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                (errno.EFBIG, "File too large"))
+
+
+def _disk_error(stderr: str, returncode: int, out: Path) -> OSError | None:
+    """The OSError behind a failed decode that could not write its output (a full cache
+    disk is not a corrupt object), or None."""
+    if returncode == -signal.SIGXFSZ:
+        return OSError(errno.EFBIG, f"xdelta3 could not write {out}: file size limit")
+    for code, text in _DISK_ERRORS:
+        if text in stderr:
+            return OSError(code, f"xdelta3 could not write {out}: {text}")
+    return None
 
 
 def _spawn(args: list[str], stdin: int, stdout: int = subprocess.PIPE
            ) -> subprocess.Popen:  # type: ignore[type-arg]
     try:
         return subprocess.Popen(args, stdin=stdin, stdout=stdout,
-                                stderr=subprocess.PIPE, bufsize=0)
+                                stderr=subprocess.PIPE, bufsize=0,
+                                # its messages in English whatever the locale (_disk_error)
+                                env={**os.environ, "LC_ALL": "C"})
     except OSError as exc:
         raise CodecError(f"cannot run xdelta3: {exc}") from None
 

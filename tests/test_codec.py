@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import builtins
+import errno
+import os
 import random
 import subprocess
 import sys
@@ -326,4 +328,64 @@ def test_decode_that_fails_after_writing_the_right_bytes_fails(
     delta = write_file(tmp_path / "delta", b"d")
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         codec.decode(src, delta, tmp_path / "out", sha256_bytes(b"y" * 5000))
+    assert not (tmp_path / "out").exists()
+
+
+def test_decode_reads_once_more_after_xdelta3_exits(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """xdelta3 writes everything and exits between an empty read and the reader's look at
+    the process: the reader reads again before it stops (else the output is cut short)."""
+    data = random.Random(15).randbytes(300_000)
+    write_file(tmp_path / "payload", data)
+    monkeypatch.setenv("DELTAFS_XDELTA3", _fake_xdelta3(tmp_path, (
+        "open(out, 'wb').write(payload)\n")))
+    real = os.readv
+
+    def slow_when_empty(fd: int, bufs: Any) -> int:
+        got = real(fd, bufs)
+        if got == 0:
+            time.sleep(0.3)  # the child writes and exits meanwhile
+        return got
+
+    monkeypatch.setattr(codec.os, "readv", slow_when_empty)
+    codec.decode(write_file(tmp_path / "s", b"s"), write_file(tmp_path / "d", b"d"),
+                 tmp_path / "out", sha256_bytes(data))
+
+
+def test_decode_sums_are_of_the_attempt_that_passed(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attempt (no -D) fails after writing other bytes; the sums handed back are
+    the second attempt's, the file's."""
+    from deltafs import cache
+
+    data = random.Random(16).randbytes(3 * cache.BLOCK + 5)
+    write_file(tmp_path / "payload", data)
+    monkeypatch.setenv("DELTAFS_XDELTA3", _fake_xdelta3(tmp_path, (
+        "if '-D' not in sys.argv:\n    open(out, 'wb').write(b'z' * 400_000); sys.exit(1)\n"
+        "open(out, 'wb').write(payload)\n")))
+    sums = bytearray()
+    codec.decode(write_file(tmp_path / "s", b"s"), write_file(tmp_path / "d", b"d"),
+                 tmp_path / "out", sha256_bytes(data), sums=sums)
+    assert bytes(sums) == cache.block_sums(tmp_path / "out")
+
+
+@pytest.mark.parametrize("how", ["enospc", "sigxfsz"])
+def test_decode_onto_a_full_disk_is_a_disk_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 how: str) -> None:
+    """xdelta3 that cannot write its output (full disk; or killed by the file size limit)
+    is the OSError it is, tried once, not a corrupt object; nothing is left behind."""
+    write_file(tmp_path / "payload", b"p" * 5000)
+    count = tmp_path / "runs"
+    fail = ("sys.stderr.write('xdelta3: write failed: ' + out + ': No space left on device\\n')\n"
+            "sys.exit(1)\n" if how == "enospc" else
+            "import os, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"
+            "os.kill(os.getpid(), signal.SIGXFSZ)\n")
+    monkeypatch.setenv("DELTAFS_XDELTA3", _fake_xdelta3(tmp_path, (
+        f"open({str(count)!r}, 'a').write('x')\nopen(out, 'wb').write(payload[:100])\n" + fail)))
+    with pytest.raises(OSError) as exc:
+        codec.decode(write_file(tmp_path / "s", b"s"), write_file(tmp_path / "d", b"d"),
+                     tmp_path / "out", sha256_bytes(b"p" * 5000))
+    assert not isinstance(exc.value, IntegrityError)
+    assert exc.value.errno == (errno.ENOSPC if how == "enospc" else errno.EFBIG)
+    assert count.read_text() == "x"  # not tried again with -D
     assert not (tmp_path / "out").exists()
