@@ -51,12 +51,22 @@ def digest_file(path: Path | str, sha: bool = True) -> tuple[str, bytes]:
     """SHA-256 (unless ``sha`` is False) and block sums of a file, in one pass."""
     h = hashlib.sha256() if sha else None
     out = bytearray()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ):
+    buf = bytearray(_READ)  # one buffer, reused: no fresh mapping per chunk (memtrim)
+    with open(path, "rb", buffering=0) as f, memoryview(buf) as view:
+        while True:
+            n = 0  # fill the chunk: the sums need whole blocks until the end of the file
+            while n < _READ and (got := f.readinto(view[n:])):
+                n += got
+            if not n:
+                break
+            chunk = view[:n]
             if h is not None:
                 h.update(chunk)
-            for i in range(0, len(chunk), BLOCK):
+            for i in range(0, n, BLOCK):
                 out += zlib.crc32(chunk[i:i + BLOCK]).to_bytes(4, "little")
+            chunk.release()
+            if n < _READ:
+                break
     return (h.hexdigest() if h is not None else ""), bytes(out)
 
 
