@@ -349,7 +349,9 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     try:
-        with open(out, "wb", buffering=0) as f:
+        # buffered: its write() goes on after a short write, so every byte hashed below
+        # is in the file (a raw write may stop short and say so only in its count)
+        with open(out, "wb") as f:
             while True:
                 # fill the whole chunk (a pipe gives at most what it holds): every chunk
                 # but the last is a whole number of cache blocks, summed in place
@@ -388,10 +390,6 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
     return digest.hexdigest()
 
 
-#: fcntl's F_SETPIPE_SZ (Linux); the Python module names it only from 3.10 on some builds
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-
 def _widen_pipe(fd: int) -> None:
     """Let xdelta3 run a chunk ahead of us: through the default 64 KiB pipe the two take
     turns (a 16 MB wheel's decode: 53 ms; with 1 MiB, 36 ms; xdelta3 to a file, 24-33).
@@ -399,16 +397,15 @@ def _widen_pipe(fd: int) -> None:
     only slower."""
     for size in (CHUNK, 256 << 10):
         try:
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
             return
         except OSError:
             continue
 
 
-def _spawn(args: list[str], stdin: int, stdout: int = subprocess.PIPE
-           ) -> subprocess.Popen:  # type: ignore[type-arg]
+def _spawn(args: list[str], stdin: int) -> subprocess.Popen:  # type: ignore[type-arg]
     try:
-        return subprocess.Popen(args, stdin=stdin, stdout=stdout,
+        return subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=0)
     except OSError as exc:
         raise CodecError(f"cannot run xdelta3: {exc}") from None
