@@ -293,6 +293,14 @@ def confirm(store: ObjectStore, deltaspace: str, before: SweepState,
     until it lowers its flag; one that starts later sees the pointer. So: wait for the
     flags to go, then, if any sweep ran or was running since ``before``, look at each
     blob. False: a blob is gone (encode again against the reference)."""
+    return confirmed(store, deltaspace, before, blob_keys, sleep, memory) is not None
+
+
+def confirmed(store: ObjectStore, deltaspace: str, before: SweepState,
+              blob_keys: list[str], sleep: Callable[[float], None] = time.sleep,
+              memory: Memory | None = None) -> SweepState | None:
+    """:func:`confirm`, returning the state it read (the blobs are there for good as of
+    it) or None."""
     state = sweep_state(store, deltaspace)
     while _live(state.flags, time.time()):
         # until the newest flag's deadline at most (a sweeper that died leaves its flag)
@@ -303,9 +311,11 @@ def confirm(store: ObjectStore, deltaspace: str, before: SweepState,
         ok = True  # no sweep ran in between (a dead sweeper's flag aside): no delete
     else:
         ok = all(store.head(k) is not None for k in blob_keys)
-    if ok and memory is not None:
-        memory.saw(deltaspace, state, blob_keys)  # there for good, as of ``state``
-    return ok
+    if memory is not None:
+        memory.note_state(deltaspace, state)  # the next put's "before"
+        if ok:
+            memory.saw(deltaspace, state, blob_keys)  # there for good, as of ``state``
+    return state if ok else None
 
 
 def present(store: ObjectStore, keys: list[str], memory: "Memory | None" = None,
@@ -325,6 +335,38 @@ def present(store: ObjectStore, keys: list[str], memory: "Memory | None" = None,
     if ok and memory is not None and state is not None:
         memory.saw(deltaspace, state, keys)
     return ok
+
+
+class Pending:
+    """A chained put of this process whose pointer is known (its blob is encoded) but
+    not yet in the bucket: the next version of its series may encode against its
+    content meanwhile, and waits for :meth:`outcome` before uploading anything."""
+
+    def __init__(self, key: str, pointer: Pointer, ref_sha256: str) -> None:
+        import threading
+
+        self.key = key
+        self.pointer = pointer
+        self.ref_sha256 = ref_sha256
+        self._done = threading.Event()
+        self._state: SweepState | None = None
+        self._ok = False
+
+    def finish(self, state: SweepState | None) -> None:
+        """The put confirmed its pointer (``state``: what its confirm read, every blob
+        of the chain there for good as of it), or did not (None). Only the first call
+        counts."""
+        if self._done.is_set():
+            return
+        self._ok, self._state = state is not None, state
+        self._done.set()
+
+    def outcome(self, timeout: float) -> SweepState | None:
+        """Wait for the put: the state its confirm read when the pointer stands as
+        announced; None when it failed, changed its chain, or took too long."""
+        if not self._done.wait(timeout):
+            return None
+        return self._state if self._ok else None
 
 
 class Memory:
@@ -356,10 +398,20 @@ class Memory:
         self._blobs: OrderedDict[str, tuple[tuple[frozenset[str], str], set[str], float]] = \
             OrderedDict()
         self._pointers: OrderedDict[str, tuple[Pointer, str]] = OrderedDict()
+        self._states: dict[str, tuple[SweepState, float]] = {}
+        self._pending: dict[str, Pending] = {}
 
     @staticmethod
     def _sig(state: SweepState) -> tuple[frozenset[str], str]:
         return frozenset(state.flags), state.done
+
+    @staticmethod
+    def same_state(later: SweepState, earlier: SweepState) -> bool:
+        """Whether no sweep can have deleted anything between two reads of the state:
+        the same flags and marker (a sweep raises a flag and rewrites the marker before
+        its first delete), no flag live at the earlier read, and a marker at all."""
+        return bool(earlier.done) and Memory._sig(later) == Memory._sig(earlier) and \
+            bool(earlier.at) and not _live(earlier.flags, earlier.at)
 
     def unknown(self, deltaspace: str, state: SweepState, keys: list[str]) -> list[str]:
         """Those of ``keys`` not seen under exactly ``state``."""
@@ -385,6 +437,50 @@ class Memory:
             self._blobs[deltaspace] = got
             while len(self._blobs) > self.SPACES:
                 self._blobs.popitem(last=False)
+
+    def note_state(self, deltaspace: str, state: SweepState) -> None:
+        """``state`` was read after this process's pointer was in the bucket."""
+        if not state.done:
+            return  # no marker: a writer must create one first (sweep_state ensure)
+        with self._lock:
+            self._states.pop(deltaspace, None)
+            self._states[deltaspace] = (state, time.monotonic())
+            while len(self._states) > self.SPACES:
+                self._states.pop(next(iter(self._states)))
+
+    def state(self, deltaspace: str) -> SweepState | None:
+        """The sweep state a confirm here read last (within :data:`TTL`), to stand as a
+        later put's ``before``: any state read before a put chooses its base is a valid
+        one. An older one only widens the window :func:`confirm` looks at, so a sweep
+        in it costs that put a HEAD per blob, never a blob missed. Saves a LIST per
+        chained put."""
+        with self._lock:
+            got = self._states.get(deltaspace)
+        if got is None or time.monotonic() - got[1] > self.TTL:
+            return None
+        return got[0]
+
+    def announce(self, pending: Pending) -> None:
+        with self._lock:
+            self._pending[pending.key] = pending
+
+    def withdraw(self, pending: Pending) -> None:
+        with self._lock:
+            if self._pending.get(pending.key) is pending:
+                del self._pending[pending.key]
+
+    def pending(self, key: str) -> Pending | None:
+        """The put of the logical ``key`` now uploading here, if it announced itself."""
+        with self._lock:
+            return self._pending.get(key)
+
+    def pending_in(self, deltaspace: str) -> list[str]:
+        """Keys of the puts announced in ``deltaspace`` (base candidates that no listing
+        and no journal shows yet), newest first."""
+        prefix = f"{deltaspace}/" if deltaspace else ""
+        with self._lock:
+            return [k for k in reversed(self._pending)
+                    if k.startswith(prefix) and "/" not in k[len(prefix):]]
 
     def pointer(self, key: str) -> tuple[Pointer, str] | None:
         """The pointer this process last wrote or read at the logical ``key``, and its

@@ -163,8 +163,9 @@ def encode_window(ref_size: int, size: int, full_window: bool, max_window: int) 
     target window and the source fits in -B, every match is found whatever -B is
     (measured: identical deltas), so small files get a window just over their
     reference. Larger targets keep the default: there -B also bounds how far each
-    target window's source window reaches (a 16 MB wheel's delta grows 2 % at -B 16 MiB)."""
-    if size <= TARGET_WINDOW and ref_size <= TARGET_WINDOW:
+    target window's source window reaches (a 16 MB wheel's delta grows 2 % at -B 16 MiB).
+    An empty source (a chain's keyframe) needs no window at all."""
+    if ref_size == 0 or (size <= TARGET_WINDOW and ref_size <= TARGET_WINDOW):
         return max(MIN_SOURCE_WINDOW, (ref_size + 0xFFFF) & ~0xFFFF)
     if not full_window:
         return DEFAULT_SOURCE_WINDOW

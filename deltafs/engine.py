@@ -15,7 +15,9 @@ import os
 import shutil
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,6 +189,15 @@ class Reference:
     extended: bool = False
 
 
+class _Sentinel(str):
+    """A reason that is one object (compared with ``is``)."""
+
+
+#: what :meth:`Engine._put_chain` returns when the reference it encoded against is not
+#: the bucket's any more (the put then starts again)
+_REF_MOVED = _Sentinel("the directory's reference changed")
+
+
 class Engine:
     """put/get/delete/list over one store, with a shared content cache."""
 
@@ -205,6 +216,16 @@ class Engine:
         self.head_concurrency = head_concurrency
         #: blobs seen and pointers written, so a chained write does not ask again
         self.chain_memory = chain.Memory()
+        #: per deltaspace, the reference last seen by a HEAD and when (see
+        #: :meth:`_known_reference`)
+        self._refs: dict[str, tuple[Reference, float]] = {}
+        self._refs_lock = threading.Lock()
+        #: reads a put makes beside its own thread (the closing check of the reference
+        #: while the chain is confirmed); made on first use
+        self._side: ThreadPoolExecutor | None = None
+        #: called (from the put's thread) when a chained put announced itself: its
+        #: next version need not wait for the upload (the mount's writeback sets it)
+        self.on_announce: Callable[[], None] | None = None
         tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # ------------------------------------------------------------------ helpers
@@ -221,6 +242,7 @@ class Engine:
     def _head_reference(self, deltaspace: str) -> Reference | None:
         info = self.store.head(reference_key(deltaspace))
         if info is None:
+            self._saw_reference(deltaspace, None)
             return None
         sha = meta_get(info.metadata, "file_sha256")
         if not sha:
@@ -228,8 +250,52 @@ class Engine:
                 f"{self.store.name}/{info.key} has no dg-file-sha256: not a reference "
                 "any DeltaGlider-format writer made"
             )
-        return Reference(info.key, sha, info.size, info.etag,
-                         (info.metadata or {}).get(FORMAT_KEY) == FORMAT_DELTAFS)
+        ref = Reference(info.key, sha, info.size, info.etag,
+                        (info.metadata or {}).get(FORMAT_KEY) == FORMAT_DELTAFS)
+        self._saw_reference(deltaspace, ref)
+        return ref
+
+    #: how long the reference a HEAD saw stands in for the HEAD a put opens with
+    REFERENCE_MEMORY = 30.0
+
+    def _known_reference(self, deltaspace: str) -> Reference | None:
+        """The reference this process saw last in ``deltaspace`` (within
+        :data:`REFERENCE_MEMORY`), for a put to encode against without asking first.
+        Safe because what makes a put correct is its *closing* check (a HEAD after its
+        delta is in the bucket, which sees any removal or replacement that happened
+        since, and puts the reference back or encodes again); the opening HEAD only
+        chose what to encode against. A remembered reference that turns out replaced
+        costs an encode; one whose content is no longer fetchable costs a HEAD."""
+        with self._refs_lock:
+            got = self._refs.get(deltaspace)
+        if got is None or time.monotonic() - got[1] > self.REFERENCE_MEMORY:
+            return None
+        return got[0]
+
+    def _saw_reference(self, deltaspace: str, ref: Reference | None) -> None:
+        with self._refs_lock:
+            self._refs.pop(deltaspace, None)
+            if ref is not None:
+                self._refs[deltaspace] = (ref, time.monotonic())
+                while len(self._refs) > 256:
+                    self._refs.pop(next(iter(self._refs)))
+
+    #: how long a put waits for the put of its base that was still uploading (then it
+    #: encodes against the reference instead)
+    PENDING_WAIT = 300.0
+
+    def _cache_content(self, key: str, sha: str, path: Path, link: bool) -> None:
+        """Cache a file's content (under its SHA-256) as the next version's base."""
+        try:
+            self.cache.add(sha, path, link=link)
+        except OSError as exc:
+            log.debug("content of %s not cached: %s", key, exc)
+
+    def _side_pool(self) -> ThreadPoolExecutor:
+        with self._refs_lock:
+            if self._side is None:
+                self._side = ThreadPoolExecutor(4, thread_name_prefix="deltafs-side")
+            return self._side
 
     def _fetch_reference(self, ref_key: str, sha256: str, dest: Path,
                          verify: bool = True) -> bool:
@@ -365,7 +431,27 @@ class Engine:
         deltaspace, name = split_key(key)
         with self._scratch() as scratch:
             for attempt in range(4):
-                ref = self._head_reference(deltaspace)
+                # the reference this process saw last lets the encode start at once; a
+                # HEAD asked beside it must agree before anything is uploaded
+                remembered = self._known_reference(deltaspace) if attempt == 0 else None
+                fresh: list[Future[Reference | None]] = []
+                if remembered is not None:
+                    fresh.append(self._side_pool().submit(self._head_reference, deltaspace))
+                ref = remembered or self._head_reference(deltaspace)
+
+                def ref_holds(ref: Reference = ref,
+                              fresh: list[Future[Reference | None]] = fresh) -> bool:
+                    """Before the first upload: whether the bucket's reference is the one
+                    encoded against (asked once; True when it was HEADed, not
+                    remembered)."""
+                    if not fresh:
+                        return True
+                    seen = fresh.pop().result()
+                    if seen is not None and seen.key == ref.key and seen.sha256 == ref.sha256:
+                        return True
+                    log.info("put %s: the directory's reference changed since this mount "
+                             "last saw it; encoding again", key)
+                    return False
                 seeded = 0
                 if ref is None:
                     ref, seeded = self._seed_reference(src, deltaspace, name, sha, owned)
@@ -382,6 +468,15 @@ class Engine:
                                  "(its directory is in DeltaGlider's format)"
                 if seeded:
                     ref_path = src
+                elif remembered is not None:
+                    try:
+                        self._fetch_reference(ref.key, ref.sha256, ref_path)
+                    except (IntegrityError, NotFound) as exc:
+                        # replaced or removed since this process saw it: ask the bucket
+                        log.info("put %s: the reference seen before is gone (%s); "
+                                 "looking again", key, exc)
+                        self._saw_reference(deltaspace, None)
+                        continue
                 else:
                     self._fetch_reference(ref.key, ref.sha256, ref_path)
                 with open(ref_path, "rb") as f:
@@ -394,12 +489,15 @@ class Engine:
                 chained: tuple[ObjectInfo, int] | None = None
                 if not zero_diff and extended and self.policy.chains:
                     got = self._put_chain(src, key, size, sha, attrs, ref, ref_path, scratch,
-                                          hints, owned, wrote)
+                                          hints, owned, wrote, ref_holds)
+                    if got is _REF_MOVED:
+                        continue
                     if isinstance(got, str):
                         return None, got
                     chained = got
+                closing: Reference | None = None
                 if chained is not None:
-                    info, blob_size = chained
+                    info, blob_size, closing = chained
                     stored = seeded + info.size + blob_size
                 elif not zero_diff and extended and extension.wanted(ref_head, target_head):
                     ext = extension.encode(
@@ -426,11 +524,14 @@ class Engine:
                     )
                     if form:
                         meta[FORM_KEY] = form
+                    if not ref_holds():
+                        continue
                     info = self.store.put_file(delta_key(key), delta_path, meta)
                     stored = seeded + result.delta_size
                 # The reference may have gone (a concurrent delete of its last delta) or
                 # been replaced (a writer without conditional puts) while we encoded.
-                now = self._head_reference(deltaspace)
+                # (A chain's put made this HEAD beside its confirm, after its pointer.)
+                now = closing if chained is not None else self._head_reference(deltaspace)
                 if now is not None and now.sha256 == ref.sha256:
                     kind = "reference" if seeded else "delta"
                     return PutResult(key, kind, size, stored, sha, "",
@@ -512,11 +613,14 @@ class Engine:
         return ref_path, "raw", ref.sha256
 
     def _choose_base(self, deltaspace: str, key: str, hints: tuple[str, ...],
-                     ref: Reference, root: str, root_sha: str) -> chain.Pointer | None:
+                     ref: Reference, root: str, root_sha: str
+                     ) -> tuple[chain.Pointer, chain.Pending | None] | None:
         """The chain of the best base for ``key`` among recent files of its directory
-        (the caller's hints, else the directory's first LIST page): a chain pointer
-        against the same reference. None: encode against the reference."""
+        (the caller's hints and the puts uploading here now, else the directory's first
+        LIST page): a chain pointer against the same reference, and the put that is
+        still uploading it (None: in the bucket). None: encode against the reference."""
         name = split_key(key)[1]
+        hints = tuple(dict.fromkeys((*self.chain_memory.pending_in(deltaspace), *hints)))
         cands = chain.rank(name, [(h, split_key(h)[1], -i) for i, h in enumerate(hints)
                                   if split_key(h)[0] == deltaspace])
         if not cands:
@@ -531,10 +635,16 @@ class Engine:
             cands = chain.rank(name, found)
         roots = ((root_sha, root), (chain.EMPTY_SHA256, chain.ROOT_EMPTY))
         for cand in cands[:3]:
+            pending = self.chain_memory.pending(cand) if cand != key else None
+            if pending is not None:
+                if pending.ref_sha256 == ref.sha256 and \
+                        (pending.pointer.chain[-1], pending.pointer.root) in roots:
+                    return pending.pointer, pending
+                continue
             known = self.chain_memory.pointer(cand)  # written (or read) here: no request
             if known is not None and known[1] == ref.sha256 and \
                     (known[0].chain[-1], known[0].root) in roots:
-                return known[0]
+                return known[0], None
             # a HEAD first: only a chain pointer is fetched (a plain delta may be large)
             head = self.store.head(delta_key(cand))
             if head is None or (head.metadata or {}).get(FORM_KEY) not in chain.CHAIN_FORMS:
@@ -554,7 +664,7 @@ class Engine:
             if (p.chain[-1], p.root) not in roots:
                 continue
             self.chain_memory.wrote(cand, p, ref.sha256)
-            return p
+            return p, None
         return None
 
     def _chain_content(self, deltaspace: str, links: tuple[str, ...], root_path: Callable[[], Path],
@@ -617,10 +727,14 @@ class Engine:
 
     def _put_chain(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
                    ref: Reference, ref_path: Path, scratch: Path, hints: tuple[str, ...],
-                   owned: bool = False, wrote: list[bool] | None = None
-                   ) -> tuple[ObjectInfo, int] | str:
+                   owned: bool = False, wrote: list[bool] | None = None,
+                   ref_holds: Callable[[], bool] = lambda: True
+                   ) -> tuple[ObjectInfo, int, Reference | None] | str:
         """Store ``src`` as a chain pointer and (unless its content is its base's) one
-        blob; returns ``(pointer info, blob bytes)`` or why it is better stored whole."""
+        blob; returns ``(pointer info, blob bytes, the reference as seen after the
+        pointer was in the bucket)`` or why it is better stored whole; :data:`_REF_MOVED`
+        when ``ref_holds()``, asked before the first upload, says the reference encoded
+        against is not the bucket's any more."""
         deltaspace, name = split_key(key)
         with open(src, "rb") as f:
             target_gz = gzrecipe.is_gzip(f.read(3))
@@ -637,15 +751,25 @@ class Engine:
         empty = scratch / "empty"
         empty.touch()
         roots = {ref_form: ref_root, chain.ROOT_EMPTY: empty}
-        before = chain.sweep_state(self.store, deltaspace, ensure=True)
-        found = self._choose_base(deltaspace, key, hints, ref, ref_form, ref_root_sha)
+        # The state the last confirm here read lets the base be chosen and encoded at
+        # once; the LIST asked beside it becomes ``before`` and must show the same state
+        # before anything is uploaded (else the base's chain is checked again).
+        before = self.chain_memory.state(deltaspace)
+        fresh: Future[chain.SweepState] | None = None
+        if before is not None:
+            fresh = self._side_pool().submit(chain.sweep_state, self.store, deltaspace, True)
+        else:
+            before = chain.sweep_state(self.store, deltaspace, ensure=True)
+        chosen = self._choose_base(deltaspace, key, hints, ref, ref_form, ref_root_sha)
+        found, waits_for = chosen if chosen is not None else (None, None)
         at_bound = found is not None and found.depth >= chain.MAX_DEPTH
         if found is not None:
             links, root = chain.next_base(found.chain), found.root
         else:
             links, root = (ref_root_sha,), ref_form
         hp = chain.hidden_prefix(deltaspace)
-        if len(links) > 1 and not chain.present(
+        # a base still uploading here is checked once it is confirmed (base_holds)
+        if waits_for is None and len(links) > 1 and not chain.present(
                 self.store, [hp + chain.blob_name(links[i], links[i + 1])
                              for i in range(len(links) - 1)],
                 self.chain_memory, deltaspace, before):
@@ -680,81 +804,155 @@ class Engine:
             vcdiff.unlink()
             return out.stat().st_size, res.command
 
+        def base_holds() -> bool:
+            """Whether the chain encoded against is still there: as of its own put's
+            confirm when that put was still uploading it (whose state then stands as
+            ``before``), else as of the LIST asked beside the encode (likewise)."""
+            nonlocal before, fresh, waits_for
+            if waits_for is not None:
+                base, waits_for = waits_for, None
+                log.debug("put %s: encoded against %s, waiting for its upload", key, base.key)
+                state = base.outcome(self.PENDING_WAIT)
+                if state is not None:
+                    before, fresh = state, None
+                    return True
+                log.info("put %s: its base %s was not stored as announced; encoding "
+                         "against the reference", key, base.key)
+                return False
+            if fresh is None:
+                return True
+            got, fresh = fresh.result(), None
+            same = chain.Memory.same_state(got, before)
+            before = got
+            if same or len(links) < 2 or chain.present(
+                    self.store, [hp + chain.blob_name(links[i], links[i + 1])
+                                 for i in range(len(links) - 1)],
+                    self.chain_memory, deltaspace, got):
+                return True
+            log.info("put %s: a sweep ran since this mount last looked and the chain of "
+                     "its base is incomplete; encoding against the reference", key)
+            return False
+
         budget = min(limits.max_ratio * size / max(1, content_size), 1.0)
-        for attempt in range(2):
-            blob_size = 0
-            if links[0] != content_sha:
-                blob = scratch / "chain-blob"
-                got = encode(links, root, budget, blob)
-                if at_bound and (isinstance(got, str) or got[0] > chain.KEYFRAME_TRY * size):
-                    # the jump back drifted far: a keyframe (the content against nothing)
-                    # starts the chain afresh if it costs less (architecture.md, "Chains")
-                    # (allowed up to the file's size: on incompressible data it costs
-                    # what storing the file whole would, once per chain)
-                    kf = encode((chain.EMPTY_SHA256,), chain.ROOT_EMPTY,
-                                ((1.01 if recipe is None else 1.10) * size + 4096)
-                                / max(1, content_size),
-                                scratch / "chain-keyframe", hopeless=2.0)
-                    if not isinstance(kf, str) and (isinstance(got, str) or kf[0] < got[0]):
-                        os.replace(scratch / "chain-keyframe", blob)
-                        got, links, root = kf, (chain.EMPTY_SHA256,), chain.ROOT_EMPTY
-                    (scratch / "chain-keyframe").unlink(missing_ok=True)
-                if isinstance(got, str):
-                    if len(links) > 1 or root != ref_form:
-                        links, root, at_bound = (ref_root_sha,), ref_form, False
-                        got = encode(links, root, budget, blob)  # the base was a poor one
-                    if isinstance(got, str) and root != chain.ROOT_EMPTY:
-                        # nothing here to delta against (the reference is another kind of
-                        # file): a keyframe smaller than the file starts a chain its next
-                        # versions extend; one as large as the file is stored whole
-                        kf = encode((chain.EMPTY_SHA256,), chain.ROOT_EMPTY,
-                                    size / max(1, content_size), blob)
-                        if not isinstance(kf, str):
+        announced: chain.Pending | None = None
+        info: ObjectInfo | None = None
+        try:
+            for attempt in range(2):
+                blob_size = 0
+                if links[0] != content_sha:
+                    blob = scratch / "chain-blob"
+                    got = encode(links, root, budget, blob)
+                    if at_bound and (isinstance(got, str) or got[0] > chain.KEYFRAME_TRY * size):
+                        # the jump back drifted far: a keyframe (the content against nothing)
+                        # starts the chain afresh if it costs less (architecture.md, "Chains")
+                        # (allowed up to the file's size: on incompressible data it costs
+                        # what storing the file whole would, once per chain)
+                        # it is kept only when smaller than the jump's blob, so it is stopped
+                        # as soon as its output reaches that size (a release of compressed
+                        # members, such as a wheel, spent 1.3 s compressing a whole keyframe
+                        # that was then thrown away)
+                        kf_limit = ((1.01 if recipe is None else 1.10) * size + 4096) \
+                            / max(1, content_size)
+                        if not isinstance(got, str):
+                            kf_limit = min(kf_limit, got[0] / max(1, content_size))
+                        kf = encode((chain.EMPTY_SHA256,), chain.ROOT_EMPTY, kf_limit,
+                                    scratch / "chain-keyframe", hopeless=2.0)
+                        if not isinstance(kf, str) and (isinstance(got, str) or kf[0] < got[0]):
+                            os.replace(scratch / "chain-keyframe", blob)
                             got, links, root = kf, (chain.EMPTY_SHA256,), chain.ROOT_EMPTY
+                        (scratch / "chain-keyframe").unlink(missing_ok=True)
                     if isinstance(got, str):
-                        return got
-                blob_size, command = got
-                if blob_size >= limits.max_ratio * size and root != chain.ROOT_EMPTY:
-                    return "delta too large"
-                if root == chain.ROOT_EMPTY and not at_bound and blob_size >= size:
-                    return "delta too large"
-                self.store.put_file(chain.blob_key(deltaspace, content_sha, links[0]), blob,
-                                    {})
-                blob.unlink()
-                crash_point("chain-after-blob")
-                cmd = f"deltafs-chain: {command}"
-            else:
-                cmd = "deltafs-chain: same content as its base"
-            p = chain.Pointer((content_sha, *links) if links[0] != content_sha else links,
-                              root, recipe.to_json() if recipe is not None else None)
-            meta = delta_metadata(
-                name=name, sha256=sha, size=size, ref_key=ref.key, ref_sha256=ref.sha256,
-                delta_size=blob_size, delta_cmd=cmd, zero_diff=False, attrs=attrs)
-            meta[FORM_KEY] = chain.FORM_CHAIN_GZIP if recipe is not None else chain.FORM_CHAIN
-            meta[chain.BLOB_KEY] = chain.blob_name(p.chain[0], p.chain[1]) if p.depth else ""
-            meta[chain.DEPTH_KEY] = str(p.depth)
-            info = self.store.put_bytes(delta_key(key), chain.pointer_bytes(p), meta)
-            if wrote is not None:
-                wrote.append(True)
-            crash_point("chain-after-pointer")
-            needed = [chain.hidden_prefix(deltaspace) + n for n in p.blob_names()]
-            if chain.confirm(self.store, deltaspace, before, needed, memory=self.chain_memory):
-                self.chain_memory.wrote(key, p, ref.sha256)
-                log.debug("put %s: chain depth %d, blob %d bytes", key, p.depth, blob_size)
-                try:  # the next version's base: it starts here instead of decoding
-                    self.cache.add(content_sha, content, link=content != src or owned)
-                except OSError as exc:
-                    log.debug("content of %s not cached: %s", key, exc)
-                return info, blob_size
-            log.warning("put %s: a sweep took a blob its chain needs; encoding it against "
-                        "the reference", key)
-            links, root, at_bound = (ref_root_sha,), ref_form, False
-            before = chain.sweep_state(self.store, deltaspace, ensure=True)
-        try:  # our own broken pointer must not stay beside the direct object
-            self.store.delete(delta_key(key), if_match=info.etag or None)
-        except (NotFound, Changed):
-            pass
-        return "its chain kept being swept"
+                        if len(links) > 1 or root != ref_form:
+                            links, root, at_bound = (ref_root_sha,), ref_form, False
+                            got = encode(links, root, budget, blob)  # the base was a poor one
+                        if isinstance(got, str) and root != chain.ROOT_EMPTY:
+                            # nothing here to delta against (the reference is another kind of
+                            # file): a keyframe smaller than the file starts a chain its next
+                            # versions extend; one as large as the file is stored whole
+                            kf = encode((chain.EMPTY_SHA256,), chain.ROOT_EMPTY,
+                                        size / max(1, content_size), blob)
+                            if not isinstance(kf, str):
+                                got, links, root = kf, (chain.EMPTY_SHA256,), chain.ROOT_EMPTY
+                        if isinstance(got, str):
+                            return got
+                    blob_size, command = got
+                    if blob_size >= limits.max_ratio * size and root != chain.ROOT_EMPTY:
+                        return "delta too large"
+                    if root == chain.ROOT_EMPTY and not at_bound and blob_size >= size:
+                        return "delta too large"
+                    cmd = f"deltafs-chain: {command}"
+                else:
+                    cmd = "deltafs-chain: same content as its base"
+                p = chain.Pointer((content_sha, *links) if links[0] != content_sha else links,
+                                  root, recipe.to_json() if recipe is not None else None)
+                if attempt == 0:
+                    # The next version may encode against this content while this uploads:
+                    # it is cached now, and the put is announced (architecture.md, "Chains":
+                    # that put uploads nothing before this one is confirmed).
+                    self._cache_content(key, content_sha, content, content != src or owned)
+                    announced = chain.Pending(key, p, ref.sha256)
+                    self.chain_memory.announce(announced)
+                    if self.on_announce is not None:
+                        self.on_announce()
+                if not ref_holds():
+                    return _REF_MOVED
+                if not base_holds():
+                    if announced is not None:
+                        announced.finish(None)  # what it announced will not be written
+                    links, root, at_bound = (ref_root_sha,), ref_form, False
+                    if blob_size:
+                        blob.unlink(missing_ok=True)
+                    continue
+                if blob_size:
+                    self.store.put_file(chain.blob_key(deltaspace, content_sha, links[0]), blob,
+                                        {})
+                    blob.unlink()
+                    crash_point("chain-after-blob")
+                meta = delta_metadata(
+                    name=name, sha256=sha, size=size, ref_key=ref.key, ref_sha256=ref.sha256,
+                    delta_size=blob_size, delta_cmd=cmd, zero_diff=False, attrs=attrs)
+                meta[FORM_KEY] = chain.FORM_CHAIN_GZIP if recipe is not None else chain.FORM_CHAIN
+                meta[chain.BLOB_KEY] = chain.blob_name(p.chain[0], p.chain[1]) if p.depth else ""
+                meta[chain.DEPTH_KEY] = str(p.depth)
+                info = self.store.put_bytes(delta_key(key), chain.pointer_bytes(p), meta)
+                if wrote is not None:
+                    wrote.append(True)
+                crash_point("chain-after-pointer")
+                needed = [chain.hidden_prefix(deltaspace) + n for n in p.blob_names()]
+                # the closing check of the reference (see _put_delta_attempts) needs only the
+                # pointer in the bucket: it goes beside the confirm, not after it
+                closing = self._side_pool().submit(self._head_reference, deltaspace)
+                try:
+                    state = chain.confirmed(self.store, deltaspace, before, needed,
+                                            memory=self.chain_memory)
+                except BaseException:
+                    futures_wait([closing])  # no request of this put outlives it
+                    raise
+                now_ref = closing.result()
+                if state is not None:
+                    self.chain_memory.wrote(key, p, ref.sha256)
+                    if announced is not None and announced.pointer == p:
+                        announced.finish(state)
+                    log.debug("put %s: chain depth %d, blob %d bytes", key, p.depth, blob_size)
+                    if attempt:  # the next version's base: it starts here instead of decoding
+                        self._cache_content(key, content_sha, content, content != src or owned)
+                    return info, blob_size, now_ref
+                log.warning("put %s: a sweep took a blob its chain needs; encoding it "
+                            "against the reference", key)
+                if announced is not None:
+                    announced.finish(None)  # a put waiting on this chain goes elsewhere
+                links, root, at_bound = (ref_root_sha,), ref_form, False
+                before = chain.sweep_state(self.store, deltaspace, ensure=True)
+            if info is not None:
+                try:  # our own broken pointer must not stay beside the direct object
+                    self.store.delete(delta_key(key), if_match=info.etag or None)
+                except (NotFound, Changed):
+                    pass
+            return "its chain kept being swept"
+        finally:
+            if announced is not None:
+                announced.finish(None)  # (no-op once confirmed)
+                self.chain_memory.withdraw(announced)
 
     def _decode_chain(self, stored: StoredFile, out: Path, scratch: Path,
                       reference: Path | None = None, body: bytes | None = None,
@@ -1239,6 +1437,7 @@ class Engine:
                 self.store.delete(ref_key, if_match=ref.etag or None)
             except (NotFound, Changed):
                 return None
+            self._saw_reference(deltaspace, None)
             appeared = [o for o in self.store.iter_level(prefix) if o.key.endswith(".delta")]
             if appeared:
                 log.warning("a delta appeared in %s while its unused reference was removed; "

@@ -118,6 +118,7 @@ class Writeback:
         self._seeding: set[int] = set()  # directories whose seeding upload is running
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
+        engine.on_announce = self._kick_from_thread
         #: object keys an upload may have written without recording them (it failed
         #: after its PUT): if the file is unlinked, they get tombstones
         self._attempts: dict[int, set[tuple[str, str]]] = {}
@@ -317,12 +318,30 @@ class Writeback:
             if chain.template(name) != mine or size < self.engine.policy.min_delta_size:
                 continue
             if ino in self._active:
-                return True
+                # once it is encoded and announced (its chain known, its content cached)
+                # this one encodes against it while it uploads (engine._put_chain waits
+                # for it to be confirmed before uploading anything)
+                return not self._announced(ino)
             # uploaded, failed or backing off: no use waiting (one still being written or
             # settling is waited for: cp -r writes the versions in directory order)
             return bool(dirty & CONTENT) and ino not in self.state.failed and \
                 self.state.retry_at.get(ino, 0) <= now
         return False
+
+    def _announced(self, ino: int) -> bool:
+        try:
+            key = key_of(self.journal, self.prefix, ino)
+        except KeyError:
+            return False
+        return self.engine.chain_memory.pending(key) is not None
+
+    def _kick_from_thread(self) -> None:
+        """A chained put announced itself (called from its worker thread): the version
+        waiting for it may start."""
+        try:
+            trio.from_thread.run_sync(self.kick)
+        except Exception as exc:  # noqa: BLE001 - not a trio worker, or the loop is gone
+            log.debug("no wake-up for the scheduler: %r", exc)
 
     def _blocked(self, node: Node) -> bool:
         """New content for a key, or a rename onto it, whose old object another row must

@@ -474,9 +474,20 @@ def test_a_writer_asks_again_only_when_a_sweep_changed_the_state(store: ObjectSt
     store.delete(hp + top)
     store.put_bytes(hp + chain.DONE_NAME, b"another sweep", {})
     calls.clear()
+    pointers: list[str] = []
+    orig_put = store.put_bytes
+
+    def put_spy(key: str, body: bytes, meta: dict[str, str], *a: Any, **kw: Any) -> Any:
+        if key.endswith(".delta"):
+            pointers.append(meta[chain.DEPTH_KEY])
+        return orig_put(key, body, meta, *a, **kw)
+    monkeypatch.setattr(store, "put_bytes", put_spy)
     put(7)
     assert ("head", hp + top) in calls  # the state changed: the chain was checked
     assert depth(store, keys[-1]) == 1  # against the reference, not the broken chain
+    # checked before anything was uploaded (the state this engine remembered was only
+    # a start): no pointer through the missing blob was ever in the bucket
+    assert pointers == ["1"], pointers
     want = dict(zip(keys, datas))
     del want[keys[6]]  # its blob is gone (what this test did, no sweep would)
     read_all_fresh(store, tmp_path, want, "after")
@@ -604,3 +615,140 @@ def test_a_damaged_cached_base_is_caught_and_the_read_heals(
     # and through get (a user's file): the same bytes
     reader.get(keys[3], tmp_path / "v3b")
     assert (tmp_path / "v3b").read_bytes() == datas[3]
+
+
+# ------------------------------------------------------------------ puts that overlap
+
+class _Gate:
+    """Wraps ``store.put_bytes`` so that the PUT of one key waits until released (or
+    fails), and records the order of every PUT."""
+
+    def __init__(self, store: ObjectStore, monkeypatch: pytest.MonkeyPatch, key: str,
+                 fail: bool = False) -> None:
+        import threading
+
+        self.key, self.fail = key, fail
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.puts: list[str] = []
+        for op in ("put_bytes", "put_file"):
+            orig = getattr(store, op)
+
+            def spy(k: str, *a: Any, _orig: Any = orig, **kw: Any) -> Any:
+                if k == self.key:
+                    self.reached.set()
+                    assert self.release.wait(60)
+                    if self.fail:
+                        from deltafs.errors import StoreError
+                        raise StoreError("injected: the base's pointer PUT failed")
+                self.puts.append(k)
+                return _orig(k, *a, **kw)
+            monkeypatch.setattr(store, op, spy)
+
+
+def _start(eng: Engine, src: Path, key: str, out: dict[str, Any]) -> Any:
+    import threading
+
+    def run() -> None:
+        try:
+            out[key] = eng.put(src, key)
+        except Exception as exc:  # noqa: BLE001 - checked by the test
+            out[key] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_a_version_encodes_against_one_still_uploading_and_uploads_after_it(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upload of one version overlaps the encode of the next (a slow link pays the
+    round trips once, not per file): v3 finds v2 announced while v2's pointer PUT is
+    held, encodes against v2's content, and puts nothing in the bucket before v2 is
+    confirmed; it ends at depth 2, one more than v2."""
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:1])  # the reference
+    v2, v3 = "rel/app-1.01.bin", "rel/app-1.02.bin"
+    gate = _Gate(store, monkeypatch, v2 + ".delta")
+    done: dict[str, Any] = {}
+    t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
+    assert gate.reached.wait(60)  # v2 encoded, its blob up, its pointer PUT held
+    assert eng.chain_memory.pending(v2) is not None
+    t3 = _start(eng, write_file(tmp_path / "s3", datas[2]), v3, done)
+    t3.join(3)
+    assert t3.is_alive()  # encoded, and waiting for v2
+    assert not any(k.startswith(chain.hidden_prefix("rel") + sha256_bytes(datas[2]))
+                   or k == v3 + ".delta" for k in gate.puts), gate.puts
+    gate.release.set()
+    t2.join(60)
+    t3.join(60)
+    assert done[v2].kind == done[v3].kind == "delta", done
+    assert depth(store, v2) == 1 and depth(store, v3) == 2
+    order = gate.puts
+    assert order.index(v2 + ".delta") < order.index(v3 + ".delta")
+    assert eng.chain_memory.pending(v2) is None and eng.chain_memory.pending(v3) is None
+    read_all_fresh(store, tmp_path, {keys[0]: datas[0], v2: datas[1], v3: datas[2]},
+                   "overlap")
+
+
+def test_when_the_base_still_uploading_fails_the_next_goes_against_the_reference(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """v2's pointer PUT fails after v3 encoded against it: v3 never writes a pointer
+    through v2's content (whose pointer is not in the bucket); it encodes again against
+    the reference and reads back exactly on a new machine."""
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:1])
+    v2, v3 = "rel/app-1.01.bin", "rel/app-1.02.bin"
+    gate = _Gate(store, monkeypatch, v2 + ".delta", fail=True)
+    done: dict[str, Any] = {}
+    t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
+    assert gate.reached.wait(60)
+    t3 = _start(eng, write_file(tmp_path / "s3", datas[2]), v3, done)
+    t3.join(3)
+    assert t3.is_alive()
+    gate.release.set()
+    t2.join(60)
+    t3.join(60)
+    assert isinstance(done[v2], Exception), done
+    assert done[v3].kind == "delta", done
+    assert depth(store, v3) == 1  # against the reference
+    assert store.head(v2 + ".delta") is None
+    read_all_fresh(store, tmp_path, {keys[0]: datas[0], v3: datas[2]}, "base-failed")
+
+
+def test_a_remembered_reference_replaced_meanwhile_is_never_encoded_against_in_the_bucket(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A put starts from the reference this engine saw last, but asks the bucket beside
+    the encode: when another writer replaced it meanwhile, nothing encoded against the
+    old one is uploaded; the file is encoded against the new one."""
+    from deltafs.format import reference_key
+
+    datas = series(4)
+    eng = make_engine(store, tmp_path / "cache")
+    put_all(eng, tmp_path, datas[:2])
+    assert eng._known_reference("rel") is not None
+    # another writer (no conditional PUT) replaces the reference with other content
+    other = make_engine(store, tmp_path / "other")
+    store.delete(reference_key("rel"))
+    other.put(write_file(tmp_path / "new-ref", datas[3]), "rel/zzz-seed.bin")
+    new_sha = sha256_bytes(datas[3])
+    info = store.head(reference_key("rel"))
+    assert info is not None
+    puts: list[tuple[str, dict[str, str]]] = []
+    for op in ("put_bytes", "put_file"):
+        orig = getattr(store, op)
+
+        def spy(k: str, body: Any, meta: dict[str, str], *a: Any, _orig: Any = orig,
+                **kw: Any) -> Any:
+            puts.append((k, dict(meta or {})))
+            return _orig(k, body, meta, *a, **kw)
+        monkeypatch.setattr(store, op, spy)
+    key = "rel/app-1.02.bin"
+    r = eng.put(write_file(tmp_path / "v3", datas[2]), key)
+    assert r.kind == "delta", r
+    refs = {m.get("dg-ref-sha256") or m.get("ref-sha256") for k, m in puts
+            if k.endswith(".delta")}
+    assert refs == {new_sha}, (refs, puts)
+    read_all_fresh(store, tmp_path, {key: datas[2], "rel/zzz-seed.bin": datas[3]},
+                   "ref-replaced")

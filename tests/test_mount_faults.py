@@ -522,3 +522,45 @@ def test_hang_during_cold_read_completes_once_cleared(pm: Mount,
     assert fault_proxy.seen("GET", "GetObject", fault=False) >= 1
     assert_reads(m, files, "after the hang")
     wait_uploaded(m, 30)
+
+
+# ------------------------------------------------------------------ 6. a slow link
+
+
+def test_slow_puts_each_version_uploads_after_its_base(pm: Mount, fault_proxy: FaultProxy,
+                                                       tmp_path: Path) -> None:
+    """Issue 12: on a slow link the encode of each version overlaps the upload of the one
+    before it. With every PUT held 0.3 s, ``cp`` of a series still stores each version
+    against the previous one (chain depths 1, 2, 3, ...), and nothing of a version (its
+    blob, its pointer) reaches the bucket before its base's pointer PUT was answered: a
+    version that encoded early waits. A new machine reads every byte back."""
+    import hashlib
+
+    files = versions(6, 256 * KiB, seed=77, prefix="app-1.")
+    src = tmp_path / "src"
+    write_sources(src, files)
+    (pm.mountpoint / "rel").mkdir()
+    fault_proxy.reset_counts()
+    held = fault_proxy.set("hang", kind="PutObject", seconds=0.3)
+    cp_into(src, sorted(files), pm.mountpoint / "rel")
+    wait_uploaded(pm, 120)
+    fault_proxy.clear()
+    assert held.hits >= 2 * len(files), held.hits
+    names = sorted(files)
+    depths = []
+    for n in names[1:]:
+        head = pm.client.head_object(Bucket=pm.bucket, Key=f"rel/{n}.delta")
+        depths.append(int(head["Metadata"]["deltafs-depth"]))
+    assert depths == list(range(1, len(names))), depths
+    puts = fault_proxy.requests(kind="PutObject")
+    for before, after in zip(names[1:], names[2:]):
+        base_ptr = max(r.time for r in puts if r.key == f"rel/{before}.delta")
+        sha = hashlib.sha256(files[after]).hexdigest()
+        mine = [r.time for r in puts
+                if r.key in (f"rel/{after}.delta",) or (r.key or "").startswith(
+                    f"rel/.deltafs/{sha}.")]
+        assert mine, (after, [r.key for r in puts])
+        # answered 0.3 s after it arrived: nothing of the next one before that
+        assert min(mine) >= base_ptr + 0.29, (after, min(mine) - base_ptr)
+    cold_remount(pm)
+    assert_reads(pm, {f"rel/{n}": d for n, d in files.items()}, "after a cold remount")
