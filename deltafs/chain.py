@@ -474,13 +474,23 @@ class Memory:
         with self._lock:
             return self._pending.get(key)
 
-    def pending_in(self, deltaspace: str) -> list[str]:
-        """Keys of the puts announced in ``deltaspace`` (base candidates that no listing
-        and no journal shows yet), newest first."""
+    def recent_in(self, deltaspace: str, limit: int = 8) -> list[str]:
+        """Base candidates in ``deltaspace`` that no listing and maybe no journal shows
+        yet: the puts announced there, then the files whose pointers this process wrote
+        or read there last; newest first. (A version that starts while the one before it
+        finishes must find it between its announcement and its publication.)"""
         prefix = f"{deltaspace}/" if deltaspace else ""
+
+        def here(k: str) -> bool:
+            return k.startswith(prefix) and "/" not in k[len(prefix):]
         with self._lock:
-            return [k for k in reversed(self._pending)
-                    if k.startswith(prefix) and "/" not in k[len(prefix):]]
+            out = [k for k in reversed(self._pending) if here(k)][:limit]
+            for k in reversed(self._pointers):
+                if len(out) >= limit:
+                    break
+                if here(k) and k not in out:
+                    out.append(k)
+        return out
 
     def pointer(self, key: str) -> tuple[Pointer, str] | None:
         """The pointer this process last wrote or read at the logical ``key``, and its

@@ -620,7 +620,7 @@ class Engine:
         LIST page): a chain pointer against the same reference, and the put that is
         still uploading it (None: in the bucket). None: encode against the reference."""
         name = split_key(key)[1]
-        hints = tuple(dict.fromkeys((*self.chain_memory.pending_in(deltaspace), *hints)))
+        hints = tuple(dict.fromkeys((*self.chain_memory.recent_in(deltaspace), *hints)))
         cands = chain.rank(name, [(h, split_key(h)[1], -i) for i, h in enumerate(hints)
                                   if split_key(h)[0] == deltaspace])
         if not cands:
