@@ -361,6 +361,11 @@ class Pending:
         self._ok, self._state = state is not None, state
         self._done.set()
 
+    @property
+    def failed(self) -> bool:
+        """Finished without its announced pointer standing."""
+        return self._done.is_set() and not self._ok
+
     def outcome(self, timeout: float) -> SweepState | None:
         """Wait for the put: the state its confirm read when the pointer stands as
         announced; None when it failed, changed its chain, or took too long."""

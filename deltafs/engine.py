@@ -218,7 +218,7 @@ class Engine:
         self.chain_memory = chain.Memory()
         #: per deltaspace, the reference last seen by a HEAD and when (see
         #: :meth:`_known_reference`)
-        self._refs: dict[str, tuple[Reference, float]] = {}
+        self._refs: dict[str, tuple[Reference | None, float]] = {}
         self._refs_lock = threading.Lock()
         #: reads a put makes beside its own thread (the closing check of the reference
         #: while the chain is confirmed); made on first use
@@ -240,9 +240,10 @@ class Engine:
             shutil.rmtree(path, ignore_errors=True)
 
     def _head_reference(self, deltaspace: str) -> Reference | None:
+        asked = time.monotonic()
         info = self.store.head(reference_key(deltaspace))
         if info is None:
-            self._saw_reference(deltaspace, None)
+            self._saw_reference(deltaspace, None, asked)
             return None
         sha = meta_get(info.metadata, "file_sha256")
         if not sha:
@@ -252,7 +253,7 @@ class Engine:
             )
         ref = Reference(info.key, sha, info.size, info.etag,
                         (info.metadata or {}).get(FORMAT_KEY) == FORMAT_DELTAFS)
-        self._saw_reference(deltaspace, ref)
+        self._saw_reference(deltaspace, ref, asked)
         return ref
 
     #: how long the reference a HEAD saw stands in for the HEAD a put opens with
@@ -272,30 +273,55 @@ class Engine:
             return None
         return got[0]
 
-    def _saw_reference(self, deltaspace: str, ref: Reference | None) -> None:
+    def _saw_reference(self, deltaspace: str, ref: Reference | None,
+                       asked: float | None = None) -> None:
+        """What a HEAD sent at ``asked`` (monotonic; None: now) found. An answer to an
+        older question than the one remembered is dropped: a slow HEAD must not bring
+        back a reference a later HEAD, or this process's own delete, saw gone."""
+        asked = time.monotonic() if asked is None else asked
         with self._refs_lock:
+            got = self._refs.get(deltaspace)
+            if got is not None and got[1] > asked:
+                return
             self._refs.pop(deltaspace, None)
-            if ref is not None:
-                self._refs[deltaspace] = (ref, time.monotonic())
-                while len(self._refs) > 256:
-                    self._refs.pop(next(iter(self._refs)))
+            self._refs[deltaspace] = (ref, asked)
+            while len(self._refs) > 256:
+                self._refs.pop(next(iter(self._refs)))
 
     #: how long a put waits for the put of its base that was still uploading (then it
     #: encodes against the reference instead)
     PENDING_WAIT = 300.0
 
-    def _cache_content(self, key: str, sha: str, path: Path, link: bool) -> None:
+    def _cache_content(self, key: str, sha: str, path: Path, link: bool) -> bool:
         """Cache a file's content (under its SHA-256) as the next version's base."""
         try:
             self.cache.add(sha, path, link=link)
+            return True
         except OSError as exc:
             log.debug("content of %s not cached: %s", key, exc)
+            return False
 
     def _side_pool(self) -> ThreadPoolExecutor:
         with self._refs_lock:
             if self._side is None:
-                self._side = ThreadPoolExecutor(4, thread_name_prefix="deltafs-side")
+                self._side = ThreadPoolExecutor(8, thread_name_prefix="deltafs-side")
             return self._side
+
+    @contextmanager
+    def _side_calls(self) -> Iterator[Callable[..., Future]]:  # type: ignore[type-arg]
+        """Requests a put sends beside its own work (they touch no state of the put's;
+        side calls never wait for a put, so the pool cannot deadlock); none outlives
+        the put, whichever way it ends."""
+        started: list[Future] = []  # type: ignore[type-arg]
+
+        def submit(fn: Callable[..., object], *args: object) -> Future:  # type: ignore[type-arg]
+            f = self._side_pool().submit(fn, *args)
+            started.append(f)
+            return f
+        try:
+            yield submit
+        finally:
+            futures_wait(started)
 
     def _fetch_reference(self, ref_key: str, sha256: str, dest: Path,
                          verify: bool = True) -> bool:
@@ -429,14 +455,14 @@ class Engine:
                             hints: tuple[str, ...] = (), wrote: list[bool] | None = None
                             ) -> tuple[PutResult | None, str]:
         deltaspace, name = split_key(key)
-        with self._scratch() as scratch:
+        with self._scratch() as scratch, self._side_calls() as side:
             for attempt in range(4):
                 # the reference this process saw last lets the encode start at once; a
                 # HEAD asked beside it must agree before anything is uploaded
                 remembered = self._known_reference(deltaspace) if attempt == 0 else None
                 fresh: list[Future[Reference | None]] = []
                 if remembered is not None:
-                    fresh.append(self._side_pool().submit(self._head_reference, deltaspace))
+                    fresh.append(side(self._head_reference, deltaspace))
                 ref = remembered or self._head_reference(deltaspace)
 
                 def ref_holds(ref: Reference = ref,
@@ -489,7 +515,7 @@ class Engine:
                 chained: tuple[ObjectInfo, int] | None = None
                 if not zero_diff and extended and self.policy.chains:
                     got = self._put_chain(src, key, size, sha, attrs, ref, ref_path, scratch,
-                                          hints, owned, wrote, ref_holds)
+                                          hints, owned, wrote, ref_holds, side)
                     if got is _REF_MOVED:
                         continue
                     if isinstance(got, str):
@@ -620,7 +646,15 @@ class Engine:
         LIST page): a chain pointer against the same reference, and the put that is
         still uploading it (None: in the bucket). None: encode against the reference."""
         name = split_key(key)[1]
-        hints = tuple(dict.fromkeys((*self.chain_memory.recent_in(deltaspace), *hints)))
+        mine = chain.template(name)
+
+        def same_series(k: str) -> bool:
+            return k == key or chain.template(split_key(k)[1]) == mine
+        # only versions of the same series are taken from memory (an unrelated file
+        # keeps the directory's LIST page) or waited for (files of different series
+        # never wait for each other's uploads)
+        hints = tuple(dict.fromkeys((*(k for k in self.chain_memory.recent_in(deltaspace)
+                                       if same_series(k)), *hints)))
         cands = chain.rank(name, [(h, split_key(h)[1], -i) for i, h in enumerate(hints)
                                   if split_key(h)[0] == deltaspace])
         if not cands:
@@ -636,6 +670,8 @@ class Engine:
         roots = ((root_sha, root), (chain.EMPTY_SHA256, chain.ROOT_EMPTY))
         for cand in cands[:3]:
             pending = self.chain_memory.pending(cand) if cand != key else None
+            if pending is not None and (pending.failed or not same_series(cand)):
+                pending = None  # its announced pointer will not be written, or no wait
             if pending is not None:
                 if pending.ref_sha256 == ref.sha256 and \
                         (pending.pointer.chain[-1], pending.pointer.root) in roots:
@@ -728,7 +764,8 @@ class Engine:
     def _put_chain(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
                    ref: Reference, ref_path: Path, scratch: Path, hints: tuple[str, ...],
                    owned: bool = False, wrote: list[bool] | None = None,
-                   ref_holds: Callable[[], bool] = lambda: True
+                   ref_holds: Callable[[], bool] = lambda: True,
+                   side: Callable[..., Future] | None = None  # type: ignore[type-arg]
                    ) -> tuple[ObjectInfo, int, Reference | None] | str:
         """Store ``src`` as a chain pointer and (unless its content is its base's) one
         blob; returns ``(pointer info, blob bytes, the reference as seen after the
@@ -754,10 +791,11 @@ class Engine:
         # The state the last confirm here read lets the base be chosen and encoded at
         # once; the LIST asked beside it becomes ``before`` and must show the same state
         # before anything is uploaded (else the base's chain is checked again).
+        side = side or (lambda fn, *args: self._side_pool().submit(fn, *args))
         before = self.chain_memory.state(deltaspace)
         fresh: Future[chain.SweepState] | None = None
         if before is not None:
-            fresh = self._side_pool().submit(chain.sweep_state, self.store, deltaspace, True)
+            fresh = side(chain.sweep_state, self.store, deltaspace, True)
         else:
             before = chain.sweep_state(self.store, deltaspace, ensure=True)
         chosen = self._choose_base(deltaspace, key, hints, ref, ref_form, ref_root_sha)
@@ -809,6 +847,8 @@ class Engine:
             confirm when that put was still uploading it (whose state then stands as
             ``before``), else as of the LIST asked beside the encode (likewise)."""
             nonlocal before, fresh, waits_for
+            if waits_for is not None and len(links) < 2:
+                waits_for = None  # now against the reference or a keyframe: no base
             if waits_for is not None:
                 base, waits_for = waits_for, None
                 log.debug("put %s: encoded against %s, waiting for its upload", key, base.key)
@@ -885,11 +925,11 @@ class Engine:
                     cmd = "deltafs-chain: same content as its base"
                 p = chain.Pointer((content_sha, *links) if links[0] != content_sha else links,
                                   root, recipe.to_json() if recipe is not None else None)
-                if attempt == 0:
+                if attempt == 0 and self._cache_content(key, content_sha, content,
+                                                        content != src or owned):
                     # The next version may encode against this content while this uploads:
-                    # it is cached now, and the put is announced (architecture.md, "Chains":
+                    # it is cached now, and the put is announced (architecture.md, C5:
                     # that put uploads nothing before this one is confirmed).
-                    self._cache_content(key, content_sha, content, content != src or owned)
                     announced = chain.Pending(key, p, ref.sha256)
                     self.chain_memory.announce(announced)
                     if self.on_announce is not None:
@@ -898,7 +938,9 @@ class Engine:
                     return _REF_MOVED
                 if not base_holds():
                     if announced is not None:
-                        announced.finish(None)  # what it announced will not be written
+                        # what it announced will not be written
+                        announced.finish(None)
+                        self.chain_memory.withdraw(announced)
                     links, root, at_bound = (ref_root_sha,), ref_form, False
                     if blob_size:
                         blob.unlink(missing_ok=True)
@@ -921,18 +963,15 @@ class Engine:
                 needed = [chain.hidden_prefix(deltaspace) + n for n in p.blob_names()]
                 # the closing check of the reference (see _put_delta_attempts) needs only the
                 # pointer in the bucket: it goes beside the confirm, not after it
-                closing = self._side_pool().submit(self._head_reference, deltaspace)
-                try:
-                    state = chain.confirmed(self.store, deltaspace, before, needed,
-                                            memory=self.chain_memory)
-                except BaseException:
-                    futures_wait([closing])  # no request of this put outlives it
-                    raise
-                now_ref = closing.result()
+                closing = side(self._head_reference, deltaspace)
+                state = chain.confirmed(self.store, deltaspace, before, needed,
+                                        memory=self.chain_memory)
                 if state is not None:
                     self.chain_memory.wrote(key, p, ref.sha256)
                     if announced is not None and announced.pointer == p:
-                        announced.finish(state)
+                        announced.finish(state)  # (before the closing HEAD can raise)
+                now_ref = closing.result()
+                if state is not None:
                     log.debug("put %s: chain depth %d, blob %d bytes", key, p.depth, blob_size)
                     if attempt:  # the next version's base: it starts here instead of decoding
                         self._cache_content(key, content_sha, content, content != src or owned)
@@ -941,6 +980,7 @@ class Engine:
                             "against the reference", key)
                 if announced is not None:
                     announced.finish(None)  # a put waiting on this chain goes elsewhere
+                    self.chain_memory.withdraw(announced)
                 links, root, at_bound = (ref_root_sha,), ref_form, False
                 before = chain.sweep_state(self.store, deltaspace, ensure=True)
             if info is not None:

@@ -646,6 +646,17 @@ class _Gate:
             monkeypatch.setattr(store, op, spy)
 
 
+def _eventually(cond: Any, timeout: float = 60) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _start(eng: Engine, src: Path, key: str, out: dict[str, Any]) -> Any:
     import threading
 
@@ -675,8 +686,11 @@ def test_a_version_encodes_against_one_still_uploading_and_uploads_after_it(
     assert gate.reached.wait(60)  # v2 encoded, its blob up, its pointer PUT held
     assert eng.chain_memory.pending(v2) is not None
     t3 = _start(eng, write_file(tmp_path / "s3", datas[2]), v3, done)
-    t3.join(3)
-    assert t3.is_alive()  # encoded, and waiting for v2
+    # v3 encodes against v2's content and announces itself while v2 is still held
+    assert _eventually(lambda: eng.chain_memory.pending(v3) is not None)
+    assert eng.chain_memory.pending(v3).pointer.chain[1] == sha256_bytes(datas[1])  # type: ignore[union-attr]
+    t3.join(1)
+    assert t3.is_alive()  # and waits for v2
     assert not any(k.startswith(chain.hidden_prefix("rel") + sha256_bytes(datas[2]))
                    or k == v3 + ".delta" for k in gate.puts), gate.puts
     gate.release.set()
@@ -705,7 +719,8 @@ def test_when_the_base_still_uploading_fails_the_next_goes_against_the_reference
     t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
     assert gate.reached.wait(60)
     t3 = _start(eng, write_file(tmp_path / "s3", datas[2]), v3, done)
-    t3.join(3)
+    assert _eventually(lambda: eng.chain_memory.pending(v3) is not None)  # encoded on v2
+    t3.join(1)
     assert t3.is_alive()
     gate.release.set()
     t2.join(60)
@@ -768,3 +783,26 @@ def test_a_version_finds_its_predecessor_written_here_but_not_yet_in_its_hints(
                 hints=(keys[1],))  # stale hints: the version before last
     assert r.kind == "delta"
     assert depth(store, "rel/app-1.03.bin") == depth(store, keys[2]) + 1
+
+
+def test_a_file_of_another_series_does_not_wait_for_an_upload(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: a put took any announced put of its directory as its base, so
+    unrelated files waited for each other's uploads. Only a version of the same series
+    (same name template) waits; another file goes on while the first is held."""
+    datas = series(2)
+    eng = make_engine(store, tmp_path / "cache")
+    put_all(eng, tmp_path, datas[:1])
+    held = "rel/libfoo-1.0.so"
+    gate = _Gate(store, monkeypatch, held + ".delta")
+    done: dict[str, Any] = {}
+    t1 = _start(eng, write_file(tmp_path / "s1", datas[1]), held, done)
+    assert gate.reached.wait(60)
+    other = next_version(datas[1], random.Random(3))
+    t2 = _start(eng, write_file(tmp_path / "s2", other), "rel/other-tool.bin", done)
+    t2.join(60)
+    assert not t2.is_alive(), "an unrelated file waited for another file's upload"
+    assert done["rel/other-tool.bin"].kind == "delta", done
+    gate.release.set()
+    t1.join(60)
+    assert done[held].kind == "delta", done
