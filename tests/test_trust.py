@@ -17,6 +17,7 @@ import boto3
 import pytest
 
 from mountfixtures import Mount, deltafs_exe, mounted, pid_alive, release_versions, sha_of  # noqa: F401
+from helpers import sha256_bytes
 from test_mount import MotoProcess, own_moto  # noqa: F401  (the fixture)
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -105,6 +106,79 @@ def test_full_cache_disk_never_stores_wrong_bytes(own_moto: MotoProcess, small_d
                 assert p.read_bytes().startswith(data), f"{p.name}: bytes never written"
         # while S3 is back, uploads make room: most of the later copies go through
         assert len(ok) >= 20, (len(ok), [f[0].name for f in failed])
+    finally:
+        try:
+            m.teardown()
+        finally:
+            m.dump_logs()
+
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte with a file of its own (not the cache's, so
+    nothing the daemon evicts makes room)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (MiB, 4 * KiB, 1):
+            try:
+                while os.write(fd, b"\1" * size):
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def _open_errno(path: Path) -> bytes | int:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return exc.errno or -1
+
+
+def test_cold_read_of_a_delta_onto_a_full_cache_disk_fails_cleanly_then_reads_right(
+        moto_server: str, bucket: str, small_disk: Path, tmp_path: Path,
+        fuse_tools: None) -> None:
+    """A cold read must rebuild the file (reference, blob, decode) on the cache disk
+    before serving a byte. With no room for it, the open fails with ENOSPC and the log
+    says so; with room for the file but not for the rebuild (reference and output), the
+    rebuild hits the full disk half-way and the open fails with EIO. The daemon stays
+    up; once there is room, the same open returns the right bytes (0.1 stored zeros
+    under a valid SHA-256 when a disk filled up)."""
+    from deltafs.content import LOW_WATER
+
+    m = Mount(bucket, moto_server, tmp_path / "deltafs")
+    m.use_cache(small_disk / "cache")
+    datas = release_versions(3, 8 * MiB, seed=41)
+    names = [f"app-1.{i}.bin" for i in range(3)]
+    try:
+        m.mount()
+        (m.mountpoint / "rel").mkdir()
+        for name, data in zip(names, datas):
+            (m.mountpoint / "rel" / name).write_bytes(data)
+        m.wait_idle(120)
+        assert m.head(f"rel/{names[2]}.delta") is not None  # stored as a delta
+        m.remount(wipe_cache=True)  # a new machine: nothing cached
+        target = m.mountpoint / "rel" / names[2]
+        assert sorted(os.listdir(m.mountpoint / "rel")) == names  # known, not cached
+        assert target.stat().st_size == len(datas[2])
+        filler = _fill(small_disk)
+        got = _open_errno(target)
+        assert got == errno.ENOSPC, got if isinstance(got, int) else len(got)
+        assert "cache disk full: rebuilding rel/app-1.2.bin" in m.log_text(), m.log_tail(20)
+        # room for the file and the low-water mark, not for its reference as well
+        os.truncate(filler, filler.stat().st_size - (len(datas[2]) + LOW_WATER + 4 * KiB))
+        got = _open_errno(target)
+        assert got == errno.EIO, got if isinstance(got, int) else \
+            f"read {len(got)} bytes with no room to rebuild them (right: {got == datas[2]})"
+        assert "no room to rebuild it on the cache disk" in m.log_text(), m.log_tail(20)
+        assert pid_alive(m.pid or 0), "the daemon died on a full cache disk"
+        filler.unlink()
+        assert sha_of(target) == sha256_bytes(datas[2])
+        assert (m.mountpoint / "rel" / names[1]).read_bytes() == datas[1]
     finally:
         try:
             m.teardown()
