@@ -276,6 +276,10 @@ class ContentCache:
             reserve.unlink(missing_ok=True)
             log.debug("no disk reserve: %s", exc)
 
+    @property
+    def size_limit(self) -> int:
+        return int(self._cache.size_limit)
+
     def shrink(self, need: int) -> int:
         """Evict least recently used entries until ``need`` bytes are freed (or the
         cache is empty): called when the disk is full, so that clean data goes before

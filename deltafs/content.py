@@ -144,6 +144,9 @@ class Contents:
         self.uploads_running: Callable[[], bool] = lambda: False
         #: whether uploads run or can be started now (see ``Writeback.may_free_room``)
         self.may_free_room: Callable[[], bool] = lambda: False
+        #: told of every open served from the cache or the bucket, once its content is
+        #: there (``readahead.py``)
+        self.on_open: Callable[[Node], None] = lambda node: None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -255,8 +258,9 @@ class Contents:
                               ("empty",))
             log.error("inode %d has no content anywhere", node.ino)
             raise pyfuse3.FUSEError(errno.EIO)
-        return Source(self, node.ino, None, await self.fetch(node),
-                      ("cache", self.cache_key(node)))
+        cached = await self.fetch(node)
+        self.on_open(node)  # (after: the next file's rebuild may start from this one)
+        return Source(self, node.ino, None, cached, ("cache", self.cache_key(node)))
 
     def cache_key(self, node: Node) -> str:
         return node.sha256 or f"foreign:{node.remote_key}:{node.remote_etag}"
@@ -282,6 +286,16 @@ class Contents:
                 del self._fetching[key]
             else:
                 self._fetching[key] = (lock, n - 1)
+
+    async def settled(self, node: Node) -> bool:
+        """Wait for a rebuild of ``node``'s content in progress, if any (without starting
+        one); whether the content is in the cache now."""
+        key = self.cache_key(node)
+        running = self._fetching.get(key)
+        if running is not None:
+            async with running[0]:
+                pass
+        return key in self.cache
 
     async def _materialize(self, node: Node, key: str) -> CachedFile:
         from .index import stored_of

@@ -446,6 +446,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs.writeback.run)
+        nursery.start_soon(fs.read_ahead.run)
         nursery.start_soon(fs.committer)
         nursery.start_soon(fs.loop_stall.run)
         nursery.start_soon(memtrim.run)

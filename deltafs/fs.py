@@ -42,6 +42,7 @@ from .dirmanifest import DirManifests
 from .dirsync import DirSync
 from .chain import HIDDEN
 from .manifest import MANIFEST_NAME, manifest_key
+from .readahead import ReadAhead
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class DeltaFS(pyfuse3.Operations):
         files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.contents = Contents(journal, cache, engine, files_dir, settle=options.settle)
         self.writeback = Writeback(journal, engine, self.prefix, self.contents)
+        self.read_ahead = ReadAhead(journal, self.contents)
+        self.contents.on_open = self.read_ahead.opened
         self.dirsync = DirSync(journal, engine, self.prefix, self.contents, options)
         self.dirsync.on_replaced = self._replaced
         self.manifests = DirManifests(journal, engine, self.prefix,
@@ -860,6 +863,8 @@ class DeltaFS(pyfuse3.Operations):
         state = "pending" if node.dirty else ("clean" if node.remote_key else "local")
         out[p + "state"] = state
         if node.remote_key:
+            # whether an open would be served from this machine's cache (no request)
+            out[p + "cached"] = "1" if self.contents.cache_key(node) in self.cache else "0"
             out[p + "kind"] = node.remote_kind or ""
             out[p + "key"] = node.remote_key
             out[p + "stored_size"] = str(node.remote_size or 0)

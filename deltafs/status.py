@@ -54,5 +54,8 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         # the --memory-limit and what the xdelta3 children hold under it
         # (and glibc's mmap threshold, pinned by the daemon: memtrim.py)
         "memory": {**membudget.current().status(), "mmap_threshold": memtrim.pinned},
+        # files rebuilt ahead of a reader going through a directory in name order
+        "read_ahead": {"started": fs.read_ahead.stats.started,
+                       "failed": fs.read_ahead.stats.failed},
         "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
     }

@@ -140,3 +140,55 @@ def test_fsyncdir_waits_for_every_file_of_the_directory(mounted: Mount) -> None:
         os.close(fd)
     # no waiting here: fsync of the directory returned only once all five were stored
     assert {f"batch/f{i}.txt" for i in range(5)} <= set(m.objects("batch/"))
+
+
+def _series_on_a_fresh_cache(m: Mount, n: int) -> tuple[list[str], list[bytes]]:
+    from mountfixtures import release_versions
+
+    datas = release_versions(n, 512 << 10, seed=17)
+    names = [f"tool-1.{i:02d}.bin" for i in range(n)]
+    (m.mountpoint / "rel").mkdir()
+    for name, data in zip(names, datas):
+        (m.mountpoint / "rel" / name).write_bytes(data)
+    m.wait_idle(120)
+    m.remount(wipe_cache=True)
+    assert sorted(os.listdir(m.mountpoint / "rel")) == names
+    return names, datas
+
+
+def test_a_directory_read_in_name_order_has_its_next_file_rebuilt_ahead(
+        mounted: Mount) -> None:
+    """Read-ahead across files (readahead.py): after three files of a directory are
+    opened in name order, the next one is rebuilt into the cache while the third is
+    read, so its own open costs no request; every byte is still the right one."""
+    import time
+
+    m = mounted
+    names, datas = _series_on_a_fresh_cache(m, 6)
+    for name, data in zip(names[:3], datas[:3]):
+        assert (m.mountpoint / "rel" / name).read_bytes() == data
+    deadline = time.monotonic() + 30
+    while m.status()["read_ahead"]["started"] < 1:
+        assert time.monotonic() < deadline, m.status()["read_ahead"]
+        time.sleep(0.05)
+    nxt = m.mountpoint / "rel" / names[3]
+    deadline = time.monotonic() + 30
+    while os.getxattr(nxt, "user.deltafs.cached") != b"1":  # rebuilt ahead, unopened
+        assert time.monotonic() < deadline, ("the next file was never rebuilt ahead",
+                                             m.status()["read_ahead"])
+        time.sleep(0.05)
+    assert os.getxattr(m.mountpoint / "rel" / names[5], "user.deltafs.cached") == b"0"
+    assert nxt.read_bytes() == datas[3]
+    assert m.status()["read_ahead"]["failed"] == 0
+    for name, data in zip(names[4:], datas[4:]):
+        assert (m.mountpoint / "rel" / name).read_bytes() == data
+
+
+def test_files_read_out_of_order_are_not_rebuilt_ahead(mounted: Mount) -> None:
+    """A reader that does not go through the directory in name order costs nothing
+    more: no file is rebuilt before it is opened."""
+    m = mounted
+    names, datas = _series_on_a_fresh_cache(m, 6)
+    for i in (0, 2, 4, 1, 3, 5):  # every other file: a loose "in order" would read ahead
+        assert (m.mountpoint / "rel" / names[i]).read_bytes() == datas[i]
+    assert m.status()["read_ahead"] == {"started": 0, "failed": 0}
