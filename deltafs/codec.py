@@ -391,6 +391,42 @@ class _Writer:
             raise self.error
 
 
+def _pump(fd: int, ready: "select.poll", deadline: float, timeout: float,
+          bufs: list[bytearray], writer: _Writer, digest: "hashlib._Hash",
+          sums: bytearray | None) -> None:
+    """Read xdelta3's output into the ring until its end: each chunk is handed to the
+    writer, then hashed and summed here (both only read the buffer; it is filled again
+    only once both are done)."""
+    while True:
+        i = writer.take()
+        # fill the whole chunk (a pipe gives at most what it holds): every chunk but the
+        # last is a whole number of cache blocks, summed in place
+        with memoryview(bufs[i]) as view:
+            n = 0
+            while n < CHUNK:
+                # wait for output no longer than the deadline: a hung xdelta3 must not
+                # hold this worker thread for ever
+                if not ready.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
+                got = os.readv(fd, [view[n:]])
+                if not got:
+                    break
+                n += got
+            if not n:
+                writer.free.put(i)
+                return
+            writer.todo.put((i, n))
+            with view[:n] as data:
+                digest.update(data)
+                if sums is not None:
+                    for j in range(0, n, SUM_BLOCK):
+                        sums += zlib.crc32(data[j:j + SUM_BLOCK]).to_bytes(4, "little")
+        if time.monotonic() > deadline:
+            raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
+        if n < CHUNK:
+            return
+
+
 def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout: float,
                  sums: bytearray | None = None) -> str:
     args = [xdelta3_path(), "-d", "-c", *extra, "-s", str(source), str(delta)]
@@ -403,46 +439,24 @@ def _decode_once(source: Path, delta: Path, out: Path, extra: list[str], timeout
     ready = select.poll()
     ready.register(fd, select.POLLIN)
     bufs = [bytearray(CHUNK) for _ in range(DECODE_RING)]
-    writer: _Writer | None = None
     try:
         with open(out, "wb", buffering=0) as f:
             writer = _Writer(f, bufs)
-            while True:
-                i = writer.take()
-                # fill the whole chunk (a pipe gives at most what it holds): every chunk
-                # but the last is a whole number of cache blocks, summed in place
-                with memoryview(bufs[i]) as view:
-                    n = 0
-                    while n < CHUNK:
-                        # wait for output no longer than the deadline: a hung xdelta3
-                        # must not hold this worker thread for ever
-                        if not ready.poll(max(0.0, deadline - time.monotonic()) * 1000):
-                            raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
-                        got = os.readv(fd, [view[n:]])
-                        if not got:
-                            break
-                        n += got
-                    if not n:
-                        writer.free.put(i)
-                        break
-                    # written by the writer while it is hashed and summed here (both only
-                    # read the buffer; it is filled again only once both are done)
-                    writer.todo.put((i, n))
-                    with view[:n] as data:
-                        digest.update(data)
-                        if sums is not None:
-                            for j in range(0, n, SUM_BLOCK):
-                                sums += zlib.crc32(data[j:j + SUM_BLOCK]).to_bytes(4, "little")
-                if time.monotonic() > deadline:
-                    raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
-                if n < CHUNK:
-                    break
-            w, writer = writer, None
-            w.close()  # every byte hashed above is in the file, or this raises
+            try:
+                _pump(fd, ready, deadline, timeout, bufs, writer, digest, sums)
+            except BaseException as exc:
+                # the writer is stopped and joined while the file is still open (review:
+                # joined after the ``with``, it wrote to a closed, maybe reused, fd)
+                writer.todo.put(None)
+                writer.thread.join()
+                if isinstance(writer.error, OSError) and isinstance(exc, Exception) and \
+                        not isinstance(exc, OSError):
+                    # a full disk that the reader saw as a timeout or an error of its own
+                    # is still a full disk (not retried, not a corrupt object)
+                    raise writer.error from None
+                raise
+            writer.close()  # every byte hashed is in the file, or this raises
     except BaseException:
-        if writer is not None:
-            writer.todo.put(None)
-            writer.thread.join()
         proc.kill()
         _finish(proc, deadline)
         raise

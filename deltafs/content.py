@@ -259,15 +259,20 @@ class Contents:
             log.error("inode %d has no content anywhere", node.ino)
             raise pyfuse3.FUSEError(errno.EIO)
         cached = await self.fetch(node)
-        self.on_open(node)  # (after: the next file's rebuild may start from this one)
+        try:  # (after: the next file's rebuild may start from this one)
+            self.on_open(node)
+        except Exception as exc:  # noqa: BLE001 - a hint: the open stands without it
+            log.debug("read-ahead hint for inode %d failed: %r", node.ino, exc)
         return Source(self, node.ino, None, cached, ("cache", self.cache_key(node)))
 
     def cache_key(self, node: Node) -> str:
         return node.sha256 or f"foreign:{node.remote_key}:{node.remote_etag}"
 
-    async def fetch(self, node: Node) -> CachedFile:
+    async def fetch(self, node: Node, quiet: bool = False) -> CachedFile:
         """The cache entry of ``node``'s content, rebuilt from the bucket on a miss (one
-        fetch per content, however many opens wait for it)."""
+        fetch per content, however many opens wait for it). ``quiet``: for work nobody
+        waits for (a read-ahead): its failures are logged at debug level (the open of
+        that file, if it comes, tries again and says why)."""
         key = self.cache_key(node)
         hit = await trio.to_thread.run_sync(self.cache.open, key, self.engine.tmp_dir)
         if hit is not None:
@@ -279,7 +284,7 @@ class Contents:
                 hit = await trio.to_thread.run_sync(self.cache.open, key, self.engine.tmp_dir)
                 if hit is not None:
                     return hit
-                return await self._materialize(node, key)
+                return await self._materialize(node, key, quiet)
         finally:
             lock, n = self._fetching[key]
             if n <= 1:
@@ -295,11 +300,12 @@ class Contents:
         if running is not None:
             async with running[0]:
                 pass
-        return key in self.cache
+        return await trio.to_thread.run_sync(self.cache.__contains__, key)
 
-    async def _materialize(self, node: Node, key: str) -> CachedFile:
+    async def _materialize(self, node: Node, key: str, quiet: bool = False) -> CachedFile:
         from .index import stored_of
 
+        report = log.debug if quiet else log.error
         await self.ensure_room(node.size, f"rebuilding {node.remote_key}")
         tmp = self.engine.tmp_dir / f"fetch-{node.ino}-{time.monotonic_ns()}"
         try:
@@ -314,19 +320,24 @@ class Contents:
                         sha = await trio.to_thread.run_sync(self.engine.materialize,
                                                             stored_of(node), tmp)
             except NotFound:
-                log.error("read %s: the object is gone from the bucket", node.remote_key)
+                report("read %s: the object is gone from the bucket", node.remote_key)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             except OSError as exc:
-                log.error("read %s: no room to rebuild it on the cache disk: %s",
-                          node.remote_key, exc)
+                report("read %s: no room to rebuild it on the cache disk: %s",
+                       node.remote_key, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             except DeltafsError as exc:
-                log.error("read %s: %s", node.remote_key, exc)
+                report("read %s: %s", node.remote_key, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            if sha is not None and sha != node.sha256:
+            if sha is not None and sha != node.sha256 and not node.staged:
                 log.info("%s changed in the bucket; serving the new content", node.remote_key)
                 size = opened.size if opened is not None else tmp.stat().st_size
-                self.journal.update(node.ino, sha256=sha, size=size)
+                # only a row still published as it was: one written here meanwhile (a
+                # working file, a staged one) keeps its own content (found by review: a
+                # read-ahead of a file open for writing overwrote its hash)
+                self.journal.x("UPDATE nodes SET sha256=?, size=? WHERE ino=? AND staged IS "
+                               "NULL AND remote_key IS ? AND remote_etag IS ?",
+                               (sha, size, node.ino, node.remote_key, node.remote_etag))
             if opened is not None:  # left in the cache by its decode, verified there
                 return opened
             key = sha or key

@@ -458,6 +458,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
             await pyfuse3.main()
         finally:
             stop.gone.set()
+            fs.read_ahead.stopped = True  # the drain is for uploads
         stop.unmounted.set()
         fs.options.read_only = True
         if not stop.begun:

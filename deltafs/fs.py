@@ -819,7 +819,19 @@ class DeltaFS(pyfuse3.Operations):
         values = self._xattrs(node)
         if n not in values:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if n == XATTR_PREFIX + "cached":
+            return (await self._cached(node)).encode()
         return values[n].encode()
+
+    async def _cached(self, node: Node) -> str:
+        """Whether an open of ``node`` would read its content here without a GET: its
+        own content written here, or the cache holding it (the cache's index is asked
+        in a worker thread)."""
+        s = self.contents.states.get(node.ino)
+        if (s is not None and s.work is not None) or (node.staged and node.dirty & CONTENT):
+            return "1"
+        key = self.contents.cache_key(node)
+        return "1" if await trio.to_thread.run_sync(self.cache.__contains__, key) else "0"
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return [k.encode() for k in self._xattrs(self._node(inode))]
@@ -863,8 +875,7 @@ class DeltaFS(pyfuse3.Operations):
         state = "pending" if node.dirty else ("clean" if node.remote_key else "local")
         out[p + "state"] = state
         if node.remote_key:
-            # whether an open would be served from this machine's cache (no request)
-            out[p + "cached"] = "1" if self.contents.cache_key(node) in self.cache else "0"
+            out[p + "cached"] = ""  # asked for alone (getxattr): see _cached
             out[p + "kind"] = node.remote_kind or ""
             out[p + "key"] = node.remote_key
             out[p + "stored_size"] = str(node.remote_size or 0)

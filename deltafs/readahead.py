@@ -58,6 +58,8 @@ class ReadAhead:
         self.journal = journal
         self.contents = contents
         self.stats = ReadAheadStats()
+        #: set at unmount: nothing new starts (the drain is for uploads)
+        self.stopped = False
         #: per directory (inode), the name of the file opened last
         self._last: OrderedDict[int, str] = OrderedDict()
         #: per directory, the name before that (two in order start a read-ahead)
@@ -66,8 +68,9 @@ class ReadAhead:
         self._send, self._recv = trio.open_memory_channel[tuple[Node, Node]](1)
 
     def opened(self, node: Node) -> None:
-        """``node``'s content is being opened from the cache or the bucket (on the trio
-        thread; cheap: two index lookups at most)."""
+        """``node``'s content was opened from the cache or the bucket (on the trio
+        thread; cheap: two short range scans of the ``(parent, name)`` index and the
+        rows they name, at most 16, and a ``statvfs``)."""
         if not node.is_file:
             return
         last = self._last.pop(node.parent, None)
@@ -109,27 +112,35 @@ class ReadAhead:
         return out
 
     def _worth(self, node: Node) -> bool:
-        if not node.remote_key or node.dirty & CONTENT or node.size <= 0:
+        """Cheap checks, on the trio thread (the cache's own index is asked in ``run``)."""
+        if self.stopped or not node.remote_key or node.size <= 0:
+            return False
+        if node.dirty & CONTENT or node.staged or node.ino in self.contents.states:
+            # content written here (a working file, open for writing, staged, or an
+            # upload of it running): what the bucket holds is not this file's content
+            # (found by review: rebuilding one open for writing overwrote its hash)
             return False
         if node.size > MAX_SIZE or node.size > self.contents.cache.size_limit // 16:
             return False
-        if self.contents.cache_key(node) in self.contents.cache:
-            return False
-        return self.contents.free_bytes() - node.size >= ROOM
+        # the rebuild may fetch the reference beside the file
+        return self.contents.free_bytes() - 2 * node.size >= ROOM
 
     async def run(self) -> None:
         """Until cancelled: rebuild each file asked for, after the one opened before it
         (its base, in a chained directory) is in the cache."""
         async for current, nxt in self._recv:
+            if self.stopped:
+                continue
             try:
                 if not await self.contents.settled(current):
                     continue  # its open failed (and said why): nothing to build on
                 node = self.journal.get(nxt.ino)
-                if node is None or not self._worth(node):
+                if node is None or not self._worth(node) or await trio.to_thread.run_sync(
+                        self.contents.cache.__contains__, self.contents.cache_key(node)):
                     continue
                 self.stats.started += 1
                 log.debug("reading ahead: %s (after %s)", node.name, current.name)
-                got = await self.contents.fetch(node)
+                got = await self.contents.fetch(node, quiet=True)
                 got.close()
             except trio.Cancelled:
                 raise
