@@ -125,6 +125,18 @@ class Source:
             os.close(self.fd)
 
 
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _in_background(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` as work nobody waits for (its decodes queue behind opens)."""
+    from . import membudget
+
+    with membudget.background():
+        return fn(*args)
+
+
 class Contents:
     """The content states of every inode of one mount."""
 
@@ -312,6 +324,7 @@ class Contents:
             try:
                 opened: CachedFile | None = None
                 sha, in_cache = await trio.to_thread.run_sync(
+                    _in_background if quiet else _call,
                     self.engine.materialize_for_cache, stored_of(node), tmp)
                 if in_cache:
                     opened = await trio.to_thread.run_sync(self.cache.open, sha,

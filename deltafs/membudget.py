@@ -54,6 +54,22 @@ class _Ticket:
         self.first = first
 
 
+_local = threading.local()
+
+
+@contextmanager
+def background() -> Iterator[None]:
+    """Work in this thread that nobody waits for (a read-ahead's rebuild): its decodes
+    queue like encodes instead of ahead of them, so that it never delays someone's
+    ``open`` or an upload."""
+    was = getattr(_local, "background", False)
+    _local.background = True
+    try:
+        yield
+    finally:
+        _local.background = was
+
+
 class Budget:
     """Bytes the codec's children may hold at once. ``limit=None``: no bound (the CLI's
     default, where one command runs one codec at a time)."""
@@ -81,6 +97,8 @@ class Budget:
         """Hold ``need`` bytes for the life of one child (blocking: a worker thread).
         ``first``: queue ahead of every waiter without it (a decode: someone's read is
         waiting on it; an encode is background work)."""
+        if first and getattr(_local, "background", False):
+            first = False  # nobody waits for it (see background())
         ticket = _Ticket(first)  # unbounded (room() is huge): never waits
         t0 = time.monotonic()
         waited = False

@@ -306,3 +306,31 @@ def test_a_compressed_source_keeps_the_full_decode_window(tmp_path: Path,
     codec.decode(ref, delta, out, codec.sha256_file(tgt))
     assert out.read_bytes() == tgt.read_bytes()
     assert small_budget.peak_held >= codec.DECODE_WINDOW
+
+
+def test_a_background_decode_queues_behind_opens_and_with_encodes() -> None:
+    """A read-ahead's rebuild (membudget.background()) is work nobody waits for: its
+    decode queues like an encode, so a real open's decode that arrives later still goes
+    first, and it never jumps ahead of an upload's encode already waiting."""
+    b = Budget(100 * MiB, rss=lambda: 0)
+    order: list[str] = []
+
+    class Background(Holder):
+        def run(self) -> None:
+            with membudget.background():
+                super().run()
+
+    running = Holder(b, 90 * MiB, order, "running")
+    running.start()
+    running.holding.wait(5)
+    waiters = [Holder(b, 80 * MiB, order, "enc", False),
+               Background(b, 80 * MiB, order, "read-ahead", True),
+               Holder(b, 80 * MiB, order, "open", True)]
+    for n, t in enumerate(waiters, start=1):
+        t.start()
+        _wait_until(lambda n=n: len(b._queue) == n)  # noqa: SLF001
+    running.release.set()
+    for t in (waiters[2], waiters[0], waiters[1]):
+        t.holding.wait(5)
+        t.release.set()
+    assert order == ["running", "open", "enc", "read-ahead"]
