@@ -134,17 +134,25 @@ def check_mountpoint(path: Path) -> None:
 
 #: attempts of the mount-time bucket check: enough for a blip, few enough that a dead
 #: endpoint fails the mount in seconds (the daemon's own store keeps the full retries)
-CHECK_ATTEMPTS = 3
+CHECK_ATTEMPTS = 2
+#: the start's bucket check waits this long for an answer (per attempt; botocore makes
+#: CHECK_ATTEMPTS + 1 of them): an endpoint that takes the connection and never answers
+#: fails the start with exit 7 after ~31 s (measured), well inside systemd's 90 s start
+#: timeout (deltafs@.service); with the daemon's own 60 s it took 241 s (issue 13)
+CHECK_READ_TIMEOUT = 10.0
 
 
 def open_store(cfg: MountConfig, create: bool = True,
-               max_attempts: int | None = None) -> ObjectStore:
+               max_attempts: int | None = None,
+               read_timeout: float | None = None) -> ObjectStore:
     if cfg.source.is_s3:
         from .store.s3 import S3Store
 
         extra: dict[str, Any] = {}
         if max_attempts is not None:
             extra["max_attempts"] = max_attempts
+        if read_timeout is not None:
+            extra["read_timeout"] = read_timeout
         return S3Store(cfg.source.bucket, endpoint_url=cfg.endpoint_url,  # type: ignore[arg-type]
                        region=cfg.region, profile=cfg.profile, **extra)
     from .store.local import LocalStore
@@ -217,7 +225,7 @@ def mount(cfg: MountConfig) -> int:
     from .codec import xdelta3_path
 
     xdelta3_path()  # exit 9 now rather than failed uploads later
-    store = open_store(cfg, max_attempts=CHECK_ATTEMPTS)
+    store = open_store(cfg, max_attempts=CHECK_ATTEMPTS, read_timeout=CHECK_READ_TIMEOUT)
     store.check()
     source = str(cfg.source)
     cache_dir = (cfg.cache_dir or default_mount_cache(source)).absolute()

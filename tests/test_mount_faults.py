@@ -564,3 +564,33 @@ def test_slow_puts_each_version_uploads_after_its_base(pm: Mount, fault_proxy: F
         assert min(mine) >= base_ptr + 0.29, (after, min(mine) - base_ptr)
     cold_remount(pm)
     assert_reads(pm, {f"rel/{n}": d for n, d in files.items()}, "after a cold remount")
+
+
+# ------------------------------------------------------------------ 7. a hanging endpoint
+
+
+def test_start_against_a_hanging_endpoint_fails_with_exit_7_within_the_bound(
+        fault_proxy: FaultProxy, moto_server: str, bucket: str, tmp_path: Path,
+        fuse_tools: None) -> None:
+    """Issue 13: the endpoint takes the connection and never answers. The start's bucket
+    check gives up after two attempts of a 10 s read timeout, so ``deltafs mount`` exits
+    7 (endpoint unreachable) with a message that says so, well inside the 90 s systemd
+    gives the unit to start (it took 241 s, and systemd killed it first). Nothing is
+    mounted."""
+    from mountfixtures import deltafs_exe, in_mount_table
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    held = fault_proxy.set("hang")
+    started = time.monotonic()
+    res = subprocess.run([*deltafs_exe(), "mount", f"s3://{bucket}", str(mnt), "--cache-dir",
+                          str(tmp_path / "cache"), "--endpoint-url", fault_proxy.url],
+                         capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    fault_proxy.clear()
+    assert held.hits >= 2, held.hits  # the check asked, and asked again
+    assert res.returncode == 7, (res.returncode, res.stderr)
+    assert "timeout" in res.stderr.lower(), res.stderr
+    assert took < 45, took  # 2 x (10 s read) + backoff, with room for a slow machine
+    assert not in_mount_table(mnt)
+    print(f"hanging endpoint: exit 7 after {took:.1f} s: {res.stderr.strip()}")
