@@ -191,6 +191,10 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{m['codec_children']} holding {human(m['codec_held'])} "
               f"({m['codec_waiting']} waiting; waited {m['codec_waits']} times, "
               f"{m['codec_wait_seconds']:.0f} s)")
+    ra = s.get("read_ahead")
+    if ra:
+        print(f"  read-ahead: {ra['started']} files rebuilt before they were opened, "
+              f"{ra['failed']} failed")
     if s.get("last_error"):
         print(f"  last error ({s['last_error_age']:.0f} s ago): {s['last_error']}")
     return 0

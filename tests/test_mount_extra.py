@@ -182,6 +182,11 @@ def test_a_directory_read_in_name_order_has_its_next_file_rebuilt_ahead(
     assert m.status()["read_ahead"]["failed"] == 0
     for name, data in zip(names[4:], datas[4:]):
         assert (m.mountpoint / "rel" / name).read_bytes() == data
+    from mountfixtures import deltafs_exe
+
+    shown = subprocess.run([*deltafs_exe(), "status", str(m.mountpoint)],
+                           capture_output=True, text=True, timeout=30)
+    assert "files rebuilt before they were opened, 0 failed" in shown.stdout, shown.stdout
 
 
 def test_files_read_out_of_order_are_not_rebuilt_ahead(mounted: Mount) -> None:
