@@ -349,8 +349,8 @@ class Pending:
         self.pointer = pointer
         self.ref_sha256 = ref_sha256
         self._done = threading.Event()
+        #: what its confirm read; None until then, or for good when it failed
         self._state: SweepState | None = None
-        self._ok = False
 
     def finish(self, state: SweepState | None) -> None:
         """The put confirmed its pointer (``state``: what its confirm read, every blob
@@ -358,20 +358,18 @@ class Pending:
         counts."""
         if self._done.is_set():
             return
-        self._ok, self._state = state is not None, state
+        self._state = state
         self._done.set()
 
     @property
     def failed(self) -> bool:
         """Finished without its announced pointer standing."""
-        return self._done.is_set() and not self._ok
+        return self._done.is_set() and self._state is None
 
     def outcome(self, timeout: float) -> SweepState | None:
         """Wait for the put: the state its confirm read when the pointer stands as
         announced; None when it failed, changed its chain, or took too long."""
-        if not self._done.wait(timeout):
-            return None
-        return self._state if self._ok else None
+        return self._state if self._done.wait(timeout) else None
 
 
 class Memory:
@@ -470,6 +468,9 @@ class Memory:
             self._pending[pending.key] = pending
 
     def withdraw(self, pending: Pending) -> None:
+        """The put is over, or its announced pointer will not be written: a put still
+        waiting for it is told (a no-op once confirmed) and nobody new finds it."""
+        pending.finish(None)
         with self._lock:
             if self._pending.get(pending.key) is pending:
                 del self._pending[pending.key]

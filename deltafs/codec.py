@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import select
 import shutil
 import subprocess
@@ -353,8 +354,6 @@ class _Writer:
     writer)."""
 
     def __init__(self, f: "io.FileIO", bufs: list[bytearray]) -> None:
-        import queue
-
         self.f, self.bufs = f, bufs
         self.free: "queue.SimpleQueue[int]" = queue.SimpleQueue()
         self.todo: "queue.SimpleQueue[tuple[int, int] | None]" = queue.SimpleQueue()

@@ -24,6 +24,7 @@ durable (:meth:`Contents.commit`), and never while a working file still uses it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -125,15 +126,12 @@ class Source:
             os.close(self.fd)
 
 
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
-
-
-def _in_background(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` as work nobody waits for (its decodes queue behind opens)."""
+def _run(background: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; with ``background``, as work nobody waits for (its decodes queue
+    behind opens', see ``membudget.background``)."""
     from . import membudget
 
-    with membudget.background():
+    with membudget.background() if background else contextlib.nullcontext():
         return fn(*args)
 
 
@@ -324,8 +322,7 @@ class Contents:
             try:
                 opened: CachedFile | None = None
                 sha, in_cache = await trio.to_thread.run_sync(
-                    _in_background if quiet else _call,
-                    self.engine.materialize_for_cache, stored_of(node), tmp)
+                    _run, quiet, self.engine.materialize_for_cache, stored_of(node), tmp)
                 if in_cache:
                     opened = await trio.to_thread.run_sync(self.cache.open, sha,
                                                            self.engine.tmp_dir)

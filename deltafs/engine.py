@@ -301,12 +301,6 @@ class Engine:
             log.debug("content of %s not cached: %s", key, exc)
             return False
 
-    def _side_pool(self) -> ThreadPoolExecutor:
-        with self._refs_lock:
-            if self._side is None:
-                self._side = ThreadPoolExecutor(8, thread_name_prefix="deltafs-side")
-            return self._side
-
     @contextmanager
     def _side_calls(self) -> Iterator[Callable[..., Future]]:  # type: ignore[type-arg]
         """Requests a put sends beside its own work (they touch no state of the put's;
@@ -314,8 +308,13 @@ class Engine:
         the put, whichever way it ends."""
         started: list[Future] = []  # type: ignore[type-arg]
 
+        with self._refs_lock:
+            if self._side is None:
+                self._side = ThreadPoolExecutor(8, thread_name_prefix="deltafs-side")
+            pool = self._side
+
         def submit(fn: Callable[..., object], *args: object) -> Future:  # type: ignore[type-arg]
-            f = self._side_pool().submit(fn, *args)
+            f = pool.submit(fn, *args)
             started.append(f)
             return f
         try:
@@ -515,7 +514,7 @@ class Engine:
                 chained: tuple[ObjectInfo, int] | None = None
                 if not zero_diff and extended and self.policy.chains:
                     got = self._put_chain(src, key, size, sha, attrs, ref, ref_path, scratch,
-                                          hints, owned, wrote, ref_holds, side)
+                                          hints, owned, wrote, ref_holds=ref_holds, side=side)
                     if got is _REF_MOVED:
                         continue
                     if isinstance(got, str):
@@ -763,9 +762,9 @@ class Engine:
 
     def _put_chain(self, src: Path, key: str, size: int, sha: str, attrs: Attrs,
                    ref: Reference, ref_path: Path, scratch: Path, hints: tuple[str, ...],
-                   owned: bool = False, wrote: list[bool] | None = None,
-                   ref_holds: Callable[[], bool] = lambda: True,
-                   side: Callable[..., Future] | None = None  # type: ignore[type-arg]
+                   owned: bool = False, wrote: list[bool] | None = None, *,
+                   ref_holds: Callable[[], bool],
+                   side: Callable[..., Future],  # type: ignore[type-arg]
                    ) -> tuple[ObjectInfo, int, Reference | None] | str:
         """Store ``src`` as a chain pointer and (unless its content is its base's) one
         blob; returns ``(pointer info, blob bytes, the reference as seen after the
@@ -791,7 +790,6 @@ class Engine:
         # The state the last confirm here read lets the base be chosen and encoded at
         # once; the LIST asked beside it becomes ``before`` and must show the same state
         # before anything is uploaded (else the base's chain is checked again).
-        side = side or (lambda fn, *args: self._side_pool().submit(fn, *args))
         before = self.chain_memory.state(deltaspace)
         fresh: Future[chain.SweepState] | None = None
         if before is not None:
@@ -807,10 +805,11 @@ class Engine:
             links, root = (ref_root_sha,), ref_form
         hp = chain.hidden_prefix(deltaspace)
         # a base still uploading here is checked once it is confirmed (base_holds)
+        def link_blobs(links: tuple[str, ...]) -> list[str]:
+            return [hp + chain.blob_name(a, b) for a, b in zip(links, links[1:])]
+
         if waits_for is None and len(links) > 1 and not chain.present(
-                self.store, [hp + chain.blob_name(links[i], links[i + 1])
-                             for i in range(len(links) - 1)],
-                self.chain_memory, deltaspace, before):
+                self.store, link_blobs(links), self.chain_memory, deltaspace, before):
             log.info("put %s: the chain of its base is incomplete; encoding against the "
                      "reference", key)
             links, root, at_bound = (ref_root_sha,), ref_form, False
@@ -865,9 +864,7 @@ class Engine:
             same = chain.Memory.same_state(got, before)
             before = got
             if same or len(links) < 2 or chain.present(
-                    self.store, [hp + chain.blob_name(links[i], links[i + 1])
-                                 for i in range(len(links) - 1)],
-                    self.chain_memory, deltaspace, got):
+                    self.store, link_blobs(links), self.chain_memory, deltaspace, got):
                 return True
             log.info("put %s: a sweep ran since this mount last looked and the chain of "
                      "its base is incomplete; encoding against the reference", key)
@@ -937,9 +934,7 @@ class Engine:
                 if not ref_holds():
                     return _REF_MOVED
                 if not base_holds():
-                    if announced is not None:
-                        # what it announced will not be written
-                        announced.finish(None)
+                    if announced is not None:  # what it announced will not be written
                         self.chain_memory.withdraw(announced)
                     links, root, at_bound = (ref_root_sha,), ref_form, False
                     if blob_size:
@@ -978,8 +973,7 @@ class Engine:
                     return info, blob_size, now_ref
                 log.warning("put %s: a sweep took a blob its chain needs; encoding it "
                             "against the reference", key)
-                if announced is not None:
-                    announced.finish(None)  # a put waiting on this chain goes elsewhere
+                if announced is not None:  # a put waiting on this chain goes elsewhere
                     self.chain_memory.withdraw(announced)
                 links, root, at_bound = (ref_root_sha,), ref_form, False
                 before = chain.sweep_state(self.store, deltaspace, ensure=True)
@@ -991,7 +985,6 @@ class Engine:
             return "its chain kept being swept"
         finally:
             if announced is not None:
-                announced.finish(None)  # (no-op once confirmed)
                 self.chain_memory.withdraw(announced)
 
     def _decode_chain(self, stored: StoredFile, out: Path, scratch: Path,

@@ -389,6 +389,15 @@ def release_versions(n: int, size: int, seed: int) -> list[bytes]:
     return out
 
 
+def read_or_errno(path: Path) -> bytes | int:
+    """The file's bytes, or the errno its open/read failed with."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return exc.errno or -1
+
+
 def sha_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -486,5 +495,6 @@ def is_eio(exc: OSError) -> bool:
 
 
 __all__ = ["Mount", "mounted", "mounted_any", "PREFIX", "DECOYS", "release_versions",
+           "read_or_errno",
            "snapshot", "diff_snapshots", "run", "sha_of", "logical_names", "Entry", "tail",
            "pid_alive", "wait_dead", "in_mount_table", "deltafs_exe"]

@@ -157,13 +157,14 @@ def _series_on_a_fresh_cache(m: Mount, n: int) -> tuple[list[str], list[bytes]]:
 
 
 def test_a_directory_read_in_name_order_has_its_next_file_rebuilt_ahead(
-        mounted: Mount) -> None:
+        mounted_any: Mount) -> None:
     """Read-ahead across files (readahead.py): after three files of a directory are
     opened in name order, the next one is rebuilt into the cache while the third is
-    read, so its own open costs no request; every byte is still the right one."""
+    read, so its own open costs no request; every byte is still the right one. On the
+    bucket's root and on a prefix, each remounted with an empty cache (a new machine)."""
     import time
 
-    m = mounted
+    m = mounted_any
     names, datas = _series_on_a_fresh_cache(m, 6)
     for name, data in zip(names[:3], datas[:3]):
         assert (m.mountpoint / "rel" / name).read_bytes() == data

@@ -29,7 +29,7 @@ from typing import Any
 import boto3
 import pytest
 from faultproxy import FaultProxy, fault_proxy  # noqa: F401  (fixture)
-from mountfixtures import Mount, release_versions
+from mountfixtures import Mount, read_or_errno, release_versions
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -78,15 +78,6 @@ def cp_into(src: Path, names: list[str], dest: Path) -> float:
     took = time.monotonic() - started
     assert res.returncode == 0, f"cp failed ({res.returncode}): {res.stderr}"
     return took
-
-
-def read_or_errno(path: Path) -> bytes | int:
-    """The file's bytes, or the errno its open/read failed with."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        return exc.errno or -1
 
 
 def assert_reads(m: Mount, files: dict[str, bytes], where: str) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from mountfixtures import Mount, deltafs_exe, mounted, pid_alive, release_versions, sha_of  # noqa: F401
+from mountfixtures import (Mount, deltafs_exe, mounted, pid_alive, read_or_errno,  # noqa: F401
+                          release_versions, sha_of)
 from helpers import sha256_bytes
 from test_mount import MotoProcess, own_moto  # noqa: F401  (the fixture)
 
@@ -131,14 +132,6 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def _open_errno(path: Path) -> bytes | int:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        return exc.errno or -1
-
-
 def test_cold_read_of_a_delta_onto_a_full_cache_disk_fails_cleanly_then_reads_right(
         moto_server: str, bucket: str, small_disk: Path, tmp_path: Path,
         fuse_tools: None) -> None:
@@ -166,12 +159,12 @@ def test_cold_read_of_a_delta_onto_a_full_cache_disk_fails_cleanly_then_reads_ri
         assert sorted(os.listdir(m.mountpoint / "rel")) == names  # known, not cached
         assert target.stat().st_size == len(datas[2])
         filler = _fill(small_disk)
-        got = _open_errno(target)
+        got = read_or_errno(target)
         assert got == errno.ENOSPC, got if isinstance(got, int) else len(got)
         assert "cache disk full: rebuilding rel/app-1.2.bin" in m.log_text(), m.log_tail(20)
         # room for the file and the low-water mark, not for its reference as well
         os.truncate(filler, filler.stat().st_size - (len(datas[2]) + LOW_WATER + 4 * KiB))
-        got = _open_errno(target)
+        got = read_or_errno(target)
         assert got == errno.EIO, got if isinstance(got, int) else \
             f"read {len(got)} bytes with no room to rebuild them (right: {got == datas[2]})"
         assert "no room to rebuild it on the cache disk" in m.log_text(), m.log_tail(20)
