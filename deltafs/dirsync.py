@@ -213,11 +213,14 @@ class DirSync:
         """Merge one LIST page, ``MERGE_SLICE`` names at a time with a checkpoint between
         slices: a 1,000-entry page never holds the loop for long."""
         hidden = {n for n in part.dirs if self.journal.child(dir_ino, n) is None
-                  and self._going(f"{prefix}{n}")}
+                  and self._going(f"{prefix}{n}", started)}
         if hidden:
             log.debug("listing %s: not showing %s (this mount is removing or checking "
                       "what is left under it)", prefix or "/", sorted(hidden))
-            self.hidden_spaces.update(f"{prefix}{n}" for n in hidden)
+            # relisted once their reference check is done; the others show again (if
+            # anything is left under them) at the next listing
+            self.hidden_spaces.update(f"{prefix}{n}" for n in hidden
+                                      if self.collect_pending(f"{prefix}{n}"))
             part = DirListing(part.files, part.dirs - hidden, part.marker, part.reference,
                               part.dir_markers)
         names = [*part.files, *part.dirs]
@@ -232,14 +235,18 @@ class DirSync:
             self._replaced(dir_ino, gone)
             await trio.sleep(0)
 
-    def _going(self, space: str) -> bool:
+    def _going(self, space: str, started: float) -> bool:
         """Whether a sub-prefix with no row here is on its way out because of this mount:
-        its reference check is pending, or a queued delete or a live row's published
-        object (a rename not yet carried out) lies under it. A listing must not make a
-        directory of it (no listing ever removes a directory row, so it would stay)."""
+        its reference check is pending, a queued delete or a live row's published object
+        (a rename not yet carried out) lies under it, or this mount removed an object
+        under it after the listing began (the listing may predate that delete). A listing
+        must not make a directory of it (no listing ever removes a directory row, so it
+        would stay)."""
         if self.collect_pending(space):
             return True
         lo, hi = f"{space}/", f"{space}0"  # "0" sorts right after "/"
+        if self.journal.gone_under_since(lo, started):
+            return True
         return self.journal.x(
             "SELECT 1 FROM tombstones WHERE object_key >= ? AND object_key < ? LIMIT 1",
             (lo, hi)).fetchone() is not None or self.journal.x(

@@ -22,6 +22,7 @@ import stat
 import threading
 import time
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -160,7 +161,10 @@ class Journal:
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
         self._closed = False
-        self.gone: dict[str, float] = {}
+        #: object key -> when this mount removed it; prefix ("a/b/") -> when it removed
+        #: something under it (in memory, newest last; see ``note_gone``)
+        self.gone: OrderedDict[str, float] = OrderedDict()
+        self.gone_under: OrderedDict[str, float] = OrderedDict()
         with self._lock:
             self.db.executescript(SCHEMA)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(tombstones)")}
@@ -495,14 +499,34 @@ class Journal:
 
     def note_gone(self, object_key: str) -> None:
         """This mount just removed ``object_key`` from the bucket: a listing that started
-        before must not bring it back (in memory; pruned after ten minutes)."""
+        before must not bring it back, nor make a directory of a prefix it was under (in
+        memory; kept ten minutes, at most ``GONE_KEPT`` keys, O(1) per call)."""
         now = time.time()
-        self.gone[object_key] = now
-        if len(self.gone) > 10_000 or (self.gone and next(iter(self.gone.values())) < now - 600):
-            self.gone = {k: t for k, t in self.gone.items() if t > now - 600}
+        _remember(self.gone, object_key, now)
+        cut = object_key.rfind("/")
+        while cut > 0:
+            _remember(self.gone_under, object_key[:cut + 1], now)
+            cut = object_key.rfind("/", 0, cut)
 
     def gone_since(self, object_key: str, since: float) -> bool:
         return self.gone.get(object_key, 0.0) >= since
 
+    def gone_under_since(self, prefix: str, since: float) -> bool:
+        """Whether this mount removed an object under ``prefix`` (ending in "/") from the
+        bucket at or after ``since``."""
+        return self.gone_under.get(prefix, 0.0) >= since
+
     def tombstone_keys(self) -> set[str]:
         return {r[0] for r in self.x("SELECT object_key FROM tombstones").fetchall()}
+
+
+#: keys ``note_gone`` remembers at most (a listing older than the oldest of them could
+#: still bring one back; listings take seconds, and this is minutes of deletes)
+GONE_KEPT = 50_000
+
+
+def _remember(times: "OrderedDict[str, float]", key: str, now: float) -> None:
+    times[key] = now
+    times.move_to_end(key)
+    while times and (len(times) > GONE_KEPT or next(iter(times.values())) < now - 600):
+        times.popitem(last=False)

@@ -24,6 +24,10 @@ Modes (``set``/``add``):
     Read the request, then answer nothing until the rule is cleared (the connection is
     then closed) or, with ``seconds=S``, for S seconds and then forward it normally
     (injected latency).
+``late``
+    Forward the request at once, then hold the server's answer for ``seconds=S`` (or
+    until the rule is cleared) before sending it: the client gets a true but old answer,
+    as from a request that was slow on its way back.
 ``slowdown``
     Answer ``503`` with an S3 ``<Error><Code>SlowDown</Code>…`` body.
 ``status``
@@ -89,7 +93,7 @@ import pytest
 
 log = logging.getLogger(__name__)
 
-MODES = ("refuse", "hang", "slowdown", "status", "reset_body", "flip")
+MODES = ("refuse", "hang", "late", "slowdown", "status", "reset_body", "flip")
 #: headers that describe one hop, not the message: never forwarded as they came
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
                 "trailer", "upgrade", "expect"}
@@ -755,6 +759,10 @@ class FaultProxy:
         resp_head = (status_line.decode("latin-1").rstrip("\r\n") + "\r\n"
                      + "".join(f"{k}: {v}\r\n" for k, v in out_headers) + "\r\n").encode("latin-1")
 
+        if rule is not None and rule.mode == "late":
+            rule.released.wait(rule.params.get("seconds"))
+            if self._stopping.is_set():
+                return False
         if phase == "response":
             # the server did the work; the client gets part of the answer, or (for an
             # answer without a body) none of it

@@ -585,3 +585,43 @@ def test_start_against_a_hanging_endpoint_fails_with_exit_7_within_the_bound(
     assert took < 45, took  # 2 x (10 s read) + backoff, with room for a slow machine
     assert not in_mount_table(mnt)
     print(f"hanging endpoint: exit 7 after {took:.1f} s: {res.stderr.strip()}")
+
+
+def test_late_listing_never_brings_back_a_removed_directory(
+        fault_proxy: FaultProxy, moto_server: str, bucket: str, tmp_path: Path,
+        fuse_tools: None) -> None:
+    """A LIST answered before this mount deleted a directory's markers, but applied after
+    the deletes were done (and their tombstones dropped), must not make the directory
+    again: no later listing removes a directory row, so it would stay for good (seen
+    once in seven suite runs as ``d6`` coming back after ``rm -rf``)."""
+    m = Mount(bucket, fault_proxy.url, tmp_path / "deltafs", extra_args=["--listing-ttl", "1"])
+    m.client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    try:
+        m.mount()
+        (m.mountpoint / "d" / "sub").mkdir(parents=True)
+        (m.mountpoint / "keep").mkdir()
+        m.wait_idle(30)
+        assert set(m.objects()) >= {"d/", "d/sub/", "keep/"}
+        time.sleep(1.2)  # the root's listing is stale
+        deletes = fault_proxy.set("hang", kind="DeleteObject", seconds=1.0)
+        subprocess.run(["rm", "-rf", str(m.mountpoint / "d")], check=True)
+        # the root's full listing: the server answers at once (both markers are still
+        # there, their deletes are held), the answer reaches the mount 2.5 s later
+        late = fault_proxy.add("late", kind="ListObjectsV2", query="delimiter", seconds=2.5)
+        listed: list[list[str]] = []
+        t = threading.Thread(target=lambda: listed.append(sorted(os.listdir(m.mountpoint))))
+        t.start()
+        t.join(30)
+        assert late.hits >= 1 and deletes.hits >= 1
+        fault_proxy.clear()
+        m.wait_idle(30)
+        assert not set(m.objects()) & {"d/", "d/sub/"}
+        assert listed == [["keep"]]
+        time.sleep(1.2)  # past the TTL: listed again
+        assert os.listdir(m.mountpoint) == ["keep"]
+    finally:
+        fault_proxy.clear()
+        try:
+            m.teardown()
+        finally:
+            m.dump_logs()
