@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
-from .api import DEFAULT_CACHE_SIZE, default_cache_dir, make_engine
-from .engine import Engine, Entry, Policy
+from .version import __version__
+from . import options, wiring
+from .engine import Engine, Entry
 from .errors import DeltafsError, NotFound, UsageError
 from .format import check_logical_key, split_key
 from .locations import Location, parse
 from .store.base import ObjectStore
+from .units import human, parse_size  # noqa: F401  (parse_size: callers' name)
 
 log = logging.getLogger(__name__)
 
@@ -31,41 +32,6 @@ EXIT_INTERRUPTED = 130
 
 
 # ------------------------------------------------------------------ formatting
-
-
-def human(n: float) -> str:
-    """1536 -> '1.5KB' (powers of 1024, the way du -h counts)."""
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1024 or unit == "PB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n}"
-
-
-def parse_size(text: str) -> int:
-    """'10G', '512M', '64k', '1000' -> bytes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t and t[-1] in "KMGT":
-        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
-        t = t[:-1]
-    try:
-        return int(float(t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 10G)") from None
-
-
-def _level(text: str) -> int:
-    if text not in tuple("0123456789"):
-        raise argparse.ArgumentTypeError("the level is a digit from 0 to 9")
-    return int(text)
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError("the ratio must be in (0, 1]")
-    return value
 
 
 class Progress:
@@ -82,22 +48,18 @@ class Progress:
 # --------------------------------------------------------------------- context
 
 
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's settings: its flags over the options table's defaults."""
+    return options.effective(options.from_args(args, "cli"), "cli")
+
+
 def open_store(loc: Location, args: argparse.Namespace, create: bool = False) -> ObjectStore:
-    if loc.is_s3:
-        from .store.s3 import S3Store
-
-        return S3Store(loc.bucket, endpoint_url=args.endpoint_url, region=args.region,  # type: ignore[arg-type]
-                       profile=args.profile)
-    from .store.local import LocalStore
-
-    return LocalStore(loc.root, create=create)  # type: ignore[arg-type]
+    return wiring.open_store(loc, settings(args), create=create)
 
 
 def engine_for(loc: Location, args: argparse.Namespace) -> Engine:
-    store = open_store(loc, args)
-    policy = Policy.create(args.min_delta_size, args.max_ratio, args.level, args.format)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    return make_engine(store, cache_dir, args.cache_size, policy)
+    s = settings(args)
+    return wiring.engine(wiring.open_store(loc, s), s)
 
 
 def _emit(args: argparse.Namespace, data: Any, text: Callable[[], None]) -> None:
@@ -403,31 +365,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("store and cache")
-    g.add_argument("--endpoint-url", default=None,
-                   help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
-    g.add_argument("--region", default=None)
-    g.add_argument("--profile", default=None, help="AWS profile (credentials stay in its files)")
-    g.add_argument("--cache-dir", default=None,
-                   help=f"local cache for references (default {default_cache_dir()})")
-    g.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_SIZE,
-                   help="bound of the content cache (default 2G)")
-    g.add_argument("--max-ratio", type=_ratio, default=0.75,
-                   help="keep a delta only below this share of the file (default 0.75)")
-    g.add_argument("--min-delta-size", type=parse_size, default=64 << 10,
-                   help="smaller files are stored whole (default 64K)")
-    g.add_argument("--level", type=_level, default=None,
-                   help="xdelta3 level 0-9 (default 6; 9 stores ~0.2%% less, twice as slow)")
-    g.add_argument("--format", choices=("auto", "deltafs", "deltaglider"), default=None,
-                   help="bucket format for new directories: auto (deltafs's extensions in new "
-                        "directories, DeltaGlider's where DeltaGlider wrote), deltaglider (only "
-                        "what the deltaglider CLI reads), deltafs (default auto)")
-    g.add_argument("--memory-limit", type=parse_size, default=None,
-                   help="RAM for this command and its xdelta3 children together: encode "
-                        "windows narrow to fit (default 144M; '0' for no limit)")
-    g.add_argument("-q", "--quiet", action="store_true")
-    g.add_argument("-v", "--verbose", action="count", default=0)
-    g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
+    options.add_arguments(common, "cli")
 
     p = argparse.ArgumentParser(
         prog="deltafs",

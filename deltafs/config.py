@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from . import options
 from .errors import ConfigError, UsageError
+from .locations import Location
 
 #: where ``config=NAME`` (a bare name) is looked up; tests point it elsewhere
 CONFIG_DIR_ENV = "DELTAFS_CONFIG_DIR"
@@ -67,108 +69,54 @@ SECRET_NAMES = frozenset({
     "access_key_id", "secret_key", "secret_access_key", "session_token", "password",
     "secret", "token",
 })
-#: log targets besides a path
-LOG_WORDS = {"stderr": "stderr", "syslog": "syslog", "journal": "syslog"}
 
 
-# ---------------------------------------------------------------------- conversions
+# ---------------------------------------------------------------------- settings
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("not a size")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    from .cli import parse_size
-
-    try:
-        n = parse_size(str(value))
-    except Exception:  # noqa: BLE001 - argparse.ArgumentTypeError
-        raise ValueError(f"not a size: {value!r} (e.g. 512M, 10G)") from None
-    if n < 0:
-        raise ValueError("a size cannot be negative")
-    return n
+def _default(name: str) -> Any:
+    return options.BY_NAME[name].default
 
 
-def _int_pos(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("not a whole number")
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a whole number: {value!r}") from None
-    if n < 1 or n != float(value):
-        raise ValueError(f"must be a whole number of at least 1, not {value!r}")
-    return n
+@dataclass
+class MountConfig:
+    """Everything a mount needs, after merging (flags, option strings, config file);
+    every field but the first three is a setting of :mod:`deltafs.options`, with its
+    default from there."""
 
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("not a number of seconds")
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a number of seconds: {value!r}") from None
-    if n < 0 or n != n:
-        raise ValueError(f"must be 0 or more seconds, not {value!r}")
-    return n
-
-
-def _ratio(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("not a ratio")
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a ratio: {value!r}") from None
-    if not 0 < n <= 1:
-        raise ValueError(f"must be in (0, 1], not {value!r}")
-    return n
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on", ""):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not true/false: {value!r}")
-
-
-def _format(value: Any) -> str:
-    text = _text(value)
-    if text not in ("auto", "deltafs", "deltaglider"):
-        raise ValueError(f"must be auto, deltafs or deltaglider, not {value!r}")
-    return text
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or value == "":
-        raise ValueError(f"expected a non-empty string, not {value!r}")
-    return str(value)
-
-
-def _path(value: Any) -> str:
-    text = _text(value)
-    return os.path.expanduser(text)
-
-
-def _log(value: Any) -> str:
-    text = _text(value)
-    return LOG_WORDS.get(text.lower(), os.path.expanduser(text))
+    source: Location
+    mountpoint: Path
+    foreground: bool = False
+    cache_dir: Path | None = None
+    cache_size: int = _default("cache_size")
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    credentials_file: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+    storage_class: str | None = None
+    allow_other: bool = False
+    read_only: bool = False
+    log_file: str | None = None
+    debug: bool = False
+    upload_concurrency: int = _default("upload_concurrency")
+    max_ratio: float = _default("max_ratio")
+    level: int | None = None
+    format: str = _default("format")
+    min_delta_size: int = _default("min_delta_size")
+    listing_ttl: float = _default("listing_ttl")
+    drain_timeout: float = _default("drain_timeout")
+    #: RAM for the daemon and its xdelta3 children together (0: no limit)
+    memory_limit: int = _default("memory_limit")
+    metrics_port: int | None = None
+    metrics_address: str = _default("metrics_address")
+    metrics_textfile: str | None = None
+    fuse_options: list[str] = field(default_factory=list)
 
 
 def _fuse_options(value: Any) -> list[str]:
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        items = list(value)
-    else:
-        raise ValueError(f"expected a list of strings, not {value!r}")
+    items = options.fuse_options(value)
     for item in items:
         name, eq, _ = item.partition("=")
         if not (item in KERNEL_FLAGS or item in FUSE_FLAGS or item == "allow_other"
@@ -180,28 +128,10 @@ def _fuse_options(value: Any) -> list[str]:
     return items
 
 
-#: setting -> converter; every setting a file, an option string or a flag may carry
+#: setting -> converter; every setting a file or an option string may carry (the table
+#: in :mod:`deltafs.options`; ``fuse_options`` checked against what libfuse takes)
 SETTINGS: dict[str, Callable[[Any], Any]] = {
-    "source": _text,
-    "mountpoint": _path,
-    "endpoint_url": _text,
-    "region": _text,
-    "profile": _text,
-    "credentials_file": _path,
-    "cache_dir": _path,
-    "cache_size": _size,
-    "upload_concurrency": _int_pos,
-    "max_ratio": _ratio,
-    "level": _int_pos,
-    "format": _format,
-    "min_delta_size": _size,
-    "listing_ttl": _seconds,
-    "drain_timeout": _seconds,
-    "memory_limit": _size,
-    "log_file": _log,
-    "debug": _bool,
-    "allow_other": _bool,
-    "read_only": _bool,
+    **{o.name: o.convert for o in options.OPTIONS if o.config and "mount" in o.scopes},
     "fuse_options": _fuse_options,
 }
 #: other spellings accepted for a setting
@@ -345,7 +275,7 @@ def parse_options(texts: Iterable[str], *, sloppy: bool = False,
             converted: Any = value
         elif key in SETTINGS and key not in ("fuse_options",):
             if not eq:
-                if SETTINGS[key] is _bool:
+                if SETTINGS[key] is options.boolean:
                     value = "true"
                 else:
                     raise UsageError(f"{origin} {name!r} needs a value ({name}=...)")
@@ -423,7 +353,7 @@ def use_credentials_file(path: str, profile: str | None) -> str:
 def source_location(text: str, create: bool = True):  # type: ignore[no-untyped-def]
     """``s3://bucket/prefix`` or a local store directory (an empty or new one becomes a
     store, unless ``create`` is false) as a mount source."""
-    from .locations import Location, find_store_root, parse
+    from .locations import find_store_root, parse
     from .store.local import LocalStore
 
     if text.startswith("s3://") or "://" in text:
@@ -456,10 +386,7 @@ def merge(file_settings: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[
 def build_mount_config(settings: Mapping[str, Any], *, foreground: bool = False,
                        extra_fuse: Iterable[str] = (),
                        create: bool = True):  # type: ignore[no-untyped-def]
-    """Merged settings -> a :class:`deltafs.daemon.MountConfig` (needs source and
-    mountpoint)."""
-    from .daemon import MountConfig
-
+    """Merged settings -> a :class:`MountConfig` (needs source and mountpoint)."""
     s = dict(settings)
     if not s.get("source"):
         raise UsageError("no source: give SOURCE (s3://BUCKET/PREFIX or a store directory) "
@@ -481,17 +408,14 @@ def build_mount_config(settings: Mapping[str, Any], *, foreground: bool = False,
         foreground=foreground,
         fuse_options=fuse,
     )
-    simple = ("endpoint_url", "region", "profile", "credentials_file", "cache_size",
-              "allow_other", "read_only", "log_file", "debug", "upload_concurrency",
-              "max_ratio", "level", "format", "min_delta_size", "listing_ttl",
-              "drain_timeout", "memory_limit")
-    for name in simple:
-        if s.get(name) is not None:
+    for name in options.names("mount", config=True):
+        if name not in ("source", "mountpoint", "cache_dir", "fuse_options") \
+                and s.get(name) is not None:
             setattr(cfg, name, s[name])
     if cfg.log_file not in (None, "stderr", "syslog"):
         cfg.log_file = str(Path(cfg.log_file).absolute())
     return cfg
 
 
-__all__ = ["load_file", "parse_options", "merge", "build_mount_config", "config_path",
+__all__ = ["MountConfig", "load_file", "parse_options", "merge", "build_mount_config", "config_path",
            "use_credentials_file", "source_location", "Options", "SETTINGS"]

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable, Mapping
 
 import trio
 
-from . import __version__
+from .version import __version__
 from .engine import Engine
 from .errors import Changed, DeltafsError, NotFound
 from .format import StoredFile, split_key

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Mapping
 
-from . import __version__
+from .version import __version__
 from .errors import InvalidName, ReservedName
 
 log = logging.getLogger(__name__)

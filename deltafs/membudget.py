@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: the default --memory-limit (daemon and children): the largest a default mount may
 #: reach while copying release series (see docs/performance.md)
-DEFAULT_LIMIT = 144 << 20
+DEFAULT_LIMIT = 144 << 20  # = options.DEFAULT_MEMORY_LIMIT (a test checks)
 #: a child always gets at least this much room, however large the daemon has grown
 MIN_ROOM = 32 << 20
 

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import options
 from .errors import DeltafsError, UsageError
+from .units import human
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +30,27 @@ class NotMounted(DeltafsError):
     exit_code = 10
 
 
+class StaleMountFound(NotMounted):
+    """The mountpoint holds a dead mount (its daemon died)."""
+
+    exit_code = 13
+
+
 def read_status(mountpoint: Path) -> dict[str, Any]:
     try:
         raw = os.getxattr(mountpoint, STATUS_XATTR)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise NotMounted(
-                f"{mountpoint} is a stale mount (its daemon died): run `fusermount3 -u "
-                f"{mountpoint}`; the next mount uploads what was pending") from None
+            raise StaleMountFound(
+                f"{mountpoint} is a stale mount (its daemon died): `deltafs umount "
+                f"{mountpoint}` removes it; the next mount uploads what was pending") from None
         raise NotMounted(f"{mountpoint} is not a deltafs mount ({exc.strerror})") from None
     data: dict[str, Any] = json.loads(raw)
     return data
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .config import build_mount_config, convert, load_file, merge, parse_options
+    from .config import build_mount_config, load_file, merge, parse_options
     from .daemon import mount
 
     opts = parse_options(args.options or [], origin="option")
@@ -52,21 +60,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     source, mountpoint = args.source, args.mountpoint
     if mountpoint is None and source is not None and file_settings.get("source"):
         source, mountpoint = None, source  # `deltafs mount --config NAME MOUNTPOINT`
-    flags = {
-        "source": source, "mountpoint": mountpoint, "cache_dir": args.cache_dir,
-        "cache_size": args.cache_size, "endpoint_url": args.endpoint_url,
-        "region": args.region, "profile": args.profile,
-        "credentials_file": args.credentials_file,
-        "allow_other": args.allow_other or None, "read_only": args.read_only or None,
-        "log_file": args.log_file, "debug": args.debug or None,
-        "upload_concurrency": args.upload_concurrency, "max_ratio": args.max_ratio,
-        "level": args.level, "format": args.format,
-        "min_delta_size": args.min_delta_size, "listing_ttl": args.listing_ttl,
-        "drain_timeout": args.drain_timeout, "memory_limit": args.memory_limit,
-    }
-    for name, value in flags.items():
-        if value is not None:
-            flags[name] = convert(name, value, f"--{name.replace('_', '-')}")
+    flags = {"source": source, "mountpoint": mountpoint, **options.from_args(args, "mount")}
+    for name in ("allow_other", "read_only", "debug"):
+        flags[name] = flags[name] or None  # an absent switch leaves the file's value
+    flags.pop("quiet", None)
+    flags.pop("verbose", None)
     settings = merge(file_settings, opts.settings, flags)
     cfg = build_mount_config(settings, foreground=args.foreground, extra_fuse=opts.fuse)
     return mount(cfg)
@@ -90,7 +88,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mnt = _mountpoint_arg(args)
     if args.stale:
         return _unmount_stale(mnt)
-    status = read_status(mnt)
+    try:
+        status = read_status(mnt)
+    except StaleMountFound:
+        # what the caller wants from umount: the dead mount gone (uploads it had pending
+        # wait in its journal for the next mount)
+        print(f"deltafs: {mnt} was a stale mount (its daemon died)", file=sys.stderr)
+        return _unmount_stale(mnt, known=True)
     pid = int(status["pid"])
     tty = sys.stderr.isatty()
     deadline = time.monotonic() + args.timeout if args.timeout else None
@@ -132,16 +136,18 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unmount_stale(mnt: Path) -> int:
+def _unmount_stale(mnt: Path, known: bool = False) -> int:
     """``umount --stale``: remove a dead mount (its daemon died) from MNT; a live mount or
-    none is left alone. What was pending stays in the journal for the next mount."""
-    try:
-        os.stat(mnt)
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
+    none is left alone. What was pending stays in the journal for the next mount.
+    ``known``: the caller found it dead already."""
+    if not known:
+        try:
+            os.stat(mnt)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                return 0
+        else:
             return 0
-    else:
-        return 0
     res = subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
         raise DeltafsError(f"fusermount3 -u -z {mnt} failed: {res.stderr.strip()}")
@@ -164,7 +170,6 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .cli import human
 
     mnt = _mountpoint_arg(args)
     status = read_status(mnt)
@@ -201,12 +206,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """``mount`` has its own copy of the store options (not ``common``'s): its defaults
-    must stay unset (None) so a config file can fill them, and argparse shares a parent's
-    option objects between subcommands, so changing their defaults here would change
-    them for ``put``/``get`` too."""
-    from .cli import _ratio, parse_size
-
+    """``mount``, ``umount`` and ``status``. ``mount`` takes the options table's
+    ``mount`` settings (not ``common``'s ``cli`` ones)."""
     _ = common
     sp = sub.add_parser(
         "mount", help="mount a bucket (or local store)",
@@ -227,50 +228,9 @@ def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                     help="mount(8)-style options: key=value settings (cache_dir=..., "
                          "endpoint_url=...), FUSE options (allow_other, auto_unmount) and "
                          "mount flags (nosuid, nodev, noexec, ro); repeatable")
-    g = sp.add_argument_group("store and cache")
-    g.add_argument("--endpoint-url", default=None,
-                   help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
-    g.add_argument("--region", default=None)
-    g.add_argument("--profile", default=None, help="AWS profile (credentials stay in its files)")
-    g.add_argument("--credentials-file", default=None, metavar="FILE",
-                   help="an AWS shared-credentials file to take the keys from (never pass "
-                        "keys on the command line)")
-    g.add_argument("--cache-dir", default=None,
-                   help="cache, journal and log of this mount (default: one per source "
-                        "under /var/cache/deltafs/mounts or ~/.cache/deltafs/mounts)")
-    g.add_argument("--cache-size", type=parse_size, default=None,
-                   help="bound of the content cache (default 10G)")
-    g.add_argument("--max-ratio", type=_ratio, default=None,
-                   help="keep a delta only below this share of the file (default 0.75)")
-    g.add_argument("--min-delta-size", type=parse_size, default=None,
-                   help="smaller files are stored whole (default 64K)")
-    g.add_argument("--level", type=int, choices=range(10), default=None, metavar="0-9",
-                   help="xdelta3 level (default 6)")
-    g.add_argument("--format", choices=("auto", "deltafs", "deltaglider"), default=None,
-                   help="bucket format for new directories: auto (deltafs's extensions in new "
-                        "directories, DeltaGlider's where DeltaGlider wrote), deltaglider (only "
-                        "what the deltaglider CLI reads), deltafs (default auto)")
-    g.add_argument("-q", "--quiet", action="store_true")
-    g.add_argument("-v", "--verbose", action="count", default=0)
-    g.add_argument("--debug", action="store_true", help="log everything; tracebacks on errors")
     sp.add_argument("-f", "--foreground", action="store_true",
                     help="stay in the foreground (systemd Type=notify: READY=1 once live)")
-    sp.add_argument("--allow-other", action="store_true",
-                    help="let other users in (the kernel checks modes)")
-    sp.add_argument("--read-only", action="store_true")
-    sp.add_argument("--log-file", default=None,
-                    help="a path, 'stderr', 'syslog' or 'journal' (default: stderr with "
-                         "--foreground, else CACHE_DIR/deltafs.log)")
-    sp.add_argument("--upload-concurrency", type=int, default=None, help="(default 4)")
-    sp.add_argument("--memory-limit", type=parse_size, default=None,
-                    help="RAM for the daemon and its xdelta3 children together; encodes "
-                         "and decodes that do not fit wait their turn (default 144M; "
-                         "'0' for no limit)")
-    sp.add_argument("--listing-ttl", type=float, default=None,
-                    help="seconds a directory listing is trusted (default 30)")
-    sp.add_argument("--drain-timeout", type=float, default=None,
-                    help="seconds to finish uploads at unmount/SIGTERM before exiting with "
-                         "the rest kept in the journal (default 60)")
+    options.add_arguments(sp, "mount")
 
     sp = sub.add_parser("umount", help="wait for pending uploads, then unmount")
     sp.set_defaults(func=cmd_umount, json=False, debug=False, verbose=0)

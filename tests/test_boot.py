@@ -522,11 +522,22 @@ def test_busy_mountpoint_cache_in_use_and_stale_mount(moto_server: str, bucket: 
     assert wait_dead(pid, 10)
     res = helper(mnt, cache)
     assert res.returncode == 13 and "holds a stale mount" in res.stderr, res.stderr
+    res = run_cli("status", str(mnt))
+    assert res.returncode == 13 and f"{mnt} is a stale mount" in res.stderr \
+        and f"deltafs umount {mnt}" in res.stderr, res.stderr
     res = run_cli("umount", "--stale", str(mnt))
     assert res.returncode == 0 and not in_mount_table(mnt), res.stderr
     res = helper(mnt, cache)
     assert res.returncode == 0, res.stderr
-    cleanup.pids.append(int(daemon_status(mnt)["pid"]))
+    pid = int(daemon_status(mnt)["pid"])
+    cleanup.pids.append(pid)
+    # plain umount of a dead daemon's mount names it and removes it (issue 13)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_dead(pid, 10)
+    res = run_cli("umount", str(mnt))
+    assert res.returncode == 0 and f"{mnt} was a stale mount" in res.stderr \
+        and "removed the stale mount" in res.stderr, res.stderr
+    assert not in_mount_table(mnt)
 
 
 @pytest.mark.mount
