@@ -6,7 +6,9 @@
     svc.get("v2.0.0/app-2.0.0.zip", "/tmp/app.zip")
 
 ``local_dir=`` selects a local store instead of S3. A destination ending in ``/`` means
-"into this prefix"; anything else is the key itself.
+"into this prefix"; anything else is the key itself. ``sse=`` (``"AES256"`` or
+``"aws:kms"``, with ``sse_kms_key_id=``) and ``storage_class=`` go on every object
+written to S3 (:class:`deltafs.store.s3.S3Store` says which objects stay STANDARD).
 """
 from __future__ import annotations
 
@@ -14,30 +16,17 @@ import logging
 import os
 from pathlib import Path
 
-from .cache import ContentCache
+from . import options
 from .engine import Engine, Entry, Policy, PutResult, Stats
 from .errors import UsageError
 from .format import StoredFile, split_key
 from .store.base import ObjectStore
+from .wiring import default_cache_dir, make_engine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_SIZE = 2 << 30
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/deltafs`` (``~/.cache/deltafs``): references live here between
-    runs, so a put or get of a delta does not download the reference again."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "deltafs"
-
-
-def make_engine(store: ObjectStore, cache_dir: Path | None = None,
-                cache_size: int = DEFAULT_CACHE_SIZE, policy: Policy = Policy()) -> Engine:
-    cache_dir = cache_dir or default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cache = ContentCache(cache_dir / "content", size_limit=cache_size)
-    return Engine(store, cache, cache_dir / "tmp", policy)
+#: the cache bound when none is given (the options table's: the same for every command)
+DEFAULT_CACHE_SIZE: int = options.BY_NAME["cache_size"].default
 
 
 class DeltaService:
@@ -59,15 +48,28 @@ class DeltaService:
         level: int | None = None,
         format: str | None = None,
         store: ObjectStore | None = None,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+        storage_class: str | None = None,
     ) -> None:
+        s3_settings = "=, ".join(name for name, value in (
+            ("sse", sse), ("sse_kms_key_id", sse_kms_key_id),
+            ("storage_class", storage_class)) if value is not None)
+        if s3_settings and store is not None:
+            raise UsageError(f"{s3_settings}= configure the S3 store DeltaService makes for"
+                             " bucket=: with store=, give them to that store")
         if store is None:
             if (bucket is None) == (local_dir is None):
                 raise UsageError("DeltaService needs exactly one of bucket= or local_dir=")
+            if s3_settings and bucket is None:
+                raise UsageError(f"{s3_settings}= are S3 settings: a local store"
+                                 " (local_dir=) takes none")
             if bucket is not None:
                 from .store.s3 import S3Store
 
                 store = S3Store(bucket, endpoint_url=endpoint_url, region=region,
-                                profile=profile)
+                                profile=profile, sse=sse, sse_kms_key_id=sse_kms_key_id,
+                                storage_class=storage_class)
             else:
                 from .store.local import LocalStore
 

@@ -45,6 +45,29 @@ class Progress:
             print(text, file=sys.stderr, flush=True)
 
 
+def _bar_wanted(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() and not args.quiet and not getattr(args, "json", False) \
+        and os.environ.get("TERM") != "dumb"
+
+
+def progress_bar(args: argparse.Namespace, total: int, what: str) -> Any:
+    """A progress bar over bytes on stderr, only on a terminal (none on a pipe, with
+    --quiet or --json). Files advance it as each one is done."""
+    if not _bar_wanted(args):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 # --------------------------------------------------------------------- context
 
 
@@ -116,18 +139,30 @@ def cmd_put(args: argparse.Namespace) -> int:
     for _, rel in sources:  # refuse bad names before anything is written
         check_logical_key(dest.key + rel if into else dest.key)
     engine = engine_for(dest, args)
-    progress = Progress()
     results = []
     total = len(sources)
-    for i, (src, rel) in enumerate(sources, 1):
-        key = dest.key + rel if into else dest.key
-        progress(f"[{i}/{total}] {src} -> {key}")
-        r = engine.put(src, key)
-        results.append(r)
-        if not args.json and not args.quiet:
-            detail = f" ({r.reason})" if r.reason else ""
-            print(f"{r.kind:9} {human(r.original_size):>8} -> {human(r.stored_size):>8} "
-                  f"{r.ratio:6.1%}  {_url(dest, key)}{detail}")
+    bar = progress_bar(args, sum(_size_of(src) for src, _ in sources), "put")
+    try:
+        for i, (src, rel) in enumerate(sources, 1):
+            key = dest.key + rel if into else dest.key
+            if bar is not None:
+                bar.set_postfix_str(f"[{i}/{total}] {src.name}", refresh=True)
+            r = engine.put(src, key)
+            results.append(r)
+            if bar is not None:
+                bar.update(r.original_size)
+                bar.refresh()
+            if not args.json and not args.quiet:
+                detail = f" ({r.reason})" if r.reason else ""
+                line = (f"{r.kind:9} {human(r.original_size):>8} -> "
+                        f"{human(r.stored_size):>8} {r.ratio:6.1%}  {_url(dest, key)}{detail}")
+                if bar is not None:
+                    bar.write(line, file=sys.stdout)
+                else:
+                    print(line)
+    finally:
+        if bar is not None:
+            bar.close()
     if args.json:
         json.dump([{"key": r.key, "kind": r.kind, "original_size": r.original_size,
                     "stored_size": r.stored_size, "sha256": r.sha256, "reason": r.reason}
@@ -155,8 +190,18 @@ def cmd_get(args: argparse.Namespace) -> int:
         dest = dest / name
     if not dest.parent.is_dir():
         raise UsageError(f"{dest.parent}: no such directory")
-    Progress()(f"{src} -> {dest}")
-    stored = engine.get(src.key, dest)
+    known = engine.stat(src.key) if _bar_wanted(args) else None  # the get reuses it
+    bar = progress_bar(args, (known.size or 0) if known else 0, "get")
+    try:
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=True)
+        stored = engine.get(src.key, dest, known)
+        if bar is not None:
+            bar.update(dest.stat().st_size)
+            bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
     if not args.quiet:
         print(f"{stored.kind.value:9} {human(dest.stat().st_size):>8}  {dest}", file=sys.stderr)
     return 0

@@ -45,6 +45,33 @@ TARGET_WINDOW = 4 << 20
 MIN_SOURCE_WINDOW = 512 << 10
 
 
+class CodecStats:
+    """How many xdelta3 children this process ran and the seconds they took (for
+    ``deltafs status`` and the metrics). Noted by the worker threads that run the codec,
+    hence the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs = {"encode": 0, "decode": 0}
+        self._seconds = {"encode": 0.0, "decode": 0.0}
+
+    def note(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            self._runs[kind] += 1
+            self._seconds[kind] += seconds
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {"encodes": self._runs["encode"],
+                    "encode_seconds": round(self._seconds["encode"], 6),
+                    "decodes": self._runs["decode"],
+                    "decode_seconds": round(self._seconds["decode"], 6)}
+
+
+#: this process's xdelta3 runs (each encode and each decode attempt, whatever its end)
+stats = CodecStats()
+
+
 def xdelta3_path() -> str:
     """The xdelta3 binary, or a CodecError that says how to get it."""
     path = os.environ.get("DELTAFS_XDELTA3") or shutil.which("xdelta3")
@@ -209,7 +236,11 @@ def encode(
         window = narrowed
     need = encode_footprint(window, ref_size, size, level)
     with budget.hold(need, f"encode of {target.name}"):
-        return _encode_run(binary, source, target, out, size, window, level, limits)
+        t0 = time.monotonic()
+        try:
+            return _encode_run(binary, source, target, out, size, window, level, limits)
+        finally:
+            stats.note("encode", time.monotonic() - t0)
 
 
 def _encode_run(binary: str, source: Path, target: Path, out: Path, size: int, window: int,
@@ -326,7 +357,11 @@ def decode(
             del sums[:]
         try:
             with budget.hold(need, f"decode of {delta.name}", first=True):
-                digest = _decode_once(source, delta, out, extra, timeout, sums)
+                t0 = time.monotonic()
+                try:
+                    digest = _decode_once(source, delta, out, extra, timeout, sums)
+                finally:
+                    stats.note("decode", time.monotonic() - t0)
         except OSError:
             out.unlink(missing_ok=True)
             raise

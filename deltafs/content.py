@@ -157,6 +157,10 @@ class Contents:
         #: told of every open served from the cache or the bucket, once its content is
         #: there (``readahead.py``)
         self.on_open: Callable[[Node], None] = lambda node: None
+        #: fetches (opens, read-aheads) whose content was in the cache / had to be
+        #: rebuilt from the bucket (or waited for a rebuild already running)
+        self.cache_hits = 0
+        self.cache_misses = 0
 
     # ------------------------------------------------------------------ plumbing
 
@@ -286,7 +290,9 @@ class Contents:
         key = self.cache_key(node)
         hit = await trio.to_thread.run_sync(self.cache.open, key, self.engine.tmp_dir)
         if hit is not None:
+            self.cache_hits += 1
             return hit
+        self.cache_misses += 1
         lock, n = self._fetching.get(key, (trio.Lock(), 0))
         self._fetching[key] = (lock, n + 1)
         try:

@@ -29,14 +29,13 @@ from typing import IO, Any
 
 import trio
 
-from .api import make_engine
-from .engine import Policy
+from .config import MountConfig
 from .errors import ConfigError, DeltafsError
 from .content import recover
 from .fs import DeltaFS, Options
 from .journal import Journal
 from .locations import Location
-from . import membudget, memtrim
+from . import membudget, memtrim, wiring
 from .loopstall import SlowSteps
 from .store.base import ObjectStore
 
@@ -74,35 +73,6 @@ class CacheError(DeltafsError):
     """The cache directory cannot be used."""
 
     exit_code = EXIT_CACHE
-
-
-@dataclass
-class MountConfig:
-    """Everything a mount needs, after parsing (CLI, mount helper or config file)."""
-
-    source: Location
-    mountpoint: Path
-    cache_dir: Path | None = None
-    cache_size: int = 10 << 30
-    foreground: bool = False
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    credentials_file: str | None = None
-    allow_other: bool = False
-    read_only: bool = False
-    log_file: str | None = None
-    debug: bool = False
-    upload_concurrency: int = 4
-    max_ratio: float = 0.75
-    level: int | None = None
-    format: str = "auto"
-    min_delta_size: int = 64 << 10
-    listing_ttl: float = 30.0
-    drain_timeout: float = 60.0
-    #: RAM for the daemon and its xdelta3 children together (0: no limit)
-    memory_limit: int = membudget.DEFAULT_LIMIT
-    fuse_options: list[str] = field(default_factory=list)
 
 
 def default_mount_cache(source: str) -> Path:
@@ -145,20 +115,10 @@ CHECK_READ_TIMEOUT = 10.0
 def open_store(cfg: MountConfig, create: bool = True,
                max_attempts: int | None = None,
                read_timeout: float | None = None) -> ObjectStore:
-    if cfg.source.is_s3:
-        from .store.s3 import S3Store
-
-        extra: dict[str, Any] = {}
-        if max_attempts is not None:
-            extra["max_attempts"] = max_attempts
-        if read_timeout is not None:
-            extra["read_timeout"] = read_timeout
-        return S3Store(cfg.source.bucket, endpoint_url=cfg.endpoint_url,  # type: ignore[arg-type]
-                       region=cfg.region, profile=cfg.profile, **extra)
-    from .store.local import LocalStore
-
-    assert cfg.source.root is not None
-    return LocalStore(cfg.source.root, create=create)
+    """The mount's store (``mount`` has applied ``credentials_file`` to the profile)."""
+    settings = {k: getattr(cfg, k) for k in wiring.STORE_SETTINGS if k != "credentials_file"}
+    return wiring.open_store(cfg.source, settings, create=create, max_attempts=max_attempts,
+                             read_timeout=read_timeout)
 
 
 def lock_cache(cache_dir: Path) -> IO[str]:
@@ -216,6 +176,8 @@ def check_log_target(cfg: MountConfig) -> None:
 def mount(cfg: MountConfig) -> int:
     """Check, (fork,) mount and serve until unmounted. Returns the exit code."""
     cfg.mountpoint = cfg.mountpoint.absolute()
+    if cfg.metrics_textfile:  # the daemon runs in /
+        cfg.metrics_textfile = os.path.abspath(cfg.metrics_textfile)
     check_log_target(cfg)
     if cfg.credentials_file:
         from .config import use_credentials_file
@@ -302,8 +264,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     log.info("memory limit %s (the daemon and its xdelta3 children)",
              f"{cfg.memory_limit >> 20} MiB" if budget.limit else "off")
     store = open_store(cfg)
-    policy = Policy.create(cfg.min_delta_size, cfg.max_ratio, cfg.level, cfg.format)
-    engine = make_engine(store, cache_dir, cfg.cache_size, policy)
+    engine = wiring.engine(store, vars(cfg), cache_dir)
     journal = Journal(cache_dir / "state.db", str(cfg.source))
     files_dir = cache_dir / "files"
     files_dir.mkdir(exist_ok=True, mode=0o700)
@@ -452,7 +413,14 @@ class _Stop:
 async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop) -> None:
     import pyfuse3
 
+    from .metrics import start_metrics
+
+    # before the mount answers: a metrics port in use fails the start (exit 14)
+    exporter = await start_metrics(fs, port=cfg.metrics_port, address=cfg.metrics_address,
+                                   textfile=cfg.metrics_textfile)
     async with trio.open_nursery() as nursery:
+        if exporter is not None:
+            nursery.start_soon(exporter.run)  # to the end: it serves during the drain
         nursery.start_soon(fs.writeback.run)
         nursery.start_soon(fs.read_ahead.run)
         nursery.start_soon(fs.committer)

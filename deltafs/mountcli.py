@@ -170,14 +170,57 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-
     mnt = _mountpoint_arg(args)
+    if args.watch:
+        return _watch(mnt, max(0.1, args.interval), args.json)
     status = read_status(mnt)
     if args.json:
         json.dump(status, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    s = status
+    _print_status(mnt, status)
+    return 0
+
+
+def _watch(mnt: Path, every: float, as_json: bool) -> int:
+    """``status --watch``: the status again every ``every`` seconds, with upload rates
+    since the last refresh; the screen is redrawn on a terminal, a block (or a JSON
+    line) is appended on a pipe. Ends on Ctrl-C (exit 0) or when the mount goes."""
+    tty = sys.stdout.isatty() and not as_json
+    last: tuple[float, int, int] | None = None
+    try:
+        while True:
+            try:
+                s = read_status(mnt)
+            except NotMounted as exc:
+                if last is None:
+                    raise
+                print(f"deltafs: {exc}", file=sys.stderr)
+                return 0
+            now = time.monotonic()
+            if last is not None and now > last[0]:
+                dt = now - last[0]
+                s["rates"] = {"uploaded_files_per_s": round((s["uploaded_files"] - last[1]) / dt, 2),
+                              "uploaded_bytes_per_s": round((s["uploaded_bytes"] - last[2]) / dt)}
+            last = (now, s["uploaded_files"], s["uploaded_bytes"])
+            if as_json:
+                print(json.dumps(s), flush=True)
+            else:
+                if tty:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # home, clear
+                print(time.strftime("%H:%M:%S"), end=" ")
+                _print_status(mnt, s)
+                r = s.get("rates")
+                if r:
+                    print(f"  rate:     {r['uploaded_files_per_s']:.1f} files/s, "
+                          f"{human(r['uploaded_bytes_per_s'])}/s uploaded")
+                print("", flush=True)
+            time.sleep(every)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_status(mnt: Path, s: dict[str, Any]) -> None:
     print(f"{mnt}: {s['source']} (pid {s['pid']}, up {s['uptime']:.0f} s)")
     print(f"  pending:  {s['pending_files']} files, {human(s['pending_bytes'])}, oldest "
           f"{s['oldest_pending_seconds']:.0f} s, {s['uploading']} uploading")
@@ -202,7 +245,6 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{ra['failed']} failed")
     if s.get("last_error"):
         print(f"  last error ({s['last_error_age']:.0f} s ago): {s['last_error']}")
-    return 0
 
 
 def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -216,7 +258,8 @@ def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                     "wins. Exit codes: 2 bad usage or config, 5 no bucket, 6 bad "
                     "credentials, 7 endpoint unreachable, 9 xdelta3 missing, 10 mountpoint "
                     "missing or busy, "
-                    "11 cache directory unusable, 12 FUSE refused, 13 stale mount.")
+                    "11 cache directory unusable, 12 FUSE refused, 13 stale mount, 14 metrics "
+                    "port in use.")
     sp.set_defaults(func=cmd_mount, json=False)
     sp.add_argument("source", metavar="SOURCE", nargs="?",
                     help="s3://bucket[/prefix] or a store directory (or from --config)")
@@ -245,6 +288,11 @@ def add_mount_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = sub.add_parser("status", help="pending uploads, cache, requests, last error")
     sp.set_defaults(func=cmd_status, debug=False, verbose=0)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--watch", action="store_true",
+                    help="refresh with upload rates until Ctrl-C or the mount goes "
+                         "(with --json: one line per refresh)")
+    sp.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                    help="seconds between refreshes of --watch (default 2)")
     sp.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     sp.add_argument("--config", metavar="NAME|FILE", default=None,
                     help="take MOUNTPOINT from this config file")

@@ -230,9 +230,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("sse_kms_key_id", text, None, "the KMS key for --sse aws:kms (default: the "
            "bucket's or the account's)", BOTH, metavar="KEY", group="S3 objects"),
     Option("storage_class", storage_class, None,
-           "storage class of file contents (deltas and files stored whole); references, "
-           "directory markers and manifests stay STANDARD: every delta read needs its "
-           "reference", BOTH, metavar="CLASS", group="S3 objects", default_text="STANDARD"),
+           "storage class of file contents (deltas, chain blobs, files stored whole); "
+           "references, directory markers, manifests and, for the IA classes, objects "
+           "under 128 KiB stay STANDARD: every cold delta read needs its reference",
+           BOTH, metavar="CLASS", group="S3 objects", default_text="STANDARD"),
     Option("cache_dir", path, None, "content cache (and, for a mount, its journal and log)",
            BOTH, metavar="DIR",
            default_text="~/.cache/deltafs; a mount: one per source under "

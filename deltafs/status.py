@@ -6,7 +6,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import membudget, memtrim
+from . import codec, membudget, memtrim
 
 if TYPE_CHECKING:
     from .fs import DeltaFS
@@ -39,10 +39,18 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         "uploaded_files": w.uploaded_files,
         "uploaded_bytes": w.uploaded_bytes,
         "cache_bytes": fs.cache.volume(),
+        "cache_limit": fs.cache.size_limit,
+        # opens and read-aheads that found their content in the cache, or rebuilt it
+        "cache_hits": fs.contents.cache_hits,
+        "cache_misses": fs.contents.cache_misses,
         # committed state, refreshed in the background at most every ~2 s
         "logical_bytes": fs.totals()[0],
         "stored_bytes": fs.totals()[1],
         "requests": fs.engine.store.stats(),
+        # finished requests by type and outcome (ok, not_found, ...; S3 only, else None)
+        "request_outcomes": _outcomes(fs.engine.store),
+        # xdelta3 runs of this daemon and the seconds they took
+        "codec": codec.stats.snapshot(),
         # changes that failed for good (a key the server refuses) or keep failing on a
         # bucket-wide cause (no bucket, refused credentials): umount does not wait for them
         "failed_files": len(failed),
@@ -59,3 +67,8 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
                        "failed": fs.read_ahead.stats.failed},
         "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
     }
+
+
+def _outcomes(store: Any) -> dict[str, dict[str, int]] | None:
+    outcomes = getattr(store, "request_outcomes", None)
+    return outcomes() if outcomes is not None else None

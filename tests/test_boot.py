@@ -767,12 +767,12 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
 
 
 def test_docs_cover_every_mount_exit_code() -> None:
-    from deltafs import daemon
+    from deltafs import daemon, metrics
 
     readme = (ROOT / "README.md").read_text()
     trouble = (ROOT / "TROUBLESHOOTING.md").read_text()
     for code in (2, 5, 6, 7, daemon.EXIT_MOUNTPOINT, daemon.EXIT_CACHE, daemon.EXIT_FUSE,
-                 daemon.EXIT_STALE):
+                 daemon.EXIT_STALE, metrics.EXIT_METRICS):
         assert re.search(rf"^\| {code} \|", readme, re.M), f"exit {code} not in README"
         assert re.search(rf"\bexit {code}\b", trouble), f"exit {code} not in TROUBLESHOOTING"
     for message in ("holds a stale mount", "is already a mountpoint", "does not exist (create it",

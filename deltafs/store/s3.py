@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import io
 import logging
+import re
 import math
 import os
 import threading
@@ -37,6 +38,7 @@ from deltafs.errors import (
     StoreError,
     Unreachable,
 )
+from deltafs.format import MANIFEST_NAME, REFERENCE_NAME
 from deltafs.store.base import Listing, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,75 @@ GET_BACKOFF = 0.1
 #: the start this many times before it is reported as corrupt
 GET_CHECKSUM_RETRIES = 2
 
+#: storage classes deltafs writes in (``storage_class=``): an object in any of them can
+#: be read at once. S3's archive classes cannot (:data:`ARCHIVE_CLASSES`).
+STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+                   "GLACIER_IR", "REDUCED_REDUNDANCY", "EXPRESS_ONEZONE")
+#: archive classes: an object must be restored (minutes to hours) before a GET
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+#: classes that bill every object as at least :data:`MIN_BILLED_SIZE` bytes
+MIN_BILLED_CLASSES = frozenset({"STANDARD_IA", "ONEZONE_IA", "GLACIER_IR"})
+MIN_BILLED_SIZE = 128 * 1024
+#: server-side encryption (``sse=``) as S3 spells it: SSE-S3 and SSE-KMS
+SSE_MODES = ("AES256", "aws:kms")
+#: ``chain.HIDDEN``, a directory's prefix of chain blobs and sweep objects (chain.py
+#: imports the store layer, so the name cannot come from there; a test checks they agree)
+HIDDEN_DIR = ".deltafs"
+
+
+def write_settings(
+    sse: str | None, sse_kms_key_id: str | None, storage_class: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """The S3 write settings checked and spelled as S3 wants them (``aes256`` ->
+    ``AES256``, ``standard_ia`` -> ``STANDARD_IA``); empty means unset. Raises
+    :class:`ConfigError` saying why for a setting that cannot work. (``options.sse`` and
+    ``options.storage_class`` check the command-line and config spellings the same way.)"""
+    sse = (sse or "").strip() or None
+    key_id = (sse_kms_key_id or "").strip() or None
+    cls = (storage_class or "").strip().upper().replace("-", "_") or None
+    if sse is not None:
+        spelled = {mode.lower(): mode for mode in SSE_MODES}.get(sse.lower())
+        if spelled is None:
+            raise ConfigError(
+                f"unknown server-side encryption {sse!r}: use AES256 (SSE-S3, keys managed"
+                " by S3) or aws:kms (SSE-KMS)")
+        sse = spelled
+    if key_id is not None and sse != "aws:kms":
+        raise ConfigError(
+            "an SSE-KMS key id only applies with server-side encryption aws:kms"
+            + (f", not {sse}" if sse else " (none is set)")
+            + ": set the encryption to aws:kms, or drop the key id")
+    if cls in ARCHIVE_CLASSES:
+        raise ConfigError(
+            f"storage class {cls} cannot be used: its objects must be restored (minutes to"
+            " hours) before they can be read, and reading a file needs its delta and its"
+            " directory's reference at once; GLACIER_IR (instant retrieval) or STANDARD_IA"
+            " can be read at once")
+    if cls is not None and cls not in STORAGE_CLASSES:
+        raise ConfigError(
+            f"unknown storage class {storage_class!r}: use one of {', '.join(STORAGE_CLASSES)}")
+    return sse, key_id, cls
+
+
+def stays_standard(key: str) -> bool:
+    """Whether ``key`` is one of the objects deltafs keeps in STANDARD whatever storage
+    class is configured (see :class:`S3Store`): a directory's reference, its sweep
+    objects (under ``.deltafs/``, beside the chain blobs, which take the class), a
+    directory marker, a listing manifest. The format reserves these names, so no file is
+    ever stored under one."""
+    name = key.rpartition("/")[2]
+    hidden = key.startswith(f"{HIDDEN_DIR}/") or f"/{HIDDEN_DIR}/" in key
+    return (
+        key.endswith("/")
+        or name in (REFERENCE_NAME, MANIFEST_NAME)
+        or (hidden and not _BLOB_NAME.match(name))
+    )
+
+
+#: a chain blob's name (``chain.blob_name``: content and base SHA-256s)
+_BLOB_NAME = re.compile(r"^[0-9a-f]{64}\.[0-9a-f]{64}$")
+
+
 #: API operation name -> the category reported by :meth:`S3Store.stats`
 _OP_CATEGORY = {
     "HeadObject": "HEAD",
@@ -90,6 +161,23 @@ _OP_CATEGORY = {
     "CompleteMultipartUpload": "MULTIPART",
     "AbortMultipartUpload": "MULTIPART",
 }
+
+
+def _outcome(http_response: Any) -> str:
+    """How an API call ended, from its final HTTP answer (None: no answer at all)."""
+    status = getattr(http_response, "status_code", None)
+    if status is None:
+        return "network_error"
+    if status < 300 or status == 304:
+        return "ok"
+    if status == 404:
+        return "not_found"
+    if status == 412:
+        return "precondition_failed"
+    if status in (429, 503):
+        return "throttled"
+    return "client_error" if status < 500 else "server_error"
+
 
 #: S3 error codes that mean "your credentials are wrong or not allowed to do this"
 _DENIED_CODES = {
@@ -308,6 +396,31 @@ class S3Store(ObjectStore):
 
     The boto3 client is created once: clients are thread-safe (sessions are not), and the
     engine calls us from many worker threads at once.
+
+    Write settings (docs/architecture.md, "S3 settings"). ``sse`` (``AES256`` or
+    ``aws:kms``, with ``sse_kms_key_id`` for a key of one's own) goes on every request
+    that makes an object: PutObject, CreateMultipartUpload, and CopyObject, since a copy
+    does not keep its source's encryption (nor its storage class) unless asked; renames
+    and attribute changes are copies. ``storage_class`` goes on the same requests, by
+    the role of the object, which the key tells (:func:`stays_standard`):
+
+    - file content (a delta or a file stored whole, chain pointers and chain blobs
+      included): the configured class. In deltafs's own format the blobs hold nearly
+      all of a directory's delta bytes: a class that skipped them would save nothing;
+    - a directory's ``reference.bin`` and its sweep objects (``.deltafs/``): STANDARD.
+      A reference is read by every cold delta read of its directory on every machine
+      (the infrequent-access classes bill each GB read and 30 days at least, GLACIER_IR
+      90), it is one object per directory, and REDUCED_REDUNDANCY would put the one
+      object every delta needs at risk;
+    - directory markers (``dir/``) and listing manifests: STANDARD. Tiny, rewritten often;
+    - any object under 128 KiB, when the class bills 128 KiB at least per object
+      (STANDARD_IA, ONEZONE_IA, GLACIER_IR): STANDARD, which costs less for it (S3's own
+      lifecycle transitions skip such objects too): files under the 64 KiB delta
+      threshold, chain pointers and most zero-diff deltas.
+
+    EXPRESS_ONEZONE is the one class of the directory buckets it exists in (STANDARD is
+    refused there), so it goes on every object. Without ``storage_class`` no class is
+    sent at all, and without ``sse`` no encryption header: the bucket's defaults apply.
     """
 
     def __init__(
@@ -325,7 +438,18 @@ class S3Store(ObjectStore):
         connect_timeout: float = 5,
         read_timeout: float = 60,
         max_attempts: int = 5,
+        sse: str | None = None,
+        sse_kms_key_id: str | None = None,
+        storage_class: str | None = None,
     ) -> None:
+        #: the write settings as sent (``None``: not sent); see the class docstring
+        self.sse, self.sse_kms_key_id, self.storage_class = write_settings(
+            sse, sse_kms_key_id, storage_class)
+        self._sse_args: dict[str, str] = {}
+        if self.sse is not None:
+            self._sse_args["ServerSideEncryption"] = self.sse
+        if self.sse_kms_key_id is not None:
+            self._sse_args["SSEKMSKeyId"] = self.sse_kms_key_id
         self.bucket = bucket
         self.name = f"s3://{bucket}"
         self.multipart_threshold = max(multipart_threshold, 1)
@@ -335,6 +459,8 @@ class S3Store(ObjectStore):
         self.part_size = max(part_size, MIN_PART)
         self.copy_part_size = COPY_PART_SIZE
         self._counts: Counter[str] = Counter()
+        #: (category, outcome) -> API calls finished (counted after botocore's retries)
+        self._outcomes: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
 
         try:
@@ -373,6 +499,8 @@ class S3Store(ObjectStore):
         self._client = client
         self.endpoint: str = client.meta.endpoint_url
         client.meta.events.register("before-call.s3", self._count_call)
+        client.meta.events.register("after-call.s3", self._count_outcome)
+        client.meta.events.register("after-call-error.s3", self._count_outcome)
         log.debug("S3 store %s at %s (region %s)", self.name, self.endpoint, region_name)
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -386,6 +514,44 @@ class S3Store(ObjectStore):
     def stats(self) -> dict[str, int]:
         with self._counts_lock:
             return dict(self._counts)
+
+    def _count_outcome(self, event_name: str = "", http_response: Any = None,
+                       **_: Any) -> None:
+        """botocore ``after-call`` / ``after-call-error`` hook: how each call ended."""
+        name = event_name.rsplit(".", 1)[-1]
+        key = (_OP_CATEGORY.get(name, name), _outcome(http_response))
+        with self._counts_lock:
+            self._outcomes[key] += 1
+
+    def request_outcomes(self) -> dict[str, dict[str, int]]:
+        """Finished API calls by category and outcome (``ok``, ``not_found``,
+        ``precondition_failed``, ``throttled``, ``client_error``, ``server_error``,
+        ``network_error``), for ``deltafs status`` and the metrics."""
+        out: dict[str, dict[str, int]] = {}
+        with self._counts_lock:
+            for (op, outcome), n in self._outcomes.items():
+                out.setdefault(op, {})[outcome] = n
+        return out
+
+    # -- write settings -------------------------------------------------------------------
+
+    def storage_class_for(self, key: str, size: int) -> str | None:
+        """The storage class an object of ``size`` bytes written as ``key`` gets (see
+        the class docstring); ``None`` when no storage class is configured."""
+        cls = self.storage_class
+        if cls is None or cls == "EXPRESS_ONEZONE":
+            return cls
+        if stays_standard(key) or (cls in MIN_BILLED_CLASSES and size < MIN_BILLED_SIZE):
+            return "STANDARD"
+        return cls
+
+    def _write_args(self, key: str, size: int) -> dict[str, str]:
+        """Encryption and storage class for a request that makes the object ``key``."""
+        args = dict(self._sse_args)
+        cls = self.storage_class_for(key, size)
+        if cls is not None:
+            args["StorageClass"] = cls
+        return args
 
     # -- error translation ----------------------------------------------------------------
 
@@ -840,7 +1006,8 @@ class S3Store(ObjectStore):
                 try:
                     with open(src, "rb") as body:
                         resp = self._client.put_object(
-                            Bucket=self.bucket, Key=key, Body=body, Metadata=dict(metadata), **extra
+                            Bucket=self.bucket, Key=key, Body=body, Metadata=dict(metadata),
+                            **extra, **self._write_args(key, size),
                         )
                     break
                 except bce.ClientError as exc:
@@ -863,7 +1030,8 @@ class S3Store(ObjectStore):
         with self._errors("PUT", key):
             size = Path(src).stat().st_size
             upload_id = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=key, Metadata=dict(metadata)
+                Bucket=self.bucket, Key=key, Metadata=dict(metadata),
+                **self._write_args(key, size),
             )["UploadId"]
         try:
             part_size = self._part_size_for(size)
@@ -926,7 +1094,8 @@ class S3Store(ObjectStore):
             with self._errors("PUT", key, conditional=if_none_match):
                 try:
                     resp = self._client.put_object(
-                        Bucket=self.bucket, Key=key, Body=data, Metadata=dict(metadata), **extra
+                        Bucket=self.bucket, Key=key, Body=data, Metadata=dict(metadata),
+                        **extra, **self._write_args(key, len(data)),
                     )
                     break
                 except bce.ClientError as exc:
@@ -970,8 +1139,10 @@ class S3Store(ObjectStore):
                     ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _copy_args(self, src: Mapping[str, Any]) -> dict[str, Any]:
-        args: dict[str, Any] = {}
+    def _copy_args(self, dst_key: str, src: Mapping[str, Any]) -> dict[str, Any]:
+        """What a copy must say to keep the source's content type (REPLACE drops it), and
+        the write settings: S3 does not carry encryption or storage class over."""
+        args: dict[str, Any] = self._write_args(dst_key, int(src.get("ContentLength") or 0))
         if src.get("ContentType"):
             args["ContentType"] = src["ContentType"]
         return args
@@ -988,7 +1159,7 @@ class S3Store(ObjectStore):
                     CopySourceIfMatch=src["ETag"],
                     Metadata=dict(metadata),
                     MetadataDirective="REPLACE",
-                    **self._copy_args(src),
+                    **self._copy_args(dst_key, src),
                 )
             except bce.ClientError as exc:
                 if _is_precondition(exc):
@@ -1012,7 +1183,8 @@ class S3Store(ObjectStore):
         part_size = max(self.copy_part_size, math.ceil(size / MAX_PARTS), MIN_PART)
         with self._errors("COPY", dst_key):
             upload_id = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=dst_key, Metadata=dict(metadata), **self._copy_args(src)
+                Bucket=self.bucket, Key=dst_key, Metadata=dict(metadata),
+                **self._copy_args(dst_key, src),
             )["UploadId"]
         try:
             parts: list[dict[str, Any]] = []

@@ -1,0 +1,116 @@
+"""Issue 13: progress for people, quiet for pipes. ``deltafs put/get`` draw a progress
+bar on a terminal and none on a pipe; ``deltafs status --watch`` refreshes pending
+uploads and rates until interrupted."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+from mountfixtures import Mount, deltafs_exe, mounted  # noqa: F401 - fixture used by name
+
+DELTAFS = [str(Path(sys.executable).parent / "deltafs")]
+
+
+def _on_a_terminal(argv: list[str], cwd: Path, cols: int = 100) -> tuple[int, str]:
+    """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal of ``cols``
+    columns (as a shell in a terminal window would); returns (exit code, output)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its terminal gets a size, as a real window has one
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, cols, 0, 0))
+        os.chdir(cwd)
+        os.environ["TERM"] = "xterm"
+        os.execv(argv[0], argv)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def _files(tmp_path: Path) -> list[str]:
+    base = os.urandom(2 << 20)
+    names = []
+    for i in range(3):
+        (tmp_path / f"v{i}.bin").write_bytes(base + bytes([i]) * 1000)
+        names.append(f"v{i}.bin")
+    subprocess.run([*DELTAFS, "init", str(tmp_path / "store")], check=True,
+                   capture_output=True)
+    return names
+
+
+def test_put_and_get_draw_a_bar_on_a_terminal(tmp_path: Path) -> None:
+    names = _files(tmp_path)
+    code, out = _on_a_terminal([*DELTAFS, "put", *names, "store/r/"], tmp_path)
+    assert code == 0, out
+    assert "put:" in out and "%|" in out and "[3/3] v2.bin" in out, out
+    assert "6.00M/6.00M" in out, out  # the bar counts the bytes of every file
+    for name in names:
+        assert f"store/r/{name}" in out  # the per-file lines are still there
+    code, out = _on_a_terminal([*DELTAFS, "get", "store/r/v1.bin", "back.bin"], tmp_path)
+    assert code == 0, out
+    assert "get:" in out and "100%|" in out, out
+    assert (tmp_path / "back.bin").read_bytes() == (tmp_path / "v1.bin").read_bytes()
+
+
+def test_no_bar_on_a_pipe_nor_with_quiet(tmp_path: Path) -> None:
+    names = _files(tmp_path)
+    res = subprocess.run([*DELTAFS, "put", *names, "store/r/"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "%|" not in res.stderr + res.stdout, res.stderr
+    assert res.stdout.count("store/r/") == 3
+    code, out = _on_a_terminal([*DELTAFS, "get", "-q", "store/r/v1.bin", "b.bin"], tmp_path)
+    assert code == 0 and "%|" not in out, out
+    code, out = _on_a_terminal([*DELTAFS, "put", "--json", names[0], "store/s/"], tmp_path)
+    assert code == 0 and "%|" not in out, out
+
+
+def test_status_watch_refreshes_with_rates(mounted: Mount) -> None:
+    m = mounted
+    proc = subprocess.Popen([*deltafs_exe(), "status", "--watch", "--interval", "0.3",
+                             "--json", str(m.mountpoint)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(4):
+            (m.mountpoint / f"f{i}.bin").write_bytes(os.urandom(300_000))
+            time.sleep(0.3)
+        m.wait_idle(30)
+        time.sleep(0.7)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) >= 5, rows
+    assert all("pending_files" in r for r in rows)
+    assert "rates" not in rows[0] and all("rates" in r for r in rows[1:])
+    assert rows[-1]["uploaded_files"] >= 4
+    assert max(r["rates"]["uploaded_bytes_per_s"] for r in rows[1:]) > 0
+    # the human form on a pipe: a block per refresh, with the rate line
+    proc = subprocess.Popen([*deltafs_exe(), "status", "--watch", "--interval", "0.2",
+                             str(m.mountpoint)], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert out.count("pending:") >= 2 and "rate:" in out and "\x1b[" not in out, out
