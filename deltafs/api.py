@@ -16,12 +16,13 @@ import logging
 import os
 from pathlib import Path
 
-from . import options
+from . import options, wiring
 from .engine import Engine, Entry, Policy, PutResult, Stats
 from .errors import UsageError
 from .format import StoredFile, split_key
+from .locations import Location
 from .store.base import ObjectStore
-from .wiring import default_cache_dir, make_engine
+from .wiring import default_cache_dir, make_engine  # noqa: F401  (the API's names)
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +65,17 @@ class DeltaService:
             if s3_settings and bucket is None:
                 raise UsageError(f"{s3_settings}= are S3 settings: a local store"
                                  " (local_dir=) takes none")
-            if bucket is not None:
-                from .store.s3 import S3Store
-
-                store = S3Store(bucket, endpoint_url=endpoint_url, region=region,
-                                profile=profile, sse=sse, sse_kms_key_id=sse_kms_key_id,
-                                storage_class=storage_class)
-            else:
-                from .store.local import LocalStore
-
-                store = LocalStore(Path(local_dir), create=create)  # type: ignore[arg-type]
+            source = Location(bucket, None, "") if bucket is not None else \
+                Location(None, Path(local_dir).absolute(), "")  # type: ignore[arg-type]
+            store = wiring.open_store(source, {
+                "endpoint_url": endpoint_url, "region": region, "profile": profile,
+                "sse": sse, "sse_kms_key_id": sse_kms_key_id,
+                "storage_class": storage_class}, create=create)
         self.store = store
-        policy = Policy.create(min_delta_size, max_ratio, level, format)
-        self.engine = make_engine(store, Path(cache_dir) if cache_dir else None, cache_size,
-                                  policy)
+        self.engine = wiring.engine(store, {
+            "cache_dir": str(cache_dir) if cache_dir else None, "cache_size": cache_size,
+            "max_ratio": max_ratio, "min_delta_size": min_delta_size, "level": level,
+            "format": format})
 
     def put(self, path: str | os.PathLike[str], dest: str = "") -> PutResult:
         """Store the file ``path`` at ``dest`` (``"v2/"``: into that prefix, keeping the

@@ -299,3 +299,88 @@ def test_engine_move_and_attrs_keep_the_settings(moto_server: str, bucket: str, 
     out = tmp_path / "out.bin"
     make_engine(st, tmp_path / "cold").get("new/app-1.1.bin", out)
     assert out.read_bytes() == v2.read_bytes()
+
+
+# ------------------------------------------------ through the mount and the command line
+
+
+def _expected_class(key: str, size: int, cls: str) -> str:
+    return "STANDARD" if stays_standard(key) or size < 128 * 1024 else cls
+
+
+def _check_every_object(s3: Any, bucket: str, sse: str, kms: str | None,
+                        cls: str) -> dict[str, str]:
+    """Every object in the bucket (bookkeeping included) carries the encryption, and
+    the storage class its role and size call for; returns key -> class."""
+    seen = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for o in page.get("Contents", ()):
+            got = settings(s3, bucket, o["Key"])
+            want = (sse, kms, _expected_class(o["Key"], o["Size"], cls))
+            assert got == want, (o["Key"], o["Size"], got, want)
+            seen[o["Key"]] = got[2]
+    return seen
+
+
+@pytest.mark.mount
+@pytest.mark.usefixtures("fuse_tools")
+def test_a_mount_writes_every_object_with_the_settings(moto_server: str, bucket: str,
+                                                       s3: Any, tmp_path: Path) -> None:
+    """Files, deltas, references, markers and manifests written through a mount, then
+    renamed (in a directory and into another one, which copies the reference along) and
+    chmod'ed (a copy in place): every object is encrypted and in its class."""
+    from mountfixtures import Mount
+
+    m = Mount(bucket, moto_server, tmp_path / "deltafs",
+              extra_args=["--sse", "AES256", "--storage-class", "STANDARD_IA"])
+    try:
+        m.mount()
+        rng = random.Random(3)
+        v1 = rng.randbytes(600 * 1024)
+        v2 = next_version(v1, rng)
+        (m.mountpoint / "rel").mkdir()
+        (m.mountpoint / "rel" / "app-1.bin").write_bytes(v1)
+        (m.mountpoint / "rel" / "app-2.bin").write_bytes(v2)
+        (m.mountpoint / "whole").mkdir()
+        (m.mountpoint / "whole" / "a.bin").write_bytes(rng.randbytes(300 * 1024))
+        (m.mountpoint / "whole" / "b.bin").write_bytes(rng.randbytes(300 * 1024))
+        (m.mountpoint / "whole" / "note.txt").write_bytes(b"small\n")
+        m.wait_idle(60)
+        os.rename(m.mountpoint / "whole" / "b.bin", m.mountpoint / "whole" / "c.bin")
+        (m.mountpoint / "moved").mkdir()
+        os.rename(m.mountpoint / "rel" / "app-2.bin", m.mountpoint / "moved" / "app-2.bin")
+        os.chmod(m.mountpoint / "rel" / "app-1.bin", 0o600)
+        os.chmod(m.mountpoint / "whole" / "a.bin", 0o600)
+        m.wait_idle(60)
+        m.remount(wipe_cache=True)  # the bytes come back from the bucket
+        assert (m.mountpoint / "moved" / "app-2.bin").read_bytes() == v2
+    finally:
+        try:
+            m.teardown()
+        finally:
+            m.dump_logs()
+    seen = _check_every_object(s3, bucket, "AES256", None, "STANDARD_IA")
+    assert "whole/c.bin" in seen and "moved/reference.bin" in seen, seen
+    assert seen["whole/c.bin"] == "STANDARD_IA" and seen["moved/reference.bin"] == "STANDARD"
+    assert any(k.endswith("/") for k in seen)  # markers were checked too
+
+
+def test_deltafs_put_writes_every_object_with_the_settings(moto_server: str, bucket: str,
+                                                           s3: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    rng = random.Random(4)
+    v1 = rng.randbytes(400 * 1024)
+    files = [write_file(tmp_path / "app-1.bin", v1),
+             write_file(tmp_path / "app-2.bin", next_version(v1, rng)),
+             write_file(tmp_path / "other.bin", rng.randbytes(300 * 1024))]
+    deltafs = str(Path(sys.executable).parent / "deltafs")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    res = subprocess.run([deltafs, "put", "--endpoint-url", moto_server, "--sse", "aws:kms",
+                          "--sse-kms-key-id", KMS_KEY, "--storage-class", "onezone-ia",
+                          *map(str, files), f"s3://{bucket}/rel/"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    seen = _check_every_object(s3, bucket, "aws:kms", KMS_KEY, "ONEZONE_IA")
+    assert "ONEZONE_IA" in seen.values() and "STANDARD" in seen.values(), seen
