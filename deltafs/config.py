@@ -142,7 +142,7 @@ ALIASES = {
     "concurrency": "upload_concurrency",
 }
 #: settings that are paths: relative ones are refused in a file (relative to what?)
-PATH_SETTINGS = ("mountpoint", "credentials_file", "cache_dir")
+PATH_SETTINGS = ("mountpoint", "credentials_file", "cache_dir", "metrics_textfile")
 
 
 def canonical(name: str) -> str:
@@ -394,6 +394,8 @@ def build_mount_config(settings: Mapping[str, Any], *, foreground: bool = False,
     if not s.get("mountpoint"):
         raise UsageError("no mountpoint: give MOUNTPOINT or `mountpoint = ...` in the "
                          "config file")
+    if s.get("sse_kms_key_id") and s.get("sse") != "aws:kms":
+        raise ConfigError("sse_kms_key_id is only for sse = aws:kms (set both, or neither)")
     fuse = list(s.get("fuse_options") or [])
     for opt in extra_fuse:
         if opt not in fuse:

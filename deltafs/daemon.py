@@ -220,7 +220,10 @@ def mount(cfg: MountConfig) -> int:
             os.dup2(stream.fileno(), 2)
         code = serve(cfg, cache_dir, lock, ready_fd=write_fd)
     except BaseException as exc:  # noqa: BLE001 - the parent must hear of it
-        log.exception("mount failed")
+        if isinstance(exc, DeltafsError):
+            log.error("mount failed: %s", exc)
+        else:
+            log.exception("mount failed")
         _report(write_fd, f"ERR {getattr(exc, 'exit_code', 1)} {exc}")
         code = getattr(exc, "exit_code", 1)
     os._exit(code)
@@ -308,6 +311,12 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     gc.freeze()
     try:
         trio.run(_main, fs, cfg, ready_fd, stop, instruments=SlowSteps.from_env())
+    except DeltafsError as exc:
+        # a start check that failed inside the loop (a metrics port in use): one line,
+        # the caller reports it with its exit code
+        log.debug("the filesystem loop ended: %s", exc, exc_info=True)
+        code = exc.exit_code
+        raise
     except BaseException:
         log.exception("the filesystem loop failed")
         code = 1

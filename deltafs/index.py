@@ -377,16 +377,10 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
         if node.dirty or node.ino in busy or node.remote_key is None or not unchanged(node):
             continue
         if node.is_dir:
-            # its marker and everything under it are gone (another writer removed the
-            # directory): it goes too, with its rows, unless something below is ours
-            # and not yet in the bucket, or open (a prefix without a marker, made by
-            # another tool, has no remote_key and stays until this mount removes it)
-            below = _subtree(journal, node.ino)
-            if any(dirty or ino in busy for ino, _, dirty in below):
-                continue
-            for ino, sub_name, _ in below:
-                journal.update(ino, parent=0, name=f"#{ino}", dirty=0, remote_key=None)
-                gone.append((ino, sub_name))
+            # a directory another writer removed stays here (empty once listed):
+            # removing its row behind the kernel's back races namespace operations
+            # in it (see architecture.md, "A directory removed elsewhere")
+            continue
         _orphan(journal, node)
         gone.append((node.ino, name))
     if not final:
@@ -400,15 +394,6 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
         journal.update(dir_ino, **_marker_fields(m))
     journal.update(dir_ino, listed_at=time.time())
     return gone
-
-
-def _subtree(journal: Journal, dir_ino: int) -> list[tuple[int, str, int]]:
-    """(ino, name, dirty) of every row below ``dir_ino``."""
-    return journal.x(
-        "WITH RECURSIVE sub(ino) AS (SELECT ino FROM nodes WHERE parent=? AND ino != parent "
-        "UNION ALL SELECT n.ino FROM nodes n JOIN sub ON n.parent = sub.ino) "
-        "SELECT n.ino, n.name, n.dirty FROM nodes n JOIN sub ON n.ino = sub.ino",
-        (dir_ino,)).fetchall()
 
 
 def _orphan(journal: Journal, node: Node) -> None:

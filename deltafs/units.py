@@ -16,7 +16,7 @@ def parse_size(text: str) -> int:
         t = t[:-1]
     try:
         n = int(float(t) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf", "1e400"
         raise ValueError(f"not a size: {text!r} (e.g. 512M, 10G)") from None
     if n < 0:
         raise ValueError("a size cannot be negative")

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from . import options
 from .cache import ContentCache
 from .engine import Engine, Policy
+from .errors import UsageError
 from .locations import Location
 from .store.base import ObjectStore
 
@@ -51,6 +52,10 @@ def open_store(source: Location, settings: Mapping[str, Any], *, create: bool = 
         assert source.bucket is not None
         return S3Store(source.bucket, endpoint_url=settings.get("endpoint_url"),
                        region=settings.get("region"), profile=profile, **extra)
+    given = [k for k in OBJECT_SETTINGS if settings.get(k) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: S3 settings, and {source.root} is a local "
+                         "store (it takes none)")
     from .store.local import LocalStore
 
     assert source.root is not None

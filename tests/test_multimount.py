@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -251,49 +250,6 @@ def _emptying_while_copying(a: Mount, b: Mount, moto_server: str, bucket: str,
     print(f"references removed while the other mount wrote: {removed}; races that "
           f"really happened (a delta stored while its reference went) and were repaired: "
           f"{races}; chain puts that lost a blob to a sweep and were stored again: {swept}")
-
-
-def test_a_directory_removed_on_one_mount_goes_on_the_other(
-        moto_server: str, bucket: str, tmp_path: Path, fault_proxy: FaultProxy) -> None:
-    """``rm -rf`` of a tree on A: B stops showing it (and everything below) once its
-    parent is listed again, but keeps a directory that holds a file B wrote and has not
-    uploaded yet (the file stays, with its directory)."""
-    a = b = None
-    try:
-        a = _mount(bucket, moto_server, tmp_path / "a")
-        b = _mount(bucket, fault_proxy.url, tmp_path / "b")
-        _removed_dir_goes(a, b, fault_proxy)
-    finally:
-        fault_proxy.clear()
-        _teardown(a, b)
-
-
-def _removed_dir_goes(a: Mount, b: Mount, fault_proxy: FaultProxy) -> None:
-    for d in ("old", "kept"):
-        (a.mountpoint / d / "sub").mkdir(parents=True)
-        (a.mountpoint / d / "sub" / "f").write_bytes(b"x" * 100)
-    a.wait_idle(30)
-    time.sleep(TTL)
-    assert sorted(os.listdir(b.mountpoint)) == ["kept", "old"]
-    assert (b.mountpoint / "old" / "sub" / "f").read_bytes() == b"x" * 100
-    assert (b.mountpoint / "kept" / "sub" / "f").read_bytes() == b"x" * 100
-    # B writes into kept/sub; its upload is refused until the end
-    held = fault_proxy.set("slowdown", method="PUT", key="mine")
-    (b.mountpoint / "kept" / "sub" / "mine").write_bytes(b"mine")
-    subprocess.run(["rm", "-rf", str(a.mountpoint / "old"), str(a.mountpoint / "kept")],
-                   check=True)
-    a.wait_idle(30)
-    time.sleep(TTL + 0.2)
-    assert sorted(os.listdir(b.mountpoint)) == ["kept"]
-    assert not (b.mountpoint / "old").exists()
-    assert os.listdir(b.mountpoint / "kept" / "sub") == ["mine"]
-    assert held.hits >= 1
-    fault_proxy.clear()
-    b.wait_idle(60)
-    assert set(b.objects()) >= {"kept/sub/mine"}
-    b.remount(wipe_cache=True)
-    assert (b.mountpoint / "kept" / "sub" / "mine").read_bytes() == b"mine"
-    assert sorted(os.listdir(b.mountpoint)) == ["kept"]
 
 
 def test_delete_and_rename_of_one_file_on_two_mounts(two: tuple[Mount, Mount]) -> None:

@@ -218,3 +218,27 @@ def test_no_import_cycle_even_through_imports_inside_functions() -> None:
         if mod not in state:
             walk(mod, [mod])
     assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_s3_settings_on_a_local_store_and_odd_sizes_are_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    subprocess.run([sys.executable, "-m", "deltafs.cli", "init", str(store)], check=True,
+                   capture_output=True)
+    (tmp_path / "f").write_bytes(b"x")
+    r = subprocess.run([sys.executable, "-m", "deltafs.cli", "put", "--sse", "AES256",
+                        str(tmp_path / "f"), f"{store}/d/"], capture_output=True, text=True)
+    assert r.returncode == 2 and "local store" in r.stderr, r.stderr
+    for odd in ("inf", "1e400"):
+        r = subprocess.run([sys.executable, "-m", "deltafs.cli", "put", "--cache-size", odd,
+                            str(tmp_path / "f"), f"{store}/d/"], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and "not a size" in r.stderr, r.stderr
+    from deltafs.config import build_mount_config
+    from deltafs.errors import ConfigError
+    with pytest.raises(ConfigError, match="aws:kms"):
+        build_mount_config({"source": "s3://b/", "mountpoint": str(tmp_path),
+                            "sse": "AES256", "sse_kms_key_id": "k"})
+    f = tmp_path / "rel.toml"
+    f.write_text('metrics_textfile = "deltafs.prom"\n')
+    with pytest.raises(ConfigError, match="absolute"):
+        load_file(f)

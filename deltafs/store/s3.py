@@ -543,6 +543,8 @@ class S3Store(ObjectStore):
             return cls
         if stays_standard(key) or (cls in MIN_BILLED_CLASSES and size < MIN_BILLED_SIZE):
             return "STANDARD"
+        if cls == "REDUCED_REDUNDANCY" and _BLOB_NAME.match(key.rpartition("/")[2]):
+            return "STANDARD"  # every later version of its chain needs it, as a reference
         return cls
 
     def _write_args(self, key: str, size: int) -> dict[str, str]:
