@@ -30,12 +30,16 @@ if sys.argv[1] == "pinned":
 """
 
 # Frees a 16 MiB block (glibc maps it, and by default raises its mmap threshold to 16 MiB
-# on the free), then allocates a block just over the pinned threshold and reports whether
-# it was mapped too (``hblks`` counts the mapped blocks).
+# on the free), then allocates a 4 MiB block (over the pinned threshold, under the raised
+# one) and reports whether it was mapped too (``hblks`` counts the mapped blocks). A
+# block only just over the threshold is no probe: glibc maps a block only when no free
+# chunk of the heap can hold it, and what the imports left free decides that (a 132 KiB
+# and then a 1 MiB block came from the heap once the package's imports left 2.2 MB free
+# in pieces; none is 4 MiB).
 _LARGE = _PRELUDE + r"""
 libc.free(libc.malloc(16 << 20))
 before = libc.mallinfo2().hblks
-p = libc.malloc(memtrim.MMAP_THRESHOLD + 4096)
+p = libc.malloc(4 << 20)
 print("mapped" if libc.mallinfo2().hblks == before + 1 else "heap")
 libc.free(p)
 """
