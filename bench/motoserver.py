@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
                                                MotoRequestHandler, create_backend_app)
     from werkzeug.serving import run_simple
 
+    if os.environ.get("DELTAFS_BENCH_INDEXED_LIST") == "1":
+        from .indexedlist import install
+
+        install()  # LIST pages in O(page), as S3 answers them (see bench/indexedlist.py)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     app = DomainDispatcherApplication(create_backend_app)
     app.debug = True  # type: ignore[attr-defined]

@@ -479,6 +479,7 @@ class Bench:
                        "small_files": a.small_files, "scale_files": a.scale_files,
                        "scale_rm": a.scale_rm, "journal_rows": a.journal_rows,
                        "moto": self.moto.url,
+                       "indexed_list": os.environ.get("DELTAFS_BENCH_INDEXED_LIST") == "1",
                        "rclone": "--vfs-cache-mode writes (default --vfs-write-back 5s)",
                        "s3fs": "defaults (no use_cache)", "deltafs": "defaults"},
             "systems": [{"name": s.name, "label": s.label,
@@ -533,6 +534,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", action="store_true",
                    help="only the scale benchmark (deltafs and a local directory): many small "
                         "files in one directory, and a journal of many rows")
+    p.add_argument("--indexed-list", action="store_true",
+                   help="the moto server answers LIST pages from a sorted index, in "
+                        "O(page) as S3 does, instead of sorting the whole bucket per page "
+                        "(bench/indexedlist.py; the answers are the same)")
     p.add_argument("--scale-files", type=int, metavar="N",
                    help="files in the directory of the scale benchmark (full: 100000, "
                         "--quick: 500; 0 skips that part)")
@@ -633,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         name = f"{date}-quick.json.tmp" if args.quick else f"{date}.json"
     out = Path(args.out) if args.out else ROOT / "bench-results" / name
+    if args.indexed_list:
+        os.environ["DELTAFS_BENCH_INDEXED_LIST"] = "1"  # the moto server inherits it
     bench = Bench(args)
     try:
         doc = bench.run()
