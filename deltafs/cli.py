@@ -12,13 +12,14 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .version import __version__
 from . import options, wiring
-from .engine import Engine, Entry
+from .engine import Engine, Entry, part_path
 from .errors import DeltafsError, NotFound, UsageError
 from .format import check_logical_key, split_key
 from .locations import Location, parse
@@ -59,6 +60,40 @@ def progress_bar(args: argparse.Namespace, total: int, what: str) -> Any:
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
                 file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+class _Ticker:
+    """Keeps a bar alive while one long step runs (a 2 GB put is one call): redraws it
+    twice a second, so its clock moves, and with ``poll`` (bytes of the current file
+    done so far, read from the file system) moves it too. The thread only reads a file's
+    size and calls the bar (tqdm locks its own state)."""
+
+    def __init__(self, bar: Any, poll: Callable[[], int] | None = None) -> None:
+        self.bar, self.poll = bar, poll
+        self.base = bar.n if bar is not None else 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "_Ticker":
+        if self.bar is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        if self.bar is not None and self.poll is not None:
+            self.bar.n = self.base  # the caller adds the file's true size
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            if self.poll is not None:
+                try:
+                    self.bar.n = self.base + self.poll()
+                except OSError:
+                    pass
+            self.bar.refresh()
 
 
 def _size_of(path: Path) -> int:
@@ -147,7 +182,8 @@ def cmd_put(args: argparse.Namespace) -> int:
             key = dest.key + rel if into else dest.key
             if bar is not None:
                 bar.set_postfix_str(f"[{i}/{total}] {src.name}", refresh=True)
-            r = engine.put(src, key)
+            with _Ticker(bar):
+                r = engine.put(src, key)
             results.append(r)
             if bar is not None:
                 bar.update(r.original_size)
@@ -195,7 +231,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     try:
         if bar is not None:
             bar.set_postfix_str(name, refresh=True)
-        stored = engine.get(src.key, dest, known)
+        part = part_path(dest)
+        with _Ticker(bar, lambda: part.stat().st_size):
+            stored = engine.get(src.key, dest, known)
         if bar is not None:
             bar.update(dest.stat().st_size)
             bar.refresh()

@@ -198,6 +198,11 @@ class _Sentinel(str):
 _REF_MOVED = _Sentinel("the directory's reference changed")
 
 
+def part_path(dest: Path) -> Path:
+    """Where :meth:`Engine.get` builds ``dest`` before the rename (a progress bar reads
+    its size)."""
+    return dest.with_name(f".{dest.name}.deltafs-{os.getpid()}.part")
+
 class Engine:
     """put/get/delete/list over one store, with a shared content cache."""
 
@@ -1113,7 +1118,7 @@ class Engine:
         """Rebuild ``key`` into ``dest``, SHA-256-verified; ``dest`` appears (atomically,
         by rename) only when every byte matched. Returns how the file was stored."""
         stored = stored or self.stat(key)
-        tmp = dest.with_name(f".{dest.name}.deltafs-{os.getpid()}.part")
+        tmp = part_path(dest)
         try:
             self.materialize(stored, tmp)
             os.replace(tmp, dest)

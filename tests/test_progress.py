@@ -114,3 +114,29 @@ def test_status_watch_refreshes_with_rates(mounted: Mount) -> None:
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert out.count("pending:") >= 2 and "rate:" in out and "\x1b[" not in out, out
+
+
+def test_a_long_step_keeps_the_bar_moving(tmp_path: Path) -> None:
+    """One 2 GB put is one call: the ticker redraws the bar meanwhile and, for a get,
+    moves it with the bytes written so far."""
+    from deltafs.cli import _Ticker
+
+    class Bar:
+        def __init__(self) -> None:
+            self.n, self.drawn, self.seen = 100, 0, []
+
+        def refresh(self) -> None:
+            self.drawn += 1
+            self.seen.append(self.n)
+
+    part = tmp_path / "part"
+    part.write_bytes(b"")
+    bar = Bar()
+    with _Ticker(bar, lambda: part.stat().st_size):
+        for size in (1000, 5000):
+            part.write_bytes(b"x" * size)
+            time.sleep(0.7)
+    assert bar.drawn >= 2 and 1100 in bar.seen and 5100 in bar.seen, bar.seen
+    assert bar.n == 100  # the caller adds the true size at the end
+    with _Ticker(None):  # no bar (a pipe): nothing runs
+        pass
