@@ -508,7 +508,16 @@ class Engine:
                         self._saw_reference(deltaspace, None)
                         continue
                 else:
-                    self._fetch_reference(ref.key, ref.sha256, ref_path)
+                    try:
+                        self._fetch_reference(ref.key, ref.sha256, ref_path)
+                    except NotFound as exc:
+                        # removed between its HEAD and this GET (another mount emptied
+                        # the directory, and its collector took the reference): ask again
+                        # (none now: this file seeds a new one)
+                        log.info("put %s: the reference went between its HEAD and its GET "
+                                 "(%s); looking again", key, exc)
+                        self._saw_reference(deltaspace, None)
+                        continue
                 with open(ref_path, "rb") as f:
                     ref_head = f.read(8)
                 if is_compressed_stream(ref_head) and not extended:

@@ -495,7 +495,12 @@ class Writeback:
         self.state.last_error_at = time.time()
         self._last_fail = time.monotonic()
         bucket_wide = isinstance(exc, (AccessDenied, BucketNotFound))
-        if getattr(exc, "permanent", False) and node is not None and not bucket_wide:
+        # a 404 during an upload is about something the put depends on (a reference
+        # another mount removed a moment ago), never the local file: the next attempt
+        # looks again, so it is retried, not given up for good
+        gone = isinstance(exc, NotFound)
+        if getattr(exc, "permanent", False) and node is not None and not bucket_wide \
+                and not gone:
             self.state.failed[ino] = f"{type(exc).__name__}: {exc}"
             self.state.failed_sig[ino] = _signature(node)
             self.state.failed_keys[ino] = where
