@@ -33,35 +33,27 @@ def install() -> None:
     def mark(self: Any) -> None:
         self.__dict__["_bench_gen"] = self.__dict__.get("_bench_gen", 0) + 1
 
-    orig_set, orig_pop, orig_setlist = store.__setitem__, store.pop, store.setlist
-    orig_del = dict.__delitem__
+    def adding(orig: Any) -> Any:
+        """``orig`` (a setter), marking the store changed when it adds a key."""
+        def wrapped(self: Any, key: str, value: Any) -> Any:
+            new = not dict.__contains__(self, key)
+            out = orig(self, key, value)
+            if new:
+                mark(self)
+            return out
+        return wrapped
 
-    def setitem(self: Any, key: str, value: Any) -> Any:
-        new = not dict.__contains__(self, key)
-        out = orig_set(self, key, value)
-        if new:
+    def removing(orig: Any) -> Any:
+        def wrapped(self: Any, key: str) -> Any:
+            out = orig(self, key)
             mark(self)
-        return out
+            return out
+        return wrapped
 
-    def pop(self: Any, key: str) -> None:  # type: ignore[override]
-        orig_pop(self, key)
-        mark(self)
-
-    def setlist(self: Any, key: Any, list_: Any) -> Any:
-        new = not dict.__contains__(self, key)
-        out = orig_setlist(self, key, list_)
-        if new:
-            mark(self)
-        return out
-
-    def delitem(self: Any, key: str) -> None:
-        orig_del(self, key)
-        mark(self)
-
-    store.__setitem__ = setitem
-    store.pop = pop
-    store.setlist = setlist
-    store.__delitem__ = delitem
+    store.__setitem__ = adding(store.__setitem__)
+    store.setlist = adding(store.setlist)
+    store.pop = removing(store.pop)
+    store.__delitem__ = removing(dict.__delitem__)
 
     orig_v2 = models.S3Backend.list_objects_v2
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from . import options, wiring
-from .engine import Engine, Entry, Policy, PutResult, Stats
+from .engine import Engine, Entry, PutResult, Stats
 from .errors import UsageError
 from .format import StoredFile, split_key
 from .locations import Location

@@ -394,8 +394,9 @@ def build_mount_config(settings: Mapping[str, Any], *, foreground: bool = False,
     if not s.get("mountpoint"):
         raise UsageError("no mountpoint: give MOUNTPOINT or `mountpoint = ...` in the "
                          "config file")
-    if s.get("sse_kms_key_id") and s.get("sse") != "aws:kms":
-        raise ConfigError("sse_kms_key_id is only for sse = aws:kms (set both, or neither)")
+    problem = options.kms_key_problem(s.get("sse"), s.get("sse_kms_key_id"))
+    if problem:
+        raise ConfigError(problem)
     fuse = list(s.get("fuse_options") or [])
     for opt in extra_fuse:
         if opt not in fuse:

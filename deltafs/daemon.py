@@ -23,7 +23,6 @@ import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,7 +33,6 @@ from .errors import ConfigError, DeltafsError
 from .content import recover
 from .fs import DeltaFS, Options
 from .journal import Journal
-from .locations import Location
 from . import membudget, memtrim, wiring
 from .loopstall import SlowSteps
 from .store.base import ObjectStore

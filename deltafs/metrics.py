@@ -111,9 +111,6 @@ class Snapshot:
         Keys a status lacks count as 0, so an older daemon's status still converts.
         ``started``: the mount's start time, exact (else from the rounded uptime)."""
         now = time.time() if taken_at is None else taken_at
-        mem = status.get("memory") or {}
-        codec = status.get("codec") or {}
-        ahead = status.get("read_ahead") or {}
         outcomes = status.get("request_outcomes")
         if outcomes is not None:
             requests = tuple(sorted((str(op), str(outcome), int(n))
@@ -123,45 +120,45 @@ class Snapshot:
             requests = tuple(sorted((str(op), UNKNOWN, int(n))
                                     for op, n in (status.get("requests") or {}).items()))
 
-        def num(m: Mapping[str, Any], key: str) -> float:
-            value = m.get(key)
-            return float(value) if value is not None else 0.0
-
+        values: dict[str, float] = {}
+        for name, (where, key, scale) in _FROM_STATUS.items():
+            part = status if where is None else (status.get(where) or {})
+            raw = part.get(key)
+            value = float(raw) / scale if raw is not None else 0.0
+            values[name] = int(value) if _INT_FIELDS.get(name) else value
         return cls(
             source=str(status.get("source", "")),
             version=version,
             taken_at=now,
-            start_time=started if started is not None else now - num(status, "uptime"),
-            logical_bytes=int(num(status, "logical_bytes")),
-            stored_bytes=int(num(status, "stored_bytes")),
-            pending_files=int(num(status, "pending_files")),
-            pending_bytes=int(num(status, "pending_bytes")),
-            oldest_pending_seconds=num(status, "oldest_pending_seconds"),
-            uploading=int(num(status, "uploading")),
-            uploaded_files=int(num(status, "uploaded_files")),
-            uploaded_bytes=int(num(status, "uploaded_bytes")),
-            failed_files=int(num(status, "failed_files")),
+            start_time=started if started is not None
+            else now - float(status.get("uptime") or 0.0),
             requests=requests,
-            cache_bytes=int(num(status, "cache_bytes")),
-            cache_limit_bytes=int(num(status, "cache_limit")),
-            cache_hits=int(num(status, "cache_hits")),
-            cache_misses=int(num(status, "cache_misses")),
-            encodes=int(num(codec, "encodes")),
-            encode_seconds=num(codec, "encode_seconds"),
-            decodes=int(num(codec, "decodes")),
-            decode_seconds=num(codec, "decode_seconds"),
-            loop_stall_max_seconds=num(status, "max_loop_stall_ms") / 1000.0,
-            loop_stall_recent_seconds=num(status, "recent_loop_stall_ms") / 1000.0,
-            memory_limit_bytes=int(num(mem, "limit")),
-            memory_daemon_rss_bytes=int(num(mem, "daemon_rss")),
-            memory_codec_held_bytes=int(num(mem, "codec_held")),
-            memory_codec_children=int(num(mem, "codec_children")),
-            memory_codec_waiting=int(num(mem, "codec_waiting")),
-            memory_codec_waits=int(num(mem, "codec_waits")),
-            memory_codec_wait_seconds=num(mem, "codec_wait_seconds"),
-            read_ahead_started=int(num(ahead, "started")),
-            read_ahead_failed=int(num(ahead, "failed")),
+            **values,  # type: ignore[arg-type]
         )
+
+
+#: Snapshot field -> (the status's sub-dict or None for the top level, its key, divisor);
+#: a key a status lacks counts as 0
+_FROM_STATUS: dict[str, tuple[str | None, str, float]] = {
+    **{k: (None, k, 1.0) for k in (
+        "logical_bytes", "stored_bytes", "pending_files", "pending_bytes",
+        "oldest_pending_seconds", "uploading", "uploaded_files", "uploaded_bytes",
+        "failed_files", "cache_bytes", "cache_hits", "cache_misses")},
+    "cache_limit_bytes": (None, "cache_limit", 1.0),
+    **{k: ("codec", k, 1.0) for k in ("encodes", "encode_seconds", "decodes",
+                                      "decode_seconds")},
+    "loop_stall_max_seconds": (None, "max_loop_stall_ms", 1000.0),
+    "loop_stall_recent_seconds": (None, "recent_loop_stall_ms", 1000.0),
+    **{f"memory_{k}": ("memory", k, 1.0) for k in (
+        "codec_children", "codec_waiting", "codec_waits", "codec_wait_seconds")},
+    "memory_limit_bytes": ("memory", "limit", 1.0),
+    "memory_daemon_rss_bytes": ("memory", "daemon_rss", 1.0),
+    "memory_codec_held_bytes": ("memory", "codec_held", 1.0),
+    "read_ahead_started": ("read_ahead", "started", 1.0),
+    "read_ahead_failed": ("read_ahead", "failed", 1.0),
+}
+#: which of them are whole numbers (from the dataclass's annotations)
+_INT_FIELDS = {name: Snapshot.__annotations__[name] == "int" for name in _FROM_STATUS}
 
 
 def take_snapshot(fs: "DeltaFS") -> Snapshot:

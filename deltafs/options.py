@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 LOG_WORDS = {"stderr": "stderr", "syslog": "syslog", "journal": "syslog"}
 #: what the converters below accept for ``format``
 FORMATS = ("auto", "deltafs", "deltaglider")
-#: server-side encryption modes S3 takes
+#: server-side encryption (``sse``) as S3 spells it: SSE-S3 and SSE-KMS
 SSE_MODES = ("AES256", "aws:kms")
-#: storage classes a GET reads at once (GLACIER and DEEP_ARCHIVE need a restore first:
-#: every delta read needs its reference at once, so they are refused)
+#: storage classes deltafs writes in: an object in any of them can be read at once
 STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
                    "GLACIER_IR", "REDUCED_REDUNDANCY", "EXPRESS_ONEZONE")
+#: archive classes: an object must be restored (minutes to hours) before a GET
+ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -137,23 +138,35 @@ def fmt(value: Any) -> str:
 
 
 def sse(value: Any) -> str:
-    t = text(value)
+    t = text(value).strip()
     for mode in SSE_MODES:
         if t.lower() == mode.lower():
             return mode
-    raise ValueError(f"must be AES256 or aws:kms, not {value!r}")
+    raise ValueError(f"unknown server-side encryption {value!r}: use AES256 (SSE-S3, keys "
+                     "managed by S3) or aws:kms (SSE-KMS)")
 
 
 def storage_class(value: Any) -> str:
-    t = text(value).upper().replace("-", "_")
-    if t in ("GLACIER", "DEEP_ARCHIVE"):
-        raise ValueError(f"{t} objects cannot be read without a restore first, and every "
-                         "delta read needs its reference at once; use GLACIER_IR (instant "
-                         "retrieval) or STANDARD_IA")
+    t = text(value).strip().upper().replace("-", "_")
+    if t in ARCHIVE_CLASSES:
+        raise ValueError(
+            f"storage class {t} cannot be used: its objects must be restored (minutes to"
+            " hours) before they can be read, and reading a file needs its delta and its"
+            " directory's reference at once; GLACIER_IR (instant retrieval) or STANDARD_IA"
+            " can be read at once")
     if t not in STORAGE_CLASSES:
-        raise ValueError(f"not a storage class deltafs can use: {value!r} (one of "
-                         f"{', '.join(STORAGE_CLASSES)})")
+        raise ValueError(f"unknown storage class {value!r}: use one of "
+                         f"{', '.join(STORAGE_CLASSES)}")
     return t
+
+
+def kms_key_problem(sse_mode: str | None, key_id: str | None) -> str | None:
+    """Why a KMS key id cannot go with ``sse_mode`` (None when it can)."""
+    if key_id and sse_mode != "aws:kms":
+        return ("an SSE-KMS key id only applies with server-side encryption aws:kms"
+                + (f", not {sse_mode}" if sse_mode else " (none is set)")
+                + ": set the encryption to aws:kms, or drop the key id")
+    return None
 
 
 def fuse_options(value: Any) -> list[str]:

@@ -11,14 +11,13 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import time
 from pathlib import Path
 
 from mountfixtures import Mount, deltafs_exe, mounted  # noqa: F401 - fixture used by name
 
-DELTAFS = [str(Path(sys.executable).parent / "deltafs")]
+DELTAFS = deltafs_exe()
 
 
 def _on_a_terminal(argv: list[str], cwd: Path, cols: int = 100) -> tuple[int, str]:

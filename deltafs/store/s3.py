@@ -10,9 +10,9 @@ import contextlib
 import http.client
 import io
 import logging
-import re
 import math
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -25,6 +25,7 @@ import botocore.exceptions as bce
 import urllib3.exceptions
 from botocore.config import Config
 
+from deltafs import options
 from deltafs.errors import (
     AccessDenied,
     AlreadyExists,
@@ -75,17 +76,9 @@ GET_BACKOFF = 0.1
 #: the start this many times before it is reported as corrupt
 GET_CHECKSUM_RETRIES = 2
 
-#: storage classes deltafs writes in (``storage_class=``): an object in any of them can
-#: be read at once. S3's archive classes cannot (:data:`ARCHIVE_CLASSES`).
-STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
-                   "GLACIER_IR", "REDUCED_REDUNDANCY", "EXPRESS_ONEZONE")
-#: archive classes: an object must be restored (minutes to hours) before a GET
-ARCHIVE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 #: classes that bill every object as at least :data:`MIN_BILLED_SIZE` bytes
 MIN_BILLED_CLASSES = frozenset({"STANDARD_IA", "ONEZONE_IA", "GLACIER_IR"})
 MIN_BILLED_SIZE = 128 * 1024
-#: server-side encryption (``sse=``) as S3 spells it: SSE-S3 and SSE-KMS
-SSE_MODES = ("AES256", "aws:kms")
 #: ``chain.HIDDEN``, a directory's prefix of chain blobs and sweep objects (chain.py
 #: imports the store layer, so the name cannot come from there; a test checks they agree)
 HIDDEN_DIR = ".deltafs"
@@ -96,32 +89,19 @@ def write_settings(
 ) -> tuple[str | None, str | None, str | None]:
     """The S3 write settings checked and spelled as S3 wants them (``aes256`` ->
     ``AES256``, ``standard_ia`` -> ``STANDARD_IA``); empty means unset. Raises
-    :class:`ConfigError` saying why for a setting that cannot work. (``options.sse`` and
-    ``options.storage_class`` check the command-line and config spellings the same way.)"""
+    :class:`ConfigError` saying why for a setting that cannot work (the checks are the
+    options table's: :func:`deltafs.options.sse`, ``storage_class``, ``kms_key_problem``)."""
     sse = (sse or "").strip() or None
     key_id = (sse_kms_key_id or "").strip() or None
-    cls = (storage_class or "").strip().upper().replace("-", "_") or None
-    if sse is not None:
-        spelled = {mode.lower(): mode for mode in SSE_MODES}.get(sse.lower())
-        if spelled is None:
-            raise ConfigError(
-                f"unknown server-side encryption {sse!r}: use AES256 (SSE-S3, keys managed"
-                " by S3) or aws:kms (SSE-KMS)")
-        sse = spelled
-    if key_id is not None and sse != "aws:kms":
-        raise ConfigError(
-            "an SSE-KMS key id only applies with server-side encryption aws:kms"
-            + (f", not {sse}" if sse else " (none is set)")
-            + ": set the encryption to aws:kms, or drop the key id")
-    if cls in ARCHIVE_CLASSES:
-        raise ConfigError(
-            f"storage class {cls} cannot be used: its objects must be restored (minutes to"
-            " hours) before they can be read, and reading a file needs its delta and its"
-            " directory's reference at once; GLACIER_IR (instant retrieval) or STANDARD_IA"
-            " can be read at once")
-    if cls is not None and cls not in STORAGE_CLASSES:
-        raise ConfigError(
-            f"unknown storage class {storage_class!r}: use one of {', '.join(STORAGE_CLASSES)}")
+    cls = (storage_class or "").strip() or None
+    try:
+        sse = options.sse(sse) if sse is not None else None
+        cls = options.storage_class(cls) if cls is not None else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    problem = options.kms_key_problem(sse, key_id)
+    if problem:
+        raise ConfigError(problem)
     return sse, key_id, cls
 
 
