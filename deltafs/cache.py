@@ -5,8 +5,9 @@ content, a reference shared by many deltas (or a file present under several name
 held once, and a reference written by this process is never downloaded again by the next.
 
 A disk can rot and a stray process can write anywhere, so an entry is never trusted just
-because it is here (issue 8: damaged entries were served). Each entry carries a CRC-32 of
-every 128 KiB block, stored with the entry in the cache's index, and every use checks
+because it is here (issue 8: damaged entries were served). Each entry carries a checksum
+of every 128 KiB block (:mod:`deltafs.blocksums`), stored with the entry in the cache's
+index, and every use checks
 what it takes: a read (:class:`CachedFile`) checks the blocks it serves, a reference taken
 out for xdelta3 (:meth:`ContentCache.link` with ``verify``) is hashed whole against its
 SHA-256. A damaged entry is dropped; the caller fetches the content again.
@@ -24,26 +25,23 @@ import logging
 import os
 import shutil
 import sqlite3
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import diskcache
 
+from .blocksums import BLOCK, block_sum, summer
 from .errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
 RESERVE_BYTES = 8 << 20
-#: the unit of verification: a FUSE read is at most 128 KiB and, when sequential,
-#: aligned to it, so a read checks one block (CRC-32 runs at ~4 GB/s here: ~33 us)
-BLOCK = 128 << 10
 _READ = 8 * BLOCK
 
 
 def block_sums(path: Path | str) -> bytes:
-    """CRC-32 of each ``BLOCK`` of the file (4 bytes each, little endian)."""
+    """The sum of each ``BLOCK`` of the file (:mod:`deltafs.blocksums`)."""
     return digest_file(path, sha=False)[1]
 
 
@@ -63,7 +61,7 @@ def digest_file(path: Path | str, sha: bool = True) -> tuple[str, bytes]:
             if h is not None:
                 h.update(chunk)
             for i in range(0, n, BLOCK):
-                out += zlib.crc32(chunk[i:i + BLOCK]).to_bytes(4, "little")
+                out += block_sum(chunk[i:i + BLOCK])
             chunk.release()
             if n < _READ:
                 break
@@ -79,6 +77,9 @@ class CachedFile:
     sums: bytes
     size: int
     key: str
+    #: bytes per block sum and the function that makes them (blocksums.summer)
+    width: int = 8
+    summer: Callable[[memoryview | bytes], bytes] = block_sum
 
     def pread(self, size: int, off: int) -> bytes:
         if size <= 0 or off >= self.size:
@@ -89,10 +90,10 @@ class CachedFile:
         want = min((last + 1) * BLOCK, self.size) - first * BLOCK
         if len(data) != want:
             raise IntegrityError(f"cache entry {self.key[:12]}… is truncated")
-        with memoryview(data) as view:  # the CRCs read the blocks in place, no copies
+        w, fn = self.width, self.summer
+        with memoryview(data) as view:  # the sums read the blocks in place, no copies
             for i, b in enumerate(range(first, last + 1)):
-                crc = zlib.crc32(view[i * BLOCK:(i + 1) * BLOCK]).to_bytes(4, "little")
-                if crc != self.sums[b * 4:b * 4 + 4]:
+                if fn(view[i * BLOCK:(i + 1) * BLOCK]) != self.sums[b * w:(b + 1) * w]:
                     raise IntegrityError(f"cache entry {self.key[:12]}… is damaged (block "
                                          f"{b}, bytes {b * BLOCK}-{(b + 1) * BLOCK - 1})")
         base = first * BLOCK
@@ -229,7 +230,9 @@ class ContentCache:
             return False
         if verify:
             actual, got = digest_file(dest)
-            if actual != sha256 or got != sums:
+            # (sums of an older version are another width: the SHA-256 alone decides,
+            # and a read checks them with their own function)
+            if actual != sha256 or (len(got) == len(sums) and got != sums):
                 log.error("cache entry %s… is damaged (SHA-256 %s…): dropped, fetching "
                           "it again", sha256[:12], actual[:12])
                 dest.unlink(missing_ok=True)
@@ -252,12 +255,13 @@ class ContentCache:
         finally:
             tmp.unlink(missing_ok=True)
         size = os.fstat(fd).st_size
-        if (size + BLOCK - 1) // BLOCK != len(sums) // 4:
+        kind = summer(sums, size)
+        if kind is None:
             os.close(fd)
             log.error("cache entry %s… has the wrong size (%d bytes): dropped", key[:12], size)
             self.discard(key)
             return None
-        return CachedFile(fd, sums, size, key)
+        return CachedFile(fd, sums, size, key, *kind)
 
     def keep_reserve(self) -> None:
         """Hold a few MiB of the disk in a reserve file. When the disk fills up, giving

@@ -22,18 +22,16 @@ import shutil
 import subprocess
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import membudget
+from .blocksums import BLOCK as SUM_BLOCK, block_sum  # a decode hands the cache its sums
 from .errors import CodecError, IntegrityError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-#: the content cache's block (``cache.BLOCK``): a decode can hand the cache its sums
-SUM_BLOCK = 128 << 10
 #: xdelta3 keeps this much of the source in memory by default; above it we raise -B so
 #: that matches anywhere in a large reference are found (a block moved from the start of
 #: a 160 MB file to its end must still match).
@@ -327,7 +325,7 @@ def decode(
     sums: bytearray | None = None,
 ) -> None:
     """Rebuild a file into ``out`` and check it against ``expected_sha256``. ``sums``:
-    filled with the CRC-32 of each cache block of the output, computed as it is written
+    filled with the sum of each cache block of the output, computed as it is written
     (the cache takes them, instead of reading the file again).
 
     Tries without ``-D`` first (what Python DeltaGlider wrote needs that), then with
@@ -456,7 +454,7 @@ def _pump(fd: int, ready: "select.poll", deadline: float, timeout: float,
                 digest.update(data)
                 if sums is not None:
                     for j in range(0, n, SUM_BLOCK):
-                        sums += zlib.crc32(data[j:j + SUM_BLOCK]).to_bytes(4, "little")
+                        sums += block_sum(data[j:j + SUM_BLOCK])
         if time.monotonic() > deadline:
             raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
         if n < CHUNK:

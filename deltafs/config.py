@@ -109,6 +109,7 @@ class MountConfig:
     drain_timeout: float = _default("drain_timeout")
     #: RAM for the daemon and its xdelta3 children together (0: no limit)
     memory_limit: int = _default("memory_limit")
+    kernel_read_ahead: int = _default("kernel_read_ahead")
     metrics_port: int | None = None
     metrics_address: str = _default("metrics_address")
     metrics_textfile: str | None = None

@@ -434,7 +434,8 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
         nursery.start_soon(fs.loop_stall.run)
         nursery.start_soon(memtrim.run)
         nursery.start_soon(fs.manifests.run)
-        nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd, fs, stop)
+        nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd, fs, stop,
+                           cfg.kernel_read_ahead)
         nursery.start_soon(_signals, fs, cfg, stop, nursery)
         nursery.start_soon(_report_status, fs, stop)
         try:
@@ -496,7 +497,7 @@ async def _drain(fs: DeltaFS, stop: _Stop) -> bool:
 
 
 async def _announce_ready(mountpoint: Path, ready_fd: int | None, fs: DeltaFS,
-                          stop: _Stop) -> None:
+                          stop: _Stop, read_ahead: int) -> None:
     """READY only once the kernel routes a stat of the mountpoint to us; if it never
     does, the daemon reports why and goes (exit 12), leaving nothing mounted."""
     import pyfuse3
@@ -524,6 +525,10 @@ async def _announce_ready(mountpoint: Path, ready_fd: int | None, fs: DeltaFS,
             threading.Thread(target=_lazy_unmount, args=(mountpoint,), daemon=True).start()
             pyfuse3.terminate()
         return
+    from . import kernelra
+
+    fs.kernel_read_ahead = await trio.to_thread.run_sync(kernelra.apply, mountpoint,
+                                                         read_ahead)
     _report(ready_fd, "OK")
     from .notify import notify
 

@@ -139,6 +139,8 @@ class DeltaFS(pyfuse3.Operations):
         self.dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self.lookups: dict[int, int] = defaultdict(int)
+        #: the kernel's read-ahead window for this mount in bytes (kernelra.py), once known
+        self.kernel_read_ahead: int | None = None
         self.started = time.time()
         self.loop_stall = LoopStall()
         #: (logical, stored) bytes: full-table sums, so computed by the committer in a

@@ -15,6 +15,7 @@ import itertools
 import logging
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -113,6 +114,21 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
         return _stream(conn, engine, dir_ino, prefix, emit, resolve, only)
 
 
+def fetched_ahead(pages: Iterator[Listing]) -> Iterator[Listing]:
+    """``pages``, with the next page's LIST in flight while this one is processed and
+    merged: the listing costs the larger of the two per page instead of their sum
+    (100,000 files on moto: ~0.22 s per LIST page against ~0.1 s of deltafs's own work).
+    One page ahead only (memory: two pages), and only for a whole-directory listing,
+    which fetches every page anyway, so no request is added. The helper thread only
+    advances the store's page iterator, never two calls at once; closing this
+    generator (the listing ended early or failed) waits for the LIST in flight."""
+    with ThreadPoolExecutor(1, thread_name_prefix="deltafs-list-ahead") as pool:
+        nxt = pool.submit(next, pages, None)
+        while (page := nxt.result()) is not None:
+            nxt = pool.submit(next, pages, None)
+            yield page
+
+
 #: names or keys per ``IN (...)`` of a page's queries (SQLite's old variable limit: 999)
 _IN_BATCH = 500
 
@@ -183,7 +199,7 @@ def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
 
     def pages() -> Iterator[Listing]:
         if only is None:
-            for page in engine.store.iter_pages(prefix):
+            for page in fetched_ahead(engine.store.iter_pages(prefix)):
                 end.pages += 1
                 yield page
             return

@@ -282,6 +282,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_file", log_target, None, "a path, 'stderr', 'syslog' or 'journal'", MOUNT,
            metavar="TARGET", group="mount",
            default_text="stderr with --foreground, else CACHE_DIR/deltafs.log"),
+    Option("kernel_read_ahead", size, MiB,
+           "the kernel's read-ahead window for this mount: the largest read request it "
+           "sends (0 keeps the kernel's 128 KiB; setting it needs root)", MOUNT,
+           metavar="SIZE", group="mount", default_text="1M"),
     Option("allow_other", boolean, False, "let other users in (the kernel checks modes)",
            MOUNT, action="store_true", group="mount"),
     Option("read_only", boolean, False, "refuse every change (EROFS)", MOUNT,

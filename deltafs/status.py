@@ -65,6 +65,9 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         # files rebuilt ahead of a reader going through a directory in name order
         "read_ahead": {"started": fs.read_ahead.stats.started,
                        "failed": fs.read_ahead.stats.failed},
+        # the kernel's read-ahead window for this mount: its largest read request, bytes
+        # (kernelra.py)
+        "kernel_read_ahead": fs.kernel_read_ahead,
         "last_error_age": round(time.time() - w.last_error_at, 1) if w.last_error else None,
     }
 

@@ -154,3 +154,43 @@ def test_the_wal_starts_over_while_handlers_keep_writing(tmp_path: Path, monkeyp
         j.commit()
         sizes.append(wal.stat().st_size)
     assert max(sizes[100:]) < 1 << 20, (max(sizes), sizes[-5:])
+
+
+def test_pages_are_fetched_one_ahead_in_order_and_errors_come_where_they_happened() -> None:
+    """A whole-directory listing has the next LIST in flight while a page is merged:
+    the page after is asked for before the consumer is done with this one, never two
+    ahead, and an error of the LIST comes at its own place in the sequence."""
+    import time
+
+    from deltafs.index import fetched_ahead
+    from deltafs.store.base import Listing
+
+    asked: list[int] = []
+
+    def source(n: int, fail_at: int | None = None):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            asked.append(i)
+            if i == fail_at:
+                raise OSError("LIST failed")
+            yield Listing([], [f"p{i}/"])
+
+    got = []
+    for page in fetched_ahead(source(5)):
+        got.append(page.prefixes[0])
+        deadline = time.monotonic() + 10
+        while len(asked) < min(len(got) + 1, 5) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # the next page was asked for while this one is held, and no more
+        assert len(asked) == min(len(got) + 1, 5), (got, asked)
+    assert got == [f"p{i}/" for i in range(5)]
+
+    asked.clear()
+    got = []
+    try:
+        for page in fetched_ahead(source(5, fail_at=3)):
+            got.append(page.prefixes[0])
+    except OSError as exc:
+        assert str(exc) == "LIST failed"
+    else:
+        raise AssertionError("the LIST error was lost")
+    assert got == ["p0/", "p1/", "p2/"]

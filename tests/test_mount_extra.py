@@ -235,3 +235,42 @@ def test_a_file_open_for_writing_is_never_rebuilt_ahead_and_keeps_its_write_afte
     # (SEMANTICS.md, Durability): the last write, not only the fsynced one
     got = p3.read_bytes()
     assert got == b"newer" + datas[3][5:], got[:8]
+
+
+def _window_kb(mountpoint: Path) -> int:
+    dev = os.stat(mountpoint).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    return int(knob.read_text())
+
+
+def test_kernel_read_ahead_window_is_raised_for_this_mount_only(mounted: Mount) -> None:
+    """The kernel splits a read into requests no larger than the mount's read-ahead
+    window (128 KiB unless raised); the mount raises its own to 1 MiB, and
+    ``--kernel-read-ahead 0`` leaves the kernel's."""
+    m = mounted
+    assert _window_kb(m.mountpoint) == 1024
+    assert m.status()["kernel_read_ahead"] == MiB
+    data = os.urandom(3 * MiB + 5)
+    (m.mountpoint / "f.bin").write_bytes(data)
+    m.wait_idle(60)
+    with open(m.mountpoint / "f.bin", "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert f.read() == data
+    m.remount(wipe_cache=True, extra_args=[*m.extra_args, "--kernel-read-ahead", "0"])
+    assert _window_kb(m.mountpoint) == 128
+    assert m.status()["kernel_read_ahead"] == 128 << 10
+    assert (m.mountpoint / "f.bin").read_bytes() == data
+
+
+def test_mount_device_reads_escaped_mountinfo(tmp_path: Path) -> None:
+    from deltafs.kernelra import mount_device
+
+    info = tmp_path / "mountinfo"
+    where = tmp_path / "a dir\\x"
+    esc = str(where).replace("\\", "\\134").replace(" ", "\\040")
+    info.write_text(f"22 1 0:21 / /proc rw - proc proc rw\n"
+                    f"40 22 0:39 / {esc} rw - fuse.deltafs deltafs:x rw\n"
+                    f"41 40 0:40 / {esc} rw - fuse.deltafs deltafs:y rw\n")
+    where.mkdir()
+    assert mount_device(where, info) == "0:40"  # the last mount on a path is the one seen
+    assert mount_device(tmp_path, info) is None

@@ -1,0 +1,83 @@
+"""The content cache's block sums: every read checks what it serves, with the sums the
+entry was made with (XXH3-64 now, CRC-32 in entries of older versions)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+
+from deltafs import blocksums
+from deltafs.cache import BLOCK, ContentCache, block_sums
+from deltafs.errors import IntegrityError
+
+
+def _entry_path(cache: ContentCache, key: str) -> str:
+    handle = cache._cache.get(key, read=True)
+    with handle:
+        return str(handle.name)
+
+
+def _put(tmp_path: Path, cache: ContentCache, data: bytes, sums: bytes | None = None) -> str:
+    src = tmp_path / f"src-{len(data)}"
+    src.write_bytes(data)
+    key = hashlib.sha256(data).hexdigest()
+    cache.add(key, src, sums=sums)
+    return key
+
+
+def _crc32_sums(data: bytes) -> bytes:
+    return b"".join(zlib.crc32(data[i:i + BLOCK]).to_bytes(4, "little")
+                    for i in range(0, len(data), BLOCK))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["xxh3", "crc32"])
+def test_a_damaged_block_is_never_served(tmp_path: Path, legacy: bool) -> None:
+    cache = ContentCache(tmp_path / "cache")
+    data = os.urandom(3 * BLOCK + 1000)
+    key = _put(tmp_path, cache, data, _crc32_sums(data) if legacy else None)
+    f = cache.open(key, tmp_path)
+    assert f is not None
+    assert f.width == (4 if legacy else 8)
+    assert f.pread(len(data), 0) == data
+    assert f.pread(10, 2 * BLOCK + 5) == data[2 * BLOCK + 5:2 * BLOCK + 15]
+    fd = os.open(_entry_path(cache, key), os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([data[BLOCK + 7] ^ 1]), BLOCK + 7)  # one bit, in block 1
+    finally:
+        os.close(fd)
+    assert f.pread(BLOCK, 0) == data[:BLOCK]  # the blocks around it still read
+    assert f.pread(1000, 3 * BLOCK) == data[3 * BLOCK:]
+    with pytest.raises(IntegrityError, match="block 1"):
+        f.pread(1, BLOCK + 100)  # any read touching block 1
+    with pytest.raises(IntegrityError, match="block 1"):
+        f.pread(2 * BLOCK, 0)
+    f.close()
+
+
+def test_new_entries_carry_xxh3_sums_and_old_ones_are_still_used(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "cache")
+    data = os.urandom(2 * BLOCK + 3)
+    assert block_sums_of(tmp_path, data) == b"".join(
+        blocksums.block_sum(data[i:i + BLOCK]) for i in range(0, len(data), BLOCK))
+    old = _put(tmp_path, cache, data, _crc32_sums(data))
+    # a reference taken out for xdelta3 is hashed whole: an old entry passes on its SHA-256
+    assert cache.link(old, tmp_path / "linked", verify=True)
+    assert (tmp_path / "linked").read_bytes() == data
+    assert cache.has(old)
+
+
+def test_sums_of_neither_width_drop_the_entry(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "cache")
+    data = os.urandom(2 * BLOCK)
+    key = _put(tmp_path, cache, data, b"\0" * 12)  # 6 bytes a block: no known sum
+    assert cache.open(key, tmp_path) is None
+    assert not cache.has(key)
+
+
+def block_sums_of(tmp_path: Path, data: bytes) -> bytes:
+    p = tmp_path / "for-sums"
+    p.write_bytes(data)
+    return block_sums(p)
