@@ -21,7 +21,7 @@ import xxhash
 BLOCK = 128 << 10
 #: bytes of one block's sum, as written now ...
 WIDTH = 8
-#: ... and as written before 2026-12-01 (CRC-32)
+#: ... and as written before 2026-12-02 (CRC-32)
 LEGACY_WIDTH = 4
 
 Summer = Callable[[memoryview | bytes], bytes]

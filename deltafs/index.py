@@ -119,14 +119,20 @@ def fetched_ahead(pages: Iterator[Listing]) -> Iterator[Listing]:
     merged: the listing costs the larger of the two per page instead of their sum
     (100,000 files on moto: ~0.22 s per LIST page against ~0.1 s of deltafs's own work).
     One page ahead only (memory: two pages), and only for a whole-directory listing,
-    which fetches every page anyway, so no request is added. The helper thread only
-    advances the store's page iterator, never two calls at once; closing this
-    generator (the listing ended early or failed) waits for the LIST in flight."""
-    with ThreadPoolExecutor(1, thread_name_prefix="deltafs-list-ahead") as pool:
+    which fetches every page anyway, so no request is added (but one LIST when the
+    listing fails half-way). The helper thread only advances the store's page
+    iterator, never two calls at once."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="deltafs-list-ahead")
+    try:
         nxt = pool.submit(next, pages, None)
         while (page := nxt.result()) is not None:
             nxt = pool.submit(next, pages, None)
             yield page
+    finally:
+        # a listing that failed or stopped early does not wait for the LIST in flight
+        # (during an S3 outage that is a whole retry cycle): the helper finishes it
+        # alone and ends
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 #: names or keys per ``IN (...)`` of a page's queries (SQLite's old variable limit: 999)

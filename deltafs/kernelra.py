@@ -20,45 +20,35 @@ log = logging.getLogger(__name__)
 SYSFS = Path("/sys/class/bdi")
 
 
-def mount_device(mountpoint: Path | str, mountinfo: Path = Path("/proc/self/mountinfo")
-                 ) -> str | None:
-    """``MAJ:MIN`` of the filesystem mounted on ``mountpoint`` (the last mount there),
-    read from mountinfo: a ``stat`` would be a FUSE request to ourselves."""
-    want = os.path.realpath(mountpoint)
-    found = None
-    try:
-        text = mountinfo.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) > 4 and _unescape(fields[4]) == want:
-            found = fields[2]
-    return found
-
-
-def _unescape(path: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, ch)
-    return path
-
-
 def apply(mountpoint: Path | str, size: int, sysfs: Path = SYSFS) -> int | None:
-    """Set the mount's read-ahead window to ``size`` bytes (0: leave the kernel's); the
-    window in effect afterwards, in bytes, or None when it cannot be read."""
-    dev = mount_device(mountpoint)
-    if dev is None:
-        log.debug("read-ahead: no mount found on %s", mountpoint)
-        return None
-    knob = sysfs / dev / "read_ahead_kb"
-    if size > 0:
-        try:
-            knob.write_text(f"{max(4, size >> 10)}\n")
-        except OSError as exc:
-            log.info("read-ahead: cannot set %s to %d KiB (%s): the kernel's window "
-                     "stays (needs root)", knob, size >> 10, exc.strerror or exc)
+    """Raise the mount's read-ahead window to ``size`` bytes (0: leave the kernel's; a
+    window already larger, set by a udev rule or by hand, is kept); the window in
+    effect afterwards, in bytes, or None when it cannot be read. Never raises: the
+    window is a speed setting, not worth a mount.
+
+    Blocking, and a FUSE request to this daemon (the ``stat`` of the mountpoint, which
+    names the device the kernel routes to exactly): run it in a worker thread once the
+    mount answers."""
     try:
-        return int(knob.read_text().strip()) << 10
+        dev = os.stat(mountpoint).st_dev
+        knob = sysfs / f"{os.major(dev)}:{os.minor(dev)}" / "read_ahead_kb"
+        now = _read(knob)
+        want = max(4, size >> 10)
+        if size > 0 and (now is None or now < want):
+            try:
+                knob.write_text(f"{want}\n")
+            except OSError as exc:
+                log.info("read-ahead: cannot set %s to %d KiB (%s): the kernel's window "
+                         "stays (needs root)", knob, want, exc.strerror or exc)
+            now = _read(knob)
+        return None if now is None else now << 10
+    except Exception as exc:  # noqa: BLE001 - a speed setting never stops a mount
+        log.info("read-ahead: the window of %s is unknown: %s", mountpoint, exc)
+        return None
+
+
+def _read(knob: Path) -> int | None:
+    try:
+        return int(knob.read_text().strip())
     except (OSError, ValueError):
         return None

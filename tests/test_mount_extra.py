@@ -262,15 +262,21 @@ def test_kernel_read_ahead_window_is_raised_for_this_mount_only(mounted: Mount) 
     assert (m.mountpoint / "f.bin").read_bytes() == data
 
 
-def test_mount_device_reads_escaped_mountinfo(tmp_path: Path) -> None:
-    from deltafs.kernelra import mount_device
+def test_read_ahead_window_is_raised_never_lowered_and_never_fatal(tmp_path: Path) -> None:
+    """kernelra.apply against a stand-in sysfs: raises a smaller window, keeps a larger
+    one (a udev rule's), reports an unwritable or missing knob without raising."""
+    from deltafs.kernelra import apply
 
-    info = tmp_path / "mountinfo"
-    where = tmp_path / "a dir\\x"
-    esc = str(where).replace("\\", "\\134").replace(" ", "\\040")
-    info.write_text(f"22 1 0:21 / /proc rw - proc proc rw\n"
-                    f"40 22 0:39 / {esc} rw - fuse.deltafs deltafs:x rw\n"
-                    f"41 40 0:40 / {esc} rw - fuse.deltafs deltafs:y rw\n")
-    where.mkdir()
-    assert mount_device(where, info) == "0:40"  # the last mount on a path is the one seen
-    assert mount_device(tmp_path, info) is None
+    dev = os.stat(tmp_path).st_dev
+    knob = tmp_path / "bdi" / f"{os.major(dev)}:{os.minor(dev)}" / "read_ahead_kb"
+    knob.parent.mkdir(parents=True)
+    knob.write_text("128\n")
+    assert apply(tmp_path, MiB, tmp_path / "bdi") == MiB
+    assert knob.read_text().strip() == "1024"
+    knob.write_text("4096\n")
+    assert apply(tmp_path, MiB, tmp_path / "bdi") == 4 * MiB  # kept, not lowered
+    assert apply(tmp_path, 0, tmp_path / "bdi") == 4 * MiB
+    knob.unlink()
+    knob.parent.rmdir()
+    assert apply(tmp_path, MiB, tmp_path / "bdi") is None  # no such device: said, not raised
+    assert apply(tmp_path / "gone", MiB, tmp_path / "bdi") is None
