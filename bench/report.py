@@ -305,6 +305,12 @@ def scale_targets(sc: dict[str, Any]) -> list[str]:
         add("cold `ls -l`, written through the mount: ≥ 10× faster than 0.1 "
             f"({was:.0f} s at 0.1's 3.07 ms per file)", f"{was / cold['seconds']:.0f}×",
             cold["seconds"] * 10 <= was)
+    heads = (sc.get("deltafs_mount") or {}).get("ls_cold_heads") or {}
+    if cold and cold.get("seconds") and heads.get("seconds"):
+        ratio = heads["seconds"] / cold["seconds"]
+        add("cold `ls -l`, written through the mount: ≥ 10× faster than a HEAD per file "
+            f"(same run, same bucket, its manifest moved aside: {heads['seconds']:.1f} s, "
+            f"{heads.get('requests_total') or 0:,} requests)", f"{ratio:.1f}×", ratio >= 10)
     warm, lwarm = mnt.get("ls_warm"), loc.get("ls_warm")
     if warm and lwarm and lwarm.get("seconds"):
         ratio = warm["seconds"] / lwarm["seconds"]

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import boto3
 from botocore.config import Config
 
+from deltafs.manifest import MANIFEST_NAME
+
 from .measure import RssSampler
 from .motoserver import DRIVER_AGENT
 from .systems import Deltafs, wait_for
@@ -447,6 +449,29 @@ class Scale:
         r.update(entries=left, expected=self.n - self.rm, ok=left == self.n - self.rm)
         return steps
 
+    def cold_ls_by_heads(self, df: Deltafs, bucket: str) -> dict[str, Any]:
+        """The issue's "today", measured in this run: a cold ``ls -l`` of the same
+        directory with its listing manifest moved aside for the step, so that every file
+        is HEADed (concurrently, as deltafs does now; 0.1 HEADed one at a time). The
+        manifest is put back, byte for byte, before the next step."""
+        s3 = self.b.ctx.s3
+        key, side = f"{DIR}/{MANIFEST_NAME}", f"{DIR}-bench-aside{MANIFEST_NAME}"
+        s3.copy_object(Bucket=bucket, Key=side, CopySource={"Bucket": bucket, "Key": key})
+        s3.delete_object(Bucket=bucket, Key=key)
+        try:
+            df.wipe_cache()
+            df.mount(bucket)
+            out = self.work / "ls.out"
+            r = self.step(lambda: cmd(["ls", "-l", str(df.mnt / DIR)], stdout=out), df)
+            with open(out, "rb") as f:
+                lines = sum(1 for _ in f) - 1  # "total N"
+            r.update(entries=lines, expected=self.n, ok=lines == self.n)
+            df.unmount()
+        finally:
+            s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": side})
+            s3.delete_object(Bucket=bucket, Key=side)
+        return r
+
     def bucket_part(self, how: str) -> dict[str, Any]:
         df = self.df
         bucket = self.b.bucket(f"scale-{how}")
@@ -484,6 +509,8 @@ class Scale:
             r["stored_bytes"] = sum(objs.values())
             r["files_in_bucket"] = sum(1 for k in objs if k in self.keys)
             r["create"]["ok"] = r["files_in_bucket"] == self.n
+            if how == "mount":
+                r["ls_cold_heads"] = self.cold_ls_by_heads(df, bucket)
             df.wipe_cache()
             t0 = time.perf_counter()
             df.mount(bucket)
