@@ -189,9 +189,11 @@ def test_rm_r_costs_about_one_request_per_file(m: Mount) -> None:
     # one DELETE per file, then per directory a constant: the reference check (LIST,
     # GET of a kept copy, DELETE, LIST again), the marker, and the sweep of the chain
     # blobs (its flag, a LIST of them, two of the pointers, one batch DELETE, the sweep
-    # marker); never a request per file beyond its DELETE
+    # marker), and the directory's manifest when its write, due from the creates, comes
+    # during the rm (a HEAD and a PUT: seen on a loaded machine, 56 requests against the
+    # usual 54); never a request per file beyond its DELETE
     assert used.get("LIST", 0) <= 5, used
-    assert sum(used.values()) <= 40 + 14, used
+    assert sum(used.values()) <= 40 + 16, used
     # the reference and the manifest went too: the prefix is gone from the bucket
     assert m.objects("rel/", manifests=True) == {}
 
