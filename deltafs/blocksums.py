@@ -32,6 +32,13 @@ def block_sum(data: memoryview | bytes) -> bytes:
     return xxhash.xxh3_64_digest(data)
 
 
+def add_sums(out: bytearray, data: memoryview) -> None:
+    """Append the sum of each ``BLOCK`` of ``data`` (whole blocks but maybe the last) to
+    ``out``: one definition for the cache's own pass and a decode's."""
+    for i in range(0, len(data), BLOCK):
+        out += block_sum(data[i:i + BLOCK])
+
+
 def _crc32(data: memoryview | bytes) -> bytes:
     return zlib.crc32(data).to_bytes(4, "little")
 

@@ -27,11 +27,11 @@ import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import diskcache
 
-from .blocksums import BLOCK, block_sum, summer
+from .blocksums import BLOCK, WIDTH, Summer, add_sums, block_sum, summer
 from .errors import IntegrityError
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def digest_file(path: Path | str, sha: bool = True) -> tuple[str, bytes]:
             chunk = view[:n]
             if h is not None:
                 h.update(chunk)
-            for i in range(0, n, BLOCK):
-                out += block_sum(chunk[i:i + BLOCK])
+            add_sums(out, chunk)
             chunk.release()
             if n < _READ:
                 break
@@ -78,8 +77,8 @@ class CachedFile:
     size: int
     key: str
     #: bytes per block sum and the function that makes them (blocksums.summer)
-    width: int = 8
-    summer: Callable[[memoryview | bytes], bytes] = block_sum
+    width: int = WIDTH
+    summer: Summer = block_sum
 
     def pread(self, size: int, off: int) -> bytes:
         if size <= 0 or off >= self.size:

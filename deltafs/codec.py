@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import membudget
-from .blocksums import BLOCK as SUM_BLOCK, block_sum  # a decode hands the cache its sums
+from .blocksums import BLOCK as SUM_BLOCK, add_sums  # a decode hands the cache its sums
 from .errors import CodecError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -453,8 +453,7 @@ def _pump(fd: int, ready: "select.poll", deadline: float, timeout: float,
             with view[:n] as data:
                 digest.update(data)
                 if sums is not None:
-                    for j in range(0, n, SUM_BLOCK):
-                        sums += block_sum(data[j:j + SUM_BLOCK])
+                    add_sums(sums, data)
         if time.monotonic() > deadline:
             raise CodecError(f"xdelta3 decode timed out after {timeout:.0f} s")
         if n < CHUNK:

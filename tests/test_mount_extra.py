@@ -3,6 +3,7 @@ mount, and a full cache disk (clean cache entries go before a write fails)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -280,3 +281,52 @@ def test_read_ahead_window_is_raised_never_lowered_and_never_fatal(tmp_path: Pat
     knob.parent.rmdir()
     assert apply(tmp_path, MiB, tmp_path / "bdi") is None  # no such device: said, not raised
     assert apply(tmp_path / "gone", MiB, tmp_path / "bdi") is None
+
+
+def test_a_cache_from_before_the_xxh3_sums_is_still_used_and_checked(mounted: Mount) -> None:
+    """An upgrade keeps its cache: entries whose block sums are CRC-32s (what versions
+    before 2026-12-02 wrote) are read without a GET, and a damaged block in one is still
+    caught and fetched again, never served."""
+    import sqlite3
+    import zlib
+
+    from deltafs.cache import BLOCK
+
+    m = mounted
+    datas = {f"f{i}.bin": os.urandom(3 * BLOCK + 100 * i) for i in range(3)}
+    for name, data in datas.items():
+        (m.mountpoint / name).write_bytes(data)
+    m.wait_idle(60)
+    for name, data in datas.items():
+        assert (m.mountpoint / name).read_bytes() == data  # in the cache now
+    m.umount()
+    db = sqlite3.connect(m.cache / "content" / "cache.db")
+    rows = db.execute("SELECT key, filename FROM Cache").fetchall()
+    files = {}
+    for key, filename in rows:
+        path = m.cache / "content" / filename
+        body = path.read_bytes()
+        old = b"".join(zlib.crc32(body[i:i + BLOCK]).to_bytes(4, "little")
+                       for i in range(0, len(body), BLOCK))
+        db.execute("UPDATE Cache SET tag = ? WHERE key = ?", (old, key))
+        files[hashlib.sha256(body).hexdigest()] = path
+    db.commit()
+    db.close()
+    assert len(files) >= 3
+    m.mount()
+    before = m.requests()
+    for name, data in datas.items():
+        with open(m.mountpoint / name, "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert f.read() == data
+    assert m.requests().get("GET", 0) == before.get("GET", 0)  # served from the old cache
+    victim = files[hashlib.sha256(datas["f1.bin"]).hexdigest()]
+    with open(victim, "r+b") as f:  # one bit in block 2 of an old-sums entry
+        f.seek(2 * BLOCK + 3)
+        b = f.read(1)
+        f.seek(2 * BLOCK + 3)
+        f.write(bytes([b[0] ^ 1]))
+    with open(m.mountpoint / "f1.bin", "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert f.read() == datas["f1.bin"]
+    assert "is damaged (block 2" in m.log_text()
