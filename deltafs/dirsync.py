@@ -23,14 +23,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: names merged per step on the trio thread (a checkpoint between steps)
-MERGE_SLICE = 200
+#: how long one merge step may hold the trio loop; the number of names per step adapts
+#: to it (a checkpoint between steps). A count alone did not bound it: 200 names took
+#: 3-15 ms on a quiet machine and 100-370 ms while worker threads hashed and encoded
+MERGE_STEP_S = 0.010
+#: bounds of the names per step (the first step of a mount uses ``MERGE_SLICE``)
+MERGE_SLICE, MERGE_SLICE_MIN, MERGE_SLICE_MAX = 200, 8, 2000
 #: one-name listings (a LIST of ``dir/name``) a stale directory gets per TTL before a
 #: full listing is cheaper: at least this many, or as many as its last full listing
 #: had LIST pages (so a walk over every name costs at most twice the full listings)
 NAME_LISTINGS = 4
 #: one-name listings remembered (per-name freshness); more costs only a LIST again
 MAX_NAMES = 4096
+
+
+class Slices:
+    """Names per merge step, adapted so that a step holds the loop about
+    ``MERGE_STEP_S``: scaled down at once after a slow step, doubled after a quick one.
+    The step's time includes waiting for the GIL, which is what the loop feels."""
+
+    def __init__(self, step_s: float = MERGE_STEP_S) -> None:
+        self.step_s = step_s
+        self.size = MERGE_SLICE
+
+    def took(self, seconds: float, names: int) -> None:
+        if seconds > self.step_s and names:
+            self.size = max(MERGE_SLICE_MIN, int(names * self.step_s / seconds))
+        elif seconds < self.step_s / 2 and names >= self.size:
+            self.size = min(MERGE_SLICE_MAX, self.size * 2)
+
+    async def each(self, names: list[str], step: Callable[[list[str], bool], None]) -> None:
+        """Call ``step(slice, last)`` over ``names`` (once with an empty slice when
+        there are none), with a checkpoint after each step."""
+        i = 0
+        while True:
+            chunk = names[i:i + self.size]
+            i += len(chunk)
+            t0 = time.perf_counter()
+            step(chunk, i >= len(names))
+            self.took(time.perf_counter() - t0, len(chunk))
+            await trio.sleep(0)
+            if i >= len(names):
+                return
 
 
 class DirSync:
@@ -64,6 +98,7 @@ class DirSync:
         #: sub-prefixes a listing left out (see ``_going``): their parent is listed
         #: again once their reference check is done
         self.hidden_spaces: set[str] = set()
+        self.slices = Slices()
 
     def _fresh(self, listed_at: float | None) -> bool:
         return listed_at is not None and time.time() - listed_at < self.options.listing_ttl
@@ -194,15 +229,15 @@ class DirSync:
         self._pages[dir_ino] = end.pages
         self._name_window.pop(dir_ino, None)
         # rows whose object is gone, then the directory's own facts, in slices
-        names = end.removals
-        for i in range(0, max(len(names), 1), MERGE_SLICE):
-            last = i + MERGE_SLICE >= len(names)
-            done = DirListing({}, set(), end.marker, end.reference)  # used when last
+        done = DirListing({}, set(), end.marker, end.reference)  # used when last
+
+        def removals(chunk: list[str], last: bool) -> None:
             gone = merge_listing(self.journal, dir_ino, done, self.contents.busy(),
                                  self.options.uid, self.options.gid, end.removal_snapshot,
-                                 started, names=names[i:i + MERGE_SLICE], final=last)
+                                 started, names=chunk, final=last)
             self._replaced(dir_ino, gone)
-            await trio.sleep(0)
+
+        await self.slices.each(list(end.removals), removals)
         self.on_listed(dir_ino, end)
         if end.heads > 50:
             log.info("listed %s: %d HEAD requests (%d entries from its manifest)",
@@ -210,8 +245,8 @@ class DirSync:
 
     async def _apply(self, dir_ino: int, prefix: str, part: DirListing, snap: Snapshot,
                      started: float) -> None:
-        """Merge one LIST page, ``MERGE_SLICE`` names at a time with a checkpoint between
-        slices: a 1,000-entry page never holds the loop for long."""
+        """Merge one LIST page in steps of about ``MERGE_STEP_S`` with a checkpoint
+        between them: a 1,000-entry page never holds the loop for long."""
         hidden = {n for n in part.dirs if self.journal.child(dir_ino, n) is None
                   and self._going(f"{prefix}{n}", started)}
         if hidden:
@@ -224,8 +259,10 @@ class DirSync:
             part = DirListing(part.files, part.dirs - hidden, part.marker, part.reference,
                               part.dir_markers)
         names = [*part.files, *part.dirs]
-        for i in range(0, len(names), MERGE_SLICE):
-            chunk = names[i:i + MERGE_SLICE]
+        if not names:
+            return
+
+        def step(chunk: list[str], last: bool) -> None:
             sub = DirListing({n: part.files[n] for n in chunk if n in part.files},
                              {n for n in chunk if n in part.dirs}, None, None,
                              {n: part.dir_markers[n] for n in chunk if n in part.dir_markers})
@@ -233,7 +270,8 @@ class DirSync:
                                  self.options.uid, self.options.gid, snap, started,
                                  names=chunk, final=False)
             self._replaced(dir_ino, gone)
-            await trio.sleep(0)
+
+        await self.slices.each(names, step)
 
     def _going(self, space: str, started: float) -> bool:
         """Whether a sub-prefix with no row here is on its way out because of this mount:

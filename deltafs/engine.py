@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from . import chain, codec, extension, gzrecipe, membudget
 from .cache import ContentCache, digest_file
 from .crashpoints import crash_point
+from .prefetch import Prefetched
 from .errors import AlreadyExists, Changed, IntegrityError, NotFound, StoreError
 from .format import (
     DELTA_SUFFIX,
@@ -231,6 +232,8 @@ class Engine:
         #: called (from the put's thread) when a chained put announced itself: its
         #: next version need not wait for the upload (the mount's writeback sets it)
         self.on_announce: Callable[[], None] | None = None
+        #: objects the read-ahead fetched for a rebuild to come (see :mod:`prefetch`)
+        self.prefetched = Prefetched(tmp_dir / "ahead")
         tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # ------------------------------------------------------------------ helpers
@@ -743,7 +746,9 @@ class Engine:
         def fetch(j: int) -> Path:
             dest = scratch / f"blob-{j}"
             try:
-                self.store.get_file(keys[j], dest)
+                # a blob is immutable and its decode checks its output: any copy serves
+                if self.prefetched.take(keys[j], dest) is None:
+                    self.store.get_file(keys[j], dest)
             except NotFound:
                 raise IntegrityError(f"{what}: chain blob {keys[j]} is missing") from None
             return dest
@@ -1012,6 +1017,10 @@ class Engine:
         ``trusted``: cached sources are used without hashing them first, their keys
         listed there (each decode checks its output: a damaged source fails it)."""
         deltaspace = split_key(stored.object_key)[0]
+        if body is None and stored.etag:
+            ahead = scratch / "pointer-ahead"
+            if self.prefetched.take(stored.object_key, ahead, etag=stored.etag) is not None:
+                body = ahead.read_bytes()
         if body is None:
             body, _ = self.store.get_bytes(stored.object_key)
         p = chain.parse_pointer(body, stored.object_key)
@@ -1138,6 +1147,46 @@ class Engine:
             os.utime(dest, ns=(mtime_ns, mtime_ns))
         return stored
 
+    def fetch_ahead(self, stored: StoredFile) -> int:
+        """GET what a rebuild of the delta ``stored`` will ask for first, into
+        :attr:`prefetched`: its object (pointer or plain delta, this version only) and,
+        for a chain pointer whose content is not cached, the blob that yields it. No
+        decode: its base may still be being rebuilt. Returns the objects fetched.
+        Blocking (worker thread); errors propagate (the rebuild, if it comes, GETs
+        again and reports)."""
+        if stored.kind is not Kind.DELTA or not stored.etag:
+            return 0
+        key, fetched = stored.object_key, 0
+        path = self.prefetched.begin(key)
+        if path is None:
+            return 0  # here already or on its way: its blob was seen to by that fetch
+        info: ObjectInfo | None = None
+        body = b""
+        try:
+            info = self.store.get_file(key, path)
+            if info.etag != stored.etag:
+                return 0  # rewritten since listed: the rebuild will say what it finds
+            fetched = 1
+            if (info.metadata or {}).get(FORM_KEY) in chain.CHAIN_FORMS:
+                body = path.read_bytes()
+        finally:
+            self.prefetched.end(key, path, info if fetched else None)
+        if not body:
+            return fetched
+        p = chain.parse_pointer(body, key)
+        if p.depth == 0 or self.cache.has(p.chain[0]):
+            return fetched
+        blob = chain.blob_key(split_key(key)[0], p.chain[0], p.chain[1])
+        bpath = self.prefetched.begin(blob)
+        if bpath is None:
+            return fetched
+        binfo: ObjectInfo | None = None
+        try:
+            binfo = self.store.get_file(blob, bpath)
+        finally:
+            self.prefetched.end(blob, bpath, binfo)
+        return fetched + 1
+
     def materialize(self, stored: StoredFile, out: Path) -> str | None:
         """Write the verified content of ``stored`` to ``out`` (any filesystem); returns
         the SHA-256 it was verified against (``None`` for a foreign object)."""
@@ -1172,9 +1221,10 @@ class Engine:
             meta = stored.metadata
             if meta is None:
                 # one GET brings the metadata and the body (a HEAD first would cost a
-                # round trip per cold open)
+                # round trip per cold open), unless the read-ahead got this version
                 obj = scratch / "object"
-                info = self.store.get_file(stored.object_key, obj)
+                info = (self.prefetched.take(stored.object_key, obj, etag=stored.etag)
+                        if stored.etag else None) or self.store.get_file(stored.object_key, obj)
                 meta = info.metadata
                 stored = classify(info.key, info.size, info.etag, info.mtime, meta)  # type: ignore[assignment]
             sha = stored.sha256

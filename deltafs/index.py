@@ -349,11 +349,7 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
         existing = {n.name: n for n in journal.children(dir_ino)}
     else:
         # a slice of a streamed listing: only these names are decided now
-        existing = {}
-        for name in names:
-            row = journal.child(dir_ino, name)
-            if row is not None:
-                existing[name] = row
+        existing = journal.children_named(dir_ino, list(names))
 
     def unchanged(node: Node) -> bool:
         return snapshot is None or snapshot.get(node.ino) == (

@@ -36,7 +36,6 @@ import os
 import sys
 from typing import Any, Callable
 
-import trio
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,22 @@ async def run() -> None:
         log.debug("no malloc_trim in this C library: heap pages are not trimmed")
         return
     while True:
-        await trio.sleep(INTERVAL)
-        await trio.to_thread.run_sync(trim, 0)
+        await _trio().sleep(INTERVAL)
+        await _trio().to_thread.run_sync(trim, 0)
 
 
 #: what ``sys.argv[0]`` is when this process is the ``deltafs`` or ``mount.deltafs``
 #: program (console scripts, ``python -m deltafs.cli`` / ``deltafs.mounthelper``)
-_OURS = ("deltafs", "mount.deltafs", "cli.py", "mounthelper.py")
+_OURS = ("deltafs", "mount.deltafs", "cli.py", "entry.py", "mounthelper.py")
+
+
+def _trio() -> Any:
+    """trio, imported when the trim loop first runs: this module is imported by the
+    ``deltafs`` program before it runs itself again (:func:`use_c_allocator`), and
+    that must not load trio twice."""
+    import trio
+
+    return trio
 
 
 def use_c_allocator() -> None:

@@ -242,7 +242,8 @@ def _print_status(mnt: Path, s: dict[str, Any]) -> None:
     ra = s.get("read_ahead")
     if ra:
         print(f"  read-ahead: {ra['started']} files rebuilt before they were opened, "
-              f"{ra['failed']} failed")
+              f"{ra['failed']} failed; {ra.get('objects_used', 0)} of "
+              f"{ra.get('objects_fetched', 0)} objects fetched ahead used")
     if s.get("last_error"):
         print(f"  last error ({s['last_error_age']:.0f} s ago): {s['last_error']}")
 

@@ -49,6 +49,8 @@ class ReadAheadStats:
 
     started: int = 0
     failed: int = 0
+    #: objects of the file after next fetched while the next one was rebuilt
+    fetched: int = 0
 
 
 class ReadAhead:
@@ -64,8 +66,9 @@ class ReadAhead:
         self._last: OrderedDict[int, str] = OrderedDict()
         #: per directory, the name before that (two in order start a read-ahead)
         self._before: dict[int, str] = {}
-        #: one request waits while one runs (a reader faster than the rebuilds drops the rest)
-        self._send, self._recv = trio.open_memory_channel[tuple[Node, Node]](1)
+        #: one request waits while one runs (a reader faster than the rebuilds drops the
+        #: rest): (file opened, next file, the file after it or None)
+        self._send, self._recv = trio.open_memory_channel[tuple[Node, Node, Node | None]](1)
 
     def opened(self, node: Node) -> None:
         """``node``'s content was opened from the cache or the bucket (on the trio
@@ -89,11 +92,12 @@ class ReadAhead:
         prev = self._neighbours(node, "<", "DESC", 2)
         if [n.name for n in prev] != [last, before]:
             return
-        nxt = self._neighbours(node, ">", "ASC", 1)
+        nxt = self._neighbours(node, ">", "ASC", 2)
         if not nxt or not self._worth(nxt[0]):
             return
+        after = nxt[1] if len(nxt) > 1 and self._worth(nxt[1]) else None
         try:
-            self._send.send_nowait((node, nxt[0]))
+            self._send.send_nowait((node, nxt[0], after))
         except trio.WouldBlock:
             pass  # one running, one waiting already
 
@@ -128,22 +132,46 @@ class ReadAhead:
     async def run(self) -> None:
         """Until cancelled: rebuild each file asked for, after the one opened before it
         (its base, in a chained directory) is in the cache."""
-        async for current, nxt in self._recv:
+        async for current, nxt, after in self._recv:
             if self.stopped:
                 continue
-            try:
-                if not await self.contents.settled(current):
-                    continue  # its open failed (and said why): nothing to build on
-                node = self.journal.get(nxt.ino)
-                if node is None or not self._worth(node) or await trio.to_thread.run_sync(
-                        self.contents.cache.__contains__, self.contents.cache_key(node)):
-                    continue
-                self.stats.started += 1
-                log.debug("reading ahead: %s (after %s)", node.name, current.name)
-                got = await self.contents.fetch(node, quiet=True)
-                got.close()
-            except trio.Cancelled:
-                raise
-            except Exception as exc:  # noqa: BLE001 - its open reports it, if it comes
-                self.stats.failed += 1
-                log.debug("read-ahead of %s failed: %r", nxt.name, exc)
+            async with trio.open_nursery() as nursery:
+                if after is not None:
+                    nursery.start_soon(self._fetch_ahead, after)
+                await self._rebuild(current, nxt)
+
+    async def _rebuild(self, current: Node, nxt: Node) -> None:
+        try:
+            if not await self.contents.settled(current):
+                return  # its open failed (and said why): nothing to build on
+            node = self.journal.get(nxt.ino)
+            if node is None or not self._worth(node) or await trio.to_thread.run_sync(
+                    self.contents.cache.__contains__, self.contents.cache_key(node)):
+                return
+            self.stats.started += 1
+            log.debug("reading ahead: %s (after %s)", node.name, current.name)
+            got = await self.contents.fetch(node, quiet=True)
+            got.close()
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - its open reports it, if it comes
+            self.stats.failed += 1
+            log.debug("read-ahead of %s failed: %r", nxt.name, exc)
+
+    async def _fetch_ahead(self, after: Node) -> None:
+        """GET the objects the file after next will be rebuilt from (not decoded: its
+        base is the next file, still being rebuilt), so that its rebuild, when the next
+        file is opened, starts with them on disk (see :mod:`prefetch`)."""
+        from .index import stored_of
+
+        try:
+            node = self.journal.get(after.ino)
+            if node is None or not self._worth(node) or await trio.to_thread.run_sync(
+                    self.contents.cache.__contains__, self.contents.cache_key(node)):
+                return
+            self.stats.fetched += await trio.to_thread.run_sync(
+                self.contents.engine.fetch_ahead, stored_of(node))
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - its rebuild GETs again and reports
+            log.debug("fetch ahead of %s failed: %r", after.name, exc)

@@ -62,9 +62,12 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         # the --memory-limit and what the xdelta3 children hold under it
         # (and glibc's mmap threshold, pinned by the daemon: memtrim.py)
         "memory": {**membudget.current().status(), "mmap_threshold": memtrim.pinned},
-        # files rebuilt ahead of a reader going through a directory in name order
+        # files rebuilt ahead of a reader going through a directory in name order; the
+        # objects of the file after next fetched meanwhile, and how many a rebuild used
         "read_ahead": {"started": fs.read_ahead.stats.started,
-                       "failed": fs.read_ahead.stats.failed},
+                       "failed": fs.read_ahead.stats.failed,
+                       "objects_fetched": fs.read_ahead.stats.fetched,
+                       "objects_used": fs.engine.prefetched.used},
         # the kernel's read-ahead window for this mount: its largest read request, bytes
         # (kernelra.py)
         "kernel_read_ahead": fs.kernel_read_ahead,

@@ -194,3 +194,63 @@ def test_pages_are_fetched_one_ahead_in_order_and_errors_come_where_they_happene
     else:
         raise AssertionError("the LIST error was lost")
     assert got == ["p0/", "p1/", "p2/"]
+
+
+def test_a_slice_of_names_is_looked_up_in_one_query_per_500(tmp_path: Path) -> None:
+    """The merge of a slice asks for its rows together: one query per slice gives up the
+    GIL once, not once per name (each give-up may wait 5 ms while workers hash)."""
+    j = _journal(tmp_path)
+    for i in range(1200):
+        _row(j, f"f{i:05}", remote_key=f"f{i:05}", remote_etag="e1")
+    sub = j.insert(parent=ROOT_INO, name="sub", mode=stat.S_IFDIR | 0o755)
+    _row(j, "f00001", parent=sub)  # the same name elsewhere is not found
+    queries: list[str] = []
+    j.db.set_trace_callback(queries.append)
+    names = [f"f{i:05}" for i in range(0, 2400, 2)]  # half exist, half do not
+    found = j.children_named(ROOT_INO, names)
+    j.db.set_trace_callback(None)
+    assert sorted(found) == [n for n in names if int(n[1:]) < 1200]
+    assert all(found[n].parent == ROOT_INO and found[n].name == n for n in found)
+    assert len([q for q in queries if q.startswith("SELECT")]) == 3
+    # and a merge of 600 unchanged names asks for them in two queries, not 600
+    listing = DirListing({n: _file(n, "e1", 1) for n in names[:600]}, set(), None)
+    snap = listing_snapshot(j, ROOT_INO)
+    queries.clear()
+    j.db.set_trace_callback(queries.append)
+    merge_listing(j, ROOT_INO, listing, set(), 0, 0, snap, names=list(listing.files),
+                  final=False)
+    j.db.set_trace_callback(None)
+    assert len([q for q in queries if "FROM nodes" in q]) == 2, queries[:5]
+
+
+def test_merge_steps_adapt_to_the_time_they_hold_the_loop() -> None:
+    """A step slower than its budget shrinks the next in proportion, a quick one doubles
+    it: the loop is held about ``step_s`` whatever the machine's load."""
+    import trio
+
+    from deltafs.dirsync import MERGE_SLICE, MERGE_SLICE_MAX, MERGE_SLICE_MIN, Slices
+
+    s = Slices(step_s=0.010)
+    assert s.size == MERGE_SLICE
+    s.took(0.100, 200)  # 200 names took 100 ms: 20 fit in 10 ms
+    assert s.size == 20
+    s.took(0.001, 20)
+    assert s.size == 40
+    s.took(10.0, 40)
+    assert s.size == MERGE_SLICE_MIN
+    for _ in range(20):
+        s.took(0.0, s.size)
+    assert s.size == MERGE_SLICE_MAX
+    s.took(0.0, 3)  # a short last slice says nothing about a full one
+    assert s.size == MERGE_SLICE_MAX
+
+    # each() covers every name once, in order, marks the last step, and calls once for none
+    seen: list[tuple[list[str], bool]] = []
+    s = Slices(step_s=0.010)
+    s.size = 3
+    trio.run(s.each, [str(i) for i in range(7)], lambda c, last: seen.append((c, last)))
+    assert [n for c, _ in seen for n in c] == [str(i) for i in range(7)]
+    assert [last for _, last in seen] == [False] * (len(seen) - 1) + [True]
+    seen.clear()
+    trio.run(s.each, [], lambda c, last: seen.append((c, last)))
+    assert seen == [([], True)]

@@ -184,6 +184,10 @@ def test_a_directory_read_in_name_order_has_its_next_file_rebuilt_ahead(
     assert m.status()["read_ahead"]["failed"] == 0
     for name, data in zip(names[4:], datas[4:]):
         assert (m.mountpoint / "rel" / name).read_bytes() == data
+    # while the next file was rebuilt, the one after it had its objects fetched, and its
+    # rebuild used them (prefetch.py)
+    ra = m.status()["read_ahead"]
+    assert ra["objects_fetched"] >= 1 and ra["objects_used"] >= 1, ra
     from mountfixtures import deltafs_exe
 
     shown = subprocess.run([*deltafs_exe(), "status", str(m.mountpoint)],
@@ -198,7 +202,8 @@ def test_files_read_out_of_order_are_not_rebuilt_ahead(mounted: Mount) -> None:
     names, datas = _series_on_a_fresh_cache(m, 6)
     for i in (0, 2, 4, 1, 3, 5):  # every other file: a loose "in order" would read ahead
         assert (m.mountpoint / "rel" / names[i]).read_bytes() == datas[i]
-    assert m.status()["read_ahead"] == {"started": 0, "failed": 0}
+    assert m.status()["read_ahead"] == {"started": 0, "failed": 0, "objects_fetched": 0,
+                                        "objects_used": 0}
 
 
 def test_a_file_open_for_writing_is_never_rebuilt_ahead_and_keeps_its_write_after_a_crash(
