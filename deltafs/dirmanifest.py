@@ -19,6 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
+import uuid
 from typing import Awaitable, Callable, Mapping
 
 import trio
@@ -216,7 +217,8 @@ class DirManifests:
         key = manifest_key(dir_prefix)
         ino = self._dir_ino(space)
         # spooled on the cache disk, not /tmp (which may be small, or RAM)
-        with Encoder(dir_prefix, self.writer, str(self.engine.tmp_dir)) as enc:
+        with Encoder(dir_prefix, self.writer, str(self.engine.tmp_dir),
+                     unique_names=True) as enc:
             newest = self._encode_rows(enc, ino, dir_prefix) if ino is not None else None
             if newest is None:
                 # a cache: removed unconditionally (another mount's newer one costs
@@ -232,10 +234,14 @@ class DirManifests:
                 # it back
                 log.info("not writing %s: %s is gone from the bucket", key, newest)
                 return 0, ino, None
-            body = enc.finish()
+            body = self.engine.tmp_dir / f"manifest-{uuid.uuid4().hex}"
+            try:
+                size = enc.finish_file(str(body))
+                info = self.engine.store.put_file(key, body, {})
+            finally:
+                body.unlink(missing_ok=True)
             count = enc.count
-        info = self.engine.store.put_bytes(key, body, {})
-        log.debug("wrote %s: %d entries, %d bytes", key, count, len(body))
+        log.debug("wrote %s: %d entries, %d bytes", key, count, size)
         return count, ino, info.etag
 
     def _encode_rows(self, enc: Encoder, ino: int, dir_prefix: str) -> str | None:

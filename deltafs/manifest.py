@@ -365,7 +365,12 @@ class Encoder:
     lines (spooled to a temporary file past a few MB): a 100,000-entry directory must not
     cost the daemon a list of 100,000 rows and entries at once (issue 11: RSS)."""
 
-    def __init__(self, dir_prefix: str, writer: str, spool_dir: str | None = None) -> None:
+    def __init__(self, dir_prefix: str, writer: str, spool_dir: str | None = None,
+                 unique_names: bool = False) -> None:
+        """``unique_names``: the caller guarantees no name comes twice (rows of one
+        directory in the journal, unique by ``(parent, name)``), so the set that checks
+        it is not kept: ~10 MB for 100,000 names, every time the manifest of a directory
+        being filled is rewritten."""
         import tempfile
 
         _check_dir(dir_prefix)
@@ -373,9 +378,9 @@ class Encoder:
         self.writer = str(writer)
         self.count = 0
         self.total = 0
-        self._names: set[str] = set()
+        self._names: set[str] | None = None if unique_names else set()
         self._pending: list[str] = []
-        self._spool = tempfile.SpooledTemporaryFile(max_size=4 << 20, dir=spool_dir)
+        self._spool = tempfile.SpooledTemporaryFile(max_size=1 << 20, dir=spool_dir)
 
     def __enter__(self) -> "Encoder":
         return self
@@ -384,9 +389,10 @@ class Encoder:
         self._spool.close()
 
     def add(self, e: ManifestEntry) -> None:
-        if e.name in self._names:
-            raise ValueError("two manifest entries with the same name")
-        self._names.add(e.name)
+        if self._names is not None:
+            if e.name in self._names:
+                raise ValueError("two manifest entries with the same name")
+            self._names.add(e.name)
         self.count += 1
         if self.count > MAX_ENTRIES:
             raise ValueError(f"{self.count} entries: readers refuse more than {MAX_ENTRIES}")
@@ -406,6 +412,18 @@ class Encoder:
             self._spool.write(raw)
 
     def finish(self) -> bytes:
+        out: list[bytes] = []
+        self._compress(out.append)
+        return b"".join(out)
+
+    def finish_file(self, path: str) -> int:
+        """The body written to ``path`` instead of returned (a 100,000-entry manifest is
+        a few MB the daemon need not hold); returns its size."""
+        with open(path, "wb") as f:
+            self._compress(f.write)
+            return f.tell()
+
+    def _compress(self, write: Callable[[bytes], object]) -> None:
         self._flush()
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dir": self.dir_prefix,
                   "writer": self.writer, "written_at": time.time(), "count": self.count}
@@ -414,12 +432,11 @@ class Encoder:
         if self.total + len(raw) > MAX_DECOMPRESSED:
             raise ValueError(f"{self.total + len(raw)} bytes: readers refuse more than "
                              f"{MAX_DECOMPRESSED}")
-        out = [comp.compress(raw)]
+        write(comp.compress(raw))
         self._spool.seek(0)
         while chunk := self._spool.read(1 << 20):
-            out.append(comp.compress(chunk))
-        out.append(comp.flush())
-        return b"".join(out)
+            write(comp.compress(chunk))
+        write(comp.flush())
 
 
 # ------------------------------------------------------------------------------ decode

@@ -84,3 +84,19 @@ def test_the_hashing_loops_reuse_their_buffer_under_the_pinned_threshold() -> No
     one buffer: ten passes over 16 MiB fault in one buffer each (257 pages; 2,570 in
     all), not a ``bytes`` per 1 MiB chunk (~41,000)."""
     assert int(_probe(_LOOP, "pinned")) < 4000
+
+
+def test_the_program_chooses_its_allocator_before_loading_boto3() -> None:
+    """``deltafs mount`` runs itself again with the C allocator (``entry.py``); what it
+    imports before that ``execve`` is thrown away, so it must stay light: importing the
+    package, the entry point and memtrim loads neither boto3, trio nor the CLI (they
+    cost ~0.35 s per mount when loaded twice)."""
+    code = ("import sys; import deltafs, deltafs.entry, deltafs.memtrim; "
+            "heavy = sorted(m for m in ('boto3', 'botocore', 'trio', 'pyfuse3', "
+            "'deltafs.cli', 'deltafs.api', 'deltafs.engine') if m in sys.modules); "
+            "print(heavy); "
+            "from deltafs import DeltaService; assert DeltaService.__name__ == 'DeltaService'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout
