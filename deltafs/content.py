@@ -228,6 +228,8 @@ class Contents:
         if self.free_bytes() - need >= LOW_WATER:
             return
         deadline = time.monotonic() + BACKPRESSURE_WAIT
+        # objects fetched ahead for a reader who may never come go first (prefetch.py)
+        await trio.to_thread.run_sync(self.engine.prefetched.clear)
         while True:
             await trio.to_thread.run_sync(self.cache.shrink, need + 2 * LOW_WATER)
             if self.free_bytes() - need >= LOW_WATER:

@@ -1147,13 +1147,14 @@ class Engine:
             os.utime(dest, ns=(mtime_ns, mtime_ns))
         return stored
 
-    def fetch_ahead(self, stored: StoredFile) -> int:
+    def fetch_ahead(self, stored: StoredFile,
+                    stopped: Callable[[], bool] = lambda: False) -> int:
         """GET what a rebuild of the delta ``stored`` will ask for first, into
         :attr:`prefetched`: its object (pointer or plain delta, this version only) and,
         for a chain pointer whose content is not cached, the blob that yields it. No
         decode: its base may still be being rebuilt. Returns the objects fetched.
-        Blocking (worker thread); errors propagate (the rebuild, if it comes, GETs
-        again and reports)."""
+        ``stopped()`` true (unmount): no second GET. Blocking (worker thread); errors
+        propagate (the rebuild, if it comes, GETs again and reports)."""
         if stored.kind is not Kind.DELTA or not stored.etag:
             return 0
         key, fetched = stored.object_key, 0
@@ -1161,24 +1162,23 @@ class Engine:
         if path is None:
             return 0  # here already or on its way: its blob was seen to by that fetch
         info: ObjectInfo | None = None
-        body = b""
+        blob: str | None = None
+        bpath: Path | None = None
         try:
             info = self.store.get_file(key, path)
             if info.etag != stored.etag:
                 return 0  # rewritten since listed: the rebuild will say what it finds
             fetched = 1
-            if (info.metadata or {}).get(FORM_KEY) in chain.CHAIN_FORMS:
-                body = path.read_bytes()
+            if (info.metadata or {}).get(FORM_KEY) in chain.CHAIN_FORMS and not stopped():
+                p = chain.parse_pointer(path.read_bytes(), key)
+                if p.depth > 0 and not self.cache.has(p.chain[0]):
+                    blob = chain.blob_key(split_key(key)[0], p.chain[0], p.chain[1])
+                    # claimed before the pointer is handed over: a rebuild that takes
+                    # the pointer then waits for this blob instead of GETting it too
+                    bpath = self.prefetched.begin(blob)
         finally:
             self.prefetched.end(key, path, info if fetched else None)
-        if not body:
-            return fetched
-        p = chain.parse_pointer(body, key)
-        if p.depth == 0 or self.cache.has(p.chain[0]):
-            return fetched
-        blob = chain.blob_key(split_key(key)[0], p.chain[0], p.chain[1])
-        bpath = self.prefetched.begin(blob)
-        if bpath is None:
+        if blob is None or bpath is None:
             return fetched
         binfo: ObjectInfo | None = None
         try:

@@ -133,7 +133,8 @@ _FIELDS = [f for f in Node.__dataclass_fields__]
 _COLUMNS = ", ".join(_FIELDS)
 
 
-#: names per query of :meth:`Journal.children_named` (SQLite allows 32,766 parameters)
+#: names per query of :meth:`Journal.children_named` (under SQLite's smallest limit of
+#: 999 parameters, before 3.32)
 NAMES_PER_QUERY = 500
 
 #: the WAL is copied into the database (a checkpoint) once it grows past this

@@ -17,8 +17,9 @@ What may be served from here, and why it is safe:
   checks its output's SHA-256, so any copy of it serves.
 
 Bounds: at most :data:`MAX_ENTRIES` objects and :data:`MAX_BYTES` bytes on the cache
-disk, the oldest dropped first. An entry nobody takes is deleted when evicted or at
-:meth:`Prefetched.clear`; the daemon empties the whole temp directory at start.
+disk, the oldest dropped first. An entry nobody takes is deleted when evicted, or by
+:meth:`Prefetched.clear` when the cache disk runs short of room; the daemon empties
+the whole temp directory at start.
 Thread-safe: the read-ahead fills it from one worker thread, rebuilds take from others.
 """
 from __future__ import annotations
@@ -38,9 +39,10 @@ log = logging.getLogger(__name__)
 MAX_ENTRIES = 8
 #: bytes kept at once on the cache disk
 MAX_BYTES = 256 << 20
-#: how long a rebuild waits for a fetch of the same object already under way (a
-#: second GET of it would only race the first)
-WAIT_S = 30.0
+#: how long a rebuild waits at most for a fetch of the same object already under way
+#: (a second GET of it would only race the first); the fetch ends by itself, within
+#: the store's own timeouts and retries, so this is only a backstop
+WAIT_S = 600.0
 
 
 class Prefetched:
@@ -61,11 +63,14 @@ class Prefetched:
     def begin(self, key: str) -> Path | None:
         """Claim the fetch of ``key``: the path to download it to, or ``None`` when it
         is here already or being fetched."""
+        # first: a directory that cannot be made must not leave the key marked as being
+        # fetched (every rebuild of it would wait for a fetch that never ends; found by
+        # review)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._lock:
             if key in self._ready or key in self._running:
                 return None
             self._running[key] = threading.Event()
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.directory / f"{uuid.uuid4().hex}"
 
     def end(self, key: str, path: Path, info: ObjectInfo | None) -> None:
@@ -103,28 +108,38 @@ class Prefetched:
                 return None
             path, info = got
             self._bytes -= info.size
-            if etag is not None and info.etag != etag:
-                self.wasted += 1
-            else:
-                self.used += 1
         if etag is not None and info.etag != etag:
             log.debug("fetched ahead %s is version %s, not %s: dropped", key, info.etag, etag)
             path.unlink(missing_ok=True)
+            self._count(wasted=1)
             return None
         try:
             os.replace(path, dest)
         except OSError as exc:
             log.debug("fetched ahead %s not usable: %s", key, exc)
             path.unlink(missing_ok=True)
+            self._count(wasted=1)
             return None
+        self._count(used=1)
         return info
+
+    def _count(self, used: int = 0, wasted: int = 0) -> None:
+        with self._lock:
+            self.used += used
+            self.wasted += wasted
 
     def has(self, key: str) -> bool:
         with self._lock:
             return key in self._ready or key in self._running
 
-    def clear(self) -> None:
+    def clear(self) -> int:
+        """Delete every entry waiting (fetches under way finish as usual); returns the
+        bytes freed. The cache disk's back-pressure calls it before it waits for room:
+        objects fetched for a reader who may never come are the first to go."""
         with self._lock:
-            ready, self._ready, self._bytes = list(self._ready.values()), OrderedDict(), 0
+            ready, self._ready = list(self._ready.values()), OrderedDict()
+            freed, self._bytes = self._bytes, 0
+            self.wasted += len(ready)
         for path, _ in ready:
             path.unlink(missing_ok=True)
+        return freed

@@ -170,7 +170,7 @@ class ReadAhead:
                     self.contents.cache.__contains__, self.contents.cache_key(node)):
                 return
             self.stats.fetched += await trio.to_thread.run_sync(
-                self.contents.engine.fetch_ahead, stored_of(node))
+                self.contents.engine.fetch_ahead, stored_of(node), lambda: self.stopped)
         except trio.Cancelled:
             raise
         except Exception as exc:  # noqa: BLE001 - its rebuild GETs again and reports

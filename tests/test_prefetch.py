@@ -138,3 +138,29 @@ def test_a_file_rewritten_after_its_fetch_ahead_reads_its_new_bytes(
     reader.materialize(new, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == datas[3]
     assert reader.prefetched.wasted >= 1
+
+
+def test_a_fetch_that_cannot_start_leaves_no_key_waited_for(tmp_path: Path,
+                                                            monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Found by review: the key was marked as being fetched before the directory was
+    made, so when that failed (a full or unwritable cache disk) every rebuild of the
+    file waited the whole bound for a fetch that never ran."""
+    monkeypatch.setattr(prefetch, "WAIT_S", 5.0)
+    (tmp_path / "file").write_bytes(b"")
+    p = Prefetched(tmp_path / "file" / "ahead")  # cannot be made
+    with pytest.raises(OSError):
+        p.begin("k")
+    t0 = time.monotonic()
+    assert p.take("k", tmp_path / "out") is None
+    assert time.monotonic() - t0 < 1.0 and not p.has("k")
+
+
+def test_clearing_frees_what_nobody_took(tmp_path: Path) -> None:
+    """The cache disk's back-pressure clears the objects fetched ahead first."""
+    p = Prefetched(tmp_path / "ahead")
+    _fill(p, "a", b"x" * 10)
+    _fill(p, "b", b"y" * 5)
+    assert p.clear() == 15
+    assert p.wasted == 2 and not p.has("a") and list((tmp_path / "ahead").iterdir()) == []
+    _fill(p, "c", b"z")  # and it goes on working
+    assert p.take("c", tmp_path / "out") is not None
