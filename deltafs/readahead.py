@@ -140,13 +140,21 @@ class ReadAhead:
                     nursery.start_soon(self._fetch_ahead, after)
                 await self._rebuild(current, nxt)
 
+    async def _wanted(self, queued: Node) -> Node | None:
+        """``queued``'s row as it is now, if it is still worth fetching and its content
+        is not in the cache (the cache's index is asked in a worker thread)."""
+        node = self.journal.get(queued.ino)
+        if node is None or not self._worth(node) or await trio.to_thread.run_sync(
+                self.contents.cache.__contains__, self.contents.cache_key(node)):
+            return None
+        return node
+
     async def _rebuild(self, current: Node, nxt: Node) -> None:
         try:
             if not await self.contents.settled(current):
                 return  # its open failed (and said why): nothing to build on
-            node = self.journal.get(nxt.ino)
-            if node is None or not self._worth(node) or await trio.to_thread.run_sync(
-                    self.contents.cache.__contains__, self.contents.cache_key(node)):
+            node = await self._wanted(nxt)
+            if node is None:
                 return
             self.stats.started += 1
             log.debug("reading ahead: %s (after %s)", node.name, current.name)
@@ -165,9 +173,8 @@ class ReadAhead:
         from .index import stored_of
 
         try:
-            node = self.journal.get(after.ino)
-            if node is None or not self._worth(node) or await trio.to_thread.run_sync(
-                    self.contents.cache.__contains__, self.contents.cache_key(node)):
+            node = await self._wanted(after)
+            if node is None:
                 return
             self.stats.fetched += await trio.to_thread.run_sync(
                 self.contents.engine.fetch_ahead, stored_of(node), lambda: self.stopped)
