@@ -380,8 +380,8 @@ class Engine:
         result: PutResult | None = None
         if not reason and not self._room_for_encode(size):
             reason = "no local space for the delta encode"
-            log.warning("put %s: no room on the cache disk for the reference and the delta; "
-                        "storing it direct", key)
+            log.warning("put %s: no room on the cache disk for the delta; storing it direct",
+                        key)
         if not reason:
             try:
                 result, reason = self._put_delta(src, key, size, sha, attrs, owned, hints)
@@ -402,15 +402,16 @@ class Engine:
         return result
 
     def _room_for_encode(self, size: int) -> bool:
-        """Whether the scratch disk can take a reference and a delta for a file of
-        ``size`` bytes (the reference is about the file's size) with room to spare:
-        a full cache disk must not keep staged files from uploading (they would wait
-        for room that only their upload can make)."""
+        """Whether the scratch disk can take ``size`` more bytes with room to spare (the
+        delta of a file is at most about the file's size; a reference that is not in
+        the cache is asked for separately, once it is known): a full cache disk must not
+        keep staged files from uploading (they would wait for room that only their
+        upload can make)."""
         try:
             st = os.statvfs(self.tmp_dir)
         except OSError:
             return True
-        return st.f_bavail * st.f_frsize >= 2 * size + (16 << 20)
+        return st.f_bavail * st.f_frsize >= size + (16 << 20)
 
     def _delta_ineligible(self, src: Path, size: int) -> str:
         if size < self.policy.min_delta_size:
@@ -501,6 +502,12 @@ class Engine:
                                  "(its directory is in DeltaGlider's format)"
                 if seeded:
                     ref_path = src
+                elif not self.cache.has(ref.sha256) and not self._room_for_encode(
+                        ref.size + size):
+                    # the reference must be downloaded beside the delta: no room for both
+                    log.warning("put %s: no room on the cache disk for the reference and "
+                                "the delta; storing it direct", key)
+                    return None, "no local space for the delta encode"
                 elif remembered is not None:
                     try:
                         self._fetch_reference(ref.key, ref.sha256, ref_path)

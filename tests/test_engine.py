@@ -184,6 +184,37 @@ def test_acceptance4_unrelated_file_stored_direct(any_engine: Engine, tmp_path: 
     assert sha256_file(out) == sha256_bytes(other_data)
 
 
+def test_a_short_cache_disk_asks_room_for_the_reference_only_when_it_must_be_downloaded(
+        localstore: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scratch space a delta encode needs: the delta (at most about the file's size)
+    and, only when it is not in the cache, the reference. With room for one file but not
+    two, a put whose reference is cached is a delta; one whose reference must be
+    downloaded (a new machine) is stored direct, not failed."""
+    size = 4 * MiB
+    v1, v2 = _two_versions(tmp_path, size=size)
+    assert make_engine(localstore, tmp_path / "cache").put(v1, "p/v1.bin").kind == "reference"
+    real = os.statvfs
+
+    class Short:
+        def __init__(self, st: os.statvfs_result) -> None:
+            self.f_frsize = 4096
+            self.f_bavail = (size + (18 << 20)) // 4096  # one file and 18 MiB
+            self._st = st
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._st, name)
+
+    monkeypatch.setattr("deltafs.engine.os.statvfs", lambda path: Short(real(path)))
+    warm = make_engine(localstore, tmp_path / "cache")
+    assert warm.put(v2, "p/v2.bin").kind == "delta"
+    cold = make_engine(localstore, tmp_path / "new-machine")
+    got = cold.put(v2, "p/v3.bin")
+    assert got.kind == "direct" and "local space" in got.reason
+    out = tmp_path / "out"
+    cold.get("p/v3.bin", out)
+    assert sha256_file(out) == sha256_file(v2)
+
+
 def test_compressed_file_never_becomes_reference_in_deltaglider_format(
         s3store: S3Store, tmp_path: Path) -> None:
     """In strict mode (what the deltaglider CLI reads) a gzip file is stored whole and
