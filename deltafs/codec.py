@@ -107,8 +107,8 @@ class Limits:
     timeout: float = 3600.0
     #: the widest source window (-B) an encode may use; xdelta3 needs ~1.6x this in RAM
     max_window: int = 1 << 30
-    #: xdelta3 compression level (-0 .. -9)
-    level: int = 6
+    #: xdelta3 compression level (-0 .. -9): -3, xdelta3's own default (see ``encode``)
+    level: int = 3
 
 
 #: xdelta3's large-match hash table, in bytes per byte of -B (rounded up to a power of
@@ -218,11 +218,16 @@ def encode(
     size = target.stat().st_size
     ref_size = source.stat().st_size
     window = encode_window(ref_size, size, full_window, limits.max_window)
-    # the level trades match search depth for memory and time: on the 19 pairs of
-    # release wheels -6 stores 1.1 % less than xdelta3's default -3 for 1.5x the time
-    # (5.8 s against 3.9 s at -B 16 MiB, measured 2026-12-01; an earlier measurement
-    # at -B 64 MiB had found them equal); -9 (what DeltaGlider uses) saves another
-    # 0.2 % for twice the time and ~200 MB of RAM.
+    # the level trades match search depth for memory and time. The 19 pairs of release
+    # wheels at -B 16 MiB: -6 makes 1.1 % smaller deltas than -3 for 1.25-1.5x the
+    # encode time (17.3 s against 13.9 s on the AMD machine of 2026-12-02; 5.8 against
+    # 3.9 s on the Intel one of 2026-12-01). Through a mount the whole series stored
+    # 0.1299 of its size at -6 and 0.1304 at -3, and was in the bucket after 24.8 s
+    # against 18.9: the encodes of a series run one after another (each against the
+    # version before), so the level is the write's speed, and 0.4 % more bytes costs a
+    # fraction of a second even on a 20 Mbit/s uplink. -3 it is (xdelta3's default);
+    # --level 6 or 9 (DeltaGlider's: 0.2 % less again for twice the time and ~200 MB
+    # of RAM) for who pays more for storage than for time.
     # above the default window the level's hash tables grow with it: -3 keeps a 1 GB
     # encode near 125 MB of RAM where -6 needs 160 MB
     level = limits.level if ref_size <= DEFAULT_SOURCE_WINDOW else min(limits.level, 3)
