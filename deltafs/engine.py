@@ -378,7 +378,7 @@ class Engine:
         deltaspace, name = split_key(key)
         reason = self._delta_ineligible(src, size)
         result: PutResult | None = None
-        if not reason and not self._room_for_encode(size):
+        if not reason and not self._room_for_encode(self._delta_scratch(size)):
             reason = "no local space for the delta encode"
             log.warning("put %s: no room on the cache disk for the delta; storing it direct",
                         key)
@@ -393,6 +393,9 @@ class Engine:
                 log.warning("put %s: no space for the delta encode (%s); storing it direct",
                             key, exc)
                 result, reason = None, "no local space for the delta encode"
+                # an earlier attempt's pointer may be in the bucket: it must not stay
+                # beside the direct object (stat() finds the .delta first)
+                check_other = True
         if result is None:
             result = self._put_direct(src, key, size, sha, attrs, reason)
         if check_other:
@@ -401,12 +404,18 @@ class Engine:
                  f" ({reason})" if result.kind == "direct" and reason else "")
         return result
 
+    def _delta_scratch(self, size: int) -> int:
+        """Scratch bytes a delta encode of a ``size``-byte file may hold at its peak: two
+        outputs of up to ``max_ratio`` of the file at once (the wide-window retry beside
+        the first encode, a chain blob beside its vcdiff). A reference that is not in
+        the cache is added once it is known."""
+        return int(2 * self.policy.max_ratio * size)
+
     def _room_for_encode(self, size: int) -> bool:
-        """Whether the scratch disk can take ``size`` more bytes with room to spare (the
-        delta of a file is at most about the file's size; a reference that is not in
-        the cache is asked for separately, once it is known): a full cache disk must not
-        keep staged files from uploading (they would wait for room that only their
-        upload can make)."""
+        """Whether the scratch disk can take ``size`` more bytes with room to spare: a
+        full cache disk must not keep staged files from uploading (they would wait for
+        room that only their upload can make). Falling short is not an error: the file
+        is stored direct (and ENOSPC during the encode is caught the same way)."""
         try:
             st = os.statvfs(self.tmp_dir)
         except OSError:
@@ -503,7 +512,7 @@ class Engine:
                 if seeded:
                     ref_path = src
                 elif not self.cache.has(ref.sha256) and not self._room_for_encode(
-                        ref.size + size):
+                        ref.size + self._delta_scratch(size)):
                     # the reference must be downloaded beside the delta: no room for both
                     log.warning("put %s: no room on the cache disk for the reference and "
                                 "the delta; storing it direct", key)
@@ -576,6 +585,8 @@ class Engine:
                     if not ref_holds():
                         continue
                     info = self.store.put_file(delta_key(key), delta_path, meta)
+                    if wrote is not None:  # a later attempt that ends direct removes it
+                        wrote.append(True)
                     stored = seeded + result.delta_size
                 # The reference may have gone (a concurrent delete of its last delta) or
                 # been replaced (a writer without conditional puts) while we encoded.

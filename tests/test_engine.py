@@ -186,9 +186,9 @@ def test_acceptance4_unrelated_file_stored_direct(any_engine: Engine, tmp_path: 
 
 def test_a_short_cache_disk_asks_room_for_the_reference_only_when_it_must_be_downloaded(
         localstore: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scratch space a delta encode needs: the delta (at most about the file's size)
-    and, only when it is not in the cache, the reference. With room for one file but not
-    two, a put whose reference is cached is a delta; one whose reference must be
+    """The scratch space a delta encode needs: its outputs (at most 1.5x the file) and,
+    only when it is not in the cache, the reference. With room for the first but not
+    both, a put whose reference is cached is a delta; one whose reference must be
     downloaded (a new machine) is stored direct, not failed."""
     size = 4 * MiB
     v1, v2 = _two_versions(tmp_path, size=size)
@@ -198,7 +198,9 @@ def test_a_short_cache_disk_asks_room_for_the_reference_only_when_it_must_be_dow
     class Short:
         def __init__(self, st: os.statvfs_result) -> None:
             self.f_frsize = 4096
-            self.f_bavail = (size + (18 << 20)) // 4096  # one file and 18 MiB
+            # room for the delta path's scratch (1.5x the file) and 18 MiB, not for a
+            # reference beside it
+            self.f_bavail = (size * 3 // 2 + (18 << 20)) // 4096
             self._st = st
 
         def __getattr__(self, name: str) -> object:
@@ -212,6 +214,39 @@ def test_a_short_cache_disk_asks_room_for_the_reference_only_when_it_must_be_dow
     assert got.kind == "direct" and "local space" in got.reason
     out = tmp_path / "out"
     cold.get("p/v3.bin", out)
+    assert sha256_file(out) == sha256_file(v2)
+
+
+def test_a_delta_whose_reference_moved_then_stored_direct_leaves_no_pointer(
+        localstore: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt uploads a plain delta, its closing HEAD finds the reference replaced,
+    and the next attempt stores the file direct (here: no room to download the new
+    reference): the first attempt's ``.delta`` is removed, also when the caller skips
+    the other-form check (the uploader does, for a file never published). It would
+    otherwise stay beside the direct object, and ``stat`` finds the ``.delta`` first."""
+    import dataclasses
+
+    v1, v2 = _two_versions(tmp_path)
+    eng = make_engine(localstore, tmp_path / "cache", policy=Policy.create(format="deltaglider"))
+    assert eng.put(v1, "p/v1.bin").kind == "reference"
+    real_head = eng._head_reference
+    calls: list[int] = []
+
+    def head(space: str) -> Any:
+        ref = real_head(space)
+        calls.append(1)
+        if len(calls) >= 2 and ref is not None:  # from the closing HEAD on: "replaced"
+            return dataclasses.replace(ref, sha256="0" * 64)
+        return ref
+
+    monkeypatch.setattr(eng, "_head_reference", head)
+    monkeypatch.setattr(eng, "_room_for_encode", lambda need: len(calls) < 2)
+    got = eng.put(v2, "p/v2.bin", check_other=False)
+    assert got.kind == "direct" and "local space" in got.reason
+    objects = keys_of(localstore)
+    assert "p/v2.bin.delta" not in objects and "p/v2.bin" in objects
+    out = tmp_path / "out"
+    make_engine(localstore, tmp_path / "other").get("p/v2.bin", out)
     assert sha256_file(out) == sha256_file(v2)
 
 
