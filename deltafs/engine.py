@@ -178,6 +178,10 @@ class Stats:
         return 1 - self.stored_bytes / self.logical_bytes if self.logical_bytes else 0.0
 
 
+#: why a file was stored direct when the cache disk had no room for its delta encode
+NO_SCRATCH = "no local space for the delta encode"
+
+
 @dataclass(frozen=True)
 class Reference:
     """A deltaspace's reference as fetched: its key, SHA-256 and size."""
@@ -379,7 +383,7 @@ class Engine:
         reason = self._delta_ineligible(src, size)
         result: PutResult | None = None
         if not reason and not self._room_for_encode(self._delta_scratch(size)):
-            reason = "no local space for the delta encode"
+            reason = NO_SCRATCH
             log.warning("put %s: no room on the cache disk for the delta; storing it direct",
                         key)
         if not reason:
@@ -392,7 +396,7 @@ class Engine:
                 # upload needs no scratch space at all
                 log.warning("put %s: no space for the delta encode (%s); storing it direct",
                             key, exc)
-                result, reason = None, "no local space for the delta encode"
+                result, reason = None, NO_SCRATCH
                 # an earlier attempt's pointer may be in the bucket: it must not stay
                 # beside the direct object (stat() finds the .delta first)
                 check_other = True
@@ -516,7 +520,7 @@ class Engine:
                     # the reference must be downloaded beside the delta: no room for both
                     log.warning("put %s: no room on the cache disk for the reference and "
                                 "the delta; storing it direct", key)
-                    return None, "no local space for the delta encode"
+                    return None, NO_SCRATCH
                 elif remembered is not None:
                     try:
                         self._fetch_reference(ref.key, ref.sha256, ref_path)

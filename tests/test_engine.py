@@ -217,14 +217,18 @@ def test_a_short_cache_disk_asks_room_for_the_reference_only_when_it_must_be_dow
     assert sha256_file(out) == sha256_file(v2)
 
 
+@pytest.mark.parametrize("why", ["no room", "ENOSPC"])
 def test_a_delta_whose_reference_moved_then_stored_direct_leaves_no_pointer(
-        localstore: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        localstore: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        why: str) -> None:
     """An attempt uploads a plain delta, its closing HEAD finds the reference replaced,
-    and the next attempt stores the file direct (here: no room to download the new
-    reference): the first attempt's ``.delta`` is removed, also when the caller skips
-    the other-form check (the uploader does, for a file never published). It would
-    otherwise stay beside the direct object, and ``stat`` finds the ``.delta`` first."""
+    and the next attempt stores the file direct (no room to download the new reference,
+    or the disk fills up while it downloads): the first attempt's ``.delta`` is removed,
+    also when the caller skips the other-form check (the uploader does, for a file never
+    published). It would otherwise stay beside the direct object, and ``stat`` finds the
+    ``.delta`` first."""
     import dataclasses
+    import errno
 
     v1, v2 = _two_versions(tmp_path)
     eng = make_engine(localstore, tmp_path / "cache", policy=Policy.create(format="deltaglider"))
@@ -240,7 +244,18 @@ def test_a_delta_whose_reference_moved_then_stored_direct_leaves_no_pointer(
         return ref
 
     monkeypatch.setattr(eng, "_head_reference", head)
-    monkeypatch.setattr(eng, "_room_for_encode", lambda need: len(calls) < 2)
+    if why == "no room":
+        monkeypatch.setattr(eng, "_room_for_encode", lambda need: len(calls) < 2)
+    else:
+        monkeypatch.setattr(eng.cache, "has", lambda sha: True)  # no room check: fetch
+        real_fetch = eng._fetch_reference
+
+        def fetch(*args: Any, **kw: Any) -> bool:
+            if len(calls) >= 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_fetch(*args, **kw)
+
+        monkeypatch.setattr(eng, "_fetch_reference", fetch)
     got = eng.put(v2, "p/v2.bin", check_other=False)
     assert got.kind == "direct" and "local space" in got.reason
     objects = keys_of(localstore)
