@@ -403,6 +403,8 @@ class Memory:
         self._pointers: OrderedDict[str, tuple[Pointer, str]] = OrderedDict()
         self._states: dict[str, tuple[SweepState, float]] = {}
         self._pending: dict[str, Pending] = {}
+        #: puts that chose their base and encode now (set: announced or over)
+        self._encoding: dict[str, threading.Event] = {}
 
     @staticmethod
     def _sig(state: SweepState) -> tuple[frozenset[str], str]:
@@ -463,9 +465,36 @@ class Memory:
             return None
         return got[0]
 
+    def encoding(self, key: str) -> None:
+        """The put of ``key`` chose its base and encodes now: the next version of its
+        series may start preparing, and waits for :meth:`encoded` before choosing."""
+        import threading
+
+        with self._lock:
+            self._encoding.setdefault(key, threading.Event())
+
+    def encoded(self, key: str) -> None:
+        """The put of ``key`` announced itself, or ended without (idempotent)."""
+        with self._lock:
+            ev = self._encoding.pop(key, None)
+        if ev is not None:
+            ev.set()
+
+    def is_encoding(self, key: str) -> bool:
+        with self._lock:
+            return key in self._encoding
+
+    def wait_encoded(self, key: str, timeout: float) -> bool:
+        """Wait until the put of ``key`` is no longer encoding (True at once when it
+        is not); False when ``timeout`` passed first."""
+        with self._lock:
+            ev = self._encoding.get(key)
+        return ev is None or ev.wait(timeout)
+
     def announce(self, pending: Pending) -> None:
         with self._lock:
             self._pending[pending.key] = pending
+        self.encoded(pending.key)
 
     def withdraw(self, pending: Pending) -> None:
         """The put is over, or its announced pointer will not be written: a put still

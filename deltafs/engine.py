@@ -303,6 +303,9 @@ class Engine:
     #: how long a put waits for the put of its base that was still uploading (then it
     #: encodes against the reference instead)
     PENDING_WAIT = 300.0
+    #: how long a put started beside the encode of its series' previous version waits
+    #: for that encode before choosing its base without it
+    ENCODE_WAIT = 30.0
 
     def _cache_content(self, key: str, sha: str, path: Path, link: bool) -> bool:
         """Cache a file's content (under its SHA-256) as the next version's base."""
@@ -364,7 +367,8 @@ class Engine:
 
     def put(self, src: Path, key: str, attrs: Attrs = Attrs(),
             sha256: str | None = None, owned: bool = False,
-            check_other: bool = True, hints: tuple[str, ...] = ()) -> PutResult:
+            check_other: bool = True, hints: tuple[str, ...] = (), after: str = ""
+            ) -> PutResult:
         """Store the local file ``src`` as the logical file ``key``.
 
         ``sha256`` may be given when the caller already knows it (the filesystem hashes
@@ -374,7 +378,10 @@ class Engine:
         delta replacing a direct object or the reverse) when the caller knows there is
         none. ``hints``: logical keys of likely bases (the same file's older version,
         files just stored in the same directory), best first; without them the
-        directory's first LIST page is searched (:mod:`deltafs.chain`).
+        directory's first LIST page is searched (:mod:`deltafs.chain`). ``after``: the
+        key of a put of this process now encoding the previous version of this file's
+        series; this put prepares meanwhile and waits for that encode (up to
+        ``BASE_WAIT`` seconds) only right before it chooses its base.
         """
         check_logical_key(key)
         size = src.stat().st_size
@@ -388,7 +395,8 @@ class Engine:
                         key)
         if not reason:
             try:
-                result, reason = self._put_delta(src, key, size, sha, attrs, owned, hints)
+                result, reason = self._put_delta(src, key, size, sha, attrs, owned, hints,
+                                                 after)
             except (OSError, StoreError) as exc:
                 if not _no_space(exc):
                     raise
@@ -449,7 +457,7 @@ class Engine:
         return PutResult(key, "direct", size, size, sha, reason, key, info.etag)
 
     def _put_delta(self, src: Path, key: str, size: int, sha: str,
-                   attrs: Attrs, owned: bool, hints: tuple[str, ...] = ()
+                   attrs: Attrs, owned: bool, hints: tuple[str, ...] = (), after: str = ""
                    ) -> tuple[PutResult | None, str]:
         """Store as a delta (seeding the reference if there is none); ``(None, reason)``
         when the file is better stored direct. A reference seeded by a put that then
@@ -458,7 +466,7 @@ class Engine:
         codec.xdelta3_path()  # fail before writing anything when the codec is missing
         wrote: list[bool] = []
         result, reason = self._put_delta_attempts(src, key, size, sha, attrs, owned, [],
-                                                  hints, wrote)
+                                                  hints, wrote, after)
         if result is None and wrote:
             # a chain pointer uploaded by an attempt that did not stand (its blob was
             # swept, the reference changed): it must not stay beside the direct object
@@ -473,8 +481,8 @@ class Engine:
 
     def _put_delta_attempts(self, src: Path, key: str, size: int, sha: str,
                             attrs: Attrs, owned: bool, seeded_out: list[bool],
-                            hints: tuple[str, ...] = (), wrote: list[bool] | None = None
-                            ) -> tuple[PutResult | None, str]:
+                            hints: tuple[str, ...] = (), wrote: list[bool] | None = None,
+                            after: str = "") -> tuple[PutResult | None, str]:
         deltaspace, name = split_key(key)
         with self._scratch() as scratch, self._side_calls() as side:
             for attempt in range(4):
@@ -551,7 +559,8 @@ class Engine:
                 chained: tuple[ObjectInfo, int] | None = None
                 if not zero_diff and extended and self.policy.chains:
                     got = self._put_chain(src, key, size, sha, attrs, ref, ref_path, scratch,
-                                          hints, owned, wrote, ref_holds=ref_holds, side=side)
+                                          hints, owned, wrote, ref_holds=ref_holds, side=side,
+                                          after=after)
                     if got is _REF_MOVED:
                         continue
                     if isinstance(got, str):
@@ -806,7 +815,7 @@ class Engine:
                    owned: bool = False, wrote: list[bool] | None = None, *,
                    ref_holds: Callable[[], bool],
                    side: Callable[..., Future],  # type: ignore[type-arg]
-                   ) -> tuple[ObjectInfo, int, Reference | None] | str:
+                   after: str = "") -> tuple[ObjectInfo, int, Reference | None] | str:
         """Store ``src`` as a chain pointer and (unless its content is its base's) one
         blob; returns ``(pointer info, blob bytes, the reference as seen after the
         pointer was in the bucket)`` or why it is better stored whole; :data:`_REF_MOVED`
@@ -837,6 +846,14 @@ class Engine:
             fresh = side(chain.sweep_state, self.store, deltaspace, True)
         else:
             before = chain.sweep_state(self.store, deltaspace, ensure=True)
+        if after:
+            # The previous version of this series is encoding in this process: everything
+            # above ran beside its encode; its content is this one's best base once it
+            # is announced (or the choice goes without it when its put ends otherwise).
+            if not self.chain_memory.wait_encoded(after, self.ENCODE_WAIT):
+                log.info("put %s: %s is still encoding after %.0f s; not waiting for it",
+                         key, after, self.ENCODE_WAIT)
+            hints = tuple(dict.fromkeys((after, *hints)))
         chosen = self._choose_base(deltaspace, key, hints, ref, ref_form, ref_root_sha)
         found, waits_for = chosen if chosen is not None else (None, None)
         at_bound = found is not None and found.depth >= chain.MAX_DEPTH
@@ -914,6 +931,9 @@ class Engine:
         budget = min(limits.max_ratio * size / max(1, content_size), 1.0)
         announced: chain.Pending | None = None
         info: ObjectInfo | None = None
+        self.chain_memory.encoding(key)
+        if self.on_announce is not None:
+            self.on_announce()  # the next version may start preparing
         try:
             for attempt in range(2):
                 blob_size = 0
@@ -1025,6 +1045,7 @@ class Engine:
                     pass
             return "its chain kept being swept"
         finally:
+            self.chain_memory.encoded(key)  # a put waiting for it goes on (no-op if told)
             if announced is not None:
                 self.chain_memory.withdraw(announced)
 

@@ -115,6 +115,8 @@ class Writeback:
         self._recent: dict[int, deque[str]] = {}
         #: since when a version waits for its predecessor's upload (see _awaits_base)
         self._base_wait: dict[int, float] = {}
+        #: the put each version started beside (see _awaits_base): Engine.put's ``after``
+        self._after: dict[int, str] = {}
         self._seeding: set[int] = set()  # directories whose seeding upload is running
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
@@ -318,22 +320,25 @@ class Writeback:
             if chain.template(name) != mine or size < self.engine.policy.min_delta_size:
                 continue
             if ino in self._active:
-                # once it is encoded and announced (its chain known, its content cached)
-                # this one encodes against it while it uploads (engine._put_chain waits
-                # for it to be confirmed before uploading anything)
-                return not self._announced(ino)
+                # once it has chosen its base and encodes, this one starts: it prepares
+                # beside that encode and waits for its announce (its chain known, its
+                # content cached) only before choosing its own base (Engine.put's
+                # ``after``); it then encodes against it while it uploads
+                # (engine._put_chain waits for it to be confirmed before uploading)
+                try:
+                    key = key_of(self.journal, self.prefix, ino)
+                except KeyError:
+                    return False
+                if self.engine.chain_memory.pending(key) is None and \
+                        not self.engine.chain_memory.is_encoding(key):
+                    return True
+                self._after[node.ino] = key
+                return False
             # uploaded, failed or backing off: no use waiting (one still being written or
             # settling is waited for: cp -r writes the versions in directory order)
             return bool(dirty & CONTENT) and ino not in self.state.failed and \
                 self.state.retry_at.get(ino, 0) <= now
         return False
-
-    def _announced(self, ino: int) -> bool:
-        try:
-            key = key_of(self.journal, self.prefix, ino)
-        except KeyError:
-            return False
-        return self.engine.chain_memory.pending(key) is not None
 
     def _kick_from_thread(self) -> None:
         """A chained put announced itself (called from its worker thread): the version
@@ -470,6 +475,7 @@ class Writeback:
             for k in keys:
                 self._active_keys.discard(k)
             self._active.discard(ino)
+            self._after.pop(ino, None)
             if seeding_parent is not None:
                 self._seeding.discard(seeding_parent)
             self._notify()
@@ -615,7 +621,7 @@ class Writeback:
                     {(key, node.sha256), (delta_key(key), node.sha256)})
             hints = self._base_hints(node, key, old)
             res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
-                                  check_other, hints)
+                                  check_other, hints, self._after.pop(node.ino, ""))
             crash_point("upload-after-put")
             if res.kind in ("reference", "delta"):
                 self._seeded.add(node.parent)

@@ -670,6 +670,132 @@ def _start(eng: Engine, src: Path, key: str, out: dict[str, Any]) -> Any:
     return t
 
 
+class _EncodeGate:
+    """Holds the first encode of the engine (the previous version's) until released,
+    or makes it fail; records which puts reached the reference fetch meanwhile."""
+
+    def __init__(self, eng: Engine, monkeypatch: pytest.MonkeyPatch, fail: bool = False
+                 ) -> None:
+        import threading
+
+        self.fail = fail
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self.fetched: list[str] = []
+        enc, fetch = eng._encode, eng._fetch_reference
+
+        def encode(*a: Any, **kw: Any) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                self.reached.set()
+                assert self.release.wait(60)
+                if self.fail:
+                    from deltafs.errors import StoreError
+                    raise StoreError("injected: the previous version's encode failed")
+            return enc(*a, **kw)
+
+        def fetch_ref(*a: Any, **kw: Any) -> Any:
+            self.fetched.append(threading.current_thread().name)
+            return fetch(*a, **kw)
+        monkeypatch.setattr(eng, "_encode", encode)
+        monkeypatch.setattr(eng, "_fetch_reference", fetch_ref)
+
+
+def _start_after(eng: Engine, src: Path, key: str, after: str, out: dict[str, Any]) -> Any:
+    import threading
+
+    def run() -> None:
+        try:
+            out[key] = eng.put(src, key, after=after)
+        except Exception as exc:  # noqa: BLE001 - checked by the test
+            out[key] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_a_version_prepares_beside_the_encode_before_it_and_then_chains_on_it(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: a version started while the one before it encodes (``after``) fetches
+    its reference meanwhile, but chooses its base only once that encode announced
+    itself: it ends at depth 2, against its predecessor, not against the reference."""
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:1])
+    v2, v3 = "rel/app-1.01.bin", "rel/app-1.02.bin"
+    gate = _EncodeGate(eng, monkeypatch)
+    done: dict[str, Any] = {}
+    t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
+    assert gate.reached.wait(60)  # v2 chose its base and encodes (held)
+    assert eng.chain_memory.is_encoding(v2)
+    t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
+    assert _eventually(lambda: len(gate.fetched) == 2)  # v3 prepared beside v2's encode
+    t3.join(0.5)
+    assert t3.is_alive() and gate.calls == 1  # but chose nothing yet
+    gate.release.set()
+    t2.join(60)
+    t3.join(60)
+    assert done[v2].kind == done[v3].kind == "delta", done
+    assert depth(store, v2) == 1 and depth(store, v3) == 2
+    assert not eng.chain_memory.is_encoding(v2) and not eng.chain_memory.is_encoding(v3)
+    read_all_fresh(store, tmp_path, {keys[0]: datas[0], v2: datas[1], v3: datas[2]},
+                   "after")
+
+
+def test_when_the_encode_waited_for_fails_the_next_goes_on_at_once(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The previous version's put fails in its encode: the version waiting for it is
+    told when that put ends (not after ``ENCODE_WAIT``) and encodes against the
+    reference; it reads back exactly on a new machine."""
+    import time
+
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:1])
+    v2, v3 = "rel/app-1.01.bin", "rel/app-1.02.bin"
+    monkeypatch.setattr(Engine, "ENCODE_WAIT", 300.0)
+    gate = _EncodeGate(eng, monkeypatch, fail=True)
+    done: dict[str, Any] = {}
+    t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
+    assert gate.reached.wait(60)
+    t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
+    assert _eventually(lambda: len(gate.fetched) == 2)
+    start = time.monotonic()
+    gate.release.set()
+    t2.join(60)
+    t3.join(60)
+    assert not t3.is_alive() and time.monotonic() - start < 60
+    assert isinstance(done[v2], Exception), done
+    assert done[v3].kind == "delta", done
+    assert depth(store, v3) == 1  # against the reference
+    read_all_fresh(store, tmp_path, {keys[0]: datas[0], v3: datas[2]}, "after-failed")
+
+
+def test_an_encode_waited_for_too_long_is_not_waited_for(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounded: past ``ENCODE_WAIT`` the version chooses its base without the one still
+    encoding (against the reference here), and both read back exactly."""
+    datas = series(3)
+    eng = make_engine(store, tmp_path / "cache")
+    keys = put_all(eng, tmp_path, datas[:1])
+    v2, v3 = "rel/app-1.01.bin", "rel/app-1.02.bin"
+    monkeypatch.setattr(Engine, "ENCODE_WAIT", 0.5)
+    gate = _EncodeGate(eng, monkeypatch)
+    done: dict[str, Any] = {}
+    t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
+    assert gate.reached.wait(60)
+    t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
+    t3.join(60)
+    assert not t3.is_alive() and done[v3].kind == "delta", done
+    assert depth(store, v3) == 1
+    gate.release.set()
+    t2.join(60)
+    assert done[v2].kind == "delta", done
+    read_all_fresh(store, tmp_path, {keys[0]: datas[0], v2: datas[1], v3: datas[2]},
+                   "after-timeout")
+
+
 def test_a_version_encodes_against_one_still_uploading_and_uploads_after_it(
         store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The upload of one version overlaps the encode of the next (a slow link pays the
