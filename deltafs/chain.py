@@ -470,6 +470,8 @@ class Memory:
         series may start preparing, and waits for :meth:`encoded` before choosing."""
         import threading
 
+        # (two puts of one key at once happen only outside the mount, whose uploads
+        # claim their keys: they share one event, and the first to end releases it)
         with self._lock:
             self._encoding.setdefault(key, threading.Event())
 

@@ -381,7 +381,7 @@ class Engine:
         directory's first LIST page is searched (:mod:`deltafs.chain`). ``after``: the
         key of a put of this process now encoding the previous version of this file's
         series; this put prepares meanwhile and waits for that encode (up to
-        ``BASE_WAIT`` seconds) only right before it chooses its base.
+        ``ENCODE_WAIT`` seconds) only right before it chooses its base.
         """
         check_logical_key(key)
         size = src.stat().st_size
@@ -847,6 +847,9 @@ class Engine:
         else:
             before = chain.sweep_state(self.store, deltaspace, ensure=True)
         if after:
+            log.debug("put %s: prepared beside the put of %s (%s); choosing the base "
+                      "once it is encoded", key, after,
+                      "encoding" if self.chain_memory.is_encoding(after) else "encoded")
             # The previous version of this series is encoding in this process: everything
             # above ran beside its encode; its content is this one's best base once it
             # is announced (or the choice goes without it when its put ends otherwise).
@@ -931,10 +934,10 @@ class Engine:
         budget = min(limits.max_ratio * size / max(1, content_size), 1.0)
         announced: chain.Pending | None = None
         info: ObjectInfo | None = None
-        self.chain_memory.encoding(key)
-        if self.on_announce is not None:
-            self.on_announce()  # the next version may start preparing
         try:
+            self.chain_memory.encoding(key)
+            if self.on_announce is not None:
+                self.on_announce()  # the next version may start preparing
             for attempt in range(2):
                 blob_size = 0
                 if links[0] != content_sha:
@@ -992,6 +995,10 @@ class Engine:
                     self.chain_memory.announce(announced)
                     if self.on_announce is not None:
                         self.on_announce()
+                elif attempt == 0:
+                    # not cached (a full cache disk): nothing will be announced, so a
+                    # version waiting for this encode chooses its base now
+                    self.chain_memory.encoded(key)
                 if not ref_holds():
                     return _REF_MOVED
                 if not base_holds():

@@ -332,6 +332,9 @@ class Writeback:
                 if self.engine.chain_memory.pending(key) is None and \
                         not self.engine.chain_memory.is_encoding(key):
                     return True
+                if self.engine.chain_memory.pending(key) is None and \
+                        not self.limiter.available_tokens:
+                    return True  # started early only into a free slot: waiting holds one
                 self._after[node.ino] = key
                 return False
             # uploaded, failed or backing off: no use waiting (one still being written or
@@ -341,8 +344,8 @@ class Writeback:
         return False
 
     def _kick_from_thread(self) -> None:
-        """A chained put announced itself (called from its worker thread): the version
-        waiting for it may start."""
+        """A chained put started its encode or announced itself (called from its worker
+        thread): the version waiting for it may start."""
         try:
             trio.from_thread.run_sync(self.kick)
         except Exception as exc:  # noqa: BLE001 - not a trio worker, or the loop is gone

@@ -354,6 +354,7 @@ def test_mount_cp_r_of_a_series_builds_one_chain(mounted: Mount, tmp_path: Path)
     version waits for the one below it by name, so the series is one chain (each
     against its predecessor), not deltas against whatever was uploaded first."""
     m = mounted
+    m.remount(extra_args=["--debug"])  # to see which puts started beside an encode
     src = tmp_path / "rel"
     src.mkdir()
     datas = series(8, size=256 << 10, seed=21)
@@ -371,6 +372,9 @@ def test_mount_cp_r_of_a_series_builds_one_chain(mounted: Mount, tmp_path: Path)
     assert len(seeds) == 1, depths
     # in name order, every other version extends the chain by one
     assert [int(d) for n, d in depths.items() if d is not None] == list(range(1, 8)), depths
+    # the scheduler started versions while the one before them was still uploading, and
+    # told their puts which one to wait for (Engine.put's ``after``; issue 12's write)
+    assert "prepared beside the put of rel/tool-2." in m.log_text()
     m.remount(wipe_cache=True)
     for name, body in zip(names, datas):
         assert sha256_file(m.mountpoint / "rel" / name) == sha256_bytes(body), name
@@ -727,13 +731,15 @@ def test_a_version_prepares_beside_the_encode_before_it_and_then_chains_on_it(
     gate = _EncodeGate(eng, monkeypatch)
     done: dict[str, Any] = {}
     t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
-    assert gate.reached.wait(60)  # v2 chose its base and encodes (held)
-    assert eng.chain_memory.is_encoding(v2)
-    t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
-    assert _eventually(lambda: len(gate.fetched) == 2)  # v3 prepared beside v2's encode
-    t3.join(0.5)
-    assert t3.is_alive() and gate.calls == 1  # but chose nothing yet
-    gate.release.set()
+    try:
+        assert gate.reached.wait(60)  # v2 chose its base and encodes (held)
+        assert eng.chain_memory.is_encoding(v2)
+        t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
+        assert _eventually(lambda: len(gate.fetched) == 2)  # v3 prepared beside v2's encode
+        t3.join(0.5)
+        assert t3.is_alive() and gate.calls == 1  # but chose nothing yet
+    finally:
+        gate.release.set()
     t2.join(60)
     t3.join(60)
     assert done[v2].kind == done[v3].kind == "delta", done
@@ -758,11 +764,13 @@ def test_when_the_encode_waited_for_fails_the_next_goes_on_at_once(
     gate = _EncodeGate(eng, monkeypatch, fail=True)
     done: dict[str, Any] = {}
     t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
-    assert gate.reached.wait(60)
-    t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
-    assert _eventually(lambda: len(gate.fetched) == 2)
-    start = time.monotonic()
-    gate.release.set()
+    try:
+        assert gate.reached.wait(60)
+        t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
+        assert _eventually(lambda: len(gate.fetched) == 2)
+    finally:
+        start = time.monotonic()
+        gate.release.set()
     t2.join(60)
     t3.join(60)
     assert not t3.is_alive() and time.monotonic() - start < 60
@@ -776,6 +784,8 @@ def test_an_encode_waited_for_too_long_is_not_waited_for(
         store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bounded: past ``ENCODE_WAIT`` the version chooses its base without the one still
     encoding (against the reference here), and both read back exactly."""
+    import time
+
     datas = series(3)
     eng = make_engine(store, tmp_path / "cache")
     keys = put_all(eng, tmp_path, datas[:1])
@@ -784,12 +794,16 @@ def test_an_encode_waited_for_too_long_is_not_waited_for(
     gate = _EncodeGate(eng, monkeypatch)
     done: dict[str, Any] = {}
     t2 = _start(eng, write_file(tmp_path / "s2", datas[1]), v2, done)
-    assert gate.reached.wait(60)
-    t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
-    t3.join(60)
-    assert not t3.is_alive() and done[v3].kind == "delta", done
-    assert depth(store, v3) == 1
-    gate.release.set()
+    try:
+        assert gate.reached.wait(60)
+        start = time.monotonic()
+        t3 = _start_after(eng, write_file(tmp_path / "s3", datas[2]), v3, v2, done)
+        t3.join(60)
+        assert not t3.is_alive() and done[v3].kind == "delta", done
+        assert time.monotonic() - start >= 0.5  # it did wait, up to the bound
+        assert depth(store, v3) == 1
+    finally:
+        gate.release.set()
     t2.join(60)
     assert done[v2].kind == "delta", done
     read_all_fresh(store, tmp_path, {keys[0]: datas[0], v2: datas[1], v3: datas[2]},
