@@ -355,20 +355,32 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
         return snapshot is None or snapshot.get(node.ino) == (
             node.name, node.remote_key, node.remote_etag)
 
+    # what the rows below ask of each object, asked for all of them at once (one query
+    # per few hundred keys instead of three statements per new row: issue 11); nothing
+    # in this loop changes either answer for another name (each name has its own keys)
+    todo: list[tuple[str, StoredFile, Node | None]] = []
     for name, f in listing.files.items():
         node = existing.pop(name, None)
         if node is not None and (node.dirty or node.ino in busy or not unchanged(node)):
             continue
         if node is not None and node.remote_etag == f.etag and node.remote_key == f.object_key:
             continue
-        if journal.tombstone(f.object_key) is not None or \
+        todo.append((name, f, node))
+    keys = [f.object_key for _, f, _ in todo]
+    tombed = journal.tombstoned(keys) if keys else set()
+    claimed = journal.claimed_keys([f.object_key for _, f, node in todo if node is None]) \
+        if keys else set()
+    new_rows: list[dict[str, object]] = []
+    for name, f, node in todo:
+        if f.object_key in tombed or \
                 (started and journal.gone_since(f.object_key, started)):
             continue  # being deleted, or deleted by this mount after the LIST ran
         fields = _file_fields(f, uid, gid)
         if node is None:
-            if journal.remote_claimed(f.object_key):
+            if f.object_key in claimed:
                 continue  # a renamed file whose object has not moved yet
-            journal.insert(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now, **fields)
+            new_rows.append(dict(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now,
+                                 **fields))
         elif node.is_dir:
             continue  # a local directory of that name wins until it is gone
         elif node.sha256 is not None and node.sha256 == f.sha256 and \
@@ -377,7 +389,9 @@ def merge_listing(journal: Journal, dir_ino: int, listing: DirListing, busy: set
         else:
             _orphan(journal, node)
             gone.append((node.ino, name))
-            journal.insert(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now, **fields)
+            new_rows.append(dict(parent=dir_ino, name=name, ctime_ns=now, atime_ns=now,
+                                 **fields))
+    journal.insert_many(new_rows)
     for name in listing.dirs:
         node = existing.pop(name, None)
         m = listing.dir_markers.get(name)

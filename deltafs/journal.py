@@ -391,6 +391,23 @@ class Journal:
         self.x(f"INSERT INTO nodes ({names}) VALUES ({marks})", tuple(fields.values()))
         return ino
 
+    def insert_many(self, rows: list[dict[str, Any]]) -> None:
+        """:meth:`insert` of many rows (each with the same fields) in one statement and
+        one write of the next inode number: a listing merge inserts up to a thousand
+        rows per step on the trio thread (issue 11: four statements per row were most of
+        a cold listing's own time)."""
+        if not rows:
+            return
+        names = ["ino", *rows[0]]
+        first = self._next_ino
+        self._next_ino += len(rows)
+        self.set_meta("next_ino", str(self._next_ino))
+        marks = ", ".join("?" for _ in names)
+        with self._lock:
+            self.db.executemany(
+                f"INSERT INTO nodes ({', '.join(names)}) VALUES ({marks})",
+                ((first + i, *r.values()) for i, r in enumerate(rows)))
+
     def update(self, ino: int, **fields: Any) -> None:
         if not fields:
             return
@@ -503,6 +520,28 @@ class Journal:
         return [(r[0], r[1], r[2], r[3]) for r in self.x(
             "SELECT object_key, kind, etag, queued_at FROM tombstones WHERE queued_at > ? "
             "ORDER BY queued_at LIMIT ?", (after, limit)).fetchall()]
+
+    def tombstoned(self, object_keys: list[str]) -> set[str]:
+        """Which of ``object_keys`` have a tombstone (one query per
+        ``NAMES_PER_QUERY`` keys)."""
+        out: set[str] = set()
+        for i in range(0, len(object_keys), NAMES_PER_QUERY):
+            part = object_keys[i:i + NAMES_PER_QUERY]
+            out.update(r[0] for r in self.x(
+                f"SELECT object_key FROM tombstones WHERE object_key IN "
+                f"({','.join('?' * len(part))})", tuple(part)).fetchall())
+        return out
+
+    def claimed_keys(self, object_keys: list[str]) -> set[str]:
+        """Which of ``object_keys`` a live row is published as (:meth:`remote_claimed`
+        of many keys)."""
+        out: set[str] = set()
+        for i in range(0, len(object_keys), NAMES_PER_QUERY):
+            part = object_keys[i:i + NAMES_PER_QUERY]
+            out.update(r[0] for r in self.x(
+                f"SELECT remote_key FROM nodes WHERE remote_key IN "
+                f"({','.join('?' * len(part))}) AND parent != 0", tuple(part)).fetchall())
+        return out
 
     def remote_claimed(self, object_key: str, but: int = -1) -> bool:
         """Whether a live node (not unlinked, not ``but``) is published as ``object_key``
