@@ -7,6 +7,7 @@ and can print one actionable line.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import http.client
 import io
 import logging
@@ -22,8 +23,11 @@ from typing import Any, Iterator, Mapping
 
 import boto3
 import botocore.exceptions as bce
+import botocore.session
 import urllib3.exceptions
 from botocore.config import Config
+from botocore.parsers import ResponseParserFactory
+from botocore.utils import parse_timestamp
 
 from deltafs import options
 from deltafs.errors import (
@@ -371,6 +375,20 @@ def _is_precondition(exc: BaseException) -> bool:
     return status == 412 or exc.response.get("Error", {}).get("Code") == "PreconditionFailed"
 
 
+#: the form S3 gives every LastModified of a LIST page in: ISO 8601, UTC, milliseconds
+_ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z\Z")
+
+
+def _timestamp(value: Any) -> datetime.datetime:
+    """botocore's timestamp parser, without dateutil for the ISO form of LIST pages:
+    dateutil took ~40 µs per key, half of the daemon's time for a cold listing of a
+    large directory (issue 11: 1.7 of 3.4 CPU-s for 20,000 keys); ``fromisoformat``
+    takes 0.2. Any other form (the HTTP dates of HEAD headers) goes to botocore's."""
+    if isinstance(value, str) and _ISO_UTC.match(value):
+        return datetime.datetime.fromisoformat(value)
+    return parse_timestamp(value)  # type: ignore[no-any-return]
+
+
 class S3Store(ObjectStore):
     """A bucket on S3 or any S3-compatible server (MinIO, moto, Ceph, R2, …).
 
@@ -443,8 +461,13 @@ class S3Store(ObjectStore):
         self._outcomes: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
 
+        core = botocore.session.get_session()
+        parsers = ResponseParserFactory()
+        parsers.set_parser_defaults(timestamp_parser=_timestamp)
+        core.register_component("response_parser_factory", parsers)
         try:
             session = boto3.session.Session(
+                botocore_session=core,
                 profile_name=profile,
                 aws_access_key_id=access_key,
                 aws_secret_access_key=secret_key,
