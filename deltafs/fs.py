@@ -788,7 +788,16 @@ class DeltaFS(pyfuse3.Operations):
             return
         st.flush += 1
         try:
-            ok = await self.writeback.wait_published(h.ino, st.stage_seq)
+            while True:
+                ok = await self.writeback.wait_published(h.ino, st.stage_seq)
+                if ok is not None:
+                    break
+                # written again (an mmap's writeback) before that version's upload took
+                # it: it will never go up, so stage what is there now and wait for it
+                before = st.stage_seq
+                await self.contents.stage(h.ino)
+                if st.stage_seq == before:  # nothing to stage: wait for a change, no spin
+                    await self.writeback.changed.wait()
         finally:
             st.flush -= 1
             self.contents.forget_if_idle(h.ino)

@@ -868,9 +868,12 @@ class Writeback:
                 await self.changed.wait()
         return False
 
-    async def wait_published(self, ino: int, seq: int) -> bool:
+    async def wait_published(self, ino: int, seq: int) -> bool | None:
         """Wait until the version of ``ino`` staged as ``seq`` is in the bucket (fsync);
-        later writes need not be. False if its upload failed for good."""
+        later writes need not be. False if its upload failed for good; None if it was
+        superseded before its upload took it (a write came first: the row now names the
+        unstaged working file, so that version will never go up), and the caller must
+        stage again and wait for that one, which holds everything the first one did."""
         while True:
             node = self.journal.get(ino)
             if node is None or not node.dirty or node.parent == ORPHAN_PARENT:
@@ -878,6 +881,9 @@ class Writeback:
             st = self.contents.states.get(ino)
             if seq and st is not None and st.published_seq >= seq:
                 return True
+            if node.is_file and node.dirty & CONTENT and node.sha256 is None and \
+                    ino not in self._active:
+                return None
             if ino in self.state.failed and \
                     self.state.failed_sig.get(ino) == _signature(node):
                 return False
