@@ -797,7 +797,8 @@ class DeltaFS(pyfuse3.Operations):
                 before = st.stage_seq
                 await self.contents.stage(h.ino)
                 if st.stage_seq == before:  # nothing to stage: wait for a change, no spin
-                    await self.writeback.changed.wait()
+                    with trio.move_on_after(1.0):
+                        await self.writeback.changed.wait()
         finally:
             st.flush -= 1
             self.contents.forget_if_idle(h.ino)

@@ -889,7 +889,10 @@ class Writeback:
                 return False
             self.state.retry_at.pop(ino, None)
             self.kick()
-            await self.changed.wait()
+            # bounded: the write that supersedes the version (above) sets no event, and
+            # when it lands before the scheduler took the row nothing else will
+            with trio.move_on_after(1.0):
+                await self.changed.wait()
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is pending but what failed for good (umount, SIGTERM), at
