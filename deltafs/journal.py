@@ -521,27 +521,26 @@ class Journal:
             "SELECT object_key, kind, etag, queued_at FROM tombstones WHERE queued_at > ? "
             "ORDER BY queued_at LIMIT ?", (after, limit)).fetchall()]
 
-    def tombstoned(self, object_keys: list[str]) -> set[str]:
-        """Which of ``object_keys`` have a tombstone (one query per
-        ``NAMES_PER_QUERY`` keys)."""
+    def _found(self, sql: str, keys: list[str]) -> set[str]:
+        """The first column of ``sql`` (with ``{}`` for an ``IN`` list) over ``keys``,
+        one query per ``NAMES_PER_QUERY`` keys."""
         out: set[str] = set()
-        for i in range(0, len(object_keys), NAMES_PER_QUERY):
-            part = object_keys[i:i + NAMES_PER_QUERY]
-            out.update(r[0] for r in self.x(
-                f"SELECT object_key FROM tombstones WHERE object_key IN "
-                f"({','.join('?' * len(part))})", tuple(part)).fetchall())
+        for i in range(0, len(keys), NAMES_PER_QUERY):
+            part = keys[i:i + NAMES_PER_QUERY]
+            out.update(r[0] for r in self.x(sql.format(",".join("?" * len(part))),
+                                            tuple(part)).fetchall())
         return out
+
+    def tombstoned(self, object_keys: list[str]) -> set[str]:
+        """Which of ``object_keys`` have a tombstone."""
+        return self._found("SELECT object_key FROM tombstones WHERE object_key IN ({})",
+                           object_keys)
 
     def claimed_keys(self, object_keys: list[str]) -> set[str]:
         """Which of ``object_keys`` a live row is published as (:meth:`remote_claimed`
         of many keys)."""
-        out: set[str] = set()
-        for i in range(0, len(object_keys), NAMES_PER_QUERY):
-            part = object_keys[i:i + NAMES_PER_QUERY]
-            out.update(r[0] for r in self.x(
-                f"SELECT remote_key FROM nodes WHERE remote_key IN "
-                f"({','.join('?' * len(part))}) AND parent != 0", tuple(part)).fetchall())
-        return out
+        return self._found("SELECT remote_key FROM nodes WHERE remote_key IN ({}) AND "
+                           "parent != 0", object_keys)
 
     def remote_claimed(self, object_key: str, but: int = -1) -> bool:
         """Whether a live node (not unlinked, not ``but``) is published as ``object_key``

@@ -329,12 +329,12 @@ class Writeback:
                     key = key_of(self.journal, self.prefix, ino)
                 except KeyError:
                     return False
-                if self.engine.chain_memory.pending(key) is None and \
-                        not self.engine.chain_memory.is_encoding(key):
+                if self.engine.chain_memory.pending(key) is None and (
+                        not self.engine.chain_memory.is_encoding(key)
+                        or not self.limiter.available_tokens):
+                    # not encoding yet; or encoding, but this one would wait for it, and
+                    # is started early only into a free slot (its wait holds one)
                     return True
-                if self.engine.chain_memory.pending(key) is None and \
-                        not self.limiter.available_tokens:
-                    return True  # started early only into a free slot: waiting holds one
                 self._after[node.ino] = key
                 return False
             # uploaded, failed or backing off: no use waiting (one still being written or
