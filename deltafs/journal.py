@@ -137,6 +137,8 @@ _COLUMNS = ", ".join(_FIELDS)
 #: 999 parameters, before 3.32)
 NAMES_PER_QUERY = 500
 
+#: directory paths kept by :meth:`Journal.path` (emptied when full)
+MAX_DIR_PATHS = 20000
 #: the WAL is copied into the database (a checkpoint) once it grows past this
 CHECKPOINT_BYTES = 16 << 20
 
@@ -165,6 +167,10 @@ class Journal:
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
         self._closed = False
+        #: directory inode -> its path (what :meth:`path` walks up to): a file's key costs
+        #: one query, not one per level. Written under ``_lock`` by the walk that read
+        #: the rows; emptied after any move or delete (inodes are never reused)
+        self._dir_paths: dict[int, str] = {}
         #: object key -> when this mount removed it; prefix ("a/b/") -> when it removed
         #: something under it (in memory, newest last; see ``note_gone``)
         self.gone: OrderedDict[str, float] = OrderedDict()
@@ -413,23 +419,56 @@ class Journal:
             return
         sets = ", ".join(f"{k}=?" for k in fields)
         self.x(f"UPDATE nodes SET {sets} WHERE ino=?", (*fields.values(), ino))
+        if "parent" in fields or "name" in fields:
+            self.forget_paths()
 
     def set_dirty(self, ino: int, bits: int) -> None:
         self.x("UPDATE nodes SET dirty = dirty | ? WHERE ino=?", (bits, ino))
 
     def delete(self, ino: int) -> None:
         self.x("DELETE FROM nodes WHERE ino=?", (ino,))
+        self._dir_paths.pop(ino, None)
+
+    def forget_paths(self) -> None:
+        """Drop the cached directory paths: after a row's parent or name changed (always
+        after the change, so a walk racing it stores either nothing or the new path, or
+        an old one that this clears)."""
+        self._dir_paths.clear()
 
     def path(self, ino: int) -> str:
-        """The node's key relative to the mount's prefix (no leading slash)."""
+        """The node's key relative to the mount's prefix (no leading slash). Directories'
+        paths are cached, so a file's key costs one query, not one per level (the scale
+        benchmark's create did ~8 of these walks per file on the event loop)."""
+        if ino == ROOT_INO:
+            return ""
+        known = self._dir_paths.get(ino)
+        if known is not None:
+            return known
         parts: list[str] = []
-        while ino != ROOT_INO:
-            row = self.x("SELECT parent, name FROM nodes WHERE ino=?", (ino,)).fetchone()
-            if row is None:
-                raise KeyError(ino)
-            parts.append(row[1])
-            ino = row[0]
-        return "/".join(reversed(parts))
+        walked: list[tuple[int, int]] = []  # (directory inode, its index in parts)
+        with self._lock:
+            cur = ino
+            base = ""
+            while cur != ROOT_INO:
+                known = self._dir_paths.get(cur)
+                if known is not None:
+                    base = known
+                    break
+                row = self.db.execute("SELECT parent, name, mode FROM nodes WHERE ino=?",
+                                      (cur,)).fetchone()
+                if row is None:
+                    raise KeyError(cur)
+                if stat.S_ISDIR(row[2]):
+                    walked.append((cur, len(parts)))
+                parts.append(row[1])
+                cur = row[0]
+            if len(self._dir_paths) > MAX_DIR_PATHS:
+                self._dir_paths.clear()
+            for d, at in walked:
+                rel = "/".join(reversed(parts[at:]))
+                self._dir_paths[d] = f"{base}/{rel}" if base else rel
+        rel = "/".join(reversed(parts))
+        return f"{base}/{rel}" if base else rel
 
     def descendants(self, ino: int) -> Iterator[Node]:
         rows = self.x(

@@ -46,12 +46,17 @@ BASE_WAIT = 30.0
 BUCKET_WIDE_ATTEMPTS = 3
 
 
-#: dirty rows read per query by the scheduler
-SCHEDULE_PAGE = 500
+#: dirty rows read per query by the scheduler (each row read lets the worker threads take
+#: the GIL, and taking it back can wait a switch interval: a page is one loop step)
+SCHEDULE_PAGE = 100
+#: at most one scheduling pass this often: a copy of small files kicks the scheduler twice
+#: per file (staged, uploaded), and each pass reads every dirty row; up to twice as many
+#: uploads as slots are started per pass, so the slots stay busy across the gap
+SCHEDULE_GAP = 0.05
 #: deletes in flight at once (each waits for an upload slot), and how many queued
 #: tombstones one scheduling pass looks at
 MAX_TOMBSTONES = 32
-MAX_TOMBSTONE_SCAN = 2000
+MAX_TOMBSTONE_SCAN = 256
 
 
 #: a directory's reference is checked this long after its last delta went
@@ -151,16 +156,12 @@ class Writeback:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
+                began = trio.current_time()
                 started = await self._schedule(nursery)
-                if not started:
-                    with trio.move_on_after(1.0):
-                        await self.wakeup.wait()
-                    self.wakeup = trio.Event()
-                else:
-                    await trio.sleep(0)
-                    with trio.move_on_after(0.2):
-                        await self.wakeup.wait()
-                    self.wakeup = trio.Event()
+                with trio.move_on_after(0.2 if started else 1.0):
+                    await self.wakeup.wait()
+                self.wakeup = trio.Event()
+                await trio.sleep_until(began + SCHEDULE_GAP)
 
     async def _schedule(self, nursery: trio.Nursery) -> int:
         """Start the work that is ready, in inode order. Dirty rows are read a page at a

@@ -81,3 +81,32 @@ def block_sums_of(tmp_path: Path, data: bytes) -> bytes:
     p = tmp_path / "for-sums"
     p.write_bytes(data)
     return block_sums(p)
+
+
+@pytest.mark.parametrize("made_by_an_older_version", [False, True])
+def test_each_threads_index_connection_keeps_little_in_memory(
+        tmp_path: Path, made_by_an_older_version: bool) -> None:
+    """diskcache's defaults (a 32 MiB page cache and a 64 MiB memory map per thread's
+    connection) grew the daemon with the number of files cached (issue 11)."""
+    import threading
+
+    import diskcache
+
+    from deltafs.cache import INDEX_CACHE_PAGES
+
+    if made_by_an_older_version:
+        diskcache.Cache(str(tmp_path / "c")).close()  # the defaults, stored in its index
+    cache = ContentCache(tmp_path / "c")
+    _put(tmp_path, cache, b"x" * 5000)
+    seen: list[tuple[int, int]] = []
+
+    def look() -> None:
+        con = cache._cache._con  # this thread's own connection
+        seen.append((con.execute("PRAGMA cache_size").fetchone()[0],
+                     con.execute("PRAGMA mmap_size").fetchone()[0]))
+
+    t = threading.Thread(target=look)
+    t.start()
+    t.join()
+    look()
+    assert seen == [(INDEX_CACHE_PAGES, 0)] * 2

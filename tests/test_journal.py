@@ -1,0 +1,75 @@
+"""The journal's own bookkeeping: the cached directory paths behind every object key."""
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from deltafs.content import ORPHAN_PARENT
+from deltafs.journal import ROOT_INO, Journal
+
+DIR = stat.S_IFDIR | 0o755
+FILE = stat.S_IFREG | 0o644
+
+
+def _tree(tmp_path: Path) -> tuple[Journal, int, int, int]:
+    """a/b/f.bin: returns the journal and the inodes of a, b and f.bin."""
+    j = Journal(tmp_path / "state.db", "s3://b/")
+    a = j.insert(parent=ROOT_INO, name="a", mode=DIR)
+    b = j.insert(parent=a, name="b", mode=DIR)
+    f = j.insert(parent=b, name="f.bin", mode=FILE, size=1)
+    return j, a, b, f
+
+
+def _statements(j: Journal) -> list[str]:
+    seen: list[str] = []
+    j.db.set_trace_callback(seen.append)
+    return seen
+
+
+def test_a_files_key_costs_one_query_once_its_directory_is_known(tmp_path: Path) -> None:
+    j, a, b, f = _tree(tmp_path)
+    assert j.path(f) == "a/b/f.bin"
+    seen = _statements(j)
+    g = j.insert(parent=b, name="g.bin", mode=FILE, size=1)
+    seen.clear()
+    assert j.path(g) == "a/b/g.bin"
+    assert j.path(b) == "a/b" and j.path(a) == "a" and j.path(ROOT_INO) == ""
+    assert len(seen) == 1, seen
+
+
+@pytest.mark.parametrize("moved", ["a", "b"])
+def test_moving_a_directory_or_its_parent_changes_the_keys_below_it(
+        tmp_path: Path, moved: str) -> None:
+    j, a, b, f = _tree(tmp_path)
+    assert j.path(f) == "a/b/f.bin"
+    c = j.insert(parent=ROOT_INO, name="c", mode=DIR)
+    if moved == "a":
+        j.update(a, name="z")
+        assert j.path(f) == "z/b/f.bin" and j.path(b) == "z/b"
+    else:
+        j.update(b, parent=c, name="y")
+        assert j.path(f) == "c/y/f.bin" and j.path(b) == "c/y"
+        assert j.path(a) == "a"
+
+
+def test_a_removed_directory_has_no_key(tmp_path: Path) -> None:
+    j, a, b, f = _tree(tmp_path)
+    assert j.path(f) == "a/b/f.bin"
+    j.delete(f)
+    j.update(b, parent=ORPHAN_PARENT, name=f"#{b}")  # rmdir while still looked up
+    j.delete(b)
+    with pytest.raises(KeyError):
+        j.path(b)
+    with pytest.raises(KeyError):
+        j.path(f)
+
+
+def test_other_changes_keep_the_cached_paths(tmp_path: Path) -> None:
+    j, a, b, f = _tree(tmp_path)
+    assert j.path(f) == "a/b/f.bin"
+    j.update(b, mtime_ns=5, dirty=1)
+    seen = _statements(j)
+    assert j.path(b) == "a/b"
+    assert seen == []
