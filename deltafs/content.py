@@ -85,7 +85,7 @@ class InodeState:
     uploading: int = 0  # uploads reading a snapshot of its staged file
     flush: int = 0  # fsyncs waiting for its upload
     stage_seq: int = 0  # bumped by every stage
-    published_seq: int = 0  # the stage_seq of the last upload that was recorded
+    published_seq: int = 0  # the stage_seq of the last upload whose object the row names
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     def idle(self) -> bool:
@@ -696,15 +696,17 @@ class Contents:
         return snap, s.stage_seq
 
     async def end_upload(self, ino: int, snap: Path, seq: int, staged: str | None,
-                         sha256: str | None, recorded: bool) -> None:
+                         sha256: str | None, recorded: bool, landed: bool = False) -> None:
         """An upload is over. ``recorded``: its result is now the row's published state
         (``staged`` cleared): the snapshot becomes a clean cache entry and the staged file
-        goes after the next commit."""
+        goes after the next commit. ``landed``: the row names its object, though it
+        changed meanwhile (not clean): the version staged as ``seq`` is in the bucket."""
         s = self.st(ino)
         s.uploading -= 1
         try:
-            if recorded:
+            if recorded or landed:
                 s.published_seq = max(s.published_seq, seq)
+            if recorded:
                 s.closed_at = None
                 self.drop_after_commit(staged)
                 await self.commit()

@@ -137,8 +137,9 @@ _COLUMNS = ", ".join(_FIELDS)
 #: 999 parameters, before 3.32)
 NAMES_PER_QUERY = 500
 
-#: directory paths kept by :meth:`Journal.path` (emptied when full)
-MAX_DIR_PATHS = 20000
+#: directory paths kept by :meth:`Journal.path` (emptied when full: ~1 MB of paths of
+#: typical length, 8 MB if each were 1,000 bytes)
+MAX_DIR_PATHS = 8192
 #: the WAL is copied into the database (a checkpoint) once it grows past this
 CHECKPOINT_BYTES = 16 << 20
 
@@ -208,7 +209,11 @@ class Journal:
         filesystem calls it from a worker thread. Changes between two commits share one
         fsync, which is what keeps a copy of many small files fast."""
         with self._lock:
-            self.db.commit()
+            try:
+                self.db.commit()
+            except sqlite3.Error:
+                self.forget_paths()  # rolled back, perhaps with a move in it
+                raise
             if self._restart_wal and not self.db.in_transaction:
                 # The bulk of the WAL was copied outside the lock, while the handlers kept
                 # a write transaction open (so SQLite could never start the WAL over):
@@ -323,7 +328,11 @@ class Journal:
 
     def x(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
-            return self.db.execute(sql, args)
+            try:
+                return self.db.execute(sql, args)
+            except sqlite3.Error:
+                self.forget_paths()
+                raise
 
     def get_meta(self, key: str) -> str | None:
         row = self.x("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
@@ -410,16 +419,23 @@ class Journal:
         self.set_meta("next_ino", str(self._next_ino))
         marks = ", ".join("?" for _ in names)
         with self._lock:
-            self.db.executemany(
-                f"INSERT INTO nodes ({', '.join(names)}) VALUES ({marks})",
-                ((first + i, *r.values()) for i, r in enumerate(rows)))
+            try:
+                self.db.executemany(
+                    f"INSERT INTO nodes ({', '.join(names)}) VALUES ({marks})",
+                    ((first + i, *r.values()) for i, r in enumerate(rows)))
+            except sqlite3.Error:
+                self.forget_paths()
+                raise
 
     def update(self, ino: int, **fields: Any) -> None:
         if not fields:
             return
         sets = ", ".join(f"{k}=?" for k in fields)
         self.x(f"UPDATE nodes SET {sets} WHERE ino=?", (*fields.values(), ino))
-        if "parent" in fields or "name" in fields:
+        if ("parent" in fields or "name" in fields) and ino in self._dir_paths:
+            # the cached set holds every ancestor of each of its entries (a walk caches
+            # all the directories it passed; entries go all at once): a node not in it
+            # is no cached path's ancestor, and moving it (a file) changes none
             self.forget_paths()
 
     def set_dirty(self, ino: int, bits: int) -> None:
@@ -430,9 +446,10 @@ class Journal:
         self._dir_paths.pop(ino, None)
 
     def forget_paths(self) -> None:
-        """Drop the cached directory paths: after a row's parent or name changed (always
-        after the change, so a walk racing it stores either nothing or the new path, or
-        an old one that this clears)."""
+        """Drop the cached directory paths: after a directory's parent or name changed
+        (always after the change, so a walk racing it stores the new path, or an old one
+        that this clears), and when a statement or a commit failed (SQLite may have
+        rolled the transaction back, a move with it)."""
         self._dir_paths.clear()
 
     def path(self, ino: int) -> str:
@@ -447,6 +464,10 @@ class Journal:
         parts: list[str] = []
         walked: list[tuple[int, int]] = []  # (directory inode, its index in parts)
         with self._lock:
+            if len(self._dir_paths) >= MAX_DIR_PATHS:
+                # before the walk, which then goes up to the root: what it caches keeps
+                # every ancestor of every entry cached
+                self._dir_paths.clear()
             cur = ino
             base = ""
             while cur != ROOT_INO:
@@ -462,8 +483,6 @@ class Journal:
                     walked.append((cur, len(parts)))
                 parts.append(row[1])
                 cur = row[0]
-            if len(self._dir_paths) > MAX_DIR_PATHS:
-                self._dir_paths.clear()
             for d, at in walked:
                 rel = "/".join(reversed(parts[at:]))
                 self._dir_paths[d] = f"{base}/{rel}" if base else rel

@@ -70,6 +70,7 @@ class SlowSteps(trio.abc.Instrument):
         self.limit = limit_ms / 1000.0
         self._t0 = 0.0
         self._cpu0 = 0.0
+        self._from = ""
         self._gc0 = 0.0
         self._report_due = False
         self._reported = 0.0
@@ -101,6 +102,9 @@ class SlowSteps(trio.abc.Instrument):
         return [inst]
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        # where the task resumes: a handler that finishes within the step is named only
+        # here (after it, the task waits in pyfuse3's loop); a few attribute reads
+        self._from = _innermost(task.coro)
         self._t0 = time.perf_counter()
         self._cpu0 = time.thread_time()
 
@@ -112,10 +116,11 @@ class SlowSteps(trio.abc.Instrument):
             self.heap_report()
         if took >= self.limit:
             # CPU well below the wall time: the step waited (the GIL, a syscall), it did
-            # not compute; the innermost frame names the handler that ran
+            # not compute
             cpu = time.thread_time() - self._cpu0
-            log.warning("slow task step: %.0f ms (%.0f ms CPU) in %s (now at %s)",
-                        took * 1000.0, cpu * 1000.0, task.name, _innermost(task.coro))
+            log.warning("slow task step: %.0f ms (%.0f ms CPU) in %s (from %s to %s)",
+                        took * 1000.0, cpu * 1000.0, task.name, self._from,
+                        _innermost(task.coro))
 
     def _gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -130,15 +135,18 @@ class SlowSteps(trio.abc.Instrument):
 
 
 def _innermost(coro: Any) -> str:
-    """Where a task is suspended now: its innermost coroutine frame of our own code
-    (trio's and pyfuse3's frames skipped), ``file:line name``."""
+    """Where a task is suspended: its innermost coroutine frame of our own code (trio's
+    and pyfuse3's frames skipped, unless there is nothing else), ``file:line name``."""
     where = "finished"
     while coro is not None:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
         if frame is None:
             break
         name = frame.f_code.co_filename
-        if "site-packages" not in name or where == "finished":
+        if where == "finished" or not any(s in name for s in _NOT_OURS):
             where = f"{name}:{frame.f_lineno} {frame.f_code.co_name}"
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return where
+
+
+_NOT_OURS = ("site-packages", "pyfuse3", ".pxi")

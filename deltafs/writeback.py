@@ -49,10 +49,13 @@ BUCKET_WIDE_ATTEMPTS = 3
 #: dirty rows read per query by the scheduler (each row read lets the worker threads take
 #: the GIL, and taking it back can wait a switch interval: a page is one loop step)
 SCHEDULE_PAGE = 100
-#: at most one scheduling pass this often: a copy of small files kicks the scheduler twice
-#: per file (staged, uploaded), and each pass reads every dirty row; up to twice as many
-#: uploads as slots are started per pass, so the slots stay busy across the gap
+#: the pause after a scheduling pass that read n dirty rows: n * GAP_PER_ROW, at most
+#: SCHEDULE_GAP. A copy of small files kicks the scheduler twice per file (staged,
+#: uploaded) and each pass reads every dirty row: without it the event loop spent ~10 %
+#: of its time re-reading them. Up to twice as many uploads as slots are started per
+#: pass, so the slots stay busy across the pause; an urgent kick skips it
 SCHEDULE_GAP = 0.05
+GAP_PER_ROW = 0.0005
 #: deletes in flight at once (each waits for an upload slot), and how many queued
 #: tombstones one scheduling pass looks at
 MAX_TOMBSTONES = 32
@@ -111,6 +114,9 @@ class Writeback:
         self.limiter = trio.CapacityLimiter(concurrency)
         self.state = SyncState()
         self.wakeup = trio.Event()
+        self._hurry = trio.Event()  # an urgent kick: no pause before the next pass
+        self._urgent = False
+        self._rows_read = 0  # dirty rows the current scheduling pass read
         self.changed = trio.Event()  # set after every completed item (fsync/umount wait)
         self._active: set[int] = set()
         self._active_keys: set[str] = set()
@@ -148,7 +154,12 @@ class Writeback:
         self._forced_retry = 0.0
         self._last_ok = self._last_fail = 0.0  # monotonic times of the last upload outcomes
 
-    def kick(self) -> None:
+    def kick(self, urgent: bool = False) -> None:
+        """Wake the scheduler; ``urgent`` (someone waits on it: an fsync, a full cache
+        disk) skips the pause between passes."""
+        if urgent:
+            self._urgent = True
+            self._hurry.set()
         self.wakeup.set()
 
     async def run(self) -> None:
@@ -157,11 +168,19 @@ class Writeback:
             self._nursery = nursery
             while True:
                 began = trio.current_time()
+                self._urgent = False
+                self._rows_read = 0
                 started = await self._schedule(nursery)
                 with trio.move_on_after(0.2 if started else 1.0):
                     await self.wakeup.wait()
                 self.wakeup = trio.Event()
-                await trio.sleep_until(began + SCHEDULE_GAP)
+                if not self._urgent:
+                    # a pass reads every dirty row: the more there are, the longer the
+                    # pause before the next (a copy of small files kicks twice per file)
+                    with trio.move_on_at(began + min(SCHEDULE_GAP,
+                                                     self._rows_read * GAP_PER_ROW)):
+                        await self._hurry.wait()
+                self._hurry = trio.Event()
 
     async def _schedule(self, nursery: trio.Nursery) -> int:
         """Start the work that is ready, in inode order. Dirty rows are read a page at a
@@ -178,6 +197,7 @@ class Writeback:
             if after:
                 await trio.sleep(0)
             page = self.journal.dirty_nodes(limit=SCHEDULE_PAGE, after_ino=after)
+            self._rows_read += len(page)
             if not page:
                 break
             for node in page:
@@ -262,7 +282,7 @@ class Writeback:
             return False
         self._forced_retry = now
         self.state.retry_at.clear()
-        self.kick()
+        self.kick(urgent=True)
         return True
 
     def want_collect(self, space: str) -> None:
@@ -608,7 +628,7 @@ class Writeback:
             self.journal.x("UPDATE nodes SET dirty = dirty & ~1 WHERE ino = ?", (node.ino,))
             return
         snap, seq = got
-        recorded = False
+        recorded = landed = False
         object_key = ""
         try:
             space = split_key(key)[0]
@@ -646,6 +666,12 @@ class Writeback:
                 res.stored_size - (res.original_size if res.kind == "reference" else 0),
                 ref, res.sha256, etag=res.etag)
             self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
+            # The row names this object now, even when it changed meanwhile (written
+            # again, renamed): everything staged up to ``seq`` is in the bucket, so an
+            # fsync waiting for that version is done (it need not wait for the next)
+            row = self.journal.get(node.ino)
+            landed = recorded or (row is not None and row.remote_key == object_key
+                                  and row.remote_etag == (res.etag or None))
             self._drop_old(old, object_key)  # in the publish's transaction (see _drop_old)
             if recorded:
                 self.state.uploaded_files += 1
@@ -654,7 +680,7 @@ class Writeback:
         finally:
             # commits the result, then the snapshot becomes a cache entry
             await self.contents.end_upload(node.ino, snap, seq, node.staged, node.sha256,
-                                           recorded)
+                                           recorded, landed)
         crash_point("publish-after-commit")
         if object_key:
             self.kick()  # the old object's tombstone
@@ -865,7 +891,7 @@ class Writeback:
                     return True
                 if ino in self.state.failed:
                     return False
-                self.kick()
+                self.kick(urgent=True)
                 await self.changed.wait()
         return False
 
@@ -889,7 +915,7 @@ class Writeback:
                     self.state.failed_sig.get(ino) == _signature(node):
                 return False
             self.state.retry_at.pop(ino, None)
-            self.kick()
+            self.kick(urgent=True)
             # bounded: the write that supersedes the version (above) sets no event, and
             # when it lands before the scheduler took the row nothing else will
             with trio.move_on_after(1.0):

@@ -73,3 +73,41 @@ def test_other_changes_keep_the_cached_paths(tmp_path: Path) -> None:
     seen = _statements(j)
     assert j.path(b) == "a/b"
     assert seen == []
+
+
+def test_moving_a_file_keeps_the_cached_paths(tmp_path: Path) -> None:
+    j, a, b, f = _tree(tmp_path)
+    assert j.path(f) == "a/b/f.bin"
+    j.update(f, name="g.bin")
+    seen = _statements(j)
+    assert j.path(b) == "a/b"
+    assert seen == []
+    assert j.path(f) == "a/b/g.bin"
+
+
+def test_a_full_cache_starts_over_with_whole_chains(tmp_path: Path, monkeypatch) -> None:
+    """Emptied when full, before a walk (which then caches every directory up to the
+    root): a move of any cached directory's ancestor is still seen."""
+    import deltafs.journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "MAX_DIR_PATHS", 2)
+    j, a, b, f = _tree(tmp_path)
+    c = j.insert(parent=b, name="c", mode=DIR)
+    g = j.insert(parent=c, name="g.bin", mode=FILE, size=1)
+    assert j.path(f) == "a/b/f.bin"  # caches a and b: full
+    assert j.path(g) == "a/b/c/g.bin"  # starts over: a, b and c again
+    j.update(a, name="z")
+    assert j.path(g) == "z/b/c/g.bin"
+
+
+def test_a_rolled_back_move_is_not_remembered(tmp_path: Path) -> None:
+    j, a, b, f = _tree(tmp_path)
+    j.commit()
+    assert j.path(f) == "a/b/f.bin"
+    j.update(b, name="y")
+    assert j.path(f) == "a/y/f.bin"
+    with pytest.raises(Exception):
+        j.x("INSERT INTO nodes (ino, parent, name, mode) VALUES (?, ?, ?, ?)",
+            (f, b, "dup", FILE))  # a failing statement: SQLite may roll back
+    j.db.rollback()
+    assert j.path(f) == "a/b/f.bin"

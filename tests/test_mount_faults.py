@@ -515,6 +515,54 @@ def test_hang_during_cold_read_completes_once_cleared(pm: Mount,
     wait_uploaded(m, 30)
 
 
+def test_fsync_returns_once_its_version_lands_though_written_again_meanwhile(
+        pm: Mount, fault_proxy: FaultProxy) -> None:
+    """An fsync waits for the version it staged. While that version's PUT is held, the
+    file is written again (as an mmap's writeback would): the row changes, so the
+    upload, once through, is not the row's clean state, but its object holds everything
+    written before the fsync. The fsync returns then, after one PUT: it does not stage
+    and upload the newer version too (under steady writes that repeated until they
+    paused). The newer version goes up at close."""
+    m = pm
+    path = m.mountpoint / "log.txt"
+    first, more = rand(3000, seed=801), rand(500, seed=802)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, first)
+        hang = fault_proxy.set("hang", kind="PutObject", key="log.txt")
+        result: dict[str, Any] = {}
+
+        def syncer() -> None:
+            try:
+                os.fsync(fd)
+                result["ok"] = True
+            except OSError as exc:
+                result["errno"] = exc.errno
+            result["puts"] = len(fault_proxy.requests(kind="PutObject", key="log.txt",
+                                                      fault=None))
+
+        t = threading.Thread(target=syncer, daemon=True)
+        t.start()
+        assert fault_proxy.wait_for(lambda p: hang.hits >= 1, timeout=20), \
+            f"the fsync's upload never reached S3\n{m.log_tail(20)}"
+        os.pwrite(fd, more, len(first))  # lands while the upload is in flight
+        assert t.is_alive(), "the fsync returned before its version was in the bucket"
+        fault_proxy.clear()  # the held PUT's connection closes; botocore sends it again
+        t.join(30)
+        assert not t.is_alive(), f"the fsync never returned\n{m.log_tail(30)}"
+        assert result.get("ok"), result
+        assert result["puts"] == 1, (result, [(r.kind, r.key, r.fault)
+                                              for r in fault_proxy.log])
+        body = m.client.get_object(Bucket=m.bucket, Key="log.txt")["Body"].read()
+        assert body == first
+    finally:
+        os.close(fd)
+    wait_uploaded(m, 30)
+    body = m.client.get_object(Bucket=m.bucket, Key="log.txt")["Body"].read()
+    assert body == first + more
+    assert path.read_bytes() == first + more
+
+
 # ------------------------------------------------------------------ 6. a slow link
 
 

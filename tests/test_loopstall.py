@@ -1,0 +1,61 @@
+"""The loop-lag probe (``max_loop_stall_ms``) and the slow-step log that names a stall."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import pytest
+import trio
+
+from deltafs.loopstall import LoopStall, SlowSteps
+
+
+def test_the_probe_sees_a_blocked_loop_and_forgets_it_after_the_window() -> None:
+    probe = LoopStall()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(probe.run)
+            await trio.sleep(0.05)
+            time.sleep(0.06)  # a synchronous call on the loop
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert 40.0 <= probe.max_ms < 1000.0
+    now = time.monotonic()
+    assert probe.recent_ms(now) == pytest.approx(probe.max_ms)
+    assert probe.recent_ms(now + 60.0) == 0.0  # out of the window
+    assert probe.max_ms > 40.0  # the worst since mount stays
+
+
+def _slow_helper() -> None:
+    time.sleep(0.03)
+
+
+def test_a_slow_step_is_logged_with_its_cpu_time_and_where_it_ran(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def handler() -> None:
+        await trio.sleep(0)
+        _slow_helper()  # 30 ms off the CPU (a wait, as for the GIL)
+        await trio.sleep(0)
+
+    async def quick() -> None:
+        for _ in range(5):
+            await trio.sleep(0)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handler, name="the-handler")
+            nursery.start_soon(quick, name="the-quick-one")
+
+    with caplog.at_level(logging.WARNING, logger="deltafs.loopstall"):
+        trio.run(main, instruments=[SlowSteps(15.0)])
+    lines = [r.getMessage() for r in caplog.records if "slow task step" in r.getMessage()]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "in the-handler" in line
+    assert re.search(r"slow task step: \d+ ms \([0-5] ms CPU\)", line), line
+    # from where it resumed to where it stopped, both in this file
+    assert line.count("test_loopstall.py") == 2 and "handler" in line, line
