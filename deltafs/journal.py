@@ -505,15 +505,17 @@ class Journal:
                       (after_ino, limit)).fetchall()
         return [Node(*r) for r in rows]
 
-    def older_content(self, parent: int, ino: int, min_size: int) -> bool:
-        """Whether a file of ``parent`` created before ``ino`` (a lower inode) has new
-        content of at least ``min_size`` bytes not yet uploaded: the scheduler's test of
-        which file seeds a directory's reference, for a row it meets out of inode order.
-        One row at most; the search runs in SQLite over the dirty rows only."""
-        return self.x("SELECT 1 FROM nodes INDEXED BY nodes_dirty_ino WHERE dirty != 0 "
-                      "AND ino < ? AND parent = ? AND dirty & 1 AND size >= ? "
-                      "AND (mode & 61440) = 32768 LIMIT 1",
-                      (ino, parent, min_size)).fetchone() is not None
+    def older_content(self, parent: int, ino: int, min_size: int,
+                      limit: int = 16) -> list[Node]:
+        """Files of ``parent`` created before ``ino`` (lower inodes) with new content of
+        at least ``min_size`` bytes not yet uploaded, oldest first: which file seeds a
+        directory's reference, for a row the scheduler meets out of inode order. The
+        search runs in SQLite over the dirty rows only."""
+        rows = self.x(f"SELECT {_COLUMNS} FROM nodes INDEXED BY nodes_dirty_ino "
+                      "WHERE dirty != 0 AND ino < ? AND parent = ? AND dirty & 1 "
+                      "AND size >= ? AND (mode & 61440) = 32768 ORDER BY ino LIMIT ?",
+                      (ino, parent, min_size, limit)).fetchall()
+        return [Node(*r) for r in rows]
 
     def pending(self) -> tuple[int, int]:
         """(files, bytes) not yet in the bucket."""

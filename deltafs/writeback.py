@@ -52,7 +52,9 @@ BUCKET_WIDE_ATTEMPTS = 3
 #: of CPU, in the scale benchmark's copy of 10,000 deltas)
 SCHEDULE_PAGE = 20
 #: rows a pass looks at: the oldest, then a window of the others that moves on each pass
-SCAN_HEAD = 200
+#: (versions of a series wait on each other: while at most SCAN_HEAD rows are dirty
+#: every row is looked at on every pass, in inode order, as before the window)
+SCAN_HEAD = 1000
 SCAN_WINDOW = 200
 #: the pause after a scheduling pass that read n dirty rows: n * GAP_PER_ROW, at most
 #: SCHEDULE_GAP. A copy of small files kicks the scheduler twice per file (staged,
@@ -271,13 +273,12 @@ class Writeback:
             # first file written) owns the seeding, also while it waits to retry:
             # otherwise a later version becomes the reference after an outage. A pass
             # sees the head of the queue in inode order; in its window an older
-            # candidate may lie before the window, which one query tells.
+            # candidate may lie before the window (asked below, only if it would start).
             if node.parent in claimed:
                 return "skip"
             claimed.add(node.parent)
-            if window and self.journal.older_content(node.parent, node.ino,
-                                                     self.engine.policy.min_delta_size):
-                return "skip"
+        else:
+            window = False
         if node.ino in self._active or self.state.retry_at.get(node.ino, 0) > now:
             return "skip"
         if node.ino in self.state.failed and node.ino not in self.state.failed_retry:
@@ -290,6 +291,10 @@ class Writeback:
             return "full"
         if self._blocked(node) or self._awaits_base(node, now):
             return "skip"
+        if window and any(self.contents.upload_ready(o) and o.ino not in self.state.failed
+                          for o in self.journal.older_content(
+                              node.parent, node.ino, self.engine.policy.min_delta_size)):
+            return "skip"  # an older candidate of its directory (as the head would see)
         if self._seeds(node):
             # Until a directory has its reference, its uploads go one at a time in inode
             # (creation) order: the first file written becomes the reference, and no
@@ -709,8 +714,15 @@ class Writeback:
             # again, renamed): everything staged up to ``seq`` is in the bucket, so an
             # fsync waiting for that version is done (it need not wait for the next)
             row = self.journal.get(node.ino)
-            landed = recorded or (row is not None and row.remote_key == object_key
-                                  and row.remote_etag == (res.etag or None))
+            landed = recorded
+            if not landed and row is not None and row.remote_key == object_key and \
+                    row.remote_etag == (res.etag or None):
+                try:
+                    # still under the key it went up to: after a rename meanwhile another
+                    # file may take that key before this row's move carries it over
+                    landed = key_of(self.journal, self.prefix, node.ino) == key
+                except KeyError:
+                    landed = False
             self._drop_old(old, object_key)  # in the publish's transaction (see _drop_old)
             if recorded:
                 self.state.uploaded_files += 1

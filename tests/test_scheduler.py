@@ -100,3 +100,22 @@ def test_a_reference_is_seeded_by_the_first_file_though_met_in_the_window(fs: An
     fs.writeback._scan_after = 0
     got, _ = _pass(fs)
     assert got == [first]
+
+
+def test_an_older_file_that_failed_for_good_does_not_hold_back_the_window(fs: Any) -> None:
+    """As in the head: only an older candidate that may still go (staged, not failed for
+    good) owns a directory's seeding."""
+    from deltafs.writeback import _signature
+
+    big = fs.engine.policy.min_delta_size
+    d = fs.journal.insert(parent=ROOT_INO, name="d", mode=DIR)
+    e = fs.journal.insert(parent=ROOT_INO, name="e", mode=DIR)
+    filler = _files(fs, d, 6, big - 1)
+    first, second = _files(fs, e, 2, big)
+    fs.writeback._blocked = lambda node: node.ino in filler
+    row = fs.journal.get(first)
+    fs.writeback.state.failed[first] = "refused"
+    fs.writeback.state.failed_sig[first] = _signature(row)
+    fs.writeback._scan_after = first
+    got, _ = _pass(fs)
+    assert got == [second]
