@@ -58,8 +58,8 @@ SCAN_HEAD = 1000
 SCAN_WINDOW = 200
 #: the pause after a scheduling pass that read n dirty rows: n * GAP_PER_ROW, at most
 #: SCHEDULE_GAP. A copy of small files kicks the scheduler twice per file (staged,
-#: uploaded) and each pass reads every dirty row: without it the event loop spent ~10 %
-#: of its time re-reading them. Up to twice as many uploads as slots are started per
+#: uploaded), and a pass reads up to SCAN_HEAD + SCAN_WINDOW rows: without a pause the
+#: event loop spent ~10 % of its time re-reading them. Up to twice as many uploads as slots are started per
 #: pass, so the slots stay busy across the pause; an urgent kick skips it
 SCHEDULE_GAP = 0.05
 GAP_PER_ROW = 0.0005
@@ -122,7 +122,6 @@ class Writeback:
         self.state = SyncState()
         self.wakeup = trio.Event()
         self._hurry = trio.Event()  # an urgent kick: no pause before the next pass
-        self._urgent = False
         self._rows_read = 0  # dirty rows the current scheduling pass read
         self._scan_after = 0  # where the next pass's window starts (an inode)
         self.changed = trio.Event()  # set after every completed item (fsync/umount wait)
@@ -166,7 +165,6 @@ class Writeback:
         """Wake the scheduler; ``urgent`` (someone waits on it: an fsync, a full cache
         disk) skips the pause between passes."""
         if urgent:
-            self._urgent = True
             self._hurry.set()
         self.wakeup.set()
 
@@ -176,15 +174,13 @@ class Writeback:
             self._nursery = nursery
             while True:
                 began = trio.current_time()
-                self._urgent = False
                 self._rows_read = 0
                 started = await self._schedule(nursery)
                 with trio.move_on_after(0.2 if started else 1.0):
                     await self.wakeup.wait()
                 self.wakeup = trio.Event()
-                if not self._urgent:
-                    # a pass reads every dirty row: the more there are, the longer the
-                    # pause before the next (a copy of small files kicks twice per file)
+                if not self._hurry.is_set():
+                    # the more rows the pass read, the longer the pause before the next
                     with trio.move_on_at(began + min(SCHEDULE_GAP,
                                                      self._rows_read * GAP_PER_ROW)):
                         await self._hurry.wait()
