@@ -497,11 +497,7 @@ class DeltaFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         if node.remote_key:
             self.journal.add_tombstone(node.remote_key, Kind.MARKER.value, node.remote_etag)
-        for object_key, _ in self.writeback.unrecorded(node.ino):
-            if object_key != node.remote_key:
-                # a marker whose PUT is in flight (or ended unrecorded): it goes too,
-                # also if the daemon dies before that PUT is recorded
-                self.journal.add_tombstone(object_key, Kind.MARKER.value, None)
+        self._left_behind(node.ino)
         self._drop_manifest(node.ino, self._key(node.ino))
         self.writeback.forget(node.ino)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0)
@@ -530,10 +526,7 @@ class DeltaFS(pyfuse3.Operations):
         does anything an upload of it may have written without getting to record it."""
         if node.remote_key:
             self.journal.add_tombstone(node.remote_key, node.remote_kind, node.remote_etag)
-        for object_key, sha in self.writeback.unrecorded(node.ino):
-            if object_key != node.remote_key:
-                # deleted only if it still holds this file's content (its SHA-256)
-                self.journal.add_tombstone(object_key, None, f"sha256:{sha}")
+        self._left_behind(node.ino)
         self.writeback.forget(node.ino)
         self.journal.update(node.ino, parent=ORPHAN_PARENT, name=f"#{node.ino}", dirty=0,
                             remote_key=None)
@@ -541,6 +534,25 @@ class DeltaFS(pyfuse3.Operations):
         if st is not None:
             st.closed_at = None
         self._maybe_reap(node.ino)
+
+    def _left_behind(self, ino: int, renamed: bool = False) -> None:
+        """``ino`` leaves its key (unlinked, or ``renamed``, to its key now): what a write of it
+        in flight, or one that failed after reaching S3, may leave under the old key gets
+        a tombstone now, in this transaction (invariant 6: a crash before that write is
+        recorded must not leave an object that no row and no tombstone names). Each is
+        deleted only while it holds what that write wrote (its content, or the ETag a
+        copy keeps); a marker goes in any case. Its own published object is not one of
+        them unless a write may have replaced it: the guards are merged with its own
+        tombstone, if any (:meth:`Journal.add_tombstone`)."""
+        attempts = self.writeback.unrecorded(ino)
+        if not attempts:
+            return
+        key = self._key(ino) if renamed else None
+        keep = {key, f"{key}.delta", f"{key}/"} if key is not None else set()
+        for object_key, guard in attempts:
+            if object_key not in keep:
+                kind = Kind.MARKER.value if object_key.endswith("/") else None
+                self.journal.add_tombstone(object_key, kind, guard)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
@@ -596,9 +608,11 @@ class DeltaFS(pyfuse3.Operations):
                 if d.is_dir:
                     self._drop_manifest(d.ino, self._key(d.ino))
         self.journal.update(node.ino, parent=parent_inode_new, name=new, ctime_ns=now)
+        self._left_behind(node.ino, renamed=True)
         if node.is_dir:
             self._moved_dir(node)
             for d in self.journal.descendants(node.ino):
+                self._left_behind(d.ino, renamed=True)
                 if d.is_dir:
                     self._moved_dir(d)
                 elif d.remote_key:

@@ -564,10 +564,20 @@ class Journal:
     # -------------------------------------------------------------- tombstones
 
     def add_tombstone(self, object_key: str, kind: str | None, etag: str | None = None) -> None:
-        """Queue the delete of ``object_key``, guarded by the ETag this mount last saw
-        (``None``: unguarded): a delete never removes what another writer put there."""
-        self.x("INSERT OR REPLACE INTO tombstones (object_key, kind, queued_at, etag) "
-               "VALUES (?, ?, ?, ?)", (object_key, kind, time.time(), etag))
+        """Queue the delete of ``object_key``, guarded by what this mount knows was there:
+        an ETag it last saw, or ``sha256:<hex>``, the content of a write of its own that
+        may have landed unrecorded (``None``: unguarded). A delete never removes what
+        another writer put there. A second tombstone for a key adds its guard to the
+        first (the object goes if it is either): one key can hold an object this mount
+        saw and, after a write in flight, one it wrote (replacing the guard lost the
+        first when the write never landed, the second when it did)."""
+        self.x("INSERT INTO tombstones (object_key, kind, queued_at, etag) VALUES (?, ?, ?, ?) "
+               "ON CONFLICT (object_key) DO UPDATE SET kind = coalesce(excluded.kind, kind), "
+               "queued_at = excluded.queued_at, etag = CASE "
+               "WHEN etag IS NULL OR excluded.etag IS NULL THEN NULL "
+               "WHEN instr(' ' || etag || ' ', ' ' || excluded.etag || ' ') THEN etag "
+               "ELSE etag || ' ' || excluded.etag END",
+               (object_key, kind, time.time(), etag))
 
     def drop_tombstone(self, object_key: str, etag: str | None | bool = True) -> None:
         """Forget the tombstone of ``object_key``; with ``etag`` only if it still is the
@@ -617,6 +627,12 @@ class Journal:
         (then a tombstone for it is stale, and an upload to it must wait)."""
         return self.x("SELECT 1 FROM nodes WHERE remote_key=? AND parent != 0 AND ino != ? "
                       "LIMIT 1", (object_key, but)).fetchone() is not None
+
+    def claimers_of(self, object_key: str) -> list[Node]:
+        """Live rows published as exactly ``object_key``."""
+        rows = self.x(f"SELECT {_COLUMNS} FROM nodes WHERE remote_key=? AND parent != 0",
+                      (object_key,)).fetchall()
+        return [Node(*r) for r in rows]
 
     def claimers(self, key: str, but: int = -1) -> list[Node]:
         """Live rows published as ``key`` or ``key.delta`` (other than ``but``)."""

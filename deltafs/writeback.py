@@ -139,9 +139,12 @@ class Writeback:
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
         engine.on_announce = self._kick_from_thread
-        #: object keys an upload may have written without recording them (it failed
-        #: after its PUT): if the file is unlinked, they get tombstones
-        self._attempts: dict[int, set[tuple[str, str]]] = {}
+        #: (object key, guard) an upload or a move may have written without recording it
+        #: yet (in flight, or failed after its PUT or copy); the guard tells that object
+        #: from anything else under the key (``sha256:<hex>`` of its content, an ETag, or
+        #: None for a marker). If the row leaves that key (unlinked, renamed), they get
+        #: tombstones in the same transaction: lost in a crash, nothing would name them
+        self._attempts: dict[int, set[tuple[str, str | None]]] = {}
         self._prefetching: set[int] = set()
         #: directories (deltaspaces) that lost a delta: is their reference still used?
         #: asked once per burst of deletes (time of the last one), not once per delete
@@ -480,9 +483,10 @@ class Writeback:
                 live += 1
         return live + len(self.state.tomb_failed)
 
-    def unrecorded(self, ino: int) -> list[tuple[str, str]]:
-        """(object key, SHA-256) an upload of ``ino`` may have left unrecorded."""
-        return sorted(self._attempts.get(ino, ()))
+    def unrecorded(self, ino: int) -> list[tuple[str, str | None]]:
+        """(object key, guard) a write of ``ino`` may have left unrecorded (see
+        ``_attempts``)."""
+        return sorted(self._attempts.get(ino, ()), key=lambda a: (a[0], a[1] or ""))
 
     def forget(self, ino: int) -> None:
         """``ino`` left the namespace: its upload state goes with it."""
@@ -598,7 +602,7 @@ class Writeback:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
         if node.is_dir:
             self.touched.discard(node.ino)
-            self._attempts.setdefault(node.ino, set()).add((key + "/", ""))
+            self._attempts.setdefault(node.ino, set()).add((key + "/", None))
             info = await self._run(self.engine.put_marker, key, attrs)
             await self._published(node, key, key + "/", "marker", 0, None, None, etag=info.etag)
             self._attempts.pop(node.ino, None)
@@ -624,6 +628,12 @@ class Writeback:
             if old.kind is Kind.DELTA:
                 # queued first: a crash after the move must not forget the check
                 self.want_collect(split_key(old.logical_key)[0])
+            # the copy (or the put of a rebuilt delta) lands under ``key``: known by its
+            # content, or else by the ETag a copy of a single-part object keeps
+            sha = node.sha256 or old.sha256
+            guard = f"sha256:{sha}" if sha else old.etag or None
+            if guard:
+                self._attempt(node.ino, key, guard)
             try:
                 moved = await self._run(self.engine.move, old, key, attrs, False)
                 self.on_bucket_change(old.object_key)
@@ -639,6 +649,7 @@ class Writeback:
             await self._published(node, key, moved.object_key, moved.kind.value, moved.object_size,
                                   moved.ref_key, node.sha256 or moved.sha256 or "",
                                   etag=moved.etag)
+            self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
             await self._commit()
             return
         if node.dirty & ATTRS:
@@ -656,6 +667,10 @@ class Writeback:
 
     async def _commit(self) -> None:
         await self.contents.commit()
+
+    def _attempt(self, ino: int, key: str, guard: str) -> None:
+        """A write of ``ino`` to the logical ``key`` (either form) is about to start."""
+        self._attempts.setdefault(ino, set()).update({(key, guard), (delta_key(key), guard)})
 
     async def _upload(self, node: Node, key: str, attrs: Attrs, old: StoredFile | None) -> None:
         """Upload the staged content of ``node`` from a snapshot of its sealed file."""
@@ -681,8 +696,7 @@ class Writeback:
                 self.want_collect(split_key(old.logical_key)[0])
             crash_point("upload-before-put")
             if node.sha256:
-                self._attempts.setdefault(node.ino, set()).update(
-                    {(key, node.sha256), (delta_key(key), node.sha256)})
+                self._attempt(node.ino, key, f"sha256:{node.sha256}")
             hints = self._base_hints(node, key, old)
             res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
                                   check_other, hints, self._after.pop(node.ino, ""))
@@ -850,7 +864,8 @@ class Writeback:
             if object_key.endswith("/"):
                 logical = object_key.rstrip("/")  # a marker: the directory's own key
             else:
-                logical = _logical(object_key) if kind == Kind.DELTA.value else object_key
+                # (a guard by content has no kind yet: a ``.delta`` key is a delta's)
+                logical = _logical(object_key) if kind != Kind.DIRECT.value else object_key
             await self._claim([logical])
             claimed = logical
             async with self.limiter:
@@ -861,17 +876,24 @@ class Writeback:
                     return
                 kind, etag = current
                 queued = etag
-                if self.journal.remote_claimed(object_key):
+                guards = (etag or "").split()
+                by_content = any(g.startswith("sha256:") for g in guards)
+                owners = self.journal.claimers_of(object_key)
+                if owners and (not by_content or not all(o.remote_etag for o in owners)):
                     self.journal.drop_tombstone(object_key, queued)
                     return
-                if etag and etag.startswith("sha256:"):
-                    # written by an upload that never got to record it: it goes only
-                    # while it still holds that file's content
-                    etag = await self._run(self._etag_if_content, object_key, etag[7:])
+                if by_content or len(guards) > 1:
+                    # which of the guarded objects is there, if any: a write of ours that
+                    # may have landed unrecorded is known by its content. A live row that
+                    # is published under this key owns it only as the object it recorded
+                    # (our own unrecorded write may have replaced that one since)
+                    etag = await self._run(self._guarded_etag, object_key, guards,
+                                           {o.remote_etag for o in owners if o.remote_etag})
                     if etag is None:
                         self.journal.drop_tombstone(object_key, queued)
                         return
-                    kind = Kind.DELTA.value if object_key.endswith(".delta") else None
+                    if kind is None:
+                        kind = Kind.DELTA.value if object_key.endswith(".delta") else None
                 stored = StoredFile(logical, object_key,
                                     Kind.DELTA if kind == Kind.DELTA.value else Kind.DIRECT,
                                     0, etag or "", 0.0, None)
@@ -916,14 +938,20 @@ class Writeback:
             self._active_tombstones.discard(object_key)
             self._notify()
 
-    def _etag_if_content(self, object_key: str, sha256: str) -> str | None:
-        """The ETag of ``object_key`` if it holds the content ``sha256``, else None."""
+    def _guarded_etag(self, object_key: str, guards: list[str], owned: set[str]
+                      ) -> str | None:
+        """The ETag of ``object_key`` if what is there now matches one of ``guards`` (an
+        ETag, or ``sha256:<hex>`` of its content) and is not a live row's recorded object
+        (ETags in ``owned``), else None (then it is not ours to delete)."""
         from .format import meta_get
 
         info = self.engine.store.head(object_key)
-        if info is None or meta_get(info.metadata, "file_sha256") != sha256:
+        if info is None or not info.etag or info.etag in owned:
             return None
-        return info.etag or None
+        sha = meta_get(info.metadata, "file_sha256")
+        if info.etag in guards or (sha and f"sha256:{sha}" in guards):
+            return info.etag
+        return None
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await trio.to_thread.run_sync(fn, *args)

@@ -1,4 +1,5 @@
-"""The journal's own bookkeeping: the cached directory paths behind every object key."""
+"""The journal's own bookkeeping: the cached directory paths behind every object key, and
+the guards of queued deletes."""
 from __future__ import annotations
 
 import stat
@@ -111,3 +112,25 @@ def test_a_rolled_back_move_is_not_remembered(tmp_path: Path) -> None:
             (f, b, "dup", FILE))  # a failing statement: SQLite may roll back
     j.db.rollback()
     assert j.path(f) == "a/b/f.bin"
+
+
+def test_a_second_tombstone_for_a_key_adds_its_guard(tmp_path: Path) -> None:
+    """One key can hold the object this mount last saw there or, after a write of its own
+    that was in flight when the file left the key, that write's object: the delete
+    keeps both guards (replacing one lost the other, and the object it named stayed)."""
+    j = Journal(tmp_path / "state.db", "s3://b/")
+    j.add_tombstone("d/x.delta", "delta", '"e1"')
+    j.add_tombstone("d/x.delta", None, "sha256:ab")
+    assert j.tombstone("d/x.delta") == ("delta", '"e1" sha256:ab')
+    j.add_tombstone("d/x.delta", None, "sha256:ab")  # the same guard again: kept once
+    assert j.tombstone("d/x.delta") == ("delta", '"e1" sha256:ab')
+    j.drop_tombstone("d/x.delta", '"e1"')  # processed as it was before: not this one
+    assert j.tombstone("d/x.delta") == ("delta", '"e1" sha256:ab')
+    j.add_tombstone("d/", "marker", None)  # unguarded stays unguarded
+    j.add_tombstone("d/", "marker", '"e2"')
+    assert j.tombstone("d/") == ("marker", None)
+    j.add_tombstone("d/y", "direct", '"e3"')
+    j.add_tombstone("d/y", None, None)
+    assert j.tombstone("d/y") == ("direct", None)
+    j.drop_tombstone("d/x.delta", '"e1" sha256:ab')
+    assert j.tombstone("d/x.delta") is None
