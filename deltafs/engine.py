@@ -1387,13 +1387,15 @@ class Engine:
         return classify(info.key, info.size, info.etag, info.mtime, meta) or stored
 
     def move(self, stored: StoredFile, new_key: str, attrs: Attrs | None = None,
-             collect: bool = True) -> StoredFile:
+             collect: bool = True, drop_source: bool = True) -> StoredFile:
         """Give a published file a new logical key without re-uploading it when possible.
 
         Direct objects and deltas whose new directory shares their reference are copied
         server-side; a delta moving to a directory without a reference takes its reference
         along (copied too); otherwise the file is rebuilt and put anew, so that every
-        deltaspace stays self-contained. The old object goes last.
+        deltaspace stays self-contained. The old object goes last, or with
+        ``drop_source=False`` is left for the caller to delete once it has recorded the
+        move (the mount: until then the source is the only object its journal names).
         """
         check_logical_key(new_key)
         self.chain_memory.forget(stored.logical_key)
@@ -1413,6 +1415,7 @@ class Engine:
             self._drop_other_form(new_key, "direct")
         if moved.object_key != stored.object_key:
             crash_point("move-after-copy")
+        if moved.object_key != stored.object_key and drop_source:
             try:
                 self.store.delete(stored.object_key, if_match=stored.etag or None)
             except NotFound:

@@ -17,6 +17,7 @@ permanent failure is tried again.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 from collections import deque
 import math
@@ -611,10 +612,13 @@ class Writeback:
         old = stored_of(node) if node.remote_key else None
         if node.is_symlink:
             target = (node.target or b"").decode("utf-8", "surrogateescape")
+            self._attempt(node.ino, key, "sha256:" + hashlib.sha256(
+                target.encode("utf-8", "surrogateescape")).hexdigest())
             res = await self._run(self.engine.put_symlink, key, target, attrs)
             await self._published(node, key, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
                                   etag=res.etag)
             self._drop_old(old, key)  # in the publish's transaction (see _drop_old)
+            self._attempts.pop(node.ino, None)
             await self._commit()
             self.kick()
             return
@@ -635,20 +639,22 @@ class Writeback:
             if guard:
                 self._attempt(node.ino, key, guard)
             try:
-                moved = await self._run(self.engine.move, old, key, attrs, False)
-                self.on_bucket_change(old.object_key)
+                # the source stays until the move is recorded (its tombstone goes in
+                # the publish's transaction): deleted first, a crash before the record,
+                # with the file renamed on meanwhile, left only the copy, which that
+                # rename queued for deletion (found by review)
+                moved = await self._run(self.engine.move, old, key, attrs, False, False)
             except (NotFound, Changed) as exc:
                 if isinstance(exc, Changed):
                     log.warning("rename to %s: another writer replaced %s since this mount "
                                 "saw it; theirs stays, ours goes to the new name from the "
                                 "cache", key, old.object_key)
                 moved = await self._replay_move(node, old, key, attrs)
-            if moved.object_key != old.object_key:
-                self.journal.note_gone(old.object_key)
             crash_point("move-before-publish")
             await self._published(node, key, moved.object_key, moved.kind.value, moved.object_size,
                                   moved.ref_key, node.sha256 or moved.sha256 or "",
                                   etag=moved.etag)
+            self._drop_old(old, moved.object_key)  # in the publish's transaction
             self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
             await self._commit()
             return
@@ -689,7 +695,9 @@ class Writeback:
             space = split_key(key)[0]
             # only a file that was ever published (or the bucket's own objects, which
             # the index gives a remote_key) can have an older object in the other form
-            check_other = old is not None
+            # ... or an earlier try of this row that failed after its PUT (it may have
+            # stored the other form; this one must not leave it beside its own)
+            check_other = old is not None or node.ino in self._attempts
             if old is not None and old.kind is Kind.DELTA:
                 # a delta stored again direct (now too small, or incompressible) leaves
                 # its reference perhaps unused: queued first, as for a delete
@@ -892,8 +900,8 @@ class Writeback:
                     if etag is None:
                         self.journal.drop_tombstone(object_key, queued)
                         return
-                    if kind is None:
-                        kind = Kind.DELTA.value if object_key.endswith(".delta") else None
+                if kind is None and object_key.endswith(".delta"):
+                    kind = Kind.DELTA.value  # a write's guard has no kind: the key tells
                 stored = StoredFile(logical, object_key,
                                     Kind.DELTA if kind == Kind.DELTA.value else Kind.DIRECT,
                                     0, etag or "", 0.0, None)
@@ -981,7 +989,10 @@ class Writeback:
             if node is None or not node.dirty or node.parent == ORPHAN_PARENT:
                 return True
             st = self.contents.states.get(ino)
-            if seq and st is not None and st.published_seq >= seq:
+            if seq and st is not None and st.published_seq >= seq and \
+                    self._under_its_name(node):
+                # (renamed since, it is in the bucket under the old name until the move
+                # is done: the fsync waits for that; found by the model test)
                 return True
             if node.is_file and node.dirty & CONTENT and node.sha256 is None and \
                     ino not in self._active:
@@ -995,6 +1006,15 @@ class Writeback:
             # when it lands before the scheduler took the row nothing else will
             with trio.move_on_after(1.0):
                 await self.changed.wait()
+
+    def _under_its_name(self, node: Node) -> bool:
+        """Whether the object ``node`` is published as is under its current key."""
+        if not node.remote_key:
+            return False
+        try:
+            return _logical(node.remote_key) == key_of(self.journal, self.prefix, node.ino)
+        except KeyError:
+            return False
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is pending but what failed for good (umount, SIGTERM), at

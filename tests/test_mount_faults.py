@@ -768,3 +768,62 @@ def test_a_crash_after_a_write_to_a_name_given_up_meanwhile_leaves_no_object_the
     assert sorted(os.listdir(d)) == want
     if then == "rename":
         assert (d / "c.bin").read_bytes() == data
+
+
+def test_fsync_after_a_rename_waits_for_the_move(pm: Mount, fault_proxy: FaultProxy) -> None:
+    """``fsync`` returns once the file is in the bucket under its name. A file already
+    uploaded, then renamed: its version is in the bucket, but under the old name until
+    the move is done, and the fsync waits for that (it returned at once, and a crash then
+    left the file under its old name only; found by the model test)."""
+    m = pm
+    path = m.mountpoint / "a.txt"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, rand(4096, seed=911))
+        os.fsync(fd)
+        hang = fault_proxy.set("hang", kind={"CopyObject", "PutObject"}, key="c.txt")
+        os.rename(path, m.mountpoint / "c.txt")
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (os.fsync(fd), done.set()), daemon=True)
+        t.start()
+        try:
+            assert fault_proxy.wait_for(lambda p: hang.hits >= 1, timeout=20), m.log_tail(20)
+            assert not done.wait(1.0), "fsync returned while the file was not under its name"
+        finally:
+            fault_proxy.clear()
+        assert done.wait(30), m.log_tail(20)
+        assert m.head("c.txt") is not None
+    finally:
+        os.close(fd)
+
+
+def test_a_crash_in_a_move_renamed_on_keeps_the_only_copy(pm: Mount,
+                                                          fault_proxy: FaultProxy) -> None:
+    """A move copies the object to its new key; the source is deleted only once the move
+    is recorded (its tombstone goes in the same transaction). Deleted by the move itself,
+    a crash before the record, with the file renamed on meanwhile, left one copy, which
+    that rename had queued for deletion as a write of its own in flight, and nothing in
+    the cache (a new machine): the file was lost (found by review)."""
+    m = pm
+    d = m.mountpoint / "d"
+    d.mkdir()
+    data = rand(40 * KiB, seed=921)
+    (d / "a.bin").write_bytes(data)
+    wait_uploaded(m, 30)
+    cold_remount(m)  # the content is in the bucket only
+    assert sorted(os.listdir(d)) == ["a.bin"]
+    held = fault_proxy.set("late", kind="DeleteObject", key="d/a.bin")
+    os.rename(d / "a.bin", d / "b.bin")
+    assert fault_proxy.wait_for(
+        lambda p: p.seen(kind="CopyObject") + p.seen(kind="PutObject") >= 1, timeout=20)
+    time.sleep(0.5)  # the move's own delete of the source (if it deletes) is held
+    os.rename(d / "b.bin", d / "c.bin")
+    m.kill9()
+    fault_proxy.clear()
+    m.force_unmount()
+    m.mount()
+    wait_uploaded(m, 60)
+    assert sorted(os.listdir(d)) == ["c.bin"], m.log_tail(30)
+    assert (d / "c.bin").read_bytes() == data
+    assert stored_names(m, m.key("d")) & {"a.bin", "b.bin"} == set()
+    del held
