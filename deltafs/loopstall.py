@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import inspect
 import logging
 import os
 import time
@@ -74,6 +75,25 @@ class SlowSteps(trio.abc.Instrument):
         self._gc0 = 0.0
         self._report_due = False
         self._reported = 0.0
+        #: task -> the last filesystem operation it entered (see :meth:`name_ops`): a
+        #: pyfuse3 handler's own frame is hidden behind its Cython wrapper
+        self.ops: dict[trio.lowlevel.Task, str] = {}
+
+    def name_ops(self, fs: Any, names: Any) -> None:
+        """Wrap the async methods ``names`` of ``fs`` (an instance) so that a slow step
+        says which filesystem operation its task was running."""
+        ops = self.ops
+        for name in names:
+            fn = getattr(fs, name, None)
+            if fn is None or not inspect.iscoroutinefunction(fn):
+                continue
+
+            async def wrapper(*args: Any, _fn: Any = fn, _name: str = name,
+                              **kw: Any) -> Any:
+                ops[trio.lowlevel.current_task()] = _name
+                return await _fn(*args, **kw)
+
+            setattr(fs, name, wrapper)
 
     @staticmethod
     def heap_report(*_: object) -> None:
@@ -97,6 +117,7 @@ class SlowSteps(trio.abc.Instrument):
         if limit <= 0:
             return []
         inst = cls(limit)
+        inst.ops = {}
         gc.callbacks.append(inst._gc)
         log.info("logging task steps and collections longer than %.0f ms", limit)
         return [inst]
@@ -118,8 +139,10 @@ class SlowSteps(trio.abc.Instrument):
             # CPU well below the wall time: the step waited (the GIL, a syscall), it did
             # not compute
             cpu = time.thread_time() - self._cpu0
-            log.warning("slow task step: %.0f ms (%.0f ms CPU) in %s (from %s to %s)",
-                        took * 1000.0, cpu * 1000.0, task.name, self._from,
+            op = self.ops.get(task)
+            log.warning("slow task step: %.0f ms (%.0f ms CPU) in %s%s (from %s to %s)",
+                        took * 1000.0, cpu * 1000.0, task.name,
+                        f" (last operation: {op})" if op else "", self._from,
                         _innermost(task.coro))
 
     def _gc(self, phase: str, info: dict[str, Any]) -> None:

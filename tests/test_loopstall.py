@@ -59,3 +59,29 @@ def test_a_slow_step_is_logged_with_its_cpu_time_and_where_it_ran(
     assert re.search(r"slow task step: \d+ ms \([0-5] ms CPU\)", line), line
     # from where it resumed to where it stopped, both in this file
     assert line.count("test_loopstall.py") == 2 and "handler" in line, line
+
+
+def test_a_slow_step_names_the_filesystem_operation_its_task_ran(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """pyfuse3 calls a handler through a Cython wrapper that hides its frame: the step
+    says which operation (``create``, ``getxattr``...) its task entered last."""
+    class Ops:
+        async def create(self) -> None:
+            await trio.sleep(0)
+            _slow_helper()
+
+        async def lookup(self) -> None:
+            await trio.sleep(0)
+
+    fs = Ops()
+    steps = SlowSteps(15.0)
+    steps.name_ops(fs, ["create", "lookup", "missing"])
+
+    async def main() -> None:
+        await fs.lookup()
+        await fs.create()
+
+    with caplog.at_level(logging.WARNING, logger="deltafs.loopstall"):
+        trio.run(main, instruments=[steps])
+    lines = [r.getMessage() for r in caplog.records if "slow task step" in r.getMessage()]
+    assert len(lines) == 1 and "(last operation: create)" in lines[0], lines
