@@ -38,6 +38,8 @@ from .loopstall import SlowSteps
 from .store.base import ObjectStore
 
 log = logging.getLogger(__name__)
+#: the GIL switch interval of the daemon (seconds; see ``serve``)
+SWITCH_INTERVAL = 0.001
 
 #: exit codes of a mount (README "exit" table, TROUBLESHOOTING.md): 2 bad usage or config,
 #: 5 no bucket, 6 bad credentials, 7 endpoint unreachable (deltafs.errors), and these
@@ -257,6 +259,12 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     import pyfuse3
 
     memtrim.fix_mmap_threshold()
+    # Every journal query on the trio thread gives the GIL up (sqlite3 releases it around
+    # each step) and, while a worker thread runs Python (boto3, a manifest being built),
+    # waits up to a switch interval to get it back: at the default 5 ms, a create of ~30
+    # queries took 100-140 ms while a 100,000-entry manifest was encoded; at 1 ms none
+    # went over 73 ms (issue 11). The workers pay a few more switches.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     stacks = _stack_stream(cfg, cache_dir)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     log.info("pid %d; `kill -USR1 %d` dumps every stack to %s", os.getpid(), os.getpid(),
