@@ -84,6 +84,11 @@ class RssSampler:
         self.interval = interval
         self.peak_kb = 0
         self.peak_procs = 0
+        #: when the peak came (seconds after the start) and how much of it the root
+        #: processes held themselves (the rest: their children, e.g. xdelta3)
+        self.peak_at = 0.0
+        self.peak_roots_kb = 0
+        self._start = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -100,11 +105,17 @@ class RssSampler:
         if not roots:
             return
         pids = {p for p in tree(roots) if p in roots or not not_yet_exec(p)}
-        total = sum(status_kb(p, "VmRSS") for p in pids)
+        rss = {p: status_kb(p, "VmRSS") for p in pids}
+        total = sum(rss.values())
         hwm = max(status_kb(p, "VmHWM") for p in roots)
+        now = time.monotonic() - self._start
         if total > self.peak_kb:
             self.peak_kb, self.peak_procs = total, len(pids)
-        self.peak_kb = max(self.peak_kb, hwm)
+            self.peak_at = now
+            self.peak_roots_kb = sum(rss.get(p, 0) for p in roots)
+        if hwm > self.peak_kb:
+            # a peak between two samples, of a root process alone
+            self.peak_kb, self.peak_at, self.peak_roots_kb = hwm, now, hwm
 
     def _run(self) -> None:
         while not self._stop.is_set():

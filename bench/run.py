@@ -502,7 +502,8 @@ class Bench:
             self.run_metadata()
         if a.scale_files or a.journal_rows:
             doc["scale"] = scale.Scale(self, a.scale_files, a.scale_rm, a.journal_rows,
-                                       local="local" in a.systems).run()
+                                       local="local" in a.systems,
+                                       foreign=not a.scale_no_foreign).run()
         doc["machine"]["loadavg_end"] = os.getloadavg()
         doc["seconds"] = time.monotonic() - t0
         return doc
@@ -544,6 +545,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-rm", type=int, metavar="N",
                    help="of those, how many the scale benchmark removes (full: 10000, "
                         "--quick: 50)")
+    p.add_argument("--scale-no-foreign", action="store_true",
+                   help="skip the scale benchmark's bucket of foreign objects (its second "
+                        "100,000-file bucket, ~10 minutes)")
     p.add_argument("--journal-rows", type=int, metavar="N",
                    help="file rows of the journal the scale benchmark mounts (full: "
                         "1000000, --quick: 20000; 0 skips that part)")

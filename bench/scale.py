@@ -259,12 +259,13 @@ class JournalDeltafs(Deltafs):
 
 class Scale:
     def __init__(self, bench: "Bench", files: int, rm: int, journal_rows: int,
-                 local: bool) -> None:
+                 local: bool, foreign: bool = True) -> None:
         self.b = bench
         self.n = files
         self.rm = min(rm, files)
         self.rows = journal_rows
         self.local = local
+        self.foreign = foreign
         self.work = bench.work / "scale"
         self.work.mkdir(parents=True, exist_ok=True)
         self.df = ScaleDeltafs(bench.ctx)
@@ -298,6 +299,9 @@ class Scale:
             r["requests_total"] = req_total(counts)
         if df:
             r["peak_rss_mb"] = mem.peak_mb
+            r["peak_at_seconds"] = round(mem.peak_at, 1)
+            r["peak_daemon_mb"] = mem.peak_roots_kb * 1024 / 1e6
+            r["peak_processes"] = mem.peak_procs
             r.update(poller.result())  # type: ignore[union-attr]
             r["settle_seconds"] = settled
         return r
@@ -706,7 +710,7 @@ class Scale:
         }
         if self.n:
             df = self.df
-            for how in ("mount", "foreign"):
+            for how in ("mount", "foreign") if self.foreign else ("mount",):
                 out[f"deltafs_{how}"] = self.guarded(
                     f"{self.n} files {'through the mount' if how == 'mount' else 'foreign'}",
                     lambda how=how: self.bucket_part(how), df.force_cleanup)
