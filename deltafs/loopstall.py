@@ -117,7 +117,6 @@ class SlowSteps(trio.abc.Instrument):
         if limit <= 0:
             return []
         inst = cls(limit)
-        inst.ops = {}
         gc.callbacks.append(inst._gc)
         log.info("logging task steps and collections longer than %.0f ms", limit)
         return [inst]

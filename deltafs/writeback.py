@@ -60,8 +60,9 @@ SCAN_WINDOW = 200
 #: the pause after a scheduling pass that read n dirty rows: n * GAP_PER_ROW, at most
 #: SCHEDULE_GAP. A copy of small files kicks the scheduler twice per file (staged,
 #: uploaded), and a pass reads up to SCAN_HEAD + SCAN_WINDOW rows: without a pause the
-#: event loop spent ~10 % of its time re-reading them. Up to twice as many uploads as slots are started per
-#: pass, so the slots stay busy across the pause; an urgent kick skips it
+#: event loop spent ~10 % of its time re-reading them. Up to twice as many uploads as
+#: slots are started per pass, so the slots stay busy across the pause; an urgent kick
+#: skips it
 SCHEDULE_GAP = 0.05
 GAP_PER_ROW = 0.0005
 #: deletes in flight at once (each waits for an upload slot), and how many queued
