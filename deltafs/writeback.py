@@ -1031,8 +1031,8 @@ class Writeback:
             # (renamed since, that version is in the bucket under the old name until the
             # move is done: the fsync waits for the move, found by the model test; but
             # not for one that keeps failing, or waits behind a row that failed for good)
-            if moving and ino in self._move_lost:
-                return False
+            if ino in self._move_lost and (moving or not node.dirty & CONTENT):
+                return False  # (new content is uploaded, not moved: waited for)
             if self._behind_failed(node):
                 return False
             if node.is_file and node.dirty & CONTENT and node.sha256 is None and \
