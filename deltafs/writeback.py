@@ -148,6 +148,9 @@ class Writeback:
         #: tombstones in the same transaction: lost in a crash, nothing would name them
         self._attempts: dict[int, set[tuple[str, str | None]]] = {}
         self._prefetching: set[int] = set()
+        #: rows whose move found its source gone and its content not cached (retried, as
+        #: any 404: another mount may bring it back; an fsync does not wait for it)
+        self._move_lost: set[int] = set()
         #: directories (deltaspaces) that lost a delta: is their reference still used?
         #: asked once per burst of deletes (time of the last one), not once per delete
         #: (durable in the journal's ``collects`` table until the check is done)
@@ -485,6 +488,35 @@ class Writeback:
                 live += 1
         return live + len(self.state.tomb_failed)
 
+    def seed_recovered(self) -> int:
+        """At start, before any operation: a write of the previous run may have landed
+        unrecorded under each dirty row's key (its ``_attempts`` died with it). Recorded
+        as attempts, a rename or unlink of the row before its upload runs again leaves
+        tombstones for them, as in the run that started them. Returns the rows seen."""
+        n = after = 0
+        while True:
+            page = self.journal.dirty_nodes(limit=1000, after_ino=after)
+            if not page:
+                return n
+            after = page[-1].ino
+            for node in page:
+                if node.parent == ORPHAN_PARENT or not node.dirty & (CONTENT | MOVED):
+                    continue
+                try:
+                    key = key_of(self.journal, self.prefix, node.ino)
+                except KeyError:
+                    continue
+                n += 1
+                if node.is_dir:
+                    if node.dirty & CONTENT:
+                        self._attempts.setdefault(node.ino, set()).add((key + "/", None))
+                    continue
+                if node.sha256:
+                    self._attempt(node.ino, key, f"sha256:{node.sha256}")
+                if node.dirty & MOVED and node.remote_etag and node.remote_key and \
+                        _logical(node.remote_key) != key:
+                    self._attempt(node.ino, key, node.remote_etag)
+
     def unrecorded(self, ino: int) -> list[tuple[str, str | None]]:
         """(object key, guard) a write of ``ino`` may have left unrecorded (see
         ``_attempts``)."""
@@ -556,6 +588,7 @@ class Writeback:
         self.kick()
 
     def _forget_failure(self, ino: int) -> None:
+        self._move_lost.discard(ino)
         for d in (self.state.failed, self.state.failed_sig, self.state.failed_keys):
             d.pop(ino, None)
         self.state.failed_retry.discard(ino)
@@ -635,10 +668,12 @@ class Writeback:
                 self.want_collect(split_key(old.logical_key)[0])
             # the copy (or the put of a rebuilt delta) lands under ``key``: known by its
             # content, or else by the ETag a copy of a single-part object keeps
+            # (both when known: an object read here may have a SHA-256 in the journal
+            # but none in its metadata, and a copy of a multipart object a new ETag)
             sha = node.sha256 or old.sha256
-            guard = f"sha256:{sha}" if sha else old.etag or None
-            if guard:
-                self._attempt(node.ino, key, guard)
+            for guard in (f"sha256:{sha}" if sha else None, old.etag or None):
+                if guard:
+                    self._attempt(node.ino, key, guard)
             try:
                 # the source stays until the move is recorded (its tombstone goes in
                 # the publish's transaction): deleted first, a crash before the record,
@@ -793,6 +828,7 @@ class Writeback:
                     return await self._run(self.engine.stat, key)
             finally:
                 tmp.unlink(missing_ok=True)
+        self._move_lost.add(node.ino)
         raise NotFound(f"{old.object_key} is gone from the bucket and its content is not "
                        "cached: the rename cannot be carried out")
 
@@ -990,23 +1026,41 @@ class Writeback:
             if node is None or not node.dirty or node.parent == ORPHAN_PARENT:
                 return True
             st = self.contents.states.get(ino)
-            if seq and st is not None and st.published_seq >= seq and \
-                    self._under_its_name(node):
-                # (renamed since, it is in the bucket under the old name until the move
-                # is done: the fsync waits for that; found by the model test)
+            moving = seq and st is not None and st.published_seq >= seq
+            if moving and self._under_its_name(node):
                 return True
+            # (renamed since, that version is in the bucket under the old name until the
+            # move is done: the fsync waits for the move, found by the model test; but
+            # not for one that keeps failing, or waits behind a row that failed for good)
+            if ino in self._move_lost and (moving or not node.dirty & CONTENT):
+                return False  # (new content is uploaded, not moved: waited for)
+            if self._behind_failed(node):
+                return False
             if node.is_file and node.dirty & CONTENT and node.sha256 is None and \
                     ino not in self._active:
                 return None
             if ino in self.state.failed and \
                     self.state.failed_sig.get(ino) == _signature(node):
                 return False
-            self.state.retry_at.pop(ino, None)
+            if not moving:
+                self.state.retry_at.pop(ino, None)  # (a move retries at its own pace)
             self.kick(urgent=True)
             # bounded: the write that supersedes the version (above) sets no event, and
             # when it lands before the scheduler took the row nothing else will
             with trio.move_on_after(1.0):
                 await self.changed.wait()
+
+    def _behind_failed(self, node: Node) -> bool:
+        """Whether ``node`` waits (:meth:`_blocked`) for the move of a row whose upload
+        failed for good: that move will not come."""
+        if not self.state.failed or node.is_dir or not node.dirty & (CONTENT | MOVED):
+            return False
+        try:
+            key = key_of(self.journal, self.prefix, node.ino)
+        except KeyError:
+            return False
+        return any(b.ino in self.state.failed and b.dirty & MOVED
+                   for b in self.journal.claimers(key, but=node.ino))
 
     def _under_its_name(self, node: Node) -> bool:
         """Whether the object ``node`` is published as is under its current key."""
