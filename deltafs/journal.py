@@ -176,6 +176,8 @@ class Journal:
         #: something under it (in memory, newest last; see ``note_gone``)
         self.gone: OrderedDict[str, float] = OrderedDict()
         self.gone_under: OrderedDict[str, float] = OrderedDict()
+        #: renames marked (MOVED set) by this process: see any_moved
+        self.moves_marked = 0
         with self._lock:
             self.db.executescript(SCHEMA)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(tombstones)")}
@@ -439,7 +441,17 @@ class Journal:
             self.forget_paths()
 
     def set_dirty(self, ino: int, bits: int) -> None:
+        if bits & MOVED:
+            self.moves_marked += 1  # before the row says so: see any_moved
         self.x("UPDATE nodes SET dirty = dirty | ? WHERE ino=?", (bits, ino))
+
+    def any_moved(self) -> bool:
+        """Whether a row has a rename still to carry out in the bucket. One indexed probe
+        (MOVED is the highest dirty bit, so those rows sit at the top of ``nodes_dirty``).
+        With :attr:`moves_marked` read before it, a caller knows that no row has one as
+        long as the probe said no and the counter has not moved since."""
+        return self.x("SELECT 1 FROM nodes INDEXED BY nodes_dirty WHERE dirty != 0 AND "
+                      "dirty >= ? AND dirty & ? LIMIT 1", (MOVED, MOVED)).fetchone() is not None
 
     def delete(self, ino: int) -> None:
         self.x("DELETE FROM nodes WHERE ino=?", (ino,))

@@ -151,6 +151,9 @@ class Writeback:
         #: rows whose move found its source gone and its content not cached (retried, as
         #: any 404: another mount may bring it back; an fsync does not wait for it)
         self._move_lost: set[int] = set()
+        #: Journal.moves_marked when a pass found no row with a rename to carry out
+        #: (then no row can block another: _blocked), or None
+        self._no_moves_at: int | None = None
         #: directories (deltaspaces) that lost a delta: is their reference still used?
         #: asked once per burst of deletes (time of the last one), not once per delete
         #: (durable in the journal's ``collects`` table until the check is done)
@@ -203,6 +206,8 @@ class Writeback:
             return 0
         now = time.monotonic()
         started = 0
+        mark = self.journal.moves_marked
+        self._no_moves_at = None if self.journal.any_moved() else mark
         claimed: set[int] = set()  # directories whose first reference candidate is seen
         # the oldest rows first, then a window of the rest that moves on each pass: a
         # pass looks at a bounded number of rows (each costs a few queries, and a series
@@ -378,11 +383,13 @@ class Writeback:
                 and node.size >= self.engine.policy.min_delta_size
                 and self.engine.policy.chains and self.engine.policy.format != "deltaglider"):
             return False
+        mine = chain.template(node.name)
+        if mine == node.name and "#" not in mine:
+            return False  # no digits: no other name can share its template (no query)
         since = self._base_wait.setdefault(node.ino, now)
         st = self.contents.states.get(node.ino)
         if now - since > BASE_WAIT or (st is not None and st.flush):
             return False  # an fsync waits for this one: no waiting on another file
-        mine = chain.template(node.name)
         for ino, name, dirty, size in self.journal.x(
                 "SELECT ino, name, dirty, size FROM nodes WHERE parent=? AND name < ? "
                 "ORDER BY name DESC LIMIT 4", (node.parent, node.name)).fetchall():
@@ -427,6 +434,10 @@ class Writeback:
         other (a swap) go ahead once this row's content is in the cache, from where a
         move whose source was overwritten is completed."""
         if node.is_dir or not node.dirty & (CONTENT | MOVED):
+            return False
+        if self._no_moves_at == self.journal.moves_marked:
+            # no row has a rename to carry out (asked once per pass, not with two
+            # queries per row: each gives the GIL up, see SCHEDULE_PAGE)
             return False
         try:
             key = key_of(self.journal, self.prefix, node.ino)

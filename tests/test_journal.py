@@ -134,3 +134,25 @@ def test_a_second_tombstone_for_a_key_adds_its_guard(tmp_path: Path) -> None:
     assert j.tombstone("d/y") == ("direct", None)
     j.drop_tombstone("d/x.delta", '"e1" sha256:ab')
     assert j.tombstone("d/x.delta") is None
+
+
+def test_whether_a_rename_is_pending_is_one_indexed_probe(tmp_path: Path) -> None:
+    """The scheduler asks once per pass whether any row has a rename to carry out (then
+    no row can wait for another's move) instead of two queries per dirty row; the
+    counter tells it that a rename came since it asked."""
+    from deltafs.journal import ATTRS, CONTENT, MOVED
+    j, a, b, f = _tree(tmp_path)
+    for i in range(50):
+        ino = j.insert(parent=b, name=f"g{i}.bin", mode=FILE, size=1)
+        j.set_dirty(ino, CONTENT | ATTRS)
+    assert not j.any_moved()
+    seen = _statements(j)
+    before = j.moves_marked
+    j.set_dirty(f, MOVED)
+    assert j.moves_marked == before + 1
+    assert j.any_moved()
+    assert "INDEXED BY nodes_dirty" in seen[-1]
+    j.x("UPDATE nodes SET dirty = dirty & ~? WHERE ino=?", (MOVED, f))
+    assert not j.any_moved()
+    j.set_dirty(a, MOVED | CONTENT)  # a directory's rename too
+    assert j.any_moved() and j.moves_marked == before + 2
