@@ -838,31 +838,34 @@ def test_a_write_of_the_run_before_a_crash_goes_when_its_file_is_renamed_before_
     writes in flight were remembered in memory only, and the new run knew nothing of it;
     found by review)."""
     m = pm
-    for name in ("x", "y", "d"):
+    hung = ("x", "y", "z")  # three uploads that never end: with one slot, the queue is full
+    for name in (*hung, "d"):
         (m.mountpoint / name).mkdir()
     d = m.mountpoint / "d"
     data = rand(64 * KiB, seed=931)
-    fault_proxy.set("hang", kind="PutObject", key="x/")
-    fault_proxy.add("hang", kind="PutObject", key="y/")
+    fault_proxy.clear()
+    for name in hung:
+        fault_proxy.add("hang", kind="PutObject", key=f"{name}/")
     held = fault_proxy.add("late", kind="PutObject", key="d/b.bin")
-    (m.mountpoint / "x" / "1.bin").write_bytes(rand(64 * KiB, seed=932))
-    (m.mountpoint / "y" / "2.bin").write_bytes(rand(64 * KiB, seed=933))
+    for i, name in enumerate(hung):
+        (m.mountpoint / name / f"{i}.bin").write_bytes(rand(64 * KiB, seed=932 + i))
     (d / "b.bin").write_bytes(data)
     assert fault_proxy.wait_for(lambda p: held.hits >= 1, timeout=20), m.log_tail(20)
     time.sleep(0.3)  # the server has the object; its answer is what is held
     m.kill9()
-    fault_proxy.set("hang", kind="PutObject", key="x/")
-    fault_proxy.add("hang", kind="PutObject", key="y/")
+    fault_proxy.clear()
+    for name in hung:
+        fault_proxy.add("hang", kind="PutObject", key=f"{name}/")
     m.force_unmount()
     fault_proxy.reset_counts()
     m.mount([*m.extra_args, "--upload-concurrency", "1"])
     assert fault_proxy.wait_for(lambda p: p.faults("hang") >= 1, timeout=20), m.log_tail(20)
-    time.sleep(1.0)  # a few scheduler rounds: x's and y's rows fill the queue
+    time.sleep(1.0)  # a few scheduler rounds: the hung rows fill the queue
     assert {"b.bin", "b.bin.delta"} & stored_names(m, m.key("d"))  # the last run's
     os.rename(d / "b.bin", d / "c.bin")
     # the premise: this run had not started the upload of b.bin before the rename
-    assert not [r for r in fault_proxy.requests(kind="PutObject") if "d/" in (r.key or "")], \
-        m.log_tail(30)
+    assert not [r for r in fault_proxy.requests(kind="PutObject")
+                if "d/b.bin" in (r.key or "")], m.log_tail(30)
     fault_proxy.clear()
     wait_uploaded(m, 90)
     names = stored_names(m, m.key("d"))
