@@ -142,11 +142,18 @@ class Writeback:
         self.stopping = False
         engine.on_announce = self._kick_from_thread
         #: (object key, guard) an upload or a move may have written without recording it
-        #: yet (in flight, or failed after its PUT or copy); the guard tells that object
-        #: from anything else under the key (``sha256:<hex>`` of its content, an ETag, or
-        #: None for a marker). If the row leaves that key (unlinked, renamed), they get
-        #: tombstones in the same transaction: lost in a crash, nothing would name them
-        self._attempts: dict[int, set[tuple[str, str | None]]] = {}
+        #: yet (in flight, or failed after its PUT or copy) live in the journal's
+        #: ``attempts`` table: the guard tells that object from anything else under the
+        #: key (``sha256:<hex>`` of its content, an ETag, or None for a marker). If the
+        #: row leaves that key (unlinked, renamed), they get tombstones in the same
+        #: transaction: lost in a crash, nothing would name them. Durable, so a crash
+        #: before the record forgets none (held in memory, a restart lost them: found
+        #: by review)
+        #: rows below this inode existed when a run with pending changes started: their
+        #: last run may have stored the other form of their key before it was killed
+        #: (the attempt that says so may be lost with a power failure), so their next
+        #: upload checks it
+        self._replay_below = 0
         self._prefetching: set[int] = set()
         #: rows whose move found its source gone and its content not cached (retried, as
         #: any 404: another mount may bring it back; an fsync does not wait for it)
@@ -499,44 +506,19 @@ class Writeback:
                 live += 1
         return live + len(self.state.tomb_failed)
 
-    def seed_recovered(self) -> int:
-        """At start, before any operation: a write of the previous run may have landed
-        unrecorded under each dirty row's key (its ``_attempts`` died with it). Recorded
-        as attempts, a rename or unlink of the row before its upload runs again leaves
-        tombstones for them, as in the run that started them. Returns the rows seen."""
-        n = after = 0
-        while True:
-            page = self.journal.dirty_nodes(limit=1000, after_ino=after)
-            if not page:
-                return n
-            after = page[-1].ino
-            for node in page:
-                if node.parent == ORPHAN_PARENT or not node.dirty & (CONTENT | MOVED):
-                    continue
-                try:
-                    key = key_of(self.journal, self.prefix, node.ino)
-                except KeyError:
-                    continue
-                n += 1
-                if node.is_dir:
-                    if node.dirty & CONTENT:
-                        self._attempts.setdefault(node.ino, set()).add((key + "/", None))
-                    continue
-                if node.sha256:
-                    self._attempt(node.ino, key, f"sha256:{node.sha256}")
-                if node.dirty & MOVED and node.remote_etag and node.remote_key and \
-                        _logical(node.remote_key) != key:
-                    self._attempt(node.ino, key, node.remote_etag)
+    def recovered(self, next_ino: int) -> None:
+        """The journal held pending changes at start (see ``_replay_below``)."""
+        self._replay_below = next_ino
 
     def unrecorded(self, ino: int) -> list[tuple[str, str | None]]:
-        """(object key, guard) a write of ``ino`` may have left unrecorded (see
-        ``_attempts``)."""
-        return sorted(self._attempts.get(ino, ()), key=lambda a: (a[0], a[1] or ""))
+        """(object key, guard) a write of ``ino`` may have left unrecorded (the journal's
+        ``attempts``)."""
+        return self.journal.attempts_of(ino)
 
     def forget(self, ino: int) -> None:
         """``ino`` left the namespace: its upload state goes with it."""
         self._forget_failure(ino)
-        self._attempts.pop(ino, None)
+        self.journal.drop_attempts(ino)
         self._base_wait.pop(ino, None)
         self.state.failures.pop(ino, None)
         self.state.retry_at.pop(ino, None)
@@ -648,10 +630,10 @@ class Writeback:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
         if node.is_dir:
             self.touched.discard(node.ino)
-            self._attempts.setdefault(node.ino, set()).add((key + "/", None))
+            self.journal.add_attempts(node.ino, [(key + "/", None)])
             info = await self._run(self.engine.put_marker, key, attrs)
             await self._published(node, key, key + "/", "marker", 0, None, None, etag=info.etag)
-            self._attempts.pop(node.ino, None)
+            self.journal.drop_attempts(node.ino)
             await self._commit()
             return
         old = stored_of(node) if node.remote_key else None
@@ -663,7 +645,7 @@ class Writeback:
             await self._published(node, key, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
                                   etag=res.etag)
             self._drop_old(old, key)  # in the publish's transaction (see _drop_old)
-            self._attempts.pop(node.ino, None)
+            self.journal.drop_attempts(node.ino)
             await self._commit()
             self.kick()
             return
@@ -682,9 +664,9 @@ class Writeback:
             # (both when known: an object read here may have a SHA-256 in the journal
             # but none in its metadata, and a copy of a multipart object a new ETag)
             sha = node.sha256 or old.sha256
-            for guard in (f"sha256:{sha}" if sha else None, old.etag or None):
-                if guard:
-                    self._attempt(node.ino, key, guard)
+            self.journal.add_attempts(node.ino, [
+                (k, g) for g in (f"sha256:{sha}" if sha else None, old.etag or None) if g
+                for k in (key, delta_key(key))])
             try:
                 # the source stays until the move is recorded (its tombstone goes in
                 # the publish's transaction): deleted first, a crash before the record,
@@ -702,7 +684,7 @@ class Writeback:
                                   moved.ref_key, node.sha256 or moved.sha256 or "",
                                   etag=moved.etag)
             self._drop_old(old, moved.object_key)  # in the publish's transaction
-            self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
+            self.journal.drop_attempts(node.ino)  # recorded, or left to a tombstone
             await self._commit()
             return
         if node.dirty & ATTRS:
@@ -723,7 +705,7 @@ class Writeback:
 
     def _attempt(self, ino: int, key: str, guard: str) -> None:
         """A write of ``ino`` to the logical ``key`` (either form) is about to start."""
-        self._attempts.setdefault(ino, set()).update({(key, guard), (delta_key(key), guard)})
+        self.journal.add_attempts(ino, [(key, guard), (delta_key(key), guard)])
 
     async def _upload(self, node: Node, key: str, attrs: Attrs, old: StoredFile | None) -> None:
         """Upload the staged content of ``node`` from a snapshot of its sealed file."""
@@ -744,7 +726,8 @@ class Writeback:
             # the index gives a remote_key) can have an older object in the other form
             # ... or an earlier try of this row that failed after its PUT (it may have
             # stored the other form; this one must not leave it beside its own)
-            check_other = old is not None or node.ino in self._attempts
+            check_other = old is not None or node.ino < self._replay_below or \
+                self.journal.has_attempts(node.ino)
             if old is not None and old.kind is Kind.DELTA:
                 # a delta stored again direct (now too small, or incompressible) leaves
                 # its reference perhaps unused: queued first, as for a delete
@@ -774,7 +757,7 @@ class Writeback:
                 res.object_size if res.object_size >= 0 else
                 res.stored_size - (res.original_size if res.kind == "reference" else 0),
                 ref, res.sha256, etag=res.etag)
-            self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
+            self.journal.drop_attempts(node.ino)  # recorded, or left to a tombstone
             # The row names this object now, even when it changed meanwhile (written
             # again, renamed): everything staged up to ``seq`` is in the bucket, so an
             # fsync waiting for that version is done (it need not wait for the next)
@@ -1043,7 +1026,7 @@ class Writeback:
             # (renamed since, that version is in the bucket under the old name until the
             # move is done: the fsync waits for the move, found by the model test; but
             # not for one that keeps failing, or waits behind a row that failed for good)
-            if ino in self._move_lost and (moving or not node.dirty & CONTENT):
+            if ino in self._move_lost and not node.dirty & CONTENT:
                 return False  # (new content is uploaded, not moved: waited for)
             if self._behind_failed(node):
                 return False
@@ -1070,8 +1053,12 @@ class Writeback:
             key = key_of(self.journal, self.prefix, node.ino)
         except KeyError:
             return False
-        return any(b.ino in self.state.failed and b.dirty & MOVED
-                   for b in self.journal.claimers(key, but=node.ino))
+        # (not one changed since: the scheduler tries it again; nor a cycle of renames,
+        # which _blocked lets go once this row's content is cached)
+        return any(b.ino in self.state.failed and b.dirty & MOVED and
+                   self.state.failed_sig.get(b.ino) == _signature(b)
+                   for b in self.journal.claimers(key, but=node.ino)) and \
+            self._blocked(node)
 
     def _under_its_name(self, node: Node) -> bool:
         """Whether the object ``node`` is published as is under its current key."""

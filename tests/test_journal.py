@@ -156,3 +156,31 @@ def test_whether_a_rename_is_pending_is_one_indexed_probe(tmp_path: Path) -> Non
     assert not j.any_moved()
     j.set_dirty(a, MOVED | CONTENT)  # a directory's rename too
     assert j.any_moved() and j.moves_marked == before + 2
+
+
+def test_writes_in_flight_are_committed_before_they_start(tmp_path: Path) -> None:
+    """A write about to start is in the journal, committed (another connection reads it:
+    a kill -9 right after finds it), until its result is recorded or the row goes;
+    recording the same attempt again writes nothing."""
+    import sqlite3
+
+    j, a, b, f = _tree(tmp_path)
+    assert not j.has_attempts(f) and j.attempts_of(f) == []
+    j.add_attempts(f, [("a/b/f.bin", "sha256:aa"), ("a/b/f.bin.delta", "sha256:aa")])
+    j.add_attempts(b, [("a/b/", None)])
+    other = sqlite3.connect(str(tmp_path / "state.db"))
+    assert sorted(other.execute("SELECT ino, object_key, guard FROM attempts")) == [
+        (b, "a/b/", ""), (f, "a/b/f.bin", "sha256:aa"), (f, "a/b/f.bin.delta", "sha256:aa")]
+    seen = _statements(j)
+    j.add_attempts(f, [("a/b/f.bin", "sha256:aa")])
+    assert not [s for s in seen if s.startswith("COMMIT")], seen
+    j.add_attempts(f, [("a/b/f.bin", "sha256:bb")])  # a later version: both kept
+    assert [s for s in seen if s.startswith("COMMIT")], seen
+    assert j.attempts_of(f) == [("a/b/f.bin", "sha256:aa"), ("a/b/f.bin", "sha256:bb"),
+                                ("a/b/f.bin.delta", "sha256:aa")]
+    assert j.attempts_of(b) == [("a/b/", None)]
+    j.drop_attempts(f)
+    assert not j.has_attempts(f) and j.has_attempts(b)
+    j.delete(b)  # a row reaped: its attempts go with it
+    assert not j.has_attempts(b)
+    other.close()
