@@ -204,6 +204,8 @@ class Journal:
             )
         if seen is None:
             self.set_meta("source", source)
+        # attempts of rows that are gone (a raw delete of orphans at recovery)
+        self.x("DELETE FROM attempts WHERE ino NOT IN (SELECT ino FROM nodes)")
         top = self.x("SELECT coalesce(max(ino), 1) FROM nodes").fetchone()[0]
         self._next_ino = max(int(self.get_meta("next_ino") or 0), int(top) + 1, ROOT_INO + 1)
         if self.get(ROOT_INO) is None:
@@ -591,22 +593,22 @@ class Journal:
 
     # ----------------------------------------------------------- writes in flight
 
-    def add_attempts(self, ino: int, items: Iterable[tuple[str, str | None]]) -> None:
+    def add_attempts(self, ino: int, items: Iterable[tuple[str, str | None]]) -> bool:
         """``ino`` is about to write each ``(object key, guard)`` (``None``: no guard, a
-        marker). Committed before the write starts when new, without an fsync: a crash of
-        the process finds them; after a power loss the WAL keeps them whenever it kept
-        any later change (a rename, an unlink) that would need them."""
+        marker). Returns whether the journal now holds changes not yet committed (these
+        rows among them, or left by an earlier try whose commit failed): the caller
+        commits them (:meth:`commit`, with its fsync) before the write starts."""
         with self._lock:
+            pending = self.db.in_transaction  # (Python opens one before any INSERT)
             before = self.db.total_changes
             try:
                 self.db.executemany(
                     "INSERT OR IGNORE INTO attempts (ino, object_key, guard) VALUES (?, ?, ?)",
                     [(ino, k, g or "") for k, g in items])
-                if self.db.total_changes != before:
-                    self.db.commit()
             except sqlite3.Error:
                 self.forget_paths()
                 raise
+            return pending or self.db.total_changes != before
 
     def attempts_of(self, ino: int) -> list[tuple[str, str | None]]:
         """(object key, guard) a write of ``ino`` may have left unrecorded, sorted."""
@@ -618,9 +620,15 @@ class Journal:
         return self.x("SELECT 1 FROM attempts WHERE ino=? LIMIT 1",
                       (ino,)).fetchone() is not None
 
-    def drop_attempts(self, ino: int) -> None:
-        """Its writes are recorded (or left to tombstones, or it is gone)."""
-        self.x("DELETE FROM attempts WHERE ino=?", (ino,))
+    def drop_attempts(self, ino: int, keys: Iterable[str] | None = None) -> None:
+        """Its writes are recorded (or left to tombstones, or it is gone); with ``keys``
+        only those."""
+        if keys is None:
+            self.x("DELETE FROM attempts WHERE ino=?", (ino,))
+            return
+        with self._lock:
+            self.db.executemany("DELETE FROM attempts WHERE ino=? AND object_key=?",
+                                [(ino, k) for k in keys])
 
     # -------------------------------------------------------------- tombstones
 

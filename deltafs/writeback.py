@@ -88,6 +88,11 @@ def _signature(node: Node) -> tuple[object, ...]:
             node.gid, node.mtime_ns, node.dirty, node.target)
 
 
+def _both(key: str, guard: str) -> list[tuple[str, str | None]]:
+    """A write to the logical ``key`` lands in either form."""
+    return [(key, guard), (delta_key(key), guard)]
+
+
 def _logical(object_key: str) -> str:
     return object_key[:-len(".delta")] if object_key.endswith(".delta") else object_key
 
@@ -630,7 +635,7 @@ class Writeback:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
         if node.is_dir:
             self.touched.discard(node.ino)
-            self.journal.add_attempts(node.ino, [(key + "/", None)])
+            await self._attempt(node.ino, [(key + "/", None)])
             info = await self._run(self.engine.put_marker, key, attrs)
             await self._published(node, key, key + "/", "marker", 0, None, None, etag=info.etag)
             self.journal.drop_attempts(node.ino)
@@ -639,8 +644,8 @@ class Writeback:
         old = stored_of(node) if node.remote_key else None
         if node.is_symlink:
             target = (node.target or b"").decode("utf-8", "surrogateescape")
-            self._attempt(node.ino, key, "sha256:" + hashlib.sha256(
-                target.encode("utf-8", "surrogateescape")).hexdigest())
+            await self._attempt(node.ino, _both(key, "sha256:" + hashlib.sha256(
+                target.encode("utf-8", "surrogateescape")).hexdigest()))
             res = await self._run(self.engine.put_symlink, key, target, attrs)
             await self._published(node, key, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
                                   etag=res.etag)
@@ -664,9 +669,9 @@ class Writeback:
             # (both when known: an object read here may have a SHA-256 in the journal
             # but none in its metadata, and a copy of a multipart object a new ETag)
             sha = node.sha256 or old.sha256
-            self.journal.add_attempts(node.ino, [
-                (k, g) for g in (f"sha256:{sha}" if sha else None, old.etag or None) if g
-                for k in (key, delta_key(key))])
+            await self._attempt(node.ino, [
+                a for g in (f"sha256:{sha}" if sha else None, old.etag or None) if g
+                for a in _both(key, g)])
             try:
                 # the source stays until the move is recorded (its tombstone goes in
                 # the publish's transaction): deleted first, a crash before the record,
@@ -703,9 +708,13 @@ class Writeback:
     async def _commit(self) -> None:
         await self.contents.commit()
 
-    def _attempt(self, ino: int, key: str, guard: str) -> None:
-        """A write of ``ino`` to the logical ``key`` (either form) is about to start."""
-        self.journal.add_attempts(ino, [(key, guard), (delta_key(key), guard)])
+    async def _attempt(self, ino: int, items: list[tuple[str, str | None]]) -> None:
+        """Writes of ``ino`` (object key, guard) are about to start: durable first (an
+        fsync, in a worker thread). Without it a power loss could keep the write and
+        lose the attempt while the next run renames or unlinks the row (second review
+        of the journal's attempts)."""
+        if items and self.journal.add_attempts(ino, items):
+            await self._commit()
 
     async def _upload(self, node: Node, key: str, attrs: Attrs, old: StoredFile | None) -> None:
         """Upload the staged content of ``node`` from a snapshot of its sealed file."""
@@ -734,7 +743,7 @@ class Writeback:
                 self.want_collect(split_key(old.logical_key)[0])
             crash_point("upload-before-put")
             if node.sha256:
-                self._attempt(node.ino, key, f"sha256:{node.sha256}")
+                await self._attempt(node.ino, _both(key, f"sha256:{node.sha256}"))
             hints = self._base_hints(node, key, old)
             res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
                                   check_other, hints, self._after.pop(node.ino, ""))
