@@ -963,9 +963,11 @@ def test_fsync_of_a_file_behind_a_move_that_failed_for_good_gets_eio(
     """A new file under a name whose old object another rename must still move away
     waits for that move (going first would overwrite what the move copies). When the
     move failed for good (the server refuses its copy), the fsync of the new file answers
-    EIO instead of waiting for it forever (found by review)."""
+    EIO instead of waiting for it forever; once that file changes (renamed again), its
+    move is tried again and the fsync waits for it, then succeeds (found by review)."""
     m = pm
     old = rand(4096, seed=951)
+    new = rand(4096, seed=952)
     (m.mountpoint / "a.txt").write_bytes(old)
     wait_uploaded(m, 30)
     refused = fault_proxy.set("status", kind="CopyObject", status=400, code="InvalidArgument")
@@ -973,14 +975,16 @@ def test_fsync_of_a_file_behind_a_move_that_failed_for_good_gets_eio(
     assert fault_proxy.wait_for(lambda p: refused.hits >= 1, timeout=20), m.log_tail(20)
     fd = os.open(m.mountpoint / "a.txt", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.write(fd, rand(4096, seed=952))
+        os.write(fd, new)
         assert _fsync_in_thread(fd, 60) == errno.EIO, m.log_tail(20)
+        assert m.head("a.txt") is not None and m.head("a.txt")["ContentLength"] >= len(old)
+        fault_proxy.clear()
+        os.rename(m.mountpoint / "c.txt", m.mountpoint / "e.txt")  # changed: tried again
+        assert _fsync_in_thread(fd, 60) == 0, m.log_tail(20)
     finally:
         os.close(fd)
-    assert m.head("a.txt") is not None and m.head("a.txt")["ContentLength"] >= len(old)
-    fault_proxy.clear()
-    os.utime(m.mountpoint / "c.txt")  # changed: its move is tried again, and goes
     wait_uploaded(m, 60)
     cold_remount(m)
-    assert (m.mountpoint / "c.txt").read_bytes() == old
-    assert (m.mountpoint / "a.txt").read_bytes() == rand(4096, seed=952)
+    assert (m.mountpoint / "e.txt").read_bytes() == old
+    assert (m.mountpoint / "a.txt").read_bytes() == new
+    assert sorted(os.listdir(m.mountpoint)) == ["a.txt", "e.txt"]
