@@ -503,7 +503,8 @@ class Bench:
         if a.scale_files or a.journal_rows:
             doc["scale"] = scale.Scale(self, a.scale_files, a.scale_rm, a.journal_rows,
                                        local="local" in a.systems,
-                                       foreign=not a.scale_no_foreign).run()
+                                       foreign=not a.scale_no_foreign,
+                                       mount=not a.scale_no_mount).run()
         doc["machine"]["loadavg_end"] = os.getloadavg()
         doc["seconds"] = time.monotonic() - t0
         return doc
@@ -548,6 +549,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale-no-foreign", action="store_true",
                    help="skip the scale benchmark's bucket of foreign objects (its second "
                         "100,000-file bucket, ~10 minutes)")
+    p.add_argument("--scale-no-mount", action="store_true",
+                   help="skip the scale benchmark's bucket written through the mount (the "
+                        "longest part: its 100,000 creates, and the 10,000 chained deltas)")
     p.add_argument("--journal-rows", type=int, metavar="N",
                    help="file rows of the journal the scale benchmark mounts (full: "
                         "1000000, --quick: 20000; 0 skips that part)")

@@ -259,13 +259,14 @@ class JournalDeltafs(Deltafs):
 
 class Scale:
     def __init__(self, bench: "Bench", files: int, rm: int, journal_rows: int,
-                 local: bool, foreign: bool = True) -> None:
+                 local: bool, foreign: bool = True, mount: bool = True) -> None:
         self.b = bench
         self.n = files
         self.rm = min(rm, files)
         self.rows = journal_rows
         self.local = local
         self.foreign = foreign
+        self.mount = mount
         self.work = bench.work / "scale"
         self.work.mkdir(parents=True, exist_ok=True)
         self.df = ScaleDeltafs(bench.ctx)
@@ -710,7 +711,8 @@ class Scale:
         }
         if self.n:
             df = self.df
-            for how in ("mount", "foreign") if self.foreign else ("mount",):
+            hows = ("mount",) * self.mount + ("foreign",) * self.foreign
+            for how in hows:
                 out[f"deltafs_{how}"] = self.guarded(
                     f"{self.n} files {'through the mount' if how == 'mount' else 'foreign'}",
                     lambda how=how: self.bucket_part(how), df.force_cleanup)

@@ -291,7 +291,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
                  str(cfg.source))
     fs.writeback.limiter.total_tokens = cfg.upload_concurrency
     if pending:
-        fs.writeback.seed_recovered()
+        fs.writeback.recovered(journal.next_ino)
     fuse_opts = set(pyfuse3.default_options)
     fuse_opts.add(f"fsname=deltafs:{cfg.source}"[:200])
     fuse_opts.add("subtype=deltafs")

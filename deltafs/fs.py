@@ -549,10 +549,14 @@ class DeltaFS(pyfuse3.Operations):
             return
         key = self._key(ino) if renamed else None
         keep = {key, f"{key}.delta", f"{key}/"} if key is not None else set()
+        left = []
         for object_key, guard in attempts:
             if object_key not in keep:
                 kind = Kind.MARKER.value if object_key.endswith("/") else None
                 self.journal.add_tombstone(object_key, kind, guard)
+                left.append(object_key)
+        # named by their tombstones now (kept, a later rename queued them again)
+        self.journal.drop_attempts(ino, left)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
@@ -589,6 +593,8 @@ class DeltaFS(pyfuse3.Operations):
                 if target.remote_key:
                     self.journal.add_tombstone(target.remote_key, Kind.MARKER.value,
                                                target.remote_etag)
+                self._left_behind(target.ino)  # its marker may be in flight (review)
+                self.writeback.forget(target.ino)
                 self.journal.update(target.ino, parent=ORPHAN_PARENT, name=f"#{target.ino}",
                                     dirty=0, remote_key=None)
                 self._maybe_reap(target.ino)

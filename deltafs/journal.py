@@ -25,7 +25,7 @@ import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,16 @@ CREATE TABLE IF NOT EXISTS tombstones (
     etag        TEXT
 );
 CREATE INDEX IF NOT EXISTS tombstones_queued ON tombstones (queued_at);
+-- writes in flight (invariant 6): an upload, move, symlink or marker of ``ino`` about to
+-- write ``object_key``, known by ``guard`` (``sha256:<hex>``, an ETag, '' for none) until
+-- its result is recorded. Kept here, not in memory: a crash before the record must not
+-- forget them (a rename after it would leave the object with nothing naming it)
+CREATE TABLE IF NOT EXISTS attempts (
+    ino         INTEGER NOT NULL,
+    object_key  TEXT NOT NULL,
+    guard       TEXT NOT NULL,
+    PRIMARY KEY (ino, object_key, guard)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
 CREATE TABLE IF NOT EXISTS manifests (
     dir_ino     INTEGER PRIMARY KEY,
@@ -194,6 +204,8 @@ class Journal:
             )
         if seen is None:
             self.set_meta("source", source)
+        # attempts of rows that are gone (a raw delete of orphans at recovery)
+        self.x("DELETE FROM attempts WHERE ino NOT IN (SELECT ino FROM nodes)")
         top = self.x("SELECT coalesce(max(ino), 1) FROM nodes").fetchone()[0]
         self._next_ino = max(int(self.get_meta("next_ino") or 0), int(top) + 1, ROOT_INO + 1)
         if self.get(ROOT_INO) is None:
@@ -453,8 +465,14 @@ class Journal:
         return self.x("SELECT 1 FROM nodes INDEXED BY nodes_dirty WHERE dirty != 0 AND "
                       "dirty >= ? AND dirty & ? LIMIT 1", (MOVED, MOVED)).fetchone() is not None
 
+    @property
+    def next_ino(self) -> int:
+        """The inode the next new row gets (every row so far is below it)."""
+        return self._next_ino
+
     def delete(self, ino: int) -> None:
         self.x("DELETE FROM nodes WHERE ino=?", (ino,))
+        self.drop_attempts(ino)
         self._dir_paths.pop(ino, None)
 
     def forget_paths(self) -> None:
@@ -572,6 +590,45 @@ class Journal:
 
     def collects(self) -> list[str]:
         return [r[0] for r in self.x("SELECT space FROM collects").fetchall()]
+
+    # ----------------------------------------------------------- writes in flight
+
+    def add_attempts(self, ino: int, items: Iterable[tuple[str, str | None]]) -> bool:
+        """``ino`` is about to write each ``(object key, guard)`` (``None``: no guard, a
+        marker). Returns whether the journal now holds changes not yet committed (these
+        rows among them, or left by an earlier try whose commit failed): the caller
+        commits them (:meth:`commit`, with its fsync) before the write starts."""
+        with self._lock:
+            pending = self.db.in_transaction  # (Python opens one before any INSERT)
+            before = self.db.total_changes
+            try:
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO attempts (ino, object_key, guard) VALUES (?, ?, ?)",
+                    [(ino, k, g or "") for k, g in items])
+            except sqlite3.Error:
+                self.forget_paths()
+                raise
+            return pending or self.db.total_changes != before
+
+    def attempts_of(self, ino: int) -> list[tuple[str, str | None]]:
+        """(object key, guard) a write of ``ino`` may have left unrecorded, sorted."""
+        return [(k, g or None) for k, g in self.x(
+            "SELECT object_key, guard FROM attempts WHERE ino=? ORDER BY object_key, guard",
+            (ino,)).fetchall()]
+
+    def has_attempts(self, ino: int) -> bool:
+        return self.x("SELECT 1 FROM attempts WHERE ino=? LIMIT 1",
+                      (ino,)).fetchone() is not None
+
+    def drop_attempts(self, ino: int, keys: Iterable[str] | None = None) -> None:
+        """Its writes are recorded (or left to tombstones, or it is gone); with ``keys``
+        only those."""
+        if keys is None:
+            self.x("DELETE FROM attempts WHERE ino=?", (ino,))
+            return
+        with self._lock:
+            self.db.executemany("DELETE FROM attempts WHERE ino=? AND object_key=?",
+                                [(ino, k) for k in keys])
 
     # -------------------------------------------------------------- tombstones
 

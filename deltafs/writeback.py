@@ -88,6 +88,11 @@ def _signature(node: Node) -> tuple[object, ...]:
             node.gid, node.mtime_ns, node.dirty, node.target)
 
 
+def _both(key: str, guard: str) -> list[tuple[str, str | None]]:
+    """A write to the logical ``key`` lands in either form."""
+    return [(key, guard), (delta_key(key), guard)]
+
+
 def _logical(object_key: str) -> str:
     return object_key[:-len(".delta")] if object_key.endswith(".delta") else object_key
 
@@ -142,11 +147,18 @@ class Writeback:
         self.stopping = False
         engine.on_announce = self._kick_from_thread
         #: (object key, guard) an upload or a move may have written without recording it
-        #: yet (in flight, or failed after its PUT or copy); the guard tells that object
-        #: from anything else under the key (``sha256:<hex>`` of its content, an ETag, or
-        #: None for a marker). If the row leaves that key (unlinked, renamed), they get
-        #: tombstones in the same transaction: lost in a crash, nothing would name them
-        self._attempts: dict[int, set[tuple[str, str | None]]] = {}
+        #: yet (in flight, or failed after its PUT or copy) live in the journal's
+        #: ``attempts`` table: the guard tells that object from anything else under the
+        #: key (``sha256:<hex>`` of its content, an ETag, or None for a marker). If the
+        #: row leaves that key (unlinked, renamed), they get tombstones in the same
+        #: transaction: lost in a crash, nothing would name them. Durable, so a crash
+        #: before the record forgets none (held in memory, a restart lost them: found
+        #: by review)
+        #: rows below this inode existed when a run with pending changes started: their
+        #: last run may have stored the other form of their key before it was killed
+        #: (the attempt that says so may be lost with a power failure), so their next
+        #: upload checks it
+        self._replay_below = 0
         self._prefetching: set[int] = set()
         #: rows whose move found its source gone and its content not cached (retried, as
         #: any 404: another mount may bring it back; an fsync does not wait for it)
@@ -499,44 +511,19 @@ class Writeback:
                 live += 1
         return live + len(self.state.tomb_failed)
 
-    def seed_recovered(self) -> int:
-        """At start, before any operation: a write of the previous run may have landed
-        unrecorded under each dirty row's key (its ``_attempts`` died with it). Recorded
-        as attempts, a rename or unlink of the row before its upload runs again leaves
-        tombstones for them, as in the run that started them. Returns the rows seen."""
-        n = after = 0
-        while True:
-            page = self.journal.dirty_nodes(limit=1000, after_ino=after)
-            if not page:
-                return n
-            after = page[-1].ino
-            for node in page:
-                if node.parent == ORPHAN_PARENT or not node.dirty & (CONTENT | MOVED):
-                    continue
-                try:
-                    key = key_of(self.journal, self.prefix, node.ino)
-                except KeyError:
-                    continue
-                n += 1
-                if node.is_dir:
-                    if node.dirty & CONTENT:
-                        self._attempts.setdefault(node.ino, set()).add((key + "/", None))
-                    continue
-                if node.sha256:
-                    self._attempt(node.ino, key, f"sha256:{node.sha256}")
-                if node.dirty & MOVED and node.remote_etag and node.remote_key and \
-                        _logical(node.remote_key) != key:
-                    self._attempt(node.ino, key, node.remote_etag)
+    def recovered(self, next_ino: int) -> None:
+        """The journal held pending changes at start (see ``_replay_below``)."""
+        self._replay_below = next_ino
 
     def unrecorded(self, ino: int) -> list[tuple[str, str | None]]:
-        """(object key, guard) a write of ``ino`` may have left unrecorded (see
-        ``_attempts``)."""
-        return sorted(self._attempts.get(ino, ()), key=lambda a: (a[0], a[1] or ""))
+        """(object key, guard) a write of ``ino`` may have left unrecorded (the journal's
+        ``attempts``)."""
+        return self.journal.attempts_of(ino)
 
     def forget(self, ino: int) -> None:
         """``ino`` left the namespace: its upload state goes with it."""
         self._forget_failure(ino)
-        self._attempts.pop(ino, None)
+        self.journal.drop_attempts(ino)
         self._base_wait.pop(ino, None)
         self.state.failures.pop(ino, None)
         self.state.retry_at.pop(ino, None)
@@ -648,22 +635,22 @@ class Writeback:
         attrs = Attrs(mode=node.mode, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns)
         if node.is_dir:
             self.touched.discard(node.ino)
-            self._attempts.setdefault(node.ino, set()).add((key + "/", None))
+            await self._attempt(node.ino, [(key + "/", None)])
             info = await self._run(self.engine.put_marker, key, attrs)
             await self._published(node, key, key + "/", "marker", 0, None, None, etag=info.etag)
-            self._attempts.pop(node.ino, None)
+            self.journal.drop_attempts(node.ino)
             await self._commit()
             return
         old = stored_of(node) if node.remote_key else None
         if node.is_symlink:
             target = (node.target or b"").decode("utf-8", "surrogateescape")
-            self._attempt(node.ino, key, "sha256:" + hashlib.sha256(
-                target.encode("utf-8", "surrogateescape")).hexdigest())
+            await self._attempt(node.ino, _both(key, "sha256:" + hashlib.sha256(
+                target.encode("utf-8", "surrogateescape")).hexdigest()))
             res = await self._run(self.engine.put_symlink, key, target, attrs)
             await self._published(node, key, key, Kind.DIRECT.value, res.stored_size, None, res.sha256,
                                   etag=res.etag)
             self._drop_old(old, key)  # in the publish's transaction (see _drop_old)
-            self._attempts.pop(node.ino, None)
+            self.journal.drop_attempts(node.ino)
             await self._commit()
             self.kick()
             return
@@ -682,9 +669,9 @@ class Writeback:
             # (both when known: an object read here may have a SHA-256 in the journal
             # but none in its metadata, and a copy of a multipart object a new ETag)
             sha = node.sha256 or old.sha256
-            for guard in (f"sha256:{sha}" if sha else None, old.etag or None):
-                if guard:
-                    self._attempt(node.ino, key, guard)
+            await self._attempt(node.ino, [
+                a for g in (f"sha256:{sha}" if sha else None, old.etag or None) if g
+                for a in _both(key, g)])
             try:
                 # the source stays until the move is recorded (its tombstone goes in
                 # the publish's transaction): deleted first, a crash before the record,
@@ -702,7 +689,7 @@ class Writeback:
                                   moved.ref_key, node.sha256 or moved.sha256 or "",
                                   etag=moved.etag)
             self._drop_old(old, moved.object_key)  # in the publish's transaction
-            self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
+            self.journal.drop_attempts(node.ino)  # recorded, or left to a tombstone
             await self._commit()
             return
         if node.dirty & ATTRS:
@@ -721,9 +708,13 @@ class Writeback:
     async def _commit(self) -> None:
         await self.contents.commit()
 
-    def _attempt(self, ino: int, key: str, guard: str) -> None:
-        """A write of ``ino`` to the logical ``key`` (either form) is about to start."""
-        self._attempts.setdefault(ino, set()).update({(key, guard), (delta_key(key), guard)})
+    async def _attempt(self, ino: int, items: list[tuple[str, str | None]]) -> None:
+        """Writes of ``ino`` (object key, guard) are about to start: durable first (an
+        fsync, in a worker thread). Without it a power loss could keep the write and
+        lose the attempt while the next run renames or unlinks the row (second review
+        of the journal's attempts)."""
+        if items and self.journal.add_attempts(ino, items):
+            await self._commit()
 
     async def _upload(self, node: Node, key: str, attrs: Attrs, old: StoredFile | None) -> None:
         """Upload the staged content of ``node`` from a snapshot of its sealed file."""
@@ -744,14 +735,15 @@ class Writeback:
             # the index gives a remote_key) can have an older object in the other form
             # ... or an earlier try of this row that failed after its PUT (it may have
             # stored the other form; this one must not leave it beside its own)
-            check_other = old is not None or node.ino in self._attempts
+            check_other = old is not None or node.ino < self._replay_below or \
+                self.journal.has_attempts(node.ino)
             if old is not None and old.kind is Kind.DELTA:
                 # a delta stored again direct (now too small, or incompressible) leaves
                 # its reference perhaps unused: queued first, as for a delete
                 self.want_collect(split_key(old.logical_key)[0])
             crash_point("upload-before-put")
             if node.sha256:
-                self._attempt(node.ino, key, f"sha256:{node.sha256}")
+                await self._attempt(node.ino, _both(key, f"sha256:{node.sha256}"))
             hints = self._base_hints(node, key, old)
             res = await self._run(self.engine.put, snap, key, attrs, node.sha256, True,
                                   check_other, hints, self._after.pop(node.ino, ""))
@@ -774,7 +766,7 @@ class Writeback:
                 res.object_size if res.object_size >= 0 else
                 res.stored_size - (res.original_size if res.kind == "reference" else 0),
                 ref, res.sha256, etag=res.etag)
-            self._attempts.pop(node.ino, None)  # recorded, or left to a tombstone
+            self.journal.drop_attempts(node.ino)  # recorded, or left to a tombstone
             # The row names this object now, even when it changed meanwhile (written
             # again, renamed): everything staged up to ``seq`` is in the bucket, so an
             # fsync waiting for that version is done (it need not wait for the next)
@@ -1043,7 +1035,7 @@ class Writeback:
             # (renamed since, that version is in the bucket under the old name until the
             # move is done: the fsync waits for the move, found by the model test; but
             # not for one that keeps failing, or waits behind a row that failed for good)
-            if ino in self._move_lost and (moving or not node.dirty & CONTENT):
+            if ino in self._move_lost and not node.dirty & CONTENT:
                 return False  # (new content is uploaded, not moved: waited for)
             if self._behind_failed(node):
                 return False
@@ -1070,8 +1062,12 @@ class Writeback:
             key = key_of(self.journal, self.prefix, node.ino)
         except KeyError:
             return False
-        return any(b.ino in self.state.failed and b.dirty & MOVED
-                   for b in self.journal.claimers(key, but=node.ino))
+        # (not one changed since: the scheduler tries it again; nor a cycle of renames,
+        # which _blocked lets go once this row's content is cached)
+        return any(b.ino in self.state.failed and b.dirty & MOVED and
+                   self.state.failed_sig.get(b.ino) == _signature(b)
+                   for b in self.journal.claimers(key, but=node.ino)) and \
+            self._blocked(node)
 
     def _under_its_name(self, node: Node) -> bool:
         """Whether the object ``node`` is published as is under its current key."""

@@ -156,3 +156,42 @@ def test_whether_a_rename_is_pending_is_one_indexed_probe(tmp_path: Path) -> Non
     assert not j.any_moved()
     j.set_dirty(a, MOVED | CONTENT)  # a directory's rename too
     assert j.any_moved() and j.moves_marked == before + 2
+
+
+def test_writes_in_flight_are_recorded_until_their_result_is(tmp_path: Path) -> None:
+    """A write about to start is in the journal, and the journal says it must be
+    committed first (the writeback then commits it, with its fsync, before the write
+    goes out: another connection reads it, as a kill -9 or a power loss would); it stays
+    until its result is recorded or the row goes. Recording it again adds nothing, but a
+    commit that failed still leaves it to commit."""
+    import sqlite3
+
+    j, a, b, f = _tree(tmp_path)
+    j.commit()
+    assert not j.has_attempts(f) and j.attempts_of(f) == []
+    assert j.add_attempts(f, [("a/b/f.bin", "sha256:aa"), ("a/b/f.bin.delta", "sha256:aa")])
+    assert j.add_attempts(b, [("a/b/", None)])
+    j.commit()
+    other = sqlite3.connect(str(tmp_path / "state.db"))
+    assert sorted(other.execute("SELECT ino, object_key, guard FROM attempts")) == [
+        (b, "a/b/", ""), (f, "a/b/f.bin", "sha256:aa"), (f, "a/b/f.bin.delta", "sha256:aa")]
+    assert not j.add_attempts(f, [("a/b/f.bin", "sha256:aa")])  # nothing new to commit
+    assert j.add_attempts(f, [("a/b/f.bin", "sha256:bb")])  # a later version: both kept
+    assert j.add_attempts(f, [("a/b/f.bin", "sha256:bb")])  # not committed yet: still says so
+    j.commit()
+    assert j.attempts_of(f) == [("a/b/f.bin", "sha256:aa"), ("a/b/f.bin", "sha256:bb"),
+                                ("a/b/f.bin.delta", "sha256:aa")]
+    assert j.attempts_of(b) == [("a/b/", None)]
+    j.drop_attempts(f, ["a/b/f.bin.delta"])  # left to a tombstone by a rename
+    assert j.attempts_of(f) == [("a/b/f.bin", "sha256:aa"), ("a/b/f.bin", "sha256:bb")]
+    j.drop_attempts(f)
+    assert not j.has_attempts(f) and j.has_attempts(b)
+    j.delete(b)  # a row reaped: its attempts go with it
+    assert not j.has_attempts(b)
+    j.add_attempts(f, [("a/b/f.bin", "sha256:cc")])
+    j.x("DELETE FROM nodes WHERE ino=?", (f,))  # as recover() drops orphans, raw
+    j.commit()
+    j.close()
+    other.close()
+    j = Journal(tmp_path / "state.db", "s3://b/")  # the next start drops what is left
+    assert not j.has_attempts(f)
