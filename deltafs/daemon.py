@@ -447,6 +447,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
         nursery.start_soon(fs.loop_stall.run)
         nursery.start_soon(memtrim.run)
         nursery.start_soon(fs.manifests.run)
+        nursery.start_soon(fs.dirsync.run)
         nursery.start_soon(_announce_ready, cfg.mountpoint, ready_fd, fs, stop,
                            cfg.kernel_read_ahead)
         nursery.start_soon(_signals, fs, cfg, stop, nursery)

@@ -95,6 +95,13 @@ class DirSync:
         self._name_window: dict[int, tuple[float, int]] = {}
         #: dir -> LIST pages of its last full listing
         self._pages: dict[int, int] = {}
+        #: directories a full listing runs for now
+        self._relisting: set[int] = set()
+        #: directories to list whole in the background (:meth:`run`), and its wake-up;
+        #: ``_background`` once it runs (else the caller lists them itself)
+        self._wanted: dict[int, None] = {}
+        self._wake = trio.Event()
+        self._background = False
         #: sub-prefixes a listing left out (see ``_going``): their parent is listed
         #: again once their reference check is done
         self.hidden_spaces: set[str] = set()
@@ -119,6 +126,24 @@ class DirSync:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(dir_ino, None)
 
+    async def run(self) -> None:
+        """List whole, one at a time, the directories :meth:`ensure_name` found cheaper
+        to list whole, while their name checks go on (until cancelled)."""
+        self._background = True
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._wanted:
+                    dir_ino = next(iter(self._wanted))
+                    del self._wanted[dir_ino]
+                    try:
+                        await self.ensure_listed(dir_ino)
+                    except pyfuse3.FUSEError as exc:  # gone, or S3 away (logged)
+                        log.debug("background listing of inode %d: %s", dir_ino, exc)
+        finally:
+            self._background = False
+
     async def ensure_name(self, dir_ino: int, name: str) -> None:
         """Bring the row of one name up to date before an operation on it (lookup, open,
         create, unlink, rename) when the directory's listing is stale or missing: one
@@ -129,6 +154,12 @@ class DirSync:
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if not node.is_dir or self._fresh(node.listed_at) or self._unpublished(node):
+            return
+        if dir_ino in self._relisting and node.listed_at is not None and \
+                self.journal.child(dir_ino, name) is None:
+            # the directory is being listed again whole (90,000 entries: 4-20 s on
+            # moto): a name not known here does not wait for that listing. Every create
+            # in a directory being filled did, every TTL (SEMANTICS.md)
             return
         if node.listed_at is None:
             # never listed: list it whole (its rows are what serves the names while S3
@@ -143,8 +174,12 @@ class DirSync:
         if now - start >= self.options.listing_ttl:
             start, count = now, 0
         if count >= max(NAME_LISTINGS, self._pages.get(dir_ino, 0)):
-            await self.ensure_listed(dir_ino)
-            return
+            if not self._background:
+                await self.ensure_listed(dir_ino)
+                return
+            # listed whole in the background; this name is checked on its own first
+            self._wanted[dir_ino] = None
+            self._wake.set()
         if len(self._name_window) >= MAX_NAMES:
             self._name_window.clear()
         self._name_window[dir_ino] = (start, count + 1)
@@ -182,6 +217,16 @@ class DirSync:
             if only is None:
                 self.journal.update(dir_ino, listed_at=time.time())
             return
+        if only is None:
+            self._relisting.add(dir_ino)
+            try:
+                await self._list_whole_or_name(dir_ino, node, None)
+            finally:
+                self._relisting.discard(dir_ino)
+            return
+        await self._list_whole_or_name(dir_ino, node, only)
+
+    async def _list_whole_or_name(self, dir_ino: int, node: Node, only: str | None) -> None:
         key = key_of(self.journal, self.prefix, dir_ino)
         prefix = f"{key}/" if key else ""
         if self.journal.db.in_transaction:
