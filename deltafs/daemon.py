@@ -290,8 +290,6 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
     fs = DeltaFS(engine, journal, engine.cache, cfg.source.key.strip("/"), files_dir, options,
                  str(cfg.source))
     fs.writeback.limiter.total_tokens = cfg.upload_concurrency
-    if pending:
-        fs.writeback.recovered(journal.next_ino)
     fuse_opts = set(pyfuse3.default_options)
     fuse_opts.add(f"fsname=deltafs:{cfg.source}"[:200])
     fuse_opts.add("subtype=deltafs")

@@ -141,6 +141,9 @@ class DirSync:
                         await self.ensure_listed(dir_ino)
                     except pyfuse3.FUSEError as exc:  # gone, or S3 away (logged)
                         log.debug("background listing of inode %d: %s", dir_ino, exc)
+                    except Exception as exc:  # noqa: BLE001 - a cache refresh: never the mount
+                        log.warning("background listing of inode %d failed (its names are "
+                                    "checked one by one meanwhile): %s", dir_ino, exc)
         finally:
             self._background = False
 

@@ -186,7 +186,7 @@ class Journal:
         #: something under it (in memory, newest last; see ``note_gone``)
         self.gone: OrderedDict[str, float] = OrderedDict()
         self.gone_under: OrderedDict[str, float] = OrderedDict()
-        #: renames marked (MOVED set) by this process: see any_moved
+        #: how often this process set a row's MOVED bit (set_dirty, update): see any_moved
         self.moves_marked = 0
         with self._lock:
             self.db.executescript(SCHEMA)
@@ -444,6 +444,8 @@ class Journal:
     def update(self, ino: int, **fields: Any) -> None:
         if not fields:
             return
+        if fields.get("dirty", 0) & MOVED:
+            self.moves_marked += 1  # see any_moved
         sets = ", ".join(f"{k}=?" for k in fields)
         self.x(f"UPDATE nodes SET {sets} WHERE ino=?", (*fields.values(), ino))
         if ("parent" in fields or "name" in fields) and ino in self._dir_paths:
@@ -464,11 +466,6 @@ class Journal:
         long as the probe said no and the counter has not moved since."""
         return self.x("SELECT 1 FROM nodes INDEXED BY nodes_dirty WHERE dirty != 0 AND "
                       "dirty >= ? AND dirty & ? LIMIT 1", (MOVED, MOVED)).fetchone() is not None
-
-    @property
-    def next_ino(self) -> int:
-        """The inode the next new row gets (every row so far is below it)."""
-        return self._next_ino
 
     def delete(self, ino: int) -> None:
         self.x("DELETE FROM nodes WHERE ino=?", (ino,))

@@ -146,19 +146,9 @@ class Writeback:
         self.touched: set[int] = set()  # directories whose attributes changed (setattr)
         self.stopping = False
         engine.on_announce = self._kick_from_thread
-        #: (object key, guard) an upload or a move may have written without recording it
-        #: yet (in flight, or failed after its PUT or copy) live in the journal's
-        #: ``attempts`` table: the guard tells that object from anything else under the
-        #: key (``sha256:<hex>`` of its content, an ETag, or None for a marker). If the
-        #: row leaves that key (unlinked, renamed), they get tombstones in the same
-        #: transaction: lost in a crash, nothing would name them. Durable, so a crash
-        #: before the record forgets none (held in memory, a restart lost them: found
-        #: by review)
-        #: rows below this inode existed when a run with pending changes started: their
-        #: last run may have stored the other form of their key before it was killed
-        #: (the attempt that says so may be lost with a power failure), so their next
-        #: upload checks it
-        self._replay_below = 0
+        # (object key, guard) an upload or a move may have written without recording it
+        # yet (in flight, or failed after its PUT or copy) live in the journal's
+        # ``attempts`` table, committed before the write starts (_attempt): see there
         self._prefetching: set[int] = set()
         #: rows whose move found its source gone and its content not cached (retried, as
         #: any 404: another mount may bring it back; an fsync does not wait for it)
@@ -511,10 +501,6 @@ class Writeback:
                 live += 1
         return live + len(self.state.tomb_failed)
 
-    def recovered(self, next_ino: int) -> None:
-        """The journal held pending changes at start (see ``_replay_below``)."""
-        self._replay_below = next_ino
-
     def unrecorded(self, ino: int) -> list[tuple[str, str | None]]:
         """(object key, guard) a write of ``ino`` may have left unrecorded (the journal's
         ``attempts``)."""
@@ -735,8 +721,7 @@ class Writeback:
             # the index gives a remote_key) can have an older object in the other form
             # ... or an earlier try of this row that failed after its PUT (it may have
             # stored the other form; this one must not leave it beside its own)
-            check_other = old is not None or node.ino < self._replay_below or \
-                self.journal.has_attempts(node.ino)
+            check_other = old is not None or self.journal.has_attempts(node.ino)
             if old is not None and old.kind is Kind.DELTA:
                 # a delta stored again direct (now too small, or incompressible) leaves
                 # its reference perhaps unused: queued first, as for a delete

@@ -156,6 +156,10 @@ def test_whether_a_rename_is_pending_is_one_indexed_probe(tmp_path: Path) -> Non
     assert not j.any_moved()
     j.set_dirty(a, MOVED | CONTENT)  # a directory's rename too
     assert j.any_moved() and j.moves_marked == before + 2
+    j.update(b, dirty=MOVED | CONTENT)  # the publish of a row renamed meanwhile
+    assert j.moves_marked == before + 3
+    j.update(b, dirty=CONTENT)
+    assert j.moves_marked == before + 3
 
 
 def test_writes_in_flight_are_recorded_until_their_result_is(tmp_path: Path) -> None:

@@ -841,6 +841,9 @@ def test_a_write_of_the_run_before_a_crash_goes_when_its_file_is_renamed_before_
     symlink (no content hash in its row) and a version the file had been written past
     while it was in flight (found by review twice; now they are in the journal)."""
     m = pm
+    # slots enough in the first run for the hung markers and files, and b.bin beside them
+    # (with the default 4, b.bin's PUT could wait behind them forever: found by CI)
+    m.remount(extra_args=[*m.extra_args, "--upload-concurrency", "16"])
     hung = ("x", "y", "z")  # three uploads that never end: with one slot, the queue is full
     for name in (*hung, "d"):
         (m.mountpoint / name).mkdir()
