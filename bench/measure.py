@@ -57,6 +57,11 @@ def _cmdline(pid: int) -> bytes | None:
         return None
 
 
+def _name(pid: int) -> str:
+    line = _cmdline(pid) or b""
+    return os.path.basename(line.split(b"\0", 1)[0]).decode(errors="replace") or "?"
+
+
 def _ppid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -88,6 +93,9 @@ class RssSampler:
         #: processes held themselves (the rest: their children, e.g. xdelta3)
         self.peak_at = 0.0
         self.peak_roots_kb = 0
+        #: the processes summed at the peak: "name:pid:kB", largest first (what the
+        #: children were, when a peak is more than the daemon)
+        self.peak_detail: list[str] = []
         self._start = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -113,9 +121,12 @@ class RssSampler:
             self.peak_kb, self.peak_procs = total, len(pids)
             self.peak_at = now
             self.peak_roots_kb = sum(rss.get(p, 0) for p in roots)
+            self.peak_detail = [f"{_name(p)}:{p}:{kb}" for p, kb in
+                                sorted(rss.items(), key=lambda i: -i[1])]
         if hwm > self.peak_kb:
             # a peak between two samples, of a root process alone
             self.peak_kb, self.peak_at, self.peak_roots_kb = hwm, now, hwm
+            self.peak_detail = [f"VmHWM:{p}:{hwm}" for p in roots]
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -303,6 +303,7 @@ class Scale:
             r["peak_at_seconds"] = round(mem.peak_at, 1)
             r["peak_daemon_mb"] = mem.peak_roots_kb * 1024 / 1e6
             r["peak_processes"] = mem.peak_procs
+            r["peak_detail"] = mem.peak_detail
             r.update(poller.result())  # type: ignore[union-attr]
             r["settle_seconds"] = settled
         return r
