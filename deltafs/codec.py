@@ -39,6 +39,8 @@ DEFAULT_SOURCE_WINDOW = 64 << 20
 #: target window: output appears after each window, which is what makes early give-up
 #: possible. 4 MiB costs < 0.1 % in delta size against the 8 MiB default.
 TARGET_WINDOW = 4 << 20
+#: xdelta3 refuses a smaller -W
+MIN_TARGET_WINDOW = 16 << 10
 #: xdelta3 refuses a smaller -B
 MIN_SOURCE_WINDOW = 512 << 10
 
@@ -135,15 +137,25 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def target_window(size: int) -> int:
+    """-W for a target of ``size`` bytes. Fed through a pipe, xdelta3 cannot see the
+    target's size and sizes its buffers and tables from -W: an 8 KiB file's encode took
+    20.0 MB of RAM at -W 4 MiB and 3.7 MB at -W 16 KiB (``/usr/bin/time -f %M``, the
+    target fed through a pipe). A target that fits in one window is encoded as that one window either
+    way, so the delta is the same."""
+    return min(TARGET_WINDOW, max(MIN_TARGET_WINDOW, _pow2(size)))
+
+
 def encode_footprint(window: int, ref_size: int, size: int, level: int) -> int:
     """Predicted peak RSS of one ``xdelta3 -e``: the hash table (sized from -B, whatever
     the source), the source read into memory (up to -B), about three times the target
-    window in buffers, and a few MiB of its own. Measured with ``/usr/bin/time -f %M``
+    window (:func:`target_window`) in buffers, and a few MiB of its own. Measured with
+    ``/usr/bin/time -f %M``
     (docs/performance.md, "Memory"): 103.6 MB predicted 103 for a 15 MiB wheel at
     -6 -B 64 MiB, 71.6 for 71 at -B 32 MiB; 120.5 for 120 for a 190 MiB image at -3
     -B 64 MiB, 48.4 for 48 at -B 16 MiB; 67.2 for an 8 KiB file at -6 -B 64 MiB."""
     hashed = int(_pow2(window) * _HASH_SHARE.get(level, 2.0))
-    body = min(ref_size, window) + 3 * min(size, TARGET_WINDOW)
+    body = min(ref_size, window) + 3 * target_window(size)
     slack = 8 * _MiB if size > _MiB or ref_size > _MiB else 0
     return 4 * _MiB + hashed + body + slack
 
@@ -248,7 +260,7 @@ def encode(
 
 def _encode_run(binary: str, source: Path, target: Path, out: Path, size: int, window: int,
                 level: int, limits: Limits) -> EncodeResult:
-    args = [binary, "-e", f"-{level}", "-c", "-D", "-S", "djw", "-W", str(TARGET_WINDOW),
+    args = [binary, "-e", f"-{level}", "-c", "-D", "-S", "djw", "-W", str(target_window(size)),
             "-B", str(window), "-s", str(source)]
     command = f"xdelta3 -e -{level} -D -S djw -B {window} -s reference.bin"
     budget = max(int(size * limits.max_ratio), 1) if size else None

@@ -107,6 +107,33 @@ def test_small_files_get_a_small_window_and_the_same_delta(tmp_path: Path) -> No
     assert out.read_bytes() == new
 
 
+def test_small_targets_get_a_small_target_window_and_the_same_delta(tmp_path: Path) -> None:
+    """Fed through a pipe, xdelta3 sizes its buffers from -W, not from the target (an
+    8 KiB file's encode took 20 MB at -W 4 MiB): a target that fits in one window gets
+    a window just over its size, and its delta is byte-identical to the 4 MiB one's."""
+    rng = random.Random(2)
+    for size in (4000, 8192, 100_000, (1 << 20) + 1):
+        ref = rng.randbytes(size)
+        new = bytearray(ref)
+        for _ in range(5):
+            new[rng.randrange(size)] = rng.randrange(256)
+        (tmp_path / "r").write_bytes(ref)
+        (tmp_path / "t").write_bytes(bytes(new))
+        w = codec.target_window(size)
+        assert codec.MIN_TARGET_WINDOW <= w <= codec.TARGET_WINDOW and (w >= size or
+                                                                       w == codec.TARGET_WINDOW)
+        res = codec.encode(tmp_path / "r", tmp_path / "t", tmp_path / "d")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(codec, "target_window", lambda n: codec.TARGET_WINDOW)
+            codec.encode(tmp_path / "r", tmp_path / "t", tmp_path / "d4")
+        assert res.delta_size is not None
+        assert (tmp_path / "d").read_bytes() == (tmp_path / "d4").read_bytes(), size
+        out = tmp_path / "o"
+        codec.decode(tmp_path / "r", tmp_path / "d", out, sha256_bytes(bytes(new)))
+        assert out.read_bytes() == new
+    assert codec.target_window(64 << 20) == codec.TARGET_WINDOW
+
+
 def test_source_window() -> None:
     assert codec.source_window(1000) == codec.DEFAULT_SOURCE_WINDOW
     assert codec.source_window(64 << 20) == codec.DEFAULT_SOURCE_WINDOW

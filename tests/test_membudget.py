@@ -134,6 +134,12 @@ def test_footprint_model_matches_measurements() -> None:
         (16 * MiB, 190 * MiB, 190 * MiB, 3, 48.4),
         (64 * MiB, 8192, 8292, 6, 67.2),
         (64 * MiB, 8192, 8292, 3, 35.2),
+        # fed through a pipe as the daemon does (VmRSS sampled over the child): -W
+        # follows the target's size (8 KiB at -W 4 MiB took 20.0 MB)
+        (512 << 10, 8192, 8192, 3, 3.7),
+        (512 << 10, 100_000, 100_000, 3, 4.5),
+        (1 * MiB, 1 * MiB, 1 * MiB, 3, 10.3),
+        (2944 << 10, 3_000_000, 3_000_000, 3, 28.4),
     ]
     for window, ref, size, level, mb in cases:
         got = codec.encode_footprint(window, ref, size, level) / 1e6

@@ -967,7 +967,8 @@ def test_fsync_of_a_file_behind_a_move_that_failed_for_good_gets_eio(
     waits for that move (going first would overwrite what the move copies). When the
     move failed for good (the server refuses its copy), the fsync of the new file answers
     EIO instead of waiting for it forever; once that file changes (renamed again), its
-    move is tried again and the fsync waits for it, then succeeds (found by review)."""
+    move is tried again and an fsync during that try waits for it, then succeeds (found
+    by review)."""
     m = pm
     old = rand(4096, seed=951)
     new = rand(4096, seed=952)
@@ -981,9 +982,14 @@ def test_fsync_of_a_file_behind_a_move_that_failed_for_good_gets_eio(
         os.write(fd, new)
         assert _fsync_in_thread(fd, 60) == errno.EIO, m.log_tail(20)
         assert m.head("a.txt") is not None and m.head("a.txt")["ContentLength"] >= len(old)
-        fault_proxy.clear()
-        os.rename(m.mountpoint / "c.txt", m.mountpoint / "e.txt")  # changed: tried again
+        # changed (renamed again): tried again. Its copy is held for 3 s, so the fsync
+        # comes while the failed try is still the last word on the move: it must wait
+        # for the new try, not answer EIO from the old one
+        held = fault_proxy.set("hang", kind="CopyObject", seconds=3)
+        os.rename(m.mountpoint / "c.txt", m.mountpoint / "e.txt")
+        assert fault_proxy.wait_for(lambda p: held.hits >= 1, timeout=20), m.log_tail(20)
         assert _fsync_in_thread(fd, 60) == 0, m.log_tail(20)
+        fault_proxy.clear()
     finally:
         os.close(fd)
     wait_uploaded(m, 60)
