@@ -306,6 +306,7 @@ def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
         etags = known.etags([f.object_key for f in files.values()])
         unknown = [listed[f.object_key] for f in files.values()
                    if etags.get(f.object_key) != f.etag]
+        ours: set[str] = set()
         if unknown:
             # (an upload whose ETag is recorded but not yet committed still costs a HEAD:
             # a few per listing, fewer than make the manifest worth its GET)
@@ -353,6 +354,10 @@ def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
                 files[split_key(f.logical_key)[1]] = f
         known.listed(files)
         known.listed(dirs)
+        # this mount's own newer rows: listed (not gone), but nothing to decide, and no
+        # row is ever made from their LIST entry alone (it has no metadata)
+        for name in [n for n, f in files.items() if f.object_key in ours]:
+            del files[name]
         part_snap = {r[0]: (r[1], r[2], r[3]) for n, r in rows.items()}
         emit(DirListing(files, dirs, None, None, dir_markers), part_snap)
     end.saw_delta = saw_delta
