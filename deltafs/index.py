@@ -104,14 +104,15 @@ def stream_listing(engine: Engine, journal: Journal, dir_ino: int, prefix: str,
     trio thread's lock is never held for the scan); it only decides which objects need a
     HEAD and which rows may have gone. Every change is decided again, row by row, when
     it is applied (:func:`merge_listing`), so a stale view costs a HEAD, never a wrong
-    row. Objects a manifest describes (same ETag and size) need no HEAD.
+    row. Objects a manifest describes (same ETag and size) need no HEAD, nor do objects
+    this mount uploaded after the snapshot (:meth:`_Known.known_since`).
 
     ``only``: the listing of one name (a lookup after the TTL): LIST ``prefix + only``,
     which holds ``only``, ``only.delta`` and ``only/`` near its start (keys sort as
     "a" < "a-1" < "a.delta" < "a/" < "a0"), and stop at the first page past them. Only
     that name's row is decided; the directory's own facts are not touched."""
     with journal.read_cursor() as conn:
-        return _stream(conn, engine, dir_ino, prefix, emit, resolve, only)
+        return _stream(conn, engine, dir_ino, prefix, emit, resolve, only, journal.read)
 
 
 def fetched_ahead(pages: Iterator[Listing]) -> Iterator[Listing]:
@@ -144,8 +145,10 @@ class _Known:
     the committed state (the connection's transaction): memory of a page, not of the
     directory (a 100,000-entry directory's rows, held whole, took ~75 MB: issue 11)."""
 
-    def __init__(self, conn: Any, dir_ino: int) -> None:
-        self.conn, self.dir_ino = conn, dir_ino
+    def __init__(self, conn: Any, dir_ino: int,
+                 latest: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]] | None = None
+                 ) -> None:
+        self.conn, self.dir_ino, self.latest = conn, dir_ino, latest
         # the first read pins the snapshot every later one sees
         here = conn.execute("SELECT remote_key, remote_etag FROM nodes WHERE ino=?",
                             (dir_ino,)).fetchall()
@@ -168,6 +171,30 @@ class _Known:
                                       "+parent=? AND ino != parent AND remote_key IN ({})", keys)}
         if self.here_key is not None and self.here_key in keys:
             out[self.here_key] = self.here_etag
+        return out
+
+    def known_since(self, objects: list[ObjectInfo]) -> set[str]:
+        """Keys of ``objects`` that the journal's *latest* committed state has at exactly
+        the listed ETag, under this directory: this mount's own uploads that finished
+        after the listing's snapshot. Their rows changed since it, so the merge leaves
+        them alone; a HEAD (or the manifest's GET) for them is wasted. A directory this
+        mount fills was listed again every TTL, and each listing HEADed the files uploaded
+        while it ran (12,639 HEADs in the 100,000-file create) and read its whole manifest
+        to find a few of them (a transient of 10-20 MB and seconds of CPU at 90,000
+        entries)."""
+        if self.latest is None or not objects:
+            return set()
+        listed = {o.key: o.etag for o in objects}
+        keys = list(listed)
+        out: set[str] = set()
+        for i in range(0, len(keys), _IN_BATCH):
+            part = keys[i:i + _IN_BATCH]
+            for key, etag in self.latest(
+                    "SELECT remote_key, remote_etag FROM nodes WHERE +parent=? AND "
+                    f"ino != parent AND remote_key IN ({','.join('?' * len(part))})",
+                    (self.dir_ino, *part)):
+                if etag is not None and listed.get(key) == etag:
+                    out.add(key)
         return out
 
     def rows(self, names: list[str]) -> dict[str, tuple[int, str, str | None, str | None, bool]]:
@@ -194,8 +221,10 @@ class _Known:
 
 def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
             emit: Callable[[DirListing, Snapshot], None], resolve: Resolver | None,
-            only: str | None) -> ListingEnd:
-    known = _Known(conn, dir_ino)
+            only: str | None,
+            latest: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]] | None = None
+            ) -> ListingEnd:
+    known = _Known(conn, dir_ino, latest)
     end = ListingEnd()
     saw_delta = False
     # HEAD unknown plain objects? decided once (for one name: yes, it is one HEAD)
@@ -277,6 +306,12 @@ def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
         etags = known.etags([f.object_key for f in files.values()])
         unknown = [listed[f.object_key] for f in files.values()
                    if etags.get(f.object_key) != f.etag]
+        ours: set[str] = set()
+        if unknown:
+            # (an upload whose ETag is recorded but not yet committed still costs a HEAD:
+            # a few per listing, fewer than make the manifest worth its GET)
+            ours = known.known_since(unknown)
+            unknown = [o for o in unknown if o.key not in ours]
         if unknown and resolve is not None and end.manifest is not None:
             resolved = resolve(unknown, end.manifest)
             for f in resolved.values():
@@ -319,6 +354,10 @@ def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
                 files[split_key(f.logical_key)[1]] = f
         known.listed(files)
         known.listed(dirs)
+        # this mount's own newer rows: listed (not gone), but nothing to decide, and no
+        # row is ever made from their LIST entry alone (it has no metadata)
+        for name in [n for n, f in files.items() if f.object_key in ours]:
+            del files[name]
         part_snap = {r[0]: (r[1], r[2], r[3]) for n, r in rows.items()}
         emit(DirListing(files, dirs, None, None, dir_markers), part_snap)
     end.saw_delta = saw_delta

@@ -382,6 +382,17 @@ class Journal:
                 found[node.name] = node
         return found
 
+    def among(self, parent: int, inos: list[int]) -> list[int]:
+        """Which of ``inos`` are rows under ``parent``: one query per ``NAMES_PER_QUERY``
+        inodes, served by ``(parent, ino)`` (the kernel forgets thousands at once)."""
+        out: list[int] = []
+        for i in range(0, len(inos), NAMES_PER_QUERY):
+            part = inos[i:i + NAMES_PER_QUERY]
+            out += [r[0] for r in self.x(
+                f"SELECT ino FROM nodes WHERE parent=? AND ino IN ({','.join('?' * len(part))})",
+                (parent, *part)).fetchall()]
+        return out
+
     def children(self, parent: int, after_ino: int = 0, limit: int = -1) -> list[Node]:
         """The entries of a directory in inode order, from ``after_ino`` on: a resumable
         position (new entries always get higher numbers, so a listing in progress never

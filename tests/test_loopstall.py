@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 import trio
 
-from deltafs.loopstall import LoopStall, SlowSteps
+from deltafs.loopstall import LoopStall, SlowSteps, _runqueue_wait_ns
 
 
 def test_the_probe_sees_a_blocked_loop_and_forgets_it_after_the_window() -> None:
@@ -56,7 +59,8 @@ def test_a_slow_step_is_logged_with_its_cpu_time_and_where_it_ran(
     assert len(lines) == 1, lines
     line = lines[0]
     assert "in the-handler" in line
-    assert re.search(r"slow task step: \d+ ms \([0-5] ms CPU\)", line), line
+    assert re.search(r"slow task step: \d+ ms \([0-5] ms CPU, \d+ ms waiting for a core\)",
+                     line), line
     # from where it resumed to where it stopped, both in this file
     assert line.count("test_loopstall.py") == 2 and "handler" in line, line
 
@@ -85,3 +89,37 @@ def test_a_slow_step_names_the_filesystem_operation_its_task_ran(
         trio.run(main, instruments=[steps])
     lines = [r.getMessage() for r in caplog.records if "slow task step" in r.getMessage()]
     assert len(lines) == 1 and "(last operation: create)" in lines[0], lines
+
+
+def test_a_step_that_waited_for_a_core_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """The slow-step line tells a busy machine (runnable, no core free) from a wait for
+    the GIL or a syscall: this process and a spinning child share one core, so a step
+    that computes for 150 ms of wall time spends a good part of it waiting."""
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    before = os.sched_getaffinity(0)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(spinner.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.05)
+
+        async def busy() -> None:
+            await trio.sleep(0)
+            end = time.perf_counter() + 0.15
+            while time.perf_counter() < end:
+                pass
+            await trio.sleep(0)
+
+        waited0 = _runqueue_wait_ns()
+        with caplog.at_level(logging.WARNING, logger="deltafs.loopstall"):
+            trio.run(busy, instruments=[SlowSteps(100.0)])
+        waited = (_runqueue_wait_ns() - waited0) / 1e6
+    finally:
+        os.sched_setaffinity(0, before)
+        spinner.kill()
+        spinner.wait()
+    lines = [r.getMessage() for r in caplog.records if "slow task step" in r.getMessage()]
+    assert len(lines) == 1, lines
+    logged = float(re.search(r"(\d+) ms waiting for a core", lines[0]).group(1))
+    assert waited >= 30.0, waited
+    assert logged >= 30.0, lines[0]

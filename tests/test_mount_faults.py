@@ -31,6 +31,8 @@ import pytest
 from faultproxy import FaultProxy, fault_proxy  # noqa: F401  (fixture)
 from mountfixtures import Mount, read_or_errno, release_versions
 
+from deltafs.manifest import manifest_key
+
 KiB = 1024
 MiB = 1024 * KiB
 #: S3Store's default multipart threshold (no mount option changes it): a file of exactly
@@ -997,6 +999,50 @@ def test_fsync_of_a_file_behind_a_move_that_failed_for_good_gets_eio(
     assert (m.mountpoint / "e.txt").read_bytes() == old
     assert (m.mountpoint / "a.txt").read_bytes() == new
     assert sorted(os.listdir(m.mountpoint)) == ["a.txt", "e.txt"]
+
+
+def test_a_listing_heads_nothing_this_mount_uploaded_while_it_ran(
+        pm: Mount, fault_proxy: FaultProxy) -> None:
+    """A directory this mount fills is listed again every TTL. Files uploaded after that
+    listing began are in its LIST but not in the journal's state it started from; they
+    are this mount's own (the journal has their ETags by then): no HEAD for them, and no
+    GET of the manifest to find them (the 100,000-file create HEADed 12,639 such files,
+    and read its whole manifest at the end of each listing). Nothing is lost."""
+    m = pm
+    d = m.mountpoint / "d"
+    d.mkdir()
+    for i in range(3):
+        (d / f"f{i}").write_bytes(b"x")
+    wait_uploaded(m, 30)
+    m.remount(wipe_cache=True, extra_args=["--listing-ttl", "1"])
+    assert sorted(os.listdir(d)) == ["f0", "f1", "f2"]
+    # the next whole listing of d/ (not a one-name listing, prefix d/NAME) waits 5 s
+    # before it reaches the bucket: the files below are uploaded meanwhile
+    slow = fault_proxy.set("hang", kind="ListObjectsV2", query="prefix=d%2F&", seconds=5,
+                           count=1)
+    time.sleep(1.5)  # the listing ran out
+    fault_proxy.reset_counts()
+    for i in range(12):
+        (d / f"g{i}").write_bytes(b"y" * (i + 1))
+    assert fault_proxy.wait_for(lambda p: slow.hits >= 1, timeout=10), m.log_tail(20)
+    wait_uploaded(m, 30)
+    # a readdir waits for the listing running in the background (the directory's lock)
+    names = sorted(os.listdir(d))
+    heads = [r.key for r in fault_proxy.requests(kind="HeadObject")
+             if r.key and r.key.startswith("d/g")]
+    manifest_gets = [r.key for r in fault_proxy.requests(kind="GetObject")
+                     if r.key and "manifest" in r.key]
+    # (the manifest writer HEADs the newest entry before each write of the manifest: is
+    # the directory still there? One per write, not per file)
+    manifest_puts = fault_proxy.requests(kind="PutObject", key=manifest_key("d/"))
+    assert len(heads) <= len(manifest_puts) and manifest_gets == [], (
+        heads, manifest_gets, m.log_tail(20))
+    expected = sorted(["f0", "f1", "f2", *(f"g{i}" for i in range(12))])
+    assert names == expected
+    for i in range(12):
+        assert (d / f"g{i}").read_bytes() == b"y" * (i + 1)
+    m.remount(wipe_cache=True)
+    assert sorted(os.listdir(d)) == expected
 
 
 def test_creates_do_not_wait_for_their_directory_being_listed_again(
