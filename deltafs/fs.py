@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 XATTR_PREFIX = "user.deltafs."
 #: rows read per query in readdir (a kernel buffer takes ~20-100 entries)
 READDIR_PAGE = 128
-#: forgotten inodes checked (for unlinked rows to reap) per step of the loop
-FORGET_STEP = 2000
+#: forgotten inodes checked (for unlinked rows to reap, one query) per step of the loop,
+#: and unlinked rows reaped per step
+FORGET_STEP, REAP_STEP = 500, 64
 
 
 @dataclass
@@ -279,7 +280,9 @@ class DeltaFS(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         """The kernel drops its references, thousands at once under memory pressure (a
         batch of 30,000 took 128 ms of the loop with a query per inode): the unlinked
-        among them are found with one query per few hundred, in steps."""
+        among them are found with one query per 500, and reaped, in steps. A row
+        forgotten here and unlinked during a checkpoint is reaped by the unlink itself;
+        the lookup counts are all settled before the first."""
         forgotten: list[int] = []
         for ino, count in inode_list:
             left = self.lookups.get(ino, 0) - count
@@ -288,11 +291,16 @@ class DeltaFS(pyfuse3.Operations):
                 continue
             self.lookups.pop(ino, None)
             forgotten.append(ino)
+        reaped = 0
         for i in range(0, len(forgotten), FORGET_STEP):
             if i:
                 await trio.sleep(0)
             for ino in self.journal.among(ORPHAN_PARENT, forgotten[i:i + FORGET_STEP]):
+                # (each reap is a few statements: a step is bounded by those too)
                 self._maybe_reap(ino)
+                reaped += 1
+                if reaped % REAP_STEP == 0:
+                    await trio.sleep(0)
 
     def _replaced(self, parent: int, old_ino: int, name: str) -> None:
         """Another writer replaced or removed ``name``: the kernel forgets the entry (its

@@ -8,6 +8,7 @@ the last ``WINDOW`` seconds (what the scale benchmark samples step by step).
 from __future__ import annotations
 
 import collections
+import ctypes
 import gc
 import inspect
 import logging
@@ -66,7 +67,8 @@ class LoopStall:
 class SlowSteps(trio.abc.Instrument):
     """Names what holds the loop: every task step, and every garbage collection, longer
     than ``limit_ms`` is logged. Off unless ``DELTAFS_SLOW_STEP_MS`` is set: it costs two
-    clock reads per task step."""
+    clock reads and one read of the thread's schedstat (~1 µs, the GIL kept) per task
+    step."""
 
     def __init__(self, limit_ms: float) -> None:
         self.limit = limit_ms / 1000.0
@@ -127,9 +129,9 @@ class SlowSteps(trio.abc.Instrument):
         # where the task resumes: a handler that finishes within the step is named only
         # here (after it, the task waits in pyfuse3's loop); a few attribute reads
         self._from = _innermost(task.coro)
+        self._wait0 = _runqueue_wait_ns()
         self._t0 = time.perf_counter()
         self._cpu0 = time.thread_time()
-        self._wait0 = _runqueue_wait_ns()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = time.perf_counter() - self._t0
@@ -162,27 +164,48 @@ class SlowSteps(trio.abc.Instrument):
                 self._report_due = True
 
 
-_schedstat_fd: int | None = None
+class _Schedstat:
+    """This thread's time runnable but not running (Linux schedstat), read with libc's
+    ``pread`` through ``ctypes.PyDLL``, which keeps the GIL: ``os.pread`` gives it up,
+    and on the loop's thread every step would then wait for it to come back while a
+    worker thread holds it (review). One descriptor, opened by the loop's thread (the
+    only caller)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.buf = ctypes.create_string_buffer(128)
+        self.pread: Any = None
+        try:
+            libc = ctypes.PyDLL(None)
+            fn = libc.pread
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long]
+            fn.restype = ctypes.c_ssize_t
+            self.fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat",
+                              os.O_RDONLY | os.O_CLOEXEC)
+            self.pread = fn
+        except (OSError, AttributeError):
+            pass
+
+    def wait_ns(self) -> int:
+        if self.pread is None:
+            return 0
+        n = self.pread(self.fd, self.buf, len(self.buf), 0)
+        try:
+            return int(self.buf.raw[:max(0, n)].split()[1])
+        except (ValueError, IndexError):
+            return 0
+
+
+_schedstat: _Schedstat | None = None
 
 
 def _runqueue_wait_ns() -> int:
-    """Nanoseconds this thread has spent runnable but not running (Linux schedstat;
-    0 where there is none). Read with ``pread`` on one descriptor, opened by the loop's
-    thread (the only caller): a few microseconds per step, and only with
-    ``DELTAFS_SLOW_STEP_MS`` set."""
-    global _schedstat_fd
-    if _schedstat_fd is None:
-        try:
-            _schedstat_fd = os.open(
-                f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
-        except OSError:
-            _schedstat_fd = -1
-    if _schedstat_fd < 0:
-        return 0
-    try:
-        return int(os.pread(_schedstat_fd, 128, 0).split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
+    """Nanoseconds this thread has spent runnable but not running (0 where Linux's
+    schedstat is missing): ~1 µs, the GIL kept, and only with ``DELTAFS_SLOW_STEP_MS``."""
+    global _schedstat
+    if _schedstat is None:
+        _schedstat = _Schedstat()
+    return _schedstat.wait_ns()
 
 
 def _innermost(coro: Any) -> str:
