@@ -46,15 +46,34 @@ def block_sums(path: Path | str) -> bytes:
 
 
 def digest_file(path: Path | str, sha: bool = True) -> tuple[str, bytes]:
-    """SHA-256 (unless ``sha`` is False) and block sums of a file, in one pass."""
+    """SHA-256 (unless ``sha`` is False) and block sums of a file, in one pass.
+
+    A small file gets a buffer of its own size: a fresh 1 MiB buffer, zeroed, was most of
+    a 300-byte file's digest (57 µs), all of it holding the GIL, once per file uploaded
+    (py-spy, 20,000 small creates: 8% of the time any thread held the GIL)."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        cap = min(_READ, -(-(size + 1) // 4096) * 4096)
+        got = _digest(f, sha, cap)
+        if got is None:  # it grew while read: again, in whole chunks
+            f.seek(0)
+            got = _digest(f, sha, _READ)
+    return got
+
+
+def _digest(f: Any, sha: bool, cap: int) -> tuple[str, bytes] | None:
+    """The digest of ``f`` read in chunks of ``cap`` (``_READ``, or more than the whole
+    file: None if it was not)."""
     h = hashlib.sha256() if sha else None
     out = bytearray()
-    buf = bytearray(_READ)  # one buffer, reused: no fresh mapping per chunk (memtrim)
-    with open(path, "rb", buffering=0) as f, memoryview(buf) as view:
+    buf = bytearray(cap)  # one buffer, reused: no fresh mapping per chunk (memtrim)
+    with memoryview(buf) as view:
         while True:
             n = 0  # fill the chunk: the sums need whole blocks until the end of the file
-            while n < _READ and (got := f.readinto(view[n:])):
+            while n < cap and (got := f.readinto(view[n:])):
                 n += got
+            if n == cap and cap < _READ:
+                return None
             if not n:
                 break
             chunk = view[:n]
@@ -62,7 +81,7 @@ def digest_file(path: Path | str, sha: bool = True) -> tuple[str, bytes]:
                 h.update(chunk)
             add_sums(out, chunk)
             chunk.release()
-            if n < _READ:
+            if n < cap:
                 break
     return (h.hexdigest() if h is not None else ""), bytes(out)
 

@@ -110,3 +110,45 @@ def test_each_threads_index_connection_keeps_little_in_memory(
     t.join()
     look()
     assert seen == [(INDEX_CACHE_PAGES, 0)] * 2
+
+
+def _sums_whole(data: bytes) -> bytes:
+    """Block sums of ``data`` held whole: one sum per BLOCK, as the reader checks them."""
+    out = bytearray()
+    blocksums.add_sums(out, memoryview(data))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("size", [0, 1, 300, 4095, 4096, 4097, BLOCK - 1, BLOCK, BLOCK + 1,
+                                  (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 12345])
+def test_digest_of_a_file_of_any_size(tmp_path: Path, size: int) -> None:
+    """Small files are read with a buffer of their own size (a 1 MiB buffer zeroed per
+    small file held the GIL for most of its digest); the digest is the same."""
+    from deltafs.cache import digest_file
+
+    data = os.urandom(size)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    assert digest_file(p) == (hashlib.sha256(data).hexdigest(), _sums_whole(data))
+
+
+def test_digest_of_a_file_that_grew_after_its_size_was_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The buffer is sized from fstat: a file longer than that is read again in whole
+    chunks, never summed in chunks that split a block."""
+    from deltafs import cache
+
+    data = os.urandom(BLOCK * 3 + 777)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    real = os.fstat
+
+    class Small:
+        def __init__(self, st: os.stat_result) -> None:
+            self.st = st
+
+        def __getattr__(self, name: str) -> object:
+            return 100 if name == "st_size" else getattr(self.st, name)
+
+    monkeypatch.setattr(cache.os, "fstat", lambda fd: Small(real(fd)))
+    assert cache.digest_file(p) == (hashlib.sha256(data).hexdigest(), _sums_whole(data))
