@@ -156,11 +156,14 @@ class _Known:
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed_names (name TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM temp.listed_names")
 
-    def _in(self, sql: str, values: list[str]) -> Iterator[tuple[Any, ...]]:
+    def _in(self, sql: str, values: list[str], run: Callable[..., Any] | None = None
+            ) -> Iterator[tuple[Any, ...]]:
+        """``sql`` (``IN ({})``, its first parameter the directory) over ``values`` in
+        batches, on the snapshot (or through ``run``)."""
+        run = run or self.conn.execute
         for i in range(0, len(values), _IN_BATCH):
             part = values[i:i + _IN_BATCH]
-            yield from self.conn.execute(sql.format(",".join("?" * len(part))),
-                                         (self.dir_ino, *part))
+            yield from run(sql.format(",".join("?" * len(part))), (self.dir_ino, *part))
 
     def etags(self, keys: list[str]) -> dict[str, str | None]:
         """remote key -> ETag, for the directory's rows (and itself) holding ``keys``.
@@ -185,17 +188,10 @@ class _Known:
         if self.latest is None or not objects:
             return set()
         listed = {o.key: o.etag for o in objects}
-        keys = list(listed)
-        out: set[str] = set()
-        for i in range(0, len(keys), _IN_BATCH):
-            part = keys[i:i + _IN_BATCH]
-            for key, etag in self.latest(
-                    "SELECT remote_key, remote_etag FROM nodes WHERE +parent=? AND "
-                    f"ino != parent AND remote_key IN ({','.join('?' * len(part))})",
-                    (self.dir_ino, *part)):
-                if etag is not None and listed.get(key) == etag:
-                    out.add(key)
-        return out
+        return {key for key, etag in self._in(
+            "SELECT remote_key, remote_etag FROM nodes WHERE +parent=? AND ino != parent "
+            "AND remote_key IN ({})", list(listed), self.latest)
+            if etag is not None and listed.get(key) == etag}
 
     def rows(self, names: list[str]) -> dict[str, tuple[int, str, str | None, str | None, bool]]:
         """name -> (ino, name, remote key, ETag, is a directory), for these names."""

@@ -76,6 +76,8 @@ class SlowSteps(trio.abc.Instrument):
         self._cpu0 = 0.0
         self._from = ""
         self._wait0 = 0
+        #: the loop thread's schedstat, opened on its first step (on that thread)
+        self._sched: _Schedstat | None = None
         self._gc0 = 0.0
         self._report_due = False
         self._reported = 0.0
@@ -129,7 +131,9 @@ class SlowSteps(trio.abc.Instrument):
         # where the task resumes: a handler that finishes within the step is named only
         # here (after it, the task waits in pyfuse3's loop); a few attribute reads
         self._from = _innermost(task.coro)
-        self._wait0 = _runqueue_wait_ns()
+        if self._sched is None:
+            self._sched = _Schedstat()
+        self._wait0 = self._sched.wait_ns()
         self._t0 = time.perf_counter()
         self._cpu0 = time.thread_time()
 
@@ -144,7 +148,7 @@ class SlowSteps(trio.abc.Instrument):
             # core (runnable, not running: the machine is busy), or for the GIL or a
             # syscall (the rest)
             cpu = time.thread_time() - self._cpu0
-            waited = (_runqueue_wait_ns() - self._wait0) / 1e6
+            waited = ((self._sched.wait_ns() if self._sched else 0) - self._wait0) / 1e6
             op = self.ops.get(task)
             log.warning("slow task step: %.0f ms (%.0f ms CPU, %.0f ms waiting for a core) "
                         "in %s%s (from %s to %s)",
@@ -165,11 +169,11 @@ class SlowSteps(trio.abc.Instrument):
 
 
 class _Schedstat:
-    """This thread's time runnable but not running (Linux schedstat), read with libc's
-    ``pread`` through ``ctypes.PyDLL``, which keeps the GIL: ``os.pread`` gives it up,
-    and on the loop's thread every step would then wait for it to come back while a
-    worker thread holds it (review). One descriptor, opened by the loop's thread (the
-    only caller)."""
+    """The calling thread's time runnable but not running (Linux schedstat; 0 where
+    there is none), read with libc's ``pread`` through ``ctypes.PyDLL``, which keeps
+    the GIL: ``os.pread`` gives it up, and on the loop's thread every step would then
+    wait for it to come back while a worker thread holds it (review). ~1 µs a read; one
+    descriptor for the thread that made this object, the only one to read it."""
 
     def __init__(self) -> None:
         self.fd = -1
@@ -194,18 +198,6 @@ class _Schedstat:
             return int(self.buf.raw[:max(0, n)].split()[1])
         except (ValueError, IndexError):
             return 0
-
-
-_schedstat: _Schedstat | None = None
-
-
-def _runqueue_wait_ns() -> int:
-    """Nanoseconds this thread has spent runnable but not running (0 where Linux's
-    schedstat is missing): ~1 µs, the GIL kept, and only with ``DELTAFS_SLOW_STEP_MS``."""
-    global _schedstat
-    if _schedstat is None:
-        _schedstat = _Schedstat()
-    return _schedstat.wait_ns()
 
 
 def _innermost(coro: Any) -> str:

@@ -11,7 +11,7 @@ import time
 import pytest
 import trio
 
-from deltafs.loopstall import LoopStall, SlowSteps, _runqueue_wait_ns
+from deltafs.loopstall import LoopStall, SlowSteps, _Schedstat
 
 
 def test_the_probe_sees_a_blocked_loop_and_forgets_it_after_the_window() -> None:
@@ -110,10 +110,11 @@ def test_a_step_that_waited_for_a_core_says_so(caplog: pytest.LogCaptureFixture)
                 pass
             await trio.sleep(0)
 
-        waited0 = _runqueue_wait_ns()
+        sched = _Schedstat()
+        waited0 = sched.wait_ns()
         with caplog.at_level(logging.WARNING, logger="deltafs.loopstall"):
             trio.run(busy, instruments=[SlowSteps(100.0)])
-        waited = (_runqueue_wait_ns() - waited0) / 1e6
+        waited = (sched.wait_ns() - waited0) / 1e6
     finally:
         os.sched_setaffinity(0, before)
         spinner.kill()

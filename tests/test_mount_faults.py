@@ -1001,6 +1001,19 @@ def test_fsync_of_a_file_behind_a_move_that_failed_for_good_gets_eio(
     assert sorted(os.listdir(m.mountpoint)) == ["a.txt", "e.txt"]
 
 
+def _three_files_then_a_fresh_mount(m: Mount) -> Path:
+    """``d/`` with three uploaded files, then a mount with an empty cache and a listing
+    TTL of 1 s (so the next creates find the directory's listing run out)."""
+    d = m.mountpoint / "d"
+    d.mkdir()
+    for i in range(3):
+        (d / f"f{i}").write_bytes(b"x")
+    wait_uploaded(m, 30)
+    m.remount(wipe_cache=True, extra_args=["--listing-ttl", "1"])
+    assert sorted(os.listdir(d)) == ["f0", "f1", "f2"]
+    return d
+
+
 def test_a_listing_heads_nothing_this_mount_uploaded_while_it_ran(
         pm: Mount, fault_proxy: FaultProxy) -> None:
     """A directory this mount fills is listed again every TTL. Files uploaded after that
@@ -1009,13 +1022,7 @@ def test_a_listing_heads_nothing_this_mount_uploaded_while_it_ran(
     GET of the manifest to find them (the 100,000-file create HEADed 12,639 such files,
     and read its whole manifest at the end of each listing). Nothing is lost."""
     m = pm
-    d = m.mountpoint / "d"
-    d.mkdir()
-    for i in range(3):
-        (d / f"f{i}").write_bytes(b"x")
-    wait_uploaded(m, 30)
-    m.remount(wipe_cache=True, extra_args=["--listing-ttl", "1"])
-    assert sorted(os.listdir(d)) == ["f0", "f1", "f2"]
+    d = _three_files_then_a_fresh_mount(m)
     # the next whole listing of d/ (not a one-name listing, prefix d/NAME) waits 5 s
     # before it reaches the bucket: the files below are uploaded meanwhile
     slow = fault_proxy.set("hang", kind="ListObjectsV2", query="prefix=d%2F&", seconds=5,
@@ -1053,13 +1060,7 @@ def test_creates_do_not_wait_for_their_directory_being_listed_again(
     it (at 90,000 entries it took 4-20 s on moto, every TTL, and every create waited).
     Another writer's file shows once it is done."""
     m = pm
-    d = m.mountpoint / "d"
-    d.mkdir()
-    for i in range(3):
-        (d / f"f{i}").write_bytes(b"x")
-    wait_uploaded(m, 30)
-    m.remount(wipe_cache=True, extra_args=["--listing-ttl", "1"])
-    assert sorted(os.listdir(d)) == ["f0", "f1", "f2"]
+    d = _three_files_then_a_fresh_mount(m)
     m.put_object("d/h.bin", b"another writer's")
     # the whole listing of d/ (not a one-name listing, prefix d/NAME) takes 8 s
     slow = fault_proxy.set("hang", kind="ListObjectsV2", query="prefix=d%2F&", seconds=8)
