@@ -169,6 +169,16 @@ class Journal:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA wal_autocheckpoint=0")
         self._lock = threading.Lock()
+        #: nanoseconds :meth:`x` waited for ``_lock``, nanoseconds it spent in SQLite
+        #: (with the GIL taken back after), statements: read by the slow-step log, which
+        #: tells a step that waited for a commit from one that waited in SQLite
+        self.timing = [0, 0, 0]
+        #: a commit holding ``_lock`` this long (seconds) is logged: the slow-step
+        #: threshold when that log is on, else the loop-stall log's
+        try:
+            self.slow_hold = float(os.environ.get("DELTAFS_SLOW_STEP_MS") or 250) / 1000
+        except ValueError:
+            self.slow_hold = 0.25
         # a WAL started over is cut back to this size (else it keeps its largest size)
         self.db.execute(f"PRAGMA journal_size_limit={CHECKPOINT_BYTES // 4}")
         self._wal_fd: int | None = None
@@ -223,11 +233,18 @@ class Journal:
         filesystem calls it from a worker thread. Changes between two commits share one
         fsync, which is what keeps a copy of many small files fast."""
         with self._lock:
+            t0 = time.perf_counter()
             try:
                 self.db.commit()
             except sqlite3.Error:
                 self.forget_paths()  # rolled back, perhaps with a move in it
                 raise
+            finally:
+                held = time.perf_counter() - t0
+                if held >= self.slow_hold:
+                    # every handler on the event loop waited that long for the lock
+                    log.warning("journal commit held the lock %.0f ms (the disk is "
+                                "slow to take the WAL's writes)", held * 1000)
             if self._restart_wal and not self.db.in_transaction:
                 # The bulk of the WAL was copied outside the lock, while the handlers kept
                 # a write transaction open (so SQLite could never start the WAL over):
@@ -341,12 +358,19 @@ class Journal:
         return int(logical), int(objects) + int(refs)
 
     def x(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        t0 = time.perf_counter_ns()
         with self._lock:
+            t1 = time.perf_counter_ns()
             try:
                 return self.db.execute(sql, args)
             except sqlite3.Error:
                 self.forget_paths()
                 raise
+            finally:
+                timing = self.timing
+                timing[0] += t1 - t0
+                timing[1] += time.perf_counter_ns() - t1
+                timing[2] += 1
 
     def get_meta(self, key: str) -> str | None:
         row = self.x("SELECT v FROM meta WHERE k=?", (key,)).fetchone()

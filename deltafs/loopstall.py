@@ -84,6 +84,9 @@ class SlowSteps(trio.abc.Instrument):
         #: task -> the last filesystem operation it entered (see :meth:`name_ops`): a
         #: pyfuse3 handler's own frame is hidden behind its Cython wrapper
         self.ops: dict[trio.lowlevel.Task, str] = {}
+        #: the journal's [lock wait ns, SQLite ns, statements] counters (Journal.timing)
+        self.journal_timing: list[int] | None = None
+        self._j0 = (0, 0, 0)
 
     def name_ops(self, fs: Any, names: Any) -> None:
         """Wrap the async methods ``names`` of ``fs`` (an instance) so that a slow step
@@ -136,6 +139,8 @@ class SlowSteps(trio.abc.Instrument):
         self._wait0 = self._sched.wait_ns()
         self._t0 = time.perf_counter()
         self._cpu0 = time.thread_time()
+        if self.journal_timing is not None:
+            self._j0 = tuple(self.journal_timing)
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = time.perf_counter() - self._t0
@@ -150,9 +155,13 @@ class SlowSteps(trio.abc.Instrument):
             cpu = time.thread_time() - self._cpu0
             waited = ((self._sched.wait_ns() if self._sched else 0) - self._wait0) / 1e6
             op = self.ops.get(task)
-            log.warning("slow task step: %.0f ms (%.0f ms CPU, %.0f ms waiting for a core) "
+            jt = self.journal_timing
+            j = (f", journal: {(jt[0] - self._j0[0]) / 1e6:.0f} ms waiting for its lock, "
+                 f"{(jt[1] - self._j0[1]) / 1e6:.0f} ms in {jt[2] - self._j0[2]} statements"
+                 if jt is not None else "")
+            log.warning("slow task step: %.0f ms (%.0f ms CPU, %.0f ms waiting for a core%s) "
                         "in %s%s (from %s to %s)",
-                        took * 1000.0, cpu * 1000.0, max(0.0, waited), task.name,
+                        took * 1000.0, cpu * 1000.0, max(0.0, waited), j, task.name,
                         f" (last operation: {op})" if op else "", self._from,
                         _innermost(task.coro))
 
