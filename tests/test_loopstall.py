@@ -124,3 +124,43 @@ def test_a_step_that_waited_for_a_core_says_so(caplog: pytest.LogCaptureFixture)
     logged = float(re.search(r"(\d+) ms waiting for a core", lines[0]).group(1))
     assert waited >= 30.0, waited
     assert logged >= 30.0, lines[0]
+
+
+def test_a_step_that_waited_for_the_journal_lock_says_so(
+        tmp_path: "os.PathLike[str]", caplog: pytest.LogCaptureFixture) -> None:
+    """A commit holds the journal's lock while SQLite writes the WAL: a handler on the
+    loop waits for it, and the slow-step line tells that wait from time in SQLite."""
+    import threading
+    from pathlib import Path
+
+    from deltafs.journal import Journal
+
+    journal = Journal(Path(tmp_path) / "state.db", "s3://b")
+    held = threading.Event()
+
+    def holder() -> None:
+        with journal._lock:
+            held.set()
+            time.sleep(0.12)
+
+    async def handler() -> None:
+        await trio.sleep(0)
+        t = threading.Thread(target=holder)
+        t.start()
+        held.wait()
+        journal.x("SELECT 1").fetchone()
+        journal.x("SELECT 2").fetchone()
+        t.join()
+        await trio.sleep(0)
+
+    steps = SlowSteps(50.0)
+    steps.journal_timing = journal.timing
+    with caplog.at_level(logging.WARNING, logger="deltafs.loopstall"):
+        trio.run(handler, instruments=[steps])
+    journal.close()
+    lines = [r.getMessage() for r in caplog.records if "slow task step" in r.getMessage()]
+    assert len(lines) == 1, lines
+    m = re.search(r"journal: (\d+) ms waiting for its lock, (\d+) ms in (\d+) statements",
+                  lines[0])
+    assert m, lines[0]
+    assert int(m.group(1)) >= 80 and int(m.group(3)) == 2, lines[0]
