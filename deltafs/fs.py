@@ -152,6 +152,7 @@ class DeltaFS(pyfuse3.Operations):
         self._totals_at = 0.0
         self._totals_wanted = True
         self._totals_every = 2.0
+        self._oldest_staged = 0.0
         self._budget_checked: tuple[float, int] = (0.0, 0)
         files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.contents = Contents(journal, cache, engine, files_dir, settle=options.settle)
@@ -868,6 +869,14 @@ class DeltaFS(pyfuse3.Operations):
         if not n.startswith(XATTR_PREFIX):
             raise pyfuse3.FUSEError(self._absent_xattr(n))
         node = self._node(inode)
+        if inode == ROOT_INO and n == XATTR_PREFIX + "status" and \
+                time.monotonic() - self._totals_at > max(10.0, 3 * self._totals_every):
+            # nobody asked for a while (a one-off `deltafs status`): figures refreshed
+            # now in a worker thread, not ones as old as the last reader's
+            try:
+                await self.refresh_totals()
+            except sqlite3.Error as exc:
+                log.debug("totals: %s", exc)  # the last figures are shown
         values = self._xattrs(node)
         if n not in values:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -943,10 +952,17 @@ class DeltaFS(pyfuse3.Operations):
         self._totals_wanted = True
         return self._totals
 
+    def oldest_staged(self) -> float:
+        """When the oldest staged file not yet uploaded was last written (0.0: none), as
+        of the last refresh (see :meth:`totals`)."""
+        self._totals_wanted = True
+        return self._oldest_staged
+
     async def refresh_totals(self) -> None:
         self._totals_wanted = False
         t0 = time.monotonic()
-        self._totals = await trio.to_thread.run_sync(self.journal.totals)
+        self._totals, self._oldest_staged = await trio.to_thread.run_sync(
+            lambda: (self.journal.totals(), self.journal.oldest_staged()))
         self._totals_at = time.monotonic()
         # the sum is O(rows): a big journal is summed less often (a scrape every 2 s of a
         # 1,000,000-row journal would otherwise keep a core 5 % busy)

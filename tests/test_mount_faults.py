@@ -149,10 +149,16 @@ def test_outage_cp_is_staged_then_uploads_by_itself(pm: Mount, fault_proxy: Faul
     time.sleep(max(0.0, outage_started + 3 - time.monotonic()))
     assert stored_names(m, "d") == {""}, "an upload got through a refused endpoint"
     assert m.status()["pending_files"] == len(files)
+    # how long the oldest has waited (refreshed in a worker thread while someone asks)
+    deadline = time.monotonic() + 10
+    while (st := m.status())["oldest_pending_seconds"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert 2 <= st["oldest_pending_seconds"] < 120, st
 
     fault_proxy.clear()
     back = time.monotonic()
     st = wait_uploaded(m, 45)
+    assert st["oldest_pending_seconds"] == 0, st
     took_back = time.monotonic() - back
     print(f"outage: cp {took:.2f} s; uploaded {took_back:.1f} s after S3 came back")
     names = stored_names(m, "d")
