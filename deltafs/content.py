@@ -200,11 +200,12 @@ class Contents:
             self._after_commit.append(path)
 
     async def commit(self) -> None:
-        """Make the journal durable (in a worker thread), then remove the files that
-        durable state no longer points to."""
+        """Make the journal durable (written out here, its fsync in a worker thread),
+        then remove the files that durable state no longer points to."""
         todo, self._after_commit = self._after_commit, []
         try:
-            await trio.to_thread.run_sync(self.journal.commit)
+            self.journal.write_out()
+            await trio.to_thread.run_sync(self.journal.make_durable)
         except BaseException:
             self._after_commit = todo + self._after_commit
             raise

@@ -230,27 +230,33 @@ class Journal:
 
     def commit(self) -> None:
         """Make every change so far durable (an fsync of the WAL): blocking, so the
-        filesystem calls it from a worker thread. Changes between two commits share one
-        fsync, which is what keeps a copy of many small files fast."""
+        filesystem runs :meth:`write_out` on its loop and :meth:`make_durable` in a
+        worker thread instead; this is both, for start-up, shutdown and tools."""
+        self.write_out()
+        self.make_durable()
+
+    def write_out(self) -> None:
+        """Commit the open transaction into the WAL, without its fsync (the writes land
+        in the page cache; one GIL release). The filesystem calls it on its loop: a
+        worker thread committing held the connection's lock while it waited for the
+        GIL and the disk, and every handler waited for that lock (80-108 ms steps in
+        the scale benchmark's create, run 7). Durable only after :meth:`make_durable`."""
         with self._lock:
-            t0 = time.perf_counter()
-            try:
-                self.db.commit()
-            except sqlite3.Error:
-                self.forget_paths()  # rolled back, perhaps with a move in it
-                raise
-            finally:
-                held = time.perf_counter() - t0
-                if held >= self.slow_hold:
-                    # every handler on the event loop waited that long for the lock
-                    log.warning("journal commit held the lock %.0f ms (the disk is "
-                                "slow to take the WAL's writes)", held * 1000)
-            if self._restart_wal and not self.db.in_transaction:
-                # The bulk of the WAL was copied outside the lock, while the handlers kept
-                # a write transaction open (so SQLite could never start the WAL over):
-                # copying the last frames now, with none open, lets the next one restart
-                # it. One short stall per CHECKPOINT_BYTES of WAL (found by review: the
-                # WAL grew without bound during a long copy).
+            self._commit_locked()
+
+    def make_durable(self) -> None:
+        """fsync the WAL: every transaction written out before this call is durable
+        after it; then the WAL's upkeep. Blocking (a worker thread). Changes between two
+        commits share one fsync, which is what keeps a copy of many small files fast."""
+        if self._restart_wal:
+            with self._lock:
+                # The bulk of the WAL was copied outside the lock, while the handlers
+                # kept a write transaction open (so SQLite could never start the WAL
+                # over): committing what is open and copying the last frames, with no
+                # transaction open, lets the next one restart it. One short hold of the
+                # lock per CHECKPOINT_BYTES of WAL (found by review: the WAL grew without
+                # bound during a long copy).
+                self._commit_locked()
                 self._restart_wal = False
                 try:
                     self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -264,6 +270,19 @@ class Journal:
                     log.debug("WAL checkpoint deferred: %s", exc)
         self._sync_wal()
         self._checkpoint_if_big()
+
+    def _commit_locked(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.db.commit()
+        except sqlite3.Error:
+            self.forget_paths()  # rolled back, perhaps with a move in it
+            raise
+        finally:
+            held = time.perf_counter() - t0
+            if held >= self.slow_hold:
+                log.warning("journal commit took %.0f ms (the disk was slow to take the "
+                            "WAL's writes, or the GIL was slow to come back)", held * 1000)
 
     def _sync_wal(self) -> None:
         """fsync the WAL: every transaction committed before this call is durable after
