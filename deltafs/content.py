@@ -205,7 +205,10 @@ class Contents:
         todo, self._after_commit = self._after_commit, []
         try:
             self.journal.write_out()
-            await trio.to_thread.run_sync(self.journal.make_durable)
+            # shielded: written out but cancelled before its fsync, the commit would
+            # look done (no transaction open) without being durable
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.journal.make_durable)
         except BaseException:
             self._after_commit = todo + self._after_commit
             raise

@@ -989,7 +989,8 @@ class DeltaFS(pyfuse3.Operations):
                     await self.refresh_totals()
                 except sqlite3.Error as exc:
                     log.debug("totals: %s", exc)
-            if not self.journal.db.in_transaction and not self.contents._after_commit:  # noqa: SLF001
+            if not self.journal.db.in_transaction and not self.journal.needs_sync \
+                    and not self.contents._after_commit:  # noqa: SLF001
                 continue
             try:
                 await self._commit()

@@ -178,7 +178,14 @@ class Journal:
         try:
             self.slow_hold = float(os.environ.get("DELTAFS_SLOW_STEP_MS") or 250) / 1000
         except ValueError:
+            self.slow_hold = 0.0
+        if self.slow_hold <= 0:  # the slow-step log off (0, a negative value, junk)
             self.slow_hold = 0.25
+        #: transactions written out, and how many of them the last fsync covered: a
+        #: commit written out but not made durable (its fsync failed, or its task was
+        #: cancelled in between) is made durable by the next commit (see needs_sync)
+        self._written = 0
+        self._synced = 0
         # a WAL started over is cut back to this size (else it keeps its largest size)
         self.db.execute(f"PRAGMA journal_size_limit={CHECKPOINT_BYTES // 4}")
         self._wal_fd: int | None = None
@@ -241,8 +248,15 @@ class Journal:
         worker thread committing held the connection's lock while it waited for the
         GIL and the disk, and every handler waited for that lock (80-108 ms steps in
         the scale benchmark's create, run 7). Durable only after :meth:`make_durable`."""
+        t0 = time.perf_counter_ns()
         with self._lock:
+            self.timing[0] += time.perf_counter_ns() - t0
             self._commit_locked()
+
+    @property
+    def needs_sync(self) -> bool:
+        """Whether a transaction was written out that no fsync covered yet."""
+        return self._written != self._synced
 
     def make_durable(self) -> None:
         """fsync the WAL: every transaction written out before this call is durable
@@ -268,13 +282,18 @@ class Journal:
                         raise
                     self._restart_wal = True
                     log.debug("WAL checkpoint deferred: %s", exc)
+        covered = self._written
         self._sync_wal()
+        self._synced = covered
         self._checkpoint_if_big()
 
     def _commit_locked(self) -> None:
         t0 = time.perf_counter()
         try:
+            had = self.db.in_transaction
             self.db.commit()
+            if had:
+                self._written += 1
         except sqlite3.Error:
             self.forget_paths()  # rolled back, perhaps with a move in it
             raise
@@ -668,7 +687,8 @@ class Journal:
         rows among them, or left by an earlier try whose commit failed): the caller
         commits them (:meth:`commit`, with its fsync) before the write starts."""
         with self._lock:
-            pending = self.db.in_transaction  # (Python opens one before any INSERT)
+            # (Python opens one before any INSERT); or written out, not yet fsynced
+            pending = self.db.in_transaction or self.needs_sync
             before = self.db.total_changes
             try:
                 self.db.executemany(

@@ -199,3 +199,25 @@ def test_writes_in_flight_are_recorded_until_their_result_is(tmp_path: Path) -> 
     other.close()
     j = Journal(tmp_path / "state.db", "s3://b/")  # the next start drops what is left
     assert not j.has_attempts(f)
+
+
+def test_a_commit_written_out_but_not_yet_fsynced_is_not_taken_for_durable(
+        tmp_path: Path) -> None:
+    """The filesystem writes a commit out on its loop and fsyncs it in a worker: in
+    between (or when that fsync failed) no transaction is open, yet nothing is durable.
+    An upload's attempt rows must then still be committed before its write starts."""
+    j = Journal(tmp_path / "state.db", "s3://b/")
+    ino = j.insert(parent=ROOT_INO, name="a", mode=0o100644)
+    assert j.add_attempts(ino, [("a", None)]) is True
+    j.write_out()
+    assert not j.db.in_transaction and j.needs_sync
+    # the same attempt again: no change, no transaction open, but not durable yet
+    assert j.add_attempts(ino, [("a", None)]) is True
+    j.write_out()
+    j.make_durable()
+    assert not j.needs_sync
+    assert j.add_attempts(ino, [("a", None)]) is False
+    j.commit()
+    j.write_out()  # nothing open: nothing written, nothing to sync
+    assert not j.needs_sync
+    j.close()
