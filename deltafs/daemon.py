@@ -34,6 +34,7 @@ from .content import recover
 from .fs import DeltaFS, Options
 from .journal import Journal
 from . import membudget, memtrim, wiring
+from .gatecontrol import GateControl
 from .loopstall import SlowSteps
 from .store.base import ObjectStore
 
@@ -444,6 +445,11 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
         nursery.start_soon(fs.read_ahead.run)
         nursery.start_soon(fs.committer)
         nursery.start_soon(fs.loop_stall.run)
+        gate = getattr(fs.engine.store, "gate", None)
+        if gate is not None:
+            # S3 requests at once follow the loop's lag (deltafs.gatecontrol)
+            fs.gate_control = GateControl(gate, fs.loop_stall)
+            nursery.start_soon(fs.gate_control.run)
         nursery.start_soon(memtrim.run)
         nursery.start_soon(fs.manifests.run)
         nursery.start_soon(fs.dirsync.run)

@@ -37,6 +37,7 @@ from .index import (key_of, valid_name)
 from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, recover
 from .crashpoints import crash_point
 from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
+from .gatecontrol import GateControl
 from .loopstall import LoopStall
 from .dirmanifest import DirManifests
 from .dirsync import DirSync
@@ -146,6 +147,8 @@ class DeltaFS(pyfuse3.Operations):
         self.kernel_read_ahead: int | None = None
         self.started = time.time()
         self.loop_stall = LoopStall()
+        #: sizes the S3 store's request gate from the loop's lag (set by the daemon)
+        self.gate_control: GateControl | None = None
         #: (logical, stored) bytes: full-table sums, so computed by the committer in a
         #: worker thread when statfs or status asked for them (see :meth:`totals`)
         self._totals: tuple[int, int] = (0, 0)

@@ -56,6 +56,9 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         # how late a 10 ms timer fired: anything blocking the event loop shows here
         "max_loop_stall_ms": round(fs.loop_stall.max_ms, 1),
         "recent_loop_stall_ms": round(fs.loop_stall.recent_ms(), 1),
+        # S3 requests allowed inside botocore at once, narrowed while the loop lags
+        # (gatecontrol.py); None: not an S3 store
+        "s3_requests_at_once": _gate(fs),
         # the --memory-limit and what the xdelta3 children hold under it
         # (and glibc's mmap threshold, pinned by the daemon: memtrim.py)
         "memory": {**membudget.current().status(), "mmap_threshold": memtrim.pinned},
@@ -75,3 +78,12 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
 def _outcomes(store: Any) -> dict[str, dict[str, int]] | None:
     outcomes = getattr(store, "request_outcomes", None)
     return outcomes() if outcomes is not None else None
+
+
+def _gate(fs: "DeltaFS") -> dict[str, int] | None:
+    gate = getattr(fs.engine.store, "gate", None)
+    if gate is None:
+        return None
+    control = fs.gate_control
+    return {"limit": gate.limit, "ceiling": gate.ceiling, "in_flight": gate.busy,
+            "waited": gate.waited, "narrowed": control.narrowed if control else 0}

@@ -45,6 +45,7 @@ from deltafs.errors import (
 )
 from deltafs.format import MANIFEST_NAME, REFERENCE_NAME
 from deltafs.store.base import Listing, ObjectInfo, ObjectStore
+from deltafs.store.gate import RequestGate
 
 log = logging.getLogger(__name__)
 
@@ -505,6 +506,10 @@ class S3Store(ObjectStore):
                 client = make_client(path_style=True)
         except bce.BotoCoreError as exc:
             raise ConfigError(f"cannot configure the S3 client: {_one_line(exc)}") from None
+        #: how many requests may be inside botocore at once (every thread); a mount
+        #: narrows it while its event loop lags (deltafs.gatecontrol)
+        self.gate = RequestGate(max_pool)
+        client._make_api_call = self.gate.wrap(client._make_api_call)
         self._client = client
         self.endpoint: str = client.meta.endpoint_url
         client.meta.events.register("before-call.s3", self._count_call)
