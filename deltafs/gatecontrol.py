@@ -1,14 +1,14 @@
 """Sizes the S3 request gate (:mod:`deltafs.store.gate`) from the event loop's lag.
 
 Halved when the loop came back late by :data:`HIGH_MS` or more in the last period (the
-worker threads' Python starves it of the GIL, or of a core), from the number of requests
-that period actually wanted at once (halving a limit of 40 while 16 HEADs run changes
-nothing); opened by one when it stayed under :data:`LOW_MS` (from the minimum to 16 at
-once in 3.5 s). Against a remote S3 the threads mostly wait for the network
-and the gate stays open; against a local or very fast S3, or on a small machine, it
-closes down to :data:`MINIMUM` requests at once, which costs little throughput there:
-the requests were queueing for the GIL anyway. A stall that S3 calls did not cause
-only closes the gate for the few seconds it takes to open again.
+worker threads' Python starves it of the GIL, or of a core) and more than
+:data:`MINIMUM` requests wanted in at once; halved from that number (halving a limit of
+40 while 16 HEADs run changes nothing). Otherwise opened by one per period (from the
+minimum to 40 in 9.5 s). A lag with no S3 demand behind it (a collection, a commit on an
+idle mount) leaves the gate alone: narrowing could not help (review). Against a remote
+S3 the threads mostly wait for the network and the gate stays open; against a local or
+very fast S3, or on a small machine, it closes down to :data:`MINIMUM`, which costs
+little throughput there: the requests were queueing for the GIL anyway.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 PERIOD = 0.25
 HIGH_MS = 40.0
-LOW_MS = 15.0
 MINIMUM = 2
 
 
@@ -40,11 +39,11 @@ class GateControl:
         gate = self.gate
         old = gate.limit
         if worst_ms >= HIGH_MS:
+            if wanted <= MINIMUM:
+                return  # not the S3 requests' doing
             new = max(MINIMUM, min(old, wanted) // 2)
-        elif worst_ms < LOW_MS:
-            new = min(gate.ceiling, old + 1)
         else:
-            return
+            new = min(gate.ceiling, old + 1)
         if new != old:
             gate.limit = new
             if new < old:

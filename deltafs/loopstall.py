@@ -219,9 +219,8 @@ class _Schedstat:
         if self.pread is None:
             return 0.0
         before = self.buf.value
-        self.mark()
+        self.mark()  # the counters only grow: this read covers all of the last one
         after = self.buf.value
-        self.buf.value = before
         return (_wait_ns(after) - _wait_ns(before)) / 1e6
 
     def wait_ns(self) -> int:
@@ -242,16 +241,18 @@ def _wait_ns(raw: bytes) -> int:
 def _innermost_frame(coro: Any) -> tuple[Any, int] | None:
     """Where a task is suspended: its innermost coroutine frame of our own code (trio's
     and pyfuse3's frames skipped, unless there is nothing else), as (code, line). Cheap:
-    whether a code object is ours is asked once per code object."""
+    whether a file is ours is asked once per file (not per code object: two identical
+    functions in two files compare equal)."""
     where = None
     while coro is not None:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
         if frame is None:
             break
         code = frame.f_code
-        ours = _OURS.get(code)
+        ours = _OURS.get(code.co_filename)
         if ours is None:
-            ours = _OURS[code] = not any(s in code.co_filename for s in _NOT_OURS)
+            ours = _OURS[code.co_filename] = not any(s in code.co_filename
+                                                      for s in _NOT_OURS)
         if where is None or ours:
             where = (code, frame.f_lineno)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
@@ -267,5 +268,5 @@ def _where(at: tuple[Any, int] | None) -> str:
 
 
 _NOT_OURS = ("site-packages", "pyfuse3", ".pxi")
-#: code object -> whether it is ours (code objects live as long as their module)
-_OURS: dict[Any, bool] = {}
+#: source file -> whether it is ours
+_OURS: dict[str, bool] = {}

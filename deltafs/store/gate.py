@@ -9,9 +9,17 @@ a loop step of 3 statements came back up to 194 ms late; with 4 such threads, 15
 (a simulation of exactly that, issue 11). The gate lets the daemon lower the number
 while its loop lags (:mod:`deltafs.gatecontrol`) and raise it again when it does not.
 
-The gate spans one API call (``_make_api_call``: retries included), never a composite
-operation, so a holder only ever waits for the network: no lock of ours is taken
-inside it, and no gate holder waits for another (no deadlock).
+The gate spans one API call (``_make_api_call``: botocore's retries and their back-off
+included), never a composite operation of ours, and no lock of ours is taken inside it.
+botocore itself may call the client again from inside a call (an S3 Express session is
+created from a ``before-sign`` hook, under a credentials lock other holders wait for; a
+region redirect HEADs the bucket): a thread that already holds a place goes straight
+through, so a holder never waits for the gate (review: with a plain semaphore, two such
+calls at a limit of 2 stopped every S3 request for good).
+
+Trade-offs, while the gate is narrowed: a read (the GET of an ``open``) queues with the
+uploads, and a holder keeps its place through botocore's back-off. It only narrows while
+the loop lags for want of the GIL or a core, which an outage does not cause.
 """
 from __future__ import annotations
 
@@ -23,8 +31,10 @@ log = logging.getLogger(__name__)
 
 
 class RequestGate:
-    """A semaphore whose size may be changed at any time, from any thread. Waiting
-    threads block on a lock (the GIL released); they are woken oldest first."""
+    """A semaphore whose size may be changed at any time, from any thread, and that a
+    thread holding a place enters again freely. Waiting threads block on a lock (the
+    GIL released); a place that frees wakes the oldest, though a newcomer may take it
+    first."""
 
     def __init__(self, limit: int) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -36,6 +46,8 @@ class RequestGate:
         self._peak = 0
         #: requests that had to wait for a slot (the gate's effect, for the status)
         self.waited = 0
+        #: per thread: how deep in the gate it is (0 or absent: outside)
+        self._depth = threading.local()
 
     @property
     def limit(self) -> int:
@@ -79,8 +91,21 @@ class RequestGate:
             self._cond.notify()
 
     def wrap(self, call: Callable[..., Any]) -> Callable[..., Any]:
-        """``call`` run inside the gate."""
+        """``call`` run inside the gate (straight through when this thread already is)."""
+        depth = self._depth
+
         def gated(*args: Any, **kw: Any) -> Any:
+            inside = getattr(depth, "n", 0)
+            if inside:
+                depth.n = inside + 1
+                try:
+                    return call(*args, **kw)
+                finally:
+                    depth.n = inside
             with self:
-                return call(*args, **kw)
+                depth.n = 1
+                try:
+                    return call(*args, **kw)
+                finally:
+                    depth.n = 0
         return gated
