@@ -321,6 +321,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
         for inst in instruments:
             inst.name_ops(fs, [n for n in dir(pyfuse3.Operations) if not n.startswith("_")])
             inst.journal_timing = journal.timing
+            journal.slow_hold = inst.limit  # and slow commits by the same measure
         trio.run(_main, fs, cfg, ready_fd, stop, instruments=instruments)
     except DeltafsError as exc:
         # a start check that failed inside the loop (a metrics port in use): one line,

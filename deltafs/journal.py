@@ -173,14 +173,9 @@ class Journal:
         #: (with the GIL taken back after), statements: read by the slow-step log, which
         #: tells a step that waited for a commit from one that waited in SQLite
         self.timing = [0, 0, 0]
-        #: a commit holding ``_lock`` this long (seconds) is logged: the slow-step
-        #: threshold when that log is on, else the loop-stall log's
-        try:
-            self.slow_hold = float(os.environ.get("DELTAFS_SLOW_STEP_MS") or 250) / 1000
-        except ValueError:
-            self.slow_hold = 0.0
-        if self.slow_hold <= 0:  # the slow-step log off (0, a negative value, junk)
-            self.slow_hold = 0.25
+        #: a commit holding ``_lock`` this long (seconds) is logged: the loop-stall
+        #: log's threshold, or the slow-step log's when the daemon turns that on
+        self.slow_hold = 0.25
         #: transactions written out, and how many of them the last fsync covered: a
         #: commit written out but not made durable (its fsync failed, or its task was
         #: cancelled in between) is made durable by the next commit (see needs_sync)

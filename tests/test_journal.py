@@ -221,3 +221,21 @@ def test_a_commit_written_out_but_not_yet_fsynced_is_not_taken_for_durable(
     j.write_out()  # nothing open: nothing written, nothing to sync
     assert not j.needs_sync
     j.close()
+
+
+def test_a_commit_that_holds_the_lock_past_the_threshold_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon sets ``slow_hold`` to the slow-step log's threshold (the journal reads
+    no environment of its own); by default only a loop-stall-sized hold is logged."""
+    j, *_ = _tree(tmp_path)
+    assert j.slow_hold == 0.25
+    j.insert(parent=ROOT_INO, name="quick", mode=FILE)
+    with caplog.at_level("WARNING", logger="deltafs.journal"):
+        j.commit()
+    assert "journal commit took" not in caplog.text
+    j.slow_hold = 0.0  # every commit is slow by this measure
+    j.insert(parent=ROOT_INO, name="slow", mode=FILE)
+    with caplog.at_level("WARNING", logger="deltafs.journal"):
+        j.commit()
+    assert "journal commit took" in caplog.text
+    j.close()
