@@ -93,6 +93,7 @@ class Snapshot:
     decode_seconds: float
     loop_stall_max_seconds: float
     loop_stall_recent_seconds: float
+    s3_request_limit: int
     memory_limit_bytes: int
     memory_daemon_rss_bytes: int
     memory_codec_held_bytes: int
@@ -149,6 +150,7 @@ _FROM_STATUS: dict[str, tuple[str | None, str, float]] = {
                                       "decode_seconds")},
     "loop_stall_max_seconds": (None, "max_loop_stall_ms", 1000.0),
     "loop_stall_recent_seconds": (None, "recent_loop_stall_ms", 1000.0),
+    "s3_request_limit": ("s3_requests_at_once", "limit", 1.0),
     **{f"memory_{k}": ("memory", k, 1.0) for k in (
         "codec_children", "codec_waiting", "codec_waits", "codec_wait_seconds")},
     "memory_limit_bytes": ("memory", "limit", 1.0),
@@ -278,6 +280,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "The longest the event loop was held up in the last 10 seconds "
                "(deltafs status: recent_loop_stall_ms).",
                lambda s: s.loop_stall_recent_seconds),
+    MetricSpec("deltafs_s3_request_limit", GAUGE,
+               "S3 requests allowed inside botocore at once, narrowed while the event "
+               "loop lags (deltafs status: s3_requests_at_once; 0: not an S3 store).",
+               lambda s: s.s3_request_limit),
     MetricSpec("deltafs_memory_limit_bytes", GAUGE,
                "The --memory-limit for the daemon and its xdelta3 children together "
                "(0: no limit).",

@@ -72,6 +72,8 @@ STATUS: dict[str, Any] = {
     "last_error": "refused",
     "max_loop_stall_ms": 87.5,
     "recent_loop_stall_ms": 12.5,
+    "s3_requests_at_once": {"limit": 12, "ceiling": 40, "in_flight": 3, "waited": 8,
+                            "narrowed": 2},
     "memory": {"limit": 144 << 20, "daemon_rss": 60 << 20, "codec_held": 30 << 20,
                "codec_children": 2, "codec_waiting": 1, "codec_peak_held": 50 << 20,
                "codec_waits": 3, "codec_wait_seconds": 1.75, "codec_alone": 0,
@@ -101,6 +103,7 @@ EXPECTED = {
     "deltafs_decode_seconds_total": 0.5,
     "deltafs_loop_stall_max_seconds": 0.0875,
     "deltafs_loop_stall_recent_seconds": 0.0125,
+    "deltafs_s3_request_limit": 12,
     "deltafs_memory_limit_bytes": 144 << 20,
     "deltafs_memory_daemon_rss_bytes": 60 << 20,
     "deltafs_memory_codec_held_bytes": 30 << 20,
@@ -556,6 +559,11 @@ def test_mount_with_metrics_port(moto_server: str, bucket: str, tmp_path: Path) 
         assert st["request_outcomes"]["PUT"]["ok"] >= value(
             parsed, "deltafs_s3_requests_total", op="PUT", outcome="ok")
         assert st["codec"]["encodes"] >= value(parsed, "deltafs_encodes_total")
+        # the S3 request gate: its ceiling is the connection pool; a limit between
+        gate = st["s3_requests_at_once"]
+        assert gate["ceiling"] == 40
+        assert 2 <= gate["limit"] <= 40 and gate["in_flight"] >= 0
+        assert 2 <= value(parsed, "deltafs_s3_request_limit") <= 40
         # reading a file back: a cache hit (its upload left it there)
         assert (m.mountpoint / "app-1.3.bin").read_bytes() == versions[3]
         scrape_until(port, lambda p: value(p, "deltafs_cache_hits_total")
