@@ -239,3 +239,46 @@ def test_a_commit_that_holds_the_lock_past_the_threshold_is_logged(
         j.commit()
     assert "journal commit took" in caplog.text
     j.close()
+
+
+def test_a_commit_cancelled_between_its_halves_is_still_made_durable(
+        tmp_path: Path) -> None:
+    """``Contents.commit`` writes out on the loop, then fsyncs in a worker, shielded: a
+    cancellation that arrives during the fsync (a handler interrupted, the mount torn
+    down) must not leave a commit written out but never made durable, nor remove the
+    files the durable state still points to before it is. (It fails if the fsync is
+    awaited abandonably, ``abandon_on_cancel=True``, without the shield.)"""
+    import threading
+    import time as _time
+
+    import trio
+
+    from deltafs.content import Contents
+
+    j, *_ = _tree(tmp_path)
+    contents = Contents(j, None, None, tmp_path)  # type: ignore[arg-type] - commit only
+    old = tmp_path / "old-staging"
+    old.write_bytes(b"x")
+    contents.drop_after_commit(str(old))
+    synced = threading.Event()
+    durable = j.make_durable
+
+    def slow_durable() -> None:
+        _time.sleep(0.3)  # the cancellation arrives meanwhile
+        durable()
+        synced.set()
+
+    j.make_durable = slow_durable  # type: ignore[method-assign]
+    j.insert(parent=ROOT_INO, name="new", mode=FILE)
+
+    async def main() -> None:
+        with trio.move_on_after(0.05):
+            await contents.commit()
+
+    trio.run(main)
+    assert synced.is_set(), "the fsync did not run to its end"
+    assert not j.needs_sync
+    # the cancellation came while the shield held: commit() finished, then the
+    # scope noticed; the file dropped after the commit was removed only after it
+    assert not old.exists()
+    j.close()
