@@ -50,14 +50,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def s3_nice() -> int:
-    """The nice value the moto server runs at (``--s3-nice``; 0: the same as deltafs)."""
-    try:
-        return int(os.environ.get("DELTAFS_BENCH_S3_NICE", "0"))
-    except ValueError:
-        return 0
-
-
 class Moto:
     """One moto S3 server (with the request counter) on 127.0.0.1."""
 
@@ -65,12 +57,11 @@ class Moto:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logfile = work / "moto.log"
-        nice = s3_nice()
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.motoserver", "-H", "127.0.0.1", "-p",
                  str(self.port)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                cwd=str(ROOT), preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                cwd=str(ROOT))
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -489,7 +480,6 @@ class Bench:
                        "scale_rm": a.scale_rm, "journal_rows": a.journal_rows,
                        "moto": self.moto.url,
                        "indexed_list": os.environ.get("DELTAFS_BENCH_INDEXED_LIST") == "1",
-                       "s3_nice": s3_nice(),
                        "rclone": "--vfs-cache-mode writes (default --vfs-write-back 5s)",
                        "s3fs": "defaults (no use_cache)", "deltafs": "defaults"},
             "systems": [{"name": s.name, "label": s.label,
@@ -550,10 +540,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the moto server answers LIST pages from a sorted index, in "
                         "O(page) as S3 does, instead of sorting the whole bucket per page "
                         "(bench/indexedlist.py; the answers are the same)")
-    p.add_argument("--s3-nice", type=int, default=0, metavar="N",
-                   help="run the moto server at this nice value (e.g. 10): it stands for a "
-                        "remote S3, so on a small machine its CPU should not be taken from "
-                        "the daemon under test (the scale benchmark's loop stall)")
     p.add_argument("--scale-files", type=int, metavar="N",
                    help="files in the directory of the scale benchmark (full: 100000, "
                         "--quick: 500; 0 skips that part)")
@@ -662,8 +648,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ROOT / "bench-results" / name
     if args.indexed_list:
         os.environ["DELTAFS_BENCH_INDEXED_LIST"] = "1"  # the moto server inherits it
-    if args.s3_nice:
-        os.environ["DELTAFS_BENCH_S3_NICE"] = str(args.s3_nice)
     bench = Bench(args)
     try:
         doc = bench.run()
