@@ -86,6 +86,11 @@ class SlowSteps(trio.abc.Instrument):
         #: the loop thread's schedstat, opened on its first step (on that thread)
         self._sched: _Schedstat | None = None
         self._gc0 = 0.0
+        #: seconds of garbage collection run on the loop's thread (a step's share is
+        #: logged with it: a collection triggered by the step's allocations)
+        self._loop_gc = 0.0
+        self._loop_gc0 = 0.0
+        self._loop_thread = 0
         self._report_due = False
         self._reported = 0.0
         #: task -> the last filesystem operation it entered (see :meth:`name_ops`): a
@@ -146,7 +151,9 @@ class SlowSteps(trio.abc.Instrument):
         self._from = _innermost_frame(task.coro)
         if self._sched is None:
             self._sched = _Schedstat()
+            self._loop_thread = threading.get_ident()
         self._sched.mark()
+        self._loop_gc0 = self._loop_gc
         self._t0 = time.perf_counter()
         self._cpu0 = time.thread_time()
         if self.journal_timing is not None:
@@ -169,6 +176,7 @@ class SlowSteps(trio.abc.Instrument):
             j = (f", journal: {(jt[0] - self._j0[0]) / 1e6:.0f} ms waiting for its lock, "
                  f"{(jt[1] - self._j0[1]) / 1e6:.0f} ms in {jt[2] - self._j0[2]} statements"
                  if jt is not None else "")
+            j += f", {(self._loop_gc - self._loop_gc0) * 1000:.0f} ms collecting garbage"
             log.warning("slow task step: %.0f ms (%.0f ms CPU, %.0f ms waiting for a core%s) "
                         "in %s%s (from %s to %s)",
                         took * 1000.0, cpu * 1000.0, max(0.0, waited), j, task.name,
@@ -180,9 +188,13 @@ class SlowSteps(trio.abc.Instrument):
             self._gc0 = time.perf_counter()
             return
         took = time.perf_counter() - self._gc0
+        on_loop = threading.get_ident() == self._loop_thread
+        if on_loop:
+            self._loop_gc += took
         if took >= self.limit:
-            log.warning("slow garbage collection: %.0f ms (generation %s, %s collected)",
-                        took * 1000.0, info.get("generation"), info.get("collected"))
+            log.warning("slow garbage collection: %.0f ms (generation %s, %s collected, %s)",
+                        took * 1000.0, info.get("generation"), info.get("collected"),
+                        "on the loop's thread" if on_loop else "in a worker thread")
             if info.get("generation") == 2 and time.monotonic() - self._reported > 60:
                 self._report_due = True
 

@@ -59,8 +59,8 @@ def test_a_slow_step_is_logged_with_its_cpu_time_and_where_it_ran(
     assert len(lines) == 1, lines
     line = lines[0]
     assert "in the-handler" in line
-    assert re.search(r"slow task step: \d+ ms \([0-5] ms CPU, \d+ ms waiting for a core\)",
-                     line), line
+    assert re.search(r"slow task step: \d+ ms \([0-5] ms CPU, \d+ ms waiting for a core, "
+                     r"0 ms collecting garbage\)", line), line
     # from where it resumed to where it stopped, both in this file
     assert line.count("test_loopstall.py") == 2 and "handler" in line, line
 
@@ -164,3 +164,37 @@ def test_a_step_that_waited_for_the_journal_lock_says_so(
                   lines[0])
     assert m, lines[0]
     assert int(m.group(1)) >= 80 and int(m.group(3)) == 2, lines[0]
+
+
+def test_a_step_that_collected_garbage_says_how_long(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A collection triggered on the loop's thread belongs to the step that ran it (a
+    big listing's objects freed, a full collection): the line says how much of the step
+    it was, and a slow collection says on which thread it ran."""
+    import gc
+
+    inst = SlowSteps(15.0)
+
+    def slow_start(phase: str, info: dict) -> None:  # a collection that takes 40 ms
+        if phase == "start":
+            time.sleep(0.04)
+
+    async def collects() -> None:
+        await trio.sleep(0)
+        gc.collect()
+        await trio.sleep(0)
+
+    gc.callbacks.extend([inst._gc, slow_start])
+    try:
+        with caplog.at_level(logging.WARNING, logger="deltafs.loopstall"):
+            trio.run(collects, instruments=[inst])
+    finally:
+        gc.callbacks.remove(inst._gc)
+        gc.callbacks.remove(slow_start)
+    steps = [r.getMessage() for r in caplog.records if "slow task step" in r.getMessage()]
+    assert len(steps) == 1, steps
+    m = re.search(r"(\d+) ms collecting garbage", steps[0])
+    assert m and int(m.group(1)) >= 35, steps[0]
+    collections = [r.getMessage() for r in caplog.records
+                   if "slow garbage collection" in r.getMessage()]
+    assert collections and "on the loop's thread" in collections[0], collections
