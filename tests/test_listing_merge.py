@@ -265,6 +265,15 @@ def test_merge_steps_adapt_to_the_time_they_hold_the_loop() -> None:
     trio.run(s.each, [], lambda c, last: seen.append((c, last)))
     assert seen == [([], True)]
 
+    # a call starts from at most MERGE_SLICE names, whatever the last one grew to (its
+    # names may have cost far less than these), and grows again from there
+    s = Slices(step_s=10.0)  # every step quick
+    s.size = MERGE_SLICE_MAX
+    sizes: list[int] = []
+    trio.run(s.each, [str(i) for i in range(MERGE_SLICE * 7)],
+             lambda c, last: sizes.append(len(c)))
+    assert sizes == [MERGE_SLICE, 2 * MERGE_SLICE, 4 * MERGE_SLICE]
+
 
 def test_a_slice_of_new_names_is_inserted_in_a_few_statements(tmp_path: Path) -> None:
     """Issue 11: a cold listing inserts every name; four statements per new row (two
