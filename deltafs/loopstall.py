@@ -147,7 +147,7 @@ class SlowSteps(trio.abc.Instrument):
         # and its line; a handler that finishes within the step is named only here), the
         # raw schedstat, the clocks. Formatting and parsing wait for a slow step. (The
         # first version formatted the frame and parsed schedstat every step: ~23 µs a
-        # step, a tenth of the daemon's loop time in a 12,000-file create.)
+        # step, a quarter of the loop thread's GIL time in a 12,000-file create.)
         self._from = _innermost_frame(task.coro)
         if self._sched is None:
             self._sched = _Schedstat()
