@@ -33,7 +33,7 @@ from .errors import ConfigError, DeltafsError
 from .content import recover
 from .fs import DeltaFS, Options
 from .journal import Journal
-from . import membudget, memtrim, wiring
+from . import membudget, memtrim, priority, wiring
 from .gatecontrol import GateControl
 from .loopstall import SlowSteps
 from .store.base import ObjectStore
@@ -322,6 +322,8 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
             inst.name_ops(fs, [n for n in dir(pyfuse3.Operations) if not n.startswith("_")])
             inst.journal_timing = journal.timing
             journal.slow_hold = inst.limit  # and slow commits by the same measure
+        # the loop's thread (this one) first for a core; the threads it starts are not
+        fs.loop_nice = priority.raise_this_thread()
         trio.run(_main, fs, cfg, ready_fd, stop, instruments=instruments)
     except DeltafsError as exc:
         # a start check that failed inside the loop (a metrics port in use): one line,
@@ -446,6 +448,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
         nursery.start_soon(fs.read_ahead.run)
         nursery.start_soon(fs.committer)
         nursery.start_soon(fs.loop_stall.run)
+        nursery.start_soon(fs.gc_pace.run)  # collections on this thread, not in workers
         gate = getattr(fs.engine.store, "gate", None)
         if gate is not None:
             # S3 requests at once follow the loop's lag (deltafs.gatecontrol)

@@ -38,6 +38,7 @@ from .content import MAX_FILE_SIZE, ORPHAN_PARENT, Contents, Source, Working, re
 from .crashpoints import crash_point
 from .journal import ATTRS, CONTENT, MOVED, ROOT_INO, Journal, Node
 from .gatecontrol import GateControl
+from .gcpace import GcPace
 from .loopstall import LoopStall
 from .dirmanifest import DirManifests
 from .dirsync import DirSync
@@ -149,6 +150,10 @@ class DeltaFS(pyfuse3.Operations):
         self.loop_stall = LoopStall()
         #: sizes the S3 store's request gate from the loop's lag (set by the daemon)
         self.gate_control: GateControl | None = None
+        #: the event loop thread's nice value when the daemon raised it (priority.py)
+        self.loop_nice: int | None = None
+        #: collects garbage from the loop, on its thread (the daemon runs it)
+        self.gc_pace = GcPace()
         #: (logical, stored) bytes: full-table sums, so computed by the committer in a
         #: worker thread when statfs or status asked for them (see :meth:`totals`)
         self._totals: tuple[int, int] = (0, 0)

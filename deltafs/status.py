@@ -59,6 +59,12 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         # S3 requests allowed inside botocore at once, narrowed while the loop lags
         # (gatecontrol.py); None: not an S3 store
         "s3_requests_at_once": _gate(fs),
+        # the event loop thread's nice value, raised over the rest of the daemon so that
+        # it waits less for a core (priority.py); None: not permitted (not root)
+        "loop_thread_nice": fs.loop_nice,
+        # garbage collections run from the loop by generation, and the longest (gcpace.py)
+        "garbage_collections": {"paced": list(fs.gc_pace.runs),
+                                "worst_ms": round(fs.gc_pace.worst_ms, 1)},
         # the --memory-limit and what the xdelta3 children hold under it
         # (and glibc's mmap threshold, pinned by the daemon: memtrim.py)
         "memory": {**membudget.current().status(), "mmap_threshold": memtrim.pinned},
