@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltafs-bench"
-FETCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "fetch-release-series"
+FETCH = Path(__file__).resolve().parents[1] / "scripts" / "fetch-release-series"
 
 
 @dataclass
@@ -43,7 +43,7 @@ def release_series(kind: str, count: int, cache: Path = CACHE) -> Series:
     if len(files) < count:
         raise FileNotFoundError(
             f"{d} has {len(files)} files, {count} needed: run "
-            f"{FETCH if FETCH.exists() else 'shared/bench/fetch-release-series'} first")
+            f"{FETCH} first")
     label = {"wheels": "botocore wheels", "tars": "botocore tars"}[kind]
     return Series(kind, label, files[:count])
 

@@ -336,6 +336,7 @@ def serve(cfg: MountConfig, cache_dir: Path, lock: IO[str], ready_fd: int | None
         code = 1
         raise
     finally:
+        priority.restore()  # what this thread starts from here (fusermount3) is not boosted
         try:
             pyfuse3.close(unmount=True)
         except Exception:  # noqa: BLE001

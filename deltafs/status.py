@@ -1,6 +1,7 @@
 """What ``deltafs status`` shows about a mount (the root's ``user.deltafs.status``)."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -63,8 +64,10 @@ def mount_status(fs: "DeltaFS") -> dict[str, Any]:
         # it waits less for a core (priority.py); None: not permitted (not root)
         "loop_thread_nice": fs.loop_nice,
         # garbage collections run from the loop by generation, and the longest (gcpace.py)
+        # (and the automatic threshold the pacing leaves as a net for bursts)
         "garbage_collections": {"paced": list(fs.gc_pace.runs),
-                                "worst_ms": round(fs.gc_pace.worst_ms, 1)},
+                                "worst_ms": round(fs.gc_pace.worst_ms, 1),
+                                "auto_threshold": gc.get_threshold()[0]},
         # the --memory-limit and what the xdelta3 children hold under it
         # (and glibc's mmap threshold, pinned by the daemon: memtrim.py)
         "memory": {**membudget.current().status(), "mmap_threshold": memtrim.pinned},
@@ -87,9 +90,9 @@ def _outcomes(store: Any) -> dict[str, dict[str, int]] | None:
 
 
 def _gate(fs: "DeltaFS") -> dict[str, int] | None:
-    gate = getattr(fs.engine.store, "gate", None)
-    if gate is None:
+    control = fs.gate_control  # set by the daemon for an S3 store
+    if control is None:
         return None
-    control = fs.gate_control
+    gate = control.gate
     return {"limit": gate.limit, "ceiling": gate.ceiling, "in_flight": gate.busy,
-            "waited": gate.waited, "narrowed": control.narrowed if control else 0}
+            "waited": gate.waited, "narrowed": control.narrowed}

@@ -2,7 +2,7 @@
 
 It mounts deltafs, s3fs-fuse and rclone (FUSE, root) against one moto server and runs
 DeltaGlider 6.2.0, so it takes a minute or two; it needs the release series cache of
-``shared/bench/fetch-release-series`` (``scripts/bench`` fetches it when missing).
+``scripts/fetch-release-series`` (``scripts/bench`` fetches it when missing).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def table(stdout: str) -> dict[tuple[str, str], list[str]]:
 
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltafs-bench"
-FETCH = ROOT.parent / "shared" / "bench" / "fetch-release-series"
+FETCH = ROOT / "scripts" / "fetch-release-series"
 
 
 def ensure_release_series() -> None:

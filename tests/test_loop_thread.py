@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,11 @@ got = priority.raise_this_thread()
 out = {"base": base, "got": got, "loop": nice()}
 
 box = {}
-t = threading.Thread(target=lambda: box.update(thread=nice()))
+t = threading.Thread(target=lambda: box.update(thread=nice(), hook=sys.getprofile()))
 t.start(); t.join()
 out["thread"] = box["thread"]
+# the hook removed itself after its one call: no cost per call in the thread after
+out["hook_left"] = box["hook"] is not None
 
 async def main():
     out["to_thread"] = await trio.to_thread.run_sync(nice)
@@ -68,6 +71,7 @@ def test_only_the_calling_thread_is_raised() -> None:
     assert out["got"] == out["loop"] == out["loop_after"] == max(-20, base - 5)
     # every thread and process started after it is back at the base value
     assert out["thread"] == base
+    assert not out["hook_left"]
     assert out["to_thread"] == base
     assert out["child_from_worker"] == base
     assert out["run_process"] == base
@@ -95,7 +99,7 @@ def thread_nices(pid: int) -> dict[int, int]:
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except FileNotFoundError:
+        except OSError:
             continue  # a worker that just ended
         fields = stat.rsplit(")", 1)[1].split()
         found[int(tid)] = int(fields[16])  # field 19 counted from the state (field 3)
@@ -118,10 +122,17 @@ def test_mount_raises_only_its_loop_thread(mounted: Mount) -> None:  # noqa: F81
     nices = thread_nices(m.pid)
     assert len(nices) > 2, nices  # the loop and some workers
     assert nices.pop(m.pid) == max(-20, base - 5)
-    assert set(nices.values()) == {base}, nices
+    # a thread the loop has just started is boosted until its first Python call (a
+    # moment on a loaded machine): only one still boosted a little later is wrong
+    boosted = {t for t, n in nices.items() if n != base}
+    if boosted:
+        time.sleep(0.3)
+        again = thread_nices(m.pid)
+        assert not {t for t in boosted if again.get(t, base) != base}, (nices, again)
     st = m.status()
     assert st["loop_thread_nice"] == max(-20, base - 5)
-    assert st["garbage_collections"]["paced"][0] > 0, st["garbage_collections"]
+    gcs = st["garbage_collections"]
+    assert gcs["paced"][0] > 0 and gcs["auto_threshold"] == 50_000, gcs
 
 
 GC_CHILD = r"""
@@ -148,7 +159,7 @@ async def main():
     async with trio.open_nursery() as n:
         n.start_soon(pace.run)
         await trio.sleep(0.05)
-        for _ in range(30):
+        for _ in range(12):
             await trio.to_thread.run_sync(churn)
             await trio.sleep(gcpace.PERIOD * 1.2)
         n.cancel_scope.cancel()
@@ -169,10 +180,10 @@ def test_collections_run_on_the_loop_not_in_workers(paced: bool) -> None:
     out = run_child(code)
     if paced:
         assert out["in_workers"] == 0, out
-        assert out["runs"][0] >= 20 and out["runs"][1] >= 2, out
+        assert out["runs"][0] >= 8 and out["runs"][1] >= 1, out
         assert out["threshold"] == 700  # put back when the task ends
     else:
-        assert out["in_workers"] > 20, out
+        assert out["in_workers"] > 8, out
 
 
 def test_pace_collects_cycles_and_escalates() -> None:
@@ -204,3 +215,35 @@ print(json.dumps(out))
     # 100 collections: every 10th a middle one, every 100th a full one
     assert out["runs"] == [90, 9, 1], out
     assert out["gens"] == [89, 9, 1], out
+
+
+def test_full_collections_spaced_by_their_cost() -> None:
+    """A full collection that took 1 s is not run again within 100 s (middle ones run
+    meanwhile); after that it is."""
+    from deltafs import gcpace
+
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    pace = gcpace.GcPace(clock=clock)
+    pace._full_took, pace._full_at = 1.0, 0.0  # noqa: SLF001  (a full one just took 1 s)
+    pace._young, pace._middle = gcpace.EVERY - 1, gcpace.EVERY  # noqa: SLF001
+    keep: list[object] = []
+    pace.install()  # (this process's own collector out of the way meanwhile)
+    try:
+        keep.append([[] for _ in range(gcpace.YOUNG + 1)])
+        now[0] = 50.0
+        assert pace.tick() == 1  # due, but too soon after a costly one
+        for _ in range(gcpace.EVERY):
+            keep.append([[] for _ in range(gcpace.YOUNG + 1)])
+            pace.tick()
+        assert pace.runs[2] == 0
+        now[0] = 101.0
+        for _ in range(gcpace.EVERY):
+            keep.append([[] for _ in range(gcpace.YOUNG + 1)])
+            pace.tick()
+        assert pace.runs[2] == 1, pace.runs
+    finally:
+        pace.uninstall()
