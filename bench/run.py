@@ -504,7 +504,8 @@ class Bench:
             doc["scale"] = scale.Scale(self, a.scale_files, a.scale_rm, a.journal_rows,
                                        local="local" in a.systems,
                                        foreign=not a.scale_no_foreign,
-                                       mount=not a.scale_no_mount).run()
+                                       mount=not a.scale_no_mount,
+                                       partial=getattr(a, "partial_out", None)).run()
         doc["machine"]["loadavg_end"] = os.getloadavg()
         doc["seconds"] = time.monotonic() - t0
         return doc
@@ -648,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else ROOT / "bench-results" / name
     if args.indexed_list:
         os.environ["DELTAFS_BENCH_INDEXED_LIST"] = "1"  # the moto server inherits it
+    # the scale steps' figures so far, while they run (an hour at 100,000 files)
+    args.partial_out = out.with_name(out.name + ".partial")
     bench = Bench(args)
     try:
         doc = bench.run()

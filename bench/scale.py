@@ -259,8 +259,14 @@ class JournalDeltafs(Deltafs):
 
 class Scale:
     def __init__(self, bench: "Bench", files: int, rm: int, journal_rows: int,
-                 local: bool, foreign: bool = True, mount: bool = True) -> None:
+                 local: bool, foreign: bool = True, mount: bool = True,
+                 partial: Path | None = None) -> None:
         self.b = bench
+        #: what is measured so far is written here before each step and after each part
+        #: (a run stopped after an hour still leaves its figures), removed at the end
+        self.partial = partial
+        self._sofar: dict[str, Any] = {}
+        self._part: tuple[str, dict[str, Any]] | None = None
         self.n = files
         self.rm = min(rm, files)
         self.rows = journal_rows
@@ -277,6 +283,7 @@ class Scale:
     def step(self, fn: Callable[[], dict[str, Any] | None], df: Deltafs | None = None,
              s3: bool = True) -> dict[str, Any]:
         """Run one step: its wall time, S3 requests, the daemon's peak RSS and loop stall."""
+        self.save_partial()
         poller = StatusPoller(df.mnt) if df else None
         settled = poller.settle() if poller else 0.0
         if s3:
@@ -317,6 +324,20 @@ class Scale:
         wait_for(idle, PENDING_TIMEOUT, "deltafs's uploads", interval=0.2)
         st = getattr(df, "status_at_unmount", {})
         return {"failed_files": st.get("failed_files", 0)}
+
+    def save_partial(self) -> None:
+        if self.partial is None:
+            return
+        doc = dict(self._sofar)
+        if self._part is not None:
+            doc[self._part[0]] = self._part[1]
+        doc["incomplete"] = True
+        tmp = self.partial.with_name(self.partial.name + ".part")
+        try:
+            tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+            tmp.replace(self.partial)
+        except OSError as exc:
+            log(f"scale: could not write {self.partial}: {exc}")
 
     def guarded(self, what: str, fn: Callable[[], dict[str, Any]],
                 cleanup: Callable[[], None]) -> dict[str, Any]:
@@ -482,6 +503,7 @@ class Scale:
         df = self.df
         bucket = self.b.bucket(f"scale-{how}")
         r: dict[str, Any] = {"bucket": bucket}
+        self._part = (f"deltafs_{how}", r)  # filled in as it goes (save_partial)
         try:
             if how == "mount":
                 df.wipe_cache()
@@ -710,6 +732,7 @@ class Scale:
                        "journal_mount": "embedded local store, --listing-ttl 3600",
                        "tries": TRIES, "target_ms": TARGET_MS},
         }
+        self._sofar = out
         if self.n:
             df = self.df
             hows = ("mount",) * self.mount + ("foreign",) * self.foreign
@@ -717,12 +740,16 @@ class Scale:
                 out[f"deltafs_{how}"] = self.guarded(
                     f"{self.n} files {'through the mount' if how == 'mount' else 'foreign'}",
                     lambda how=how: self.bucket_part(how), df.force_cleanup)
+                self._part = None
+                self.save_partial()
             if self.local:
                 out["local"] = self.guarded(f"{self.n} files in a local directory",
                                             self.local_part, lambda: None)
         if self.rows:
             out["journal"] = self.guarded(f"journal of {self.rows} rows", self.journal_part,
                                           lambda: None)
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)  # the whole result follows
         return out
 
 

@@ -106,6 +106,9 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert "| series | system | phase | S3 requests by type |" in res.stdout
 
     doc = json.loads(out.read_text())
+    # the scale steps' running figures (written before each step) give way to the result
+    assert not out.with_name(out.name + ".partial").exists()
+    assert "incomplete" not in doc["scale"]
     assert doc["mode"] == "quick"
     assert [s["label"] for s in doc["systems"]] == SYSTEMS
     assert {"cpu", "cores", "memory_gb", "kernel", "loadavg_start", "loadavg_end"} <= set(doc["machine"])
