@@ -166,6 +166,31 @@ def test_the_wal_starts_over_while_handlers_keep_writing(tmp_path: Path, monkeyp
     assert max(sizes[100:]) < 1 << 20, (max(sizes), sizes[-5:])
 
 
+def test_a_restarted_wal_is_written_over_in_place(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Steady state: the WAL starts over once per CHECKPOINT_BYTES of frames and is
+    written over from its start, never cut back (cutting it was a truncate on the
+    loop's next commit: 8-10 ms each). So its file never shrinks, and checkpoints follow
+    the frames in use, not the file's size (which stays at its largest)."""
+    import deltafs.journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "CHECKPOINT_BYTES", 64 << 10)
+    j = _journal(tmp_path)
+    wal = tmp_path / "state.db-wal"
+    sizes, checkpoints = [], 0
+    for i in range(300):
+        _row(j, f"r{i}", target=os.urandom(3000))
+        j.write_out()
+        j.make_durable()
+        checkpoints += j._restart_wal  # noqa: SLF001  (set by each checkpoint)
+        sizes.append(wal.stat().st_size)
+    assert all(b >= a for a, b in zip(sizes, sizes[1:])), "the WAL was cut back"
+    assert max(sizes) < 1 << 20
+    # ~1 MB of frames over 64 KiB: a checkpoint every several commits, not every one
+    assert 3 <= checkpoints <= 100, checkpoints
+    frames = j._wal_bytes()  # noqa: SLF001
+    assert frames is not None and 0 < frames <= max(sizes)
+
+
 def test_pages_are_fetched_one_ahead_in_order_and_errors_come_where_they_happened() -> None:
     """A whole-directory listing has the next LIST in flight while a page is merged:
     the page after is asked for before the consumer is done with this one, never two
