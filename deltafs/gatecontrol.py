@@ -7,10 +7,10 @@ worker threads' Python starves it of the GIL, or of a core) and more than
 minimum to 40 in 9.5 s). A lag with no S3 demand behind it (a collection, a commit on an
 idle mount) leaves the gate alone: narrowing could not help (review). Against a remote
 S3 the threads mostly wait for the network and the gate stays open; against a local or
-very fast S3, or on a small machine, it closes down to :data:`MINIMUM`. That should cost
-little throughput there, since the requests were queueing for the GIL anyway; the
-100,000-file benchmark's create was slower with it (35 files/s against 54), not yet
-explained (docs/performance.md, run 9).
+very fast S3, or on a small machine, it closes down to :data:`MINIMUM`. That costs no
+throughput there, since the requests were queueing for the GIL anyway: 20,000 creates
+took 446.7 s with it and 450.6 s without, and the HEAD-per-file listing was faster with
+it (docs/performance.md, session 33).
 """
 from __future__ import annotations
 
