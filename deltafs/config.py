@@ -101,6 +101,8 @@ class MountConfig:
     log_file: str | None = None
     debug: bool = False
     upload_concurrency: int = _default("upload_concurrency")
+    #: S3 requests at once, fixed (None: sized from the loop's lag, gatecontrol.py)
+    s3_requests: int | None = None
     max_ratio: float = _default("max_ratio")
     level: int | None = None
     format: str = _default("format")

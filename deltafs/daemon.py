@@ -453,7 +453,7 @@ async def _main(fs: DeltaFS, cfg: MountConfig, ready_fd: int | None, stop: _Stop
         gate = getattr(fs.engine.store, "gate", None)
         if gate is not None:
             # S3 requests at once follow the loop's lag (deltafs.gatecontrol)
-            fs.gate_control = GateControl(gate, fs.loop_stall)
+            fs.gate_control = GateControl(gate, fs.loop_stall, fixed=cfg.s3_requests)
             nursery.start_soon(fs.gate_control.run)
         nursery.start_soon(memtrim.run)
         nursery.start_soon(fs.manifests.run)

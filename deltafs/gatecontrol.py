@@ -29,11 +29,16 @@ MINIMUM = 2
 
 
 class GateControl:
-    def __init__(self, gate: RequestGate, stall: LoopStall) -> None:
+    def __init__(self, gate: RequestGate, stall: LoopStall, fixed: int | None = None) -> None:
         self.gate = gate
         self.stall = stall
         #: times the gate was narrowed (the status shows it)
         self.narrowed = 0
+        #: ``--s3-requests``: the limit, never changed (gate and ceiling set to it)
+        self.fixed = fixed
+        if fixed is not None:
+            gate.ceiling = max(1, fixed)
+            gate.limit = gate.ceiling
 
     def adjust(self, worst_ms: float, wanted: int) -> None:
         """One period's decision, from the worst lateness the loop saw in it and the
@@ -54,6 +59,8 @@ class GateControl:
                       old, new, worst_ms)
 
     async def run(self) -> None:
+        if self.fixed is not None:
+            return
         while True:
             await trio.sleep(PERIOD)
             self.adjust(self.stall.take_period_max(), self.gate.take_peak())

@@ -189,12 +189,14 @@ class Journal:
         # above the size it reaches between two checkpoints, so that it is only cut after
         # an unusually large transaction: cutting it to 4 MiB at every restart was a
         # truncate on the loop's next commit, 8-10 ms (3.5 ms of CPU) with the machine
-        # idle, once per 16 MiB of WAL (/tmp/jexp, session 33); overwritten in place, a
-        # restarted WAL costs nothing.
+        # idle, once per 16 MiB of WAL (docs/performance.md, session 33); overwritten in
+        # place, a restarted WAL costs nothing. (A long read on the reader connection
+        # holds the restart back: the WAL then grows past the limit and is cut once.)
         self.db.execute(f"PRAGMA journal_size_limit={2 * CHECKPOINT_BYTES}")
         self._page = int(self.db.execute("PRAGMA page_size").fetchone()[0])
         self._wal_fd: int | None = None
         self._shm_fd: int | None = None
+        self._warned_shm = False
         self._restart_wal = False
         self._ckpt: sqlite3.Connection | None = None
         self._ckpt_lock = threading.Lock()
@@ -352,7 +354,13 @@ class Journal:
         blocks, the writer)."""
         used = self._wal_bytes()
         try:
-            if used is None:  # (the file's size: an overestimate, never an underestimate)
+            if used is None:
+                # the file's size: an overestimate (a restarted WAL keeps its size), so a
+                # checkpoint at every commit from here on; only if the -shm is unreadable
+                if not self._warned_shm:
+                    self._warned_shm = True
+                    log.warning("cannot read the journal's WAL-index (%s-shm): checkpoints "
+                                "follow the WAL file's size", self.db_path)
                 used = os.path.getsize(f"{self.db_path}-wal")
         except OSError:
             return
@@ -376,9 +384,6 @@ class Journal:
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
                 self._wal_fd = None
-            if self._shm_fd is not None:
-                os.close(self._shm_fd)
-                self._shm_fd = None
         with self._lock:
             self.db.commit()
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -387,6 +392,14 @@ class Journal:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+        # Last: closing any descriptor of the -shm drops every POSIX lock this process
+        # holds on it, SQLite's included (the lock that tells other processes the
+        # WAL-index is in use); only once SQLite's connections are closed (review).
+        # (_closed, set above under _ckpt_lock, keeps _wal_bytes off it meanwhile.)
+        with self._ckpt_lock:
+            if self._shm_fd is not None:
+                os.close(self._shm_fd)
+                self._shm_fd = None
 
     def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """A query over the *committed* state on a second connection (WAL readers never

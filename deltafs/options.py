@@ -274,6 +274,10 @@ OPTIONS: tuple[Option, ...] = (
            action="store_true", group="output"),
     Option("upload_concurrency", int_pos, 4, "uploads at once", MOUNT, metavar="N",
            group="mount"),
+    Option("s3_requests", int_pos, None,
+           "S3 requests in flight at once, fixed (by default up to 40, fewer while the "
+           "daemon's event loop runs late: deltafs status, s3_requests_at_once)", MOUNT,
+           metavar="N", group="mount", default_text="adaptive, at most 40"),
     Option("listing_ttl", seconds, 30.0, "seconds a directory listing is trusted", MOUNT,
            metavar="SECONDS", group="mount", default_text="30"),
     Option("drain_timeout", seconds, 60.0,

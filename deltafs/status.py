@@ -89,10 +89,11 @@ def _outcomes(store: Any) -> dict[str, dict[str, int]] | None:
     return outcomes() if outcomes is not None else None
 
 
-def _gate(fs: "DeltaFS") -> dict[str, int] | None:
+def _gate(fs: "DeltaFS") -> dict[str, Any] | None:
     control = fs.gate_control  # set by the daemon for an S3 store
     if control is None:
         return None
     gate = control.gate
     return {"limit": gate.limit, "ceiling": gate.ceiling, "in_flight": gate.busy,
-            "waited": gate.waited, "narrowed": control.narrowed}
+            "waited": gate.waited, "narrowed": control.narrowed,
+            "adaptive": control.fixed is None}

@@ -413,6 +413,11 @@ class FaultProxy:
         self._upstreams: set[_Upstream] = set()
         self._threads: list[threading.Thread] = []
         self._accept_thread: threading.Thread | None = None
+        #: requests being served now (from their head read to their answer relayed or
+        #: their connection reset), and the most at once since ``reset_counts``
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._counted = threading.local()
 
     # ------------------------------------------------------------------ public API
 
@@ -488,6 +493,7 @@ class FaultProxy:
         with self._lock:
             self.counts.clear()
             self.log.clear()
+            self.max_in_flight = self.in_flight
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> bool:
         """Poll ``predicate(self)`` until true (True) or the timeout (False)."""
@@ -622,7 +628,13 @@ class FaultProxy:
         reset = False
         try:
             while not self._stopping.is_set():
-                keep = self._one_request(conn, rfile, upstream)
+                try:
+                    keep = self._one_request(conn, rfile, upstream)
+                finally:
+                    if getattr(self._counted, "on", False):
+                        self._counted.on = False
+                        with self._lock:
+                            self.in_flight -= 1
                 if keep is None:  # the connection was reset on purpose
                     reset = True
                     return
@@ -670,6 +682,10 @@ class FaultProxy:
         key = parts[1] if len(parts) > 1 and parts[1] else None
         req = Request(method, target, headers, bucket, key, split.query,
                       s3_kind(method, bucket, key, split.query, h), time.monotonic())
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._counted.on = True
         rule = self._match(req)
         keep_alive = h.get("connection", "").lower() != "close" and version != "HTTP/1.0"
 

@@ -185,8 +185,9 @@ def test_a_restarted_wal_is_written_over_in_place(tmp_path: Path, monkeypatch) -
         sizes.append(wal.stat().st_size)
     assert all(b >= a for a, b in zip(sizes, sizes[1:])), "the WAL was cut back"
     assert max(sizes) < 1 << 20
-    # ~1 MB of frames over 64 KiB: a checkpoint every several commits, not every one
-    assert 3 <= checkpoints <= 100, checkpoints
+    # ~8 frames (~33 KB) a commit against 64 KiB: a checkpoint every third commit here
+    # (100); following the file's size instead, one at every commit (300)
+    assert 3 <= checkpoints <= 150, checkpoints
     frames = j._wal_bytes()  # noqa: SLF001
     assert frames is not None and 0 < frames <= max(sizes)
 

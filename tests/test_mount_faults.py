@@ -176,6 +176,48 @@ def test_outage_cp_is_staged_then_uploads_by_itself(pm: Mount, fault_proxy: Faul
 
 
 
+def test_one_s3_request_at_a_time_through_an_outage_and_broken_reads(
+        pm: Mount, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """``--s3-requests 1``: the daemon's whole S3 traffic through one place (the gate
+    the daemon otherwise narrows to 2 while its loop lags). Uploads retried through an
+    outage, and reads whose GETs break off and are resumed inside their place, all
+    complete; the proxy never sees two requests at once. A place not given back on an
+    error, or a retry that waited for a second place, would hang here."""
+    m = pm
+    m.extra_args = [*m.extra_args, "--s3-requests", "1"]
+    m.remount()
+    gate = m.status()["s3_requests_at_once"]
+    assert gate["limit"] == gate["ceiling"] == 1 and gate["adaptive"] is False, gate
+    d = m.mountpoint / "d"
+    d.mkdir()
+    files = versions(3, 256 * KiB, seed=111)
+    files["notes.txt"] = rand(5 * KiB, seed=112)
+    write_sources(tmp_path / "src", files)
+    wait_uploaded(m, 30)
+    fault_proxy.reset_counts()
+
+    fault_proxy.set("refuse")
+    cp_into(tmp_path / "src", list(files), d)
+    assert fault_proxy.wait_for(lambda p: p.faults("refuse") >= 2, timeout=15), \
+        "the daemon did not try to reach S3 during the outage"
+    fault_proxy.clear()
+    wait_uploaded(m, 60)
+    assert stored_names(m, "d") == {"", "reference.bin", "notes.txt",
+                                    *(f"{n}.delta" for n in files if n.startswith("v"))}
+    assert fault_proxy.max_in_flight == 1, fault_proxy.max_in_flight
+
+    cold_remount(m)  # (keeps --s3-requests 1)
+    fault_proxy.reset_counts()
+    for key in ("d/reference.bin", "d/notes.txt", *(f"d/{n}.delta" for n in files
+                                                     if n.startswith("v"))):
+        fault_proxy.add("reset_body", kind="GetObject", key=key, count=1)
+    assert_reads(m, {f"d/{n}": b for n, b in files.items()}, "cold, GETs broken off")
+    assert fault_proxy.faults("reset_body") >= 1
+    st = m.status()
+    assert st["s3_requests_at_once"]["limit"] == 1 and st["failed_files"] == 0, st
+    assert fault_proxy.max_in_flight == 1, fault_proxy.max_in_flight
+
+
 def test_outage_first_file_written_stays_the_reference(pm: Mount, fault_proxy: FaultProxy,
                                                        tmp_path: Path) -> None:
     """docs/architecture.md (3): until a directory has its reference, only its
