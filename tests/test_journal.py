@@ -282,3 +282,23 @@ def test_a_commit_cancelled_between_its_halves_is_still_made_durable(
     # scope noticed; the file dropped after the commit was removed only after it
     assert not old.exists()
     j.close()
+
+
+def test_every_hold_of_the_lock_is_counted_for_the_slow_step_log(tmp_path: Path) -> None:
+    """The slow-step log tells a step that waited for the journal's lock from one that
+    waited in SQLite by ``Journal.timing``: the methods that hold the lock across several
+    statements count too, not only :meth:`Journal.x`."""
+    j = Journal(tmp_path / "state.db", "s3://b/")
+    d = j.insert(parent=ROOT_INO, name="d", mode=stat.S_IFDIR | 0o755)
+    calls = [  # (what, holds it counts at least: insert_many writes the next inode too)
+        (lambda: j.insert_many([dict(parent=d, name=f"f{i}", mode=stat.S_IFREG | 0o644)
+                                for i in range(3)]), 2),
+        (lambda: j.add_attempts(d, [("d/x", None)]), 1),
+        (lambda: j.drop_attempts(d, ["d/x"]), 1),
+        (lambda: (j.forget_paths(), j.path(d)), 1),
+    ]
+    for call, holds in calls:
+        before = list(j.timing)
+        call()
+        assert j.timing[2] >= before[2] + holds and j.timing[1] > before[1], (before, j.timing)
+    j.close()
