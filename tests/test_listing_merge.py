@@ -298,7 +298,12 @@ def test_merge_steps_adapt_to_the_time_they_hold_the_loop() -> None:
     sizes: list[int] = []
     trio.run(s.each, [str(i) for i in range(MERGE_SLICE * 7)],
              lambda c, last: sizes.append(len(c)))
-    assert sizes == [MERGE_SLICE, 2 * MERGE_SLICE, 4 * MERGE_SLICE]
+    want, size, left = [], MERGE_SLICE, MERGE_SLICE * 7
+    while left:
+        want.append(min(size, left))
+        left -= want[-1]
+        size = min(MERGE_SLICE_MAX, size * 2)
+    assert sizes == want and max(sizes) <= MERGE_SLICE_MAX
 
 
 def test_a_slice_of_new_names_is_inserted_in_a_few_statements(tmp_path: Path) -> None:
