@@ -297,6 +297,7 @@ class Journal:
 
     def _commit_locked(self) -> None:
         t0 = time.perf_counter()
+        frames0 = self._mx_frame()
         try:
             had = self.db.in_transaction
             self.db.commit()
@@ -308,8 +309,30 @@ class Journal:
         finally:
             held = time.perf_counter() - t0
             if held >= self.slow_hold:
+                # what it wrote tells a large transaction from a WAL started over (the
+                # count drops) or cut back (the file shrank)
+                frames1 = self._mx_frame()
+                try:
+                    size = os.path.getsize(f"{self.db_path}-wal") / (1 << 20)
+                except OSError:
+                    size = -1.0
                 log.warning("journal commit took %.0f ms (the disk was slow to take the "
-                            "WAL's writes, or the GIL was slow to come back)", held * 1000)
+                            "WAL's writes, or the GIL was slow to come back; WAL frames "
+                            "%s -> %s, WAL file %.1f MiB)", held * 1000, frames0, frames1,
+                            size)
+
+    def _mx_frame(self) -> int | None:
+        """The WAL's frames in use, from the WAL-index, without ``_ckpt_lock`` (the loop
+        calls it at each commit; a worker may hold that lock through an fsync). None
+        before the descriptor is open (the first checkpoint check opens it)."""
+        fd = self._shm_fd
+        if fd is None:
+            return None
+        try:
+            raw = os.pread(fd, 4, _MXFRAME_AT)
+        except OSError:
+            return None
+        return int.from_bytes(raw, sys.byteorder) if len(raw) == 4 else None
 
     def _sync_wal(self) -> None:
         """fsync the WAL: every transaction committed before this call is durable after

@@ -238,6 +238,11 @@ def test_a_commit_that_holds_the_lock_past_the_threshold_is_logged(
     with caplog.at_level("WARNING", logger="deltafs.journal"):
         j.commit()
     assert "journal commit took" in caplog.text
+    # with what it wrote to the WAL: a large transaction, a restart and a cut differ
+    import re
+
+    m = re.search(r"WAL frames (\d+) -> (\d+), WAL file (\d+\.\d) MiB", caplog.text)
+    assert m is not None and int(m[2]) > int(m[1]), caplog.text
     j.close()
 
 
