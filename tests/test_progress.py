@@ -104,7 +104,12 @@ def test_status_watch_refreshes_with_rates(mounted: Mount) -> None:
         try:
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"status --watch did not end after SIGINT: {_proc_state(proc.pid)}")
+            state = _proc_state(proc.pid)
+            if m.pid:
+                os.kill(m.pid, signal.SIGUSR1)  # the daemon's stacks, into its log
+                time.sleep(1.0)
+            pytest.fail(f"status --watch did not end after SIGINT: {state}; the daemon's "
+                        f"stacks:\n{m.log_tail(200)}")
     assert proc.returncode == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) >= 5, rows
