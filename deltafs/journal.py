@@ -361,15 +361,13 @@ class Journal:
         with self._ckpt_lock:
             if self._closed:
                 return None
-            try:
-                if self._shm_fd is None:
+            if self._shm_fd is None:
+                try:
                     self._shm_fd = os.open(f"{self.db_path}-shm", os.O_RDONLY | os.O_CLOEXEC)
-                raw = os.pread(self._shm_fd, 4, _MXFRAME_AT)
-            except OSError:
-                return None
-        if len(raw) != 4:
-            return None
-        return int.from_bytes(raw, sys.byteorder) * (self._page + 24)
+                except OSError:
+                    return None
+            frames = self._mx_frame()
+        return None if frames is None else frames * (self._page + 24)
 
     def _checkpoint_if_big(self) -> None:
         """Copy the WAL into the database once its frames in use pass
@@ -479,22 +477,29 @@ class Journal:
             oldest = mtime if not oldest else min(oldest, mtime)
         return oldest
 
+    def _held(self, t0: int, t1: int) -> None:
+        """Count one hold of ``_lock`` in :attr:`timing`: asked at ``t0``, taken at
+        ``t1``, released now (perf_counter_ns)."""
+        timing = self.timing
+        timing[0] += t1 - t0
+        timing[1] += time.perf_counter_ns() - t1
+        timing[2] += 1
+
     @contextlib.contextmanager
     def _timed_lock(self) -> Iterator[None]:
-        """``_lock``, counted in :attr:`timing` as :meth:`x` counts it (one statement):
-        for the methods that run several statements under one hold."""
+        """``_lock``, counted in :attr:`timing` as one statement: for the methods that
+        run several statements under one hold."""
         t0 = time.perf_counter_ns()
         with self._lock:
             t1 = time.perf_counter_ns()
             try:
                 yield
             finally:
-                timing = self.timing
-                timing[0] += t1 - t0
-                timing[1] += time.perf_counter_ns() - t1
-                timing[2] += 1
+                self._held(t0, t1)
 
     def x(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        # (the lock taken here, not through _timed_lock: a generator-based context
+        # manager doubled the cost of every statement on the loop, 3.2 -> 6.9 µs)
         t0 = time.perf_counter_ns()
         with self._lock:
             t1 = time.perf_counter_ns()
@@ -504,10 +509,7 @@ class Journal:
                 self.forget_paths()
                 raise
             finally:
-                timing = self.timing
-                timing[0] += t1 - t0
-                timing[1] += time.perf_counter_ns() - t1
-                timing[2] += 1
+                self._held(t0, t1)
 
     def get_meta(self, key: str) -> str | None:
         row = self.x("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
