@@ -141,37 +141,57 @@ _IN_BATCH = 500
 
 
 class _Known:
-    """What the journal knew of one directory, read per LIST page from one snapshot of
-    the committed state (the connection's transaction): memory of a page, not of the
-    directory (a 100,000-entry directory's rows, held whole, took ~75 MB: issue 11)."""
+    """What the journal knew of one directory when its listing began, copied from the
+    committed state into a table of the listing's own connection: memory of a page, not
+    of the directory (a 100,000-entry directory's rows, held whole, took ~75 MB: issue
+    11), and no read transaction held while the LIST pages come in. (Held for the whole
+    listing, 30 s at 100,000 entries, that snapshot kept the journal's WAL from starting
+    over: it grew by the create's writes meanwhile, ~100 MB, and the next restart cut it
+    back in one truncate on the loop, 86-115 ms: scale benchmark run 10.)
+
+    The copy predates every LIST request of the listing, as the snapshot did: a row's
+    state in it is never newer than what a page says, which is what lets a page's
+    decisions be taken against it (see :func:`merge_listing`'s ``snapshot``)."""
 
     def __init__(self, conn: Any, dir_ino: int,
-                 latest: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]] | None = None
-                 ) -> None:
+                 latest: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]] | None = None,
+                 prefix: str = "", only: str | None = None) -> None:
         self.conn, self.dir_ino, self.latest = conn, dir_ino, latest
-        # the first read pins the snapshot every later one sees
         here = conn.execute("SELECT remote_key, remote_etag FROM nodes WHERE ino=?",
                             (dir_ino,)).fetchall()
         self.here_key, self.here_etag = here[0] if here else (None, None)
+        conn.execute("DROP TABLE IF EXISTS temp.known_rows")
+        sql = ("CREATE TEMP TABLE known_rows AS SELECT ino, name, remote_key, remote_etag, "
+               "mode & 61440 = 16384 AS is_dir FROM nodes WHERE parent=? AND ino != parent")
+        args: tuple[Any, ...] = (dir_ino,)
+        if only is not None:
+            # one name's listing: its row, and any row holding one of its keys (a rename
+            # not yet carried out), not a copy of the directory
+            sql += " AND (name=? OR remote_key IN (?, ?, ?))"
+            args += (only, *(prefix + only + tail for tail in ("", DELTA_SUFFIX, "/")))
+        conn.execute(sql, args)
+        # one read of the committed state, then none: the read transaction ends here
+        conn.commit()
+        conn.isolation_level = None  # what follows touches the temp tables only
+        conn.execute("CREATE INDEX temp.known_rows_key ON known_rows (remote_key)")
+        conn.execute("CREATE INDEX temp.known_rows_name ON known_rows (name)")
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed_names (name TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM temp.listed_names")
 
-    def _in(self, sql: str, values: list[str], run: Callable[..., Any] | None = None
-            ) -> Iterator[tuple[Any, ...]]:
-        """``sql`` (``IN ({})``, its first parameter the directory) over ``values`` in
-        batches, on the snapshot (or through ``run``)."""
+    def _in(self, sql: str, values: list[str], run: Callable[..., Any] | None = None,
+            lead: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+        """``sql`` (``IN ({})``, after the parameters ``lead``) over ``values`` in
+        batches, on the copy (or through ``run``)."""
         run = run or self.conn.execute
         for i in range(0, len(values), _IN_BATCH):
             part = values[i:i + _IN_BATCH]
-            yield from run(sql.format(",".join("?" * len(part))), (self.dir_ino, *part))
+            yield from run(sql.format(",".join("?" * len(part))), (*lead, *part))
 
     def etags(self, keys: list[str]) -> dict[str, str | None]:
-        """remote key -> ETag, for the directory's rows (and itself) holding ``keys``.
-        (``+parent``: looked up by the key's own index; SQLite otherwise walks all the
-        directory's rows for every page: 7 s per 100,000-entry listing.)"""
+        """remote key -> ETag, for the directory's rows (and itself) holding ``keys``."""
         out: dict[str, str | None] = {
-            k: e for k, e in self._in("SELECT remote_key, remote_etag FROM nodes WHERE "
-                                      "+parent=? AND ino != parent AND remote_key IN ({})", keys)}
+            k: e for k, e in self._in("SELECT remote_key, remote_etag FROM known_rows "
+                                      "WHERE remote_key IN ({})", keys)}
         if self.here_key is not None and self.here_key in keys:
             out[self.here_key] = self.here_etag
         return out
@@ -190,14 +210,14 @@ class _Known:
         listed = {o.key: o.etag for o in objects}
         return {key for key, etag in self._in(
             "SELECT remote_key, remote_etag FROM nodes WHERE +parent=? AND ino != parent "
-            "AND remote_key IN ({})", list(listed), self.latest)
+            "AND remote_key IN ({})", list(listed), self.latest, (self.dir_ino,))
             if etag is not None and listed.get(key) == etag}
 
     def rows(self, names: list[str]) -> dict[str, tuple[int, str, str | None, str | None, bool]]:
         """name -> (ino, name, remote key, ETag, is a directory), for these names."""
         return {r[1]: (r[0], r[1], r[2], r[3], bool(r[4])) for r in self._in(
-            "SELECT ino, name, remote_key, remote_etag, mode & 61440 = 16384 FROM nodes "
-            "WHERE parent=? AND name IN ({}) AND ino != parent", names)}
+            "SELECT ino, name, remote_key, remote_etag, is_dir FROM known_rows "
+            "WHERE name IN ({})", names)}
 
     def listed(self, names: Iterable[str]) -> None:
         self.conn.executemany("INSERT OR IGNORE INTO temp.listed_names VALUES (?)",
@@ -205,10 +225,10 @@ class _Known:
 
     def gone(self, only: str | None) -> Iterator[tuple[int, str, str | None, str | None]]:
         """Published rows whose name no page listed (their object is not there)."""
-        sql = ("SELECT ino, name, remote_key, remote_etag FROM nodes WHERE parent=? AND "
-               "ino != parent AND remote_key IS NOT NULL AND remote_key != '' AND name NOT "
+        sql = ("SELECT ino, name, remote_key, remote_etag FROM known_rows WHERE "
+               "remote_key IS NOT NULL AND remote_key != '' AND name NOT "
                "IN (SELECT name FROM temp.listed_names)")
-        args: tuple[Any, ...] = (self.dir_ino,)
+        args: tuple[Any, ...] = ()
         if only is not None:
             sql += " AND name=?"
             args += (only,)
@@ -220,7 +240,7 @@ def _stream(conn: Any, engine: Engine, dir_ino: int, prefix: str,
             only: str | None,
             latest: Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]] | None = None
             ) -> ListingEnd:
-    known = _Known(conn, dir_ino, latest)
+    known = _Known(conn, dir_ino, latest, prefix, only)
     end = ListingEnd()
     saw_delta = False
     # HEAD unknown plain objects? decided once (for one name: yes, it is one HEAD)

@@ -185,14 +185,15 @@ class Journal:
         #: cancelled in between) is made durable by the next commit (see needs_sync)
         self._written = 0
         self._synced = 0
-        # A WAL started over is cut back to this size, else it keeps its largest one. Set
-        # above the size it reaches between two checkpoints, so that it is only cut after
-        # an unusually large transaction: cutting it to 4 MiB at every restart was a
-        # truncate on the loop's next commit, 8-10 ms (3.5 ms of CPU) with the machine
-        # idle, once per 16 MiB of WAL (docs/performance.md, session 33); overwritten in
-        # place, a restarted WAL costs nothing. (A long read on the reader connection
-        # holds the restart back: the WAL then grows past the limit and is cut once.)
-        self.db.execute(f"PRAGMA journal_size_limit={2 * CHECKPOINT_BYTES}")
+        # A WAL started over is written over in place, never cut back while the journal
+        # is open (close() truncates it). Cutting it is a truncate in the loop's next
+        # commit: 8-10 ms (3.5 ms of CPU) with the machine idle to cut 16 MiB to 4 MiB
+        # (docs/performance.md, session 33), and 86-115 ms to cut a WAL that a long read
+        # had kept from starting over (~100 MB) back to 32 MiB (scale run 10). So the
+        # file keeps its largest size, which is CHECKPOINT_BYTES and what was written
+        # during the longest read of the journal (reads copy what they need and end:
+        # index._Known), until unmount.
+        self.db.execute("PRAGMA journal_size_limit=-1")
         self._page = int(self.db.execute("PRAGMA page_size").fetchone()[0])
         self._wal_fd: int | None = None
         self._shm_fd: int | None = None
