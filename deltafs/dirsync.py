@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import time
 from collections import OrderedDict, defaultdict
 from typing import TYPE_CHECKING, Callable
@@ -258,7 +259,9 @@ class DirSync:
             end = await trio.to_thread.run_sync(
                 stream_listing, self.engine, self.journal, dir_ino, prefix, emit,
                 self.resolve if only is None else None, only)
-        except StoreError as exc:
+        except (StoreError, sqlite3.OperationalError) as exc:
+            # (OperationalError: the listing's copy of the journal's rows could not be
+            # written, SQLite's temp directory full or unwritable: TROUBLESHOOTING.md)
             what = prefix + (only or "") or "/"
             if node.listed_at is None and (only is None or self.journal.child(
                     dir_ino, only) is None):

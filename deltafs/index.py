@@ -161,15 +161,21 @@ class _Known:
                             (dir_ino,)).fetchall()
         self.here_key, self.here_etag = here[0] if here else (None, None)
         conn.execute("DROP TABLE IF EXISTS temp.known_rows")
-        sql = ("CREATE TEMP TABLE known_rows AS SELECT ino, name, remote_key, remote_etag, "
-               "mode & 61440 = 16384 AS is_dir FROM nodes WHERE parent=? AND ino != parent")
-        args: tuple[Any, ...] = (dir_ino,)
-        if only is not None:
+        cols = ("SELECT ino, name, remote_key, remote_etag, mode & 61440 = 16384 AS is_dir "
+                "FROM nodes WHERE ")
+        if only is None:
+            conn.execute(f"CREATE TEMP TABLE known_rows AS {cols} parent=? AND ino != parent",
+                         (dir_ino,))
+        else:
             # one name's listing: its row, and any row holding one of its keys (a rename
-            # not yet carried out), not a copy of the directory
-            sql += " AND (name=? OR remote_key IN (?, ?, ?))"
-            args += (only, *(prefix + only + tail for tail in ("", DELTA_SUFFIX, "/")))
-        conn.execute(sql, args)
+            # not yet carried out), not a copy of the directory. Two lookups, each by its
+            # own index (an OR of the two walked the whole directory: 39 ms at 100,000)
+            conn.execute(f"CREATE TEMP TABLE known_rows AS {cols} parent=? AND name=? AND "
+                         "ino != parent", (dir_ino, only))
+            conn.execute(f"INSERT INTO known_rows {cols} +parent=? AND ino != parent AND "
+                         "remote_key IN (?, ?, ?) AND name != ?",
+                         (dir_ino, *(prefix + only + tail for tail in ("", DELTA_SUFFIX, "/")),
+                          only))
         # one read of the committed state, then none: the read transaction ends here
         conn.commit()
         conn.isolation_level = None  # what follows touches the temp tables only

@@ -194,6 +194,14 @@ class Journal:
         # during the longest read of the journal (reads copy what they need and end:
         # index._Known), until unmount.
         self.db.execute("PRAGMA journal_size_limit=-1")
+        try:
+            grown = os.path.getsize(f"{path}-wal") > 2 * CHECKPOINT_BYTES
+        except OSError:
+            grown = False
+        if grown:
+            # left large by a crash (or a close that could not truncate it): cut here,
+            # before the mount serves anything, not in a commit on the loop
+            self._truncate_wal()
         self._page = int(self.db.execute("PRAGMA page_size").fetchone()[0])
         self._wal_fd: int | None = None
         self._shm_fd: int | None = None
@@ -397,6 +405,16 @@ class Journal:
             self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self._restart_wal = True
 
+    def _truncate_wal(self) -> None:
+        """Copy the whole WAL into the database and truncate it to nothing (the WAL file
+        is never cut while open, so it is cut here: at start-up and at close)."""
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            # a reader still open (a listing's copy being taken as the mount stops):
+            # the WAL keeps its size until the next start-up cuts it
+            log.info("the journal's WAL could not be truncated (a read of it was still "
+                     "open): it keeps its size until the next start")
+
     def close(self) -> None:
         with self._ckpt_lock:
             self._closed = True  # no commit reopens what is closed below
@@ -406,14 +424,14 @@ class Journal:
             if self._wal_fd is not None:
                 os.close(self._wal_fd)
                 self._wal_fd = None
-        with self._lock:
-            self.db.commit()
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self.db.close()
-        with self._reader_lock:
+        with self._reader_lock:  # first: a reader would keep the WAL from being truncated
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+        with self._lock:
+            self.db.commit()
+            self._truncate_wal()
+            self.db.close()
         # Last: closing any descriptor of the -shm drops every POSIX lock this process
         # holds on it, SQLite's included (the lock that tells other processes the
         # WAL-index is in use); only once SQLite's connections are closed (review).

@@ -391,8 +391,17 @@ def test_a_listing_holds_no_read_of_the_journal_while_its_pages_come_in(
 
     frames: list[int] = []
     during: list[int] = []
+    snaps: dict[int, tuple[str, str | None, str | None]] = {}
+    republished = j.child(ROOT_INO, "f045")
+    assert republished is not None
 
-    def emit(listing: DirListing, snap: object) -> None:
+    def emit(listing: DirListing, snap: dict) -> None:  # type: ignore[type-arg]
+        snaps.update(snap)
+        if not during:
+            # a later page's file published again after the listing began: its page
+            # (listed after) still has the old object, and is decided against the row as
+            # it was (no HEAD; the merge then leaves the changed row alone)
+            j.update(republished.ino, remote_etag="e-new")
         for k in range(8):  # ~3 checkpoints' worth of WAL per page
             during.append(_row(j, f"during-{len(during)}", remote_key=f"d{len(during)}",
                                remote_etag="e", target=os.urandom(3000)))
@@ -405,6 +414,59 @@ def test_a_listing_holds_no_read_of_the_journal_while_its_pages_come_in(
     restarts = sum(b < a for a, b in zip(frames, frames[1:]))
     assert restarts >= 3, frames  # held, the WAL would only grow (no restart at all)
     assert end.removals == ["lost"] and set(end.removal_snapshot) == {lost}
+    assert snaps[republished.ino] == ("f045", "f045", "e-f045")
+
+
+def test_a_one_name_listing_copies_that_name_and_its_keys_only(tmp_path: Path) -> None:
+    """A lookup after the TTL lists one name: its copy of the journal holds that name's
+    row and any row holding one of its keys (a rename not yet carried out), so that a
+    known object needs no HEAD, and a name the bucket lost is found gone."""
+    from deltafs.index import stream_listing
+    from deltafs.store.base import Listing, ObjectInfo
+
+    j = _journal(tmp_path)
+    for i in range(50):
+        _row(j, f"f{i:03d}", remote_key=f"f{i:03d}", remote_etag=f"e-f{i:03d}")
+    kept = _row(j, "kept", remote_key="kept", remote_etag="e-kept")
+    moved = _row(j, "moved-to", remote_key="moved-from", remote_etag="e-m")  # its object not moved yet
+    _row(j, "lost", remote_key="lost", remote_etag="e-lost")
+    j.commit()
+    bucket = {k: f"e-{k}" for k in [f"f{i:03d}" for i in range(50)] + ["kept"]}
+    bucket["moved-from"] = "e-m"
+    heads: list[str] = []
+
+    class Store:
+        def iter_pages(self, prefix: str):  # type: ignore[no-untyped-def]
+            yield Listing([ObjectInfo(k, 1, e, 1.0) for k, e in sorted(bucket.items())
+                           if k.startswith(prefix)])
+
+    class Engine:
+        store = Store()
+
+        def head_many(self, keys: list[str]) -> dict[str, StoredFile]:
+            heads.extend(keys)
+            return {}
+
+    def listing(name: str):  # type: ignore[no-untyped-def]
+        got: list[tuple[DirListing, dict]] = []  # type: ignore[type-arg]
+        end = stream_listing(Engine(), j, ROOT_INO, "",  # type: ignore[arg-type]
+                             lambda part, snap: got.append((part, snap)), only=name)
+        return end, got
+
+    end, got = listing("kept")
+    assert not heads and end.removals == []
+    assert {i: v for _, snap in got for i, v in snap.items()} == {kept: ("kept", "kept", "e-kept")}
+    end, got = listing("moved-from")  # known by its key, under another name
+    assert not heads and end.removals == []
+    assert all(not snap for _, snap in got)
+    end, got = listing("lost")
+    assert not heads and end.removals == ["lost"]
+    assert moved  # (the rename's row is untouched by all three)
+    from deltafs.index import _Known
+
+    with j.read_cursor() as conn:  # one row copied, not the directory's 53
+        _Known(conn, ROOT_INO, None, "", "kept")
+        assert conn.execute("SELECT count(*) FROM known_rows").fetchone()[0] == 1
 
 
 def test_a_wal_grown_during_a_long_read_is_not_cut_back_while_open(
