@@ -502,3 +502,29 @@ def test_a_wal_grown_during_a_long_read_is_not_cut_back_while_open(
     assert all(b >= a for a, b in zip(sizes, sizes[1:])), "the WAL was cut back"
     j.close()
     assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_a_wal_left_large_by_a_crash_is_cut_at_start_up(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Open, the journal never cuts its WAL; a crash leaves it at its largest, so the
+    next start cuts it (before the mount serves anything), with every committed row."""
+    import shutil
+
+    import deltafs.journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "CHECKPOINT_BYTES", 64 << 10)
+    j = _journal(tmp_path)
+    with j.read_cursor() as conn:
+        conn.execute("SELECT count(*) FROM nodes").fetchone()  # holds the WAL's restart
+        for i in range(60):
+            _row(j, f"r{i}", target=os.urandom(3000))
+            j.commit()
+    assert (tmp_path / "state.db-wal").stat().st_size > 2 * (64 << 10)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for name in ("state.db", "state.db-wal"):
+        shutil.copyfile(tmp_path / name, crashed / name)
+    again = Journal(crashed / "state.db", "s3://b/")
+    assert (crashed / "state.db-wal").stat().st_size < 64 << 10
+    assert {n.name for n in again.children(ROOT_INO)} == {f"r{i}" for i in range(60)}
+    again.close()
+    j.close()
