@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from typing import Any
 
@@ -44,6 +45,8 @@ EVERY = 10
 #: skips one until the long-lived objects grew by a quarter; this keeps a full scan of a
 #: large heap, while a big listing is held, under 1 % of the loop's time)
 FULL_SPACING = 100
+#: log what each full collection scanned (a diagnosis aid: costs a walk of the heap)
+_CENSUS = os.environ.get("DELTAFS_GC_CENSUS") == "1"
 
 
 class GcPace:
@@ -87,9 +90,22 @@ class GcPace:
         took = self._clock() - t0
         if gen == 2:
             self._full_at, self._full_took = t0, took
+            if _CENSUS:
+                self._census(took)
         self.runs[gen] += 1
         self.worst_ms = max(self.worst_ms, took * 1000.0)
         return gen
+
+    @staticmethod
+    def _census(took: float) -> None:
+        """What a full collection scanned, by type (DELTAFS_GC_CENSUS=1: an O(heap)
+        walk after each full collection, for finding what makes them long)."""
+        import collections
+
+        objs = gc.get_objects()
+        top = collections.Counter(type(o).__name__ for o in objs).most_common(12)
+        log.info("full collection %.1f ms over %d tracked objects (%d frozen): %s",
+                 took * 1000, len(objs), gc.get_freeze_count(), top)
 
     async def run(self) -> None:
         self.install()

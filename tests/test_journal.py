@@ -307,3 +307,34 @@ def test_every_hold_of_the_lock_is_counted_for_the_slow_step_log(tmp_path: Path)
         call()
         assert j.timing[2] >= before[2] + holds and j.timing[1] > before[1], (before, j.timing)
     j.close()
+
+
+def test_no_statement_is_left_open_on_the_connection_a_worker_checkpoints(tmp_path: Path) -> None:
+    """``x`` reads every row under the lock: a cursor handed back, half read, kept a
+    statement open on the connection, so the worker's checkpoint under the lock was
+    refused (SQLITE_LOCKED; with the loop stepping that cursor at the same moment, the
+    error read back as "not an error") and a flush failed with EIO (scale run 11)."""
+    import threading
+
+    j = Journal(tmp_path / "state.db", "s3://b/")
+    for i in range(20):
+        j.insert(parent=ROOT_INO, name=f"f{i}", mode=0o100644)
+    j.commit()
+    rows = j.x("SELECT ino FROM nodes ORDER BY ino")
+    assert rows.fetchone() is not None  # half read, as `.fetchone()` callers leave it
+    j._restart_wal = True  # noqa: SLF001  (a checkpoint is due)
+    errors: list[BaseException] = []
+
+    def durable() -> None:
+        try:
+            j.make_durable()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=durable)
+    t.start()
+    t.join()
+    assert not errors
+    assert not j._restart_wal, "the checkpoint was refused (a statement left open)"  # noqa: SLF001
+    assert len(rows.fetchall()) == 21
+    j.close()

@@ -247,3 +247,33 @@ def test_full_collections_spaced_by_their_cost() -> None:
         assert pace.runs[2] == 1, pace.runs
     finally:
         pace.uninstall()
+
+
+def test_census_of_full_collections_on_request(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """DELTAFS_GC_CENSUS=1: each full collection logs what it scanned, by type (how the
+    heap behind a long one is found); off, nothing is logged."""
+    import logging
+
+    from deltafs import gcpace
+
+    class Marker:
+        pass
+
+    keep: list[object] = [Marker() for _ in range(5000)]
+    for census in (False, True):
+        monkeypatch.setattr(gcpace, "_CENSUS", census)
+        pace = gcpace.GcPace()
+        pace._young, pace._middle = gcpace.EVERY - 1, gcpace.EVERY - 1  # noqa: SLF001
+        caplog.clear()
+        pace.install()  # (this process's own collector out of the way meanwhile)
+        try:
+            with caplog.at_level(logging.INFO, logger="deltafs.gcpace"):
+                keep.append([[] for _ in range(gcpace.YOUNG + 1)])  # net new objects
+                assert pace.tick() == 2
+        finally:
+            pace.uninstall()
+        lines = [r.getMessage() for r in caplog.records]
+        if census:
+            assert len(lines) == 1 and "('Marker', 5000)" in lines[0], lines
+        else:
+            assert lines == []
