@@ -259,7 +259,7 @@ def test_census_of_full_collections_on_request(monkeypatch, caplog) -> None:  # 
     class Marker:
         pass
 
-    keep: list[object] = [Marker() for _ in range(5000)]
+    keep: list[object] = [Marker() for _ in range(200_000)]  # top type in any heap
     for census in (False, True):
         monkeypatch.setattr(gcpace, "_CENSUS", census)
         pace = gcpace.GcPace()
@@ -274,6 +274,6 @@ def test_census_of_full_collections_on_request(monkeypatch, caplog) -> None:  # 
             pace.uninstall()
         lines = [r.getMessage() for r in caplog.records]
         if census:
-            assert len(lines) == 1 and "('Marker', 5000)" in lines[0], lines
+            assert len(lines) == 1 and "('Marker', 200000)" in lines[0], lines
         else:
             assert lines == []
