@@ -166,7 +166,7 @@ class Rows(list):  # type: ignore[type-arg]
         return self[0] if self else None
 
     def fetchall(self) -> list[Any]:
-        return list(self)
+        return self
 
 
 class Journal:

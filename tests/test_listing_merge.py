@@ -528,3 +528,81 @@ def test_a_wal_left_large_by_a_crash_is_cut_at_start_up(tmp_path: Path, monkeypa
     assert {n.name for n in again.children(ROOT_INO)} == {f"r{i}" for i in range(60)}
     again.close()
     j.close()
+
+
+def test_a_listing_whose_copy_of_the_journal_fails_is_a_failed_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite's temp directory full or unwritable: the listing cannot copy what the
+    journal knew (``_Known``). That is handled as a failed LIST: EIO for a directory
+    never listed, the known entries served (and ``cannot refresh`` logged) for one that
+    was, and another try in 10 s rather than on every operation."""
+    import errno
+    import logging
+    import sqlite3
+    import time
+
+    import pyfuse3
+    import trio
+
+    from deltafs import index
+    from deltafs.fs import DeltaFS, Options
+    from deltafs.store.local import LocalStore
+    from deltafs.wiring import make_engine
+
+    store = LocalStore(tmp_path / "store", create=True)
+    store.put_bytes("d/a.txt", b"hello", {})
+    engine = make_engine(store, tmp_path / "cache")
+    j = Journal(tmp_path / "state.db", "/x/store")
+    fs = DeltaFS(engine, j, engine.cache, "", tmp_path / "files", Options(), "/x/store")
+    real_init = index._Known.__init__
+    copies: list[str | None] = []
+
+    def full(self: object, conn: object, dir_ino: int, latest: object = None,
+             prefix: str = "", only: str | None = None) -> None:
+        copies.append(only)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    ctx = None
+    try:
+        caplog.set_level(logging.WARNING, logger="deltafs.dirsync")
+        monkeypatch.setattr(index._Known, "__init__", full)
+        # a directory never listed: nothing to serve, so the listing's failure is EIO
+        for call in (lambda: fs.dirsync.ensure_listed(ROOT_INO),
+                     lambda: fs.lookup(ROOT_INO, b"d", ctx)):  # type: ignore[arg-type]
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                trio.run(call)
+            assert err.value.errno == errno.EIO
+        assert "cannot list /" in caplog.text and len(copies) == 2
+        # the temp directory has room again: listed, with the directory and its file
+        monkeypatch.setattr(index._Known, "__init__", real_init)
+        d = trio.run(fs.lookup, ROOT_INO, b"d", ctx).st_ino
+        assert trio.run(fs.lookup, d, b"a.txt", ctx).st_size == 5
+        a = j.child(d, "a.txt")
+        assert a is not None
+        # full again, and the listings are stale: what is known is served, not EIO
+        monkeypatch.setattr(index._Known, "__init__", full)
+        for ino in (ROOT_INO, d):
+            j.update(ino, listed_at=time.time() - 3600)
+        caplog.clear()
+        copies.clear()
+        trio.run(fs.dirsync.ensure_listed, d)  # the whole directory
+        assert "cannot refresh d/" in caplog.text and copies == [None]
+        row = j.get(d)
+        assert row is not None and row.listed_at is not None
+        # tried again 10 s before the TTL ends, not now nor on every operation
+        assert abs(time.time() + 10 - (row.listed_at + Options().listing_ttl)) < 5
+        trio.run(fs.dirsync.ensure_listed, d)
+        assert copies == [None]
+        # one name, in a listed directory (the root): the known row serves the lookup
+        assert trio.run(fs.lookup, ROOT_INO, b"d", ctx).st_ino == d
+        assert copies == [None, "d"] and "cannot refresh d" in caplog.text
+        assert trio.run(fs.lookup, ROOT_INO, b"d", ctx).st_ino == d  # not again now
+        assert copies == [None, "d"]
+        # a name this mount never saw, in a directory it listed: not there (ENOENT)
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            trio.run(fs.lookup, ROOT_INO, b"other", ctx)
+        assert err.value.errno == errno.ENOENT
+        assert j.child(d, "a.txt") is not None and j.get(a.ino) is not None
+    finally:
+        j.close()
